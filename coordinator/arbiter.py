@@ -1,0 +1,234 @@
+"""The coordinator's main loop: shared memory, proxies, health, publishing, signals.
+
+Role: own the fleet and everything derived from it; publish snapshots; supervise the proxies.
+
+Signals (handled here and only here; handlers just queue the signal, the loop acts on it):
+
+    ========  ==========================================================================
+    SIGTERM   graceful stop: proxies stop accepting and finish in-flight requests and
+              streams within ``grace_period``; then shared memory is removed; exit 0
+    SIGINT    first: the same as SIGTERM; second: kill the proxies and exit at once (130)
+    SIGHUP    re-read the config file and publish the new snapshot; proxies keep running
+              (host, port and proxies need a restart and are reported as such)
+    ========  ==========================================================================
+
+Invariants:
+- Shared memory is created before any proxy starts and removed only when the coordinator
+  stops; a proxy's exit never removes it. Segments left by a crashed run are removed at start.
+- A snapshot is published whole, after :func:`coordinator.membership.check_consistent`.
+- The loop never blocks: probes run in a background task and publish when they change something.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+
+import aiohttp
+
+from coordinator import health
+from coordinator.config import Config, ConfigError, load_config
+from coordinator.membership import Fleet, FleetFull
+from coordinator.supervisor import HaltServer, Supervisor
+from shm.loadboard import LoadBoard, board_size
+from shm.process import bind_socket
+from shm.segment import Segment, new_instance_id, remove_stale, segment_name
+from shm.snapshot import SnapshotWriter, segment_size
+
+TICK_SECONDS = 0.2
+BOOT_TIMEOUT = 30.0
+log = logging.getLogger("shardgate.coordinator")
+
+
+class Coordinator:
+    def __init__(self, config: Config, args: object) -> None:
+        self.config = config
+        self.args = args  # kept to re-read the same sources on SIGHUP
+        self.settings = config.settings
+        self.proxies = self.settings.proxies or os.cpu_count() or 1
+        self.fleet = Fleet(self.settings.max_workers)
+        self.instance = new_instance_id()
+        self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        self.stopping = False
+        self.probing: asyncio.Task[bool] | None = None
+
+    # -- start -----------------------------------------------------------------------------
+
+    def _create_segments(self) -> None:
+        removed = remove_stale()
+        if removed:
+            log.info("removed %d shared-memory segment(s) left by a crashed run", len(removed))
+        self.snap_seg = Segment.create(segment_name(self.instance, "snap"),
+                                       segment_size(self.settings.snapshot_capacity))
+        max_proxies = min(max(2 * self.proxies, 8), 512)
+        self.board_seg = Segment.create(segment_name(self.instance, "board"),
+                                        board_size(max_proxies, self.settings.max_workers))
+        self.writer = SnapshotWriter(self.snap_seg, os.getpid())
+        self.board = LoadBoard.create(self.board_seg, max_proxies, self.settings.max_workers)
+
+    def _remove_segments(self) -> None:
+        for seg in (getattr(self, "snap_seg", None), getattr(self, "board_seg", None)):
+            if seg is not None:
+                seg.unlink()
+
+    def publish(self) -> int:
+        snapshot = self.fleet.snapshot(self.settings, self.config.models, self.proxies,
+                                       self.writer.generation + 1, os.getpid())
+        return self.writer.publish(snapshot)
+
+    async def run(self) -> int:
+        preflight(self.settings.host, self.settings.port)
+        self._create_segments()
+        try:
+            return await self._run()
+        except HaltServer as halt:
+            log.error("%s", halt.reason)
+            self.supervisor.stopping = True
+            self.supervisor.signal_all(signal.SIGKILL)
+            return halt.exit_code
+        finally:
+            self._remove_segments()
+
+    async def _run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+        self.fleet.apply(self.config.workers)
+        async with aiohttp.ClientSession() as session:
+            self.session = session
+            await self._initial_probe()
+            self.publish()
+            self.supervisor = Supervisor(self.instance, self.proxies, self.board,
+                                         self.settings.restart_backoff_max)
+            self.supervisor.start_all()
+            await self._wait_until_up()
+            self._announce()
+            return await self._main_loop()
+
+    async def _initial_probe(self) -> None:
+        try:
+            await asyncio.wait_for(health.probe_due(self.session, self.fleet, self.settings, force=True),
+                                   self.settings.health_timeout + 1)
+        except TimeoutError:
+            log.warning("some workers did not answer the first probe; they are retried in the background")
+        for state in self.fleet.states.values():
+            if state.reason:
+                log.warning("worker %s: %s", state.spec.url, state.reason)
+
+    async def _wait_until_up(self) -> None:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not self.supervisor.all_up():
+            self.supervisor.poll()
+            if time.monotonic() > deadline:
+                raise HaltServer(f"proxies did not start within {BOOT_TIMEOUT:.0f}s")
+            await asyncio.sleep(0.02)
+
+    def _announce(self) -> None:
+        s = self.settings
+        models = sorted({m for st in self.fleet.states.values() for m in st.models})
+        print(f"shardgate ready on http://{s.host}:{s.port}  proxies={self.proxies} "
+              f"workers={len(self.fleet.states)} models={','.join(models) or '-'} "
+              f"policy={s.policy} pid={os.getpid()}", flush=True)
+        sd_notify(b"READY=1")
+
+    # -- run -------------------------------------------------------------------------------
+
+    async def _main_loop(self) -> int:
+        while True:
+            try:
+                sig = await asyncio.wait_for(self.signals.get(), TICK_SECONDS)
+            except TimeoutError:
+                sig = None
+            if sig is not None:
+                code = await self._handle_signal(sig)
+                if code is not None:
+                    return code
+            self.supervisor.poll()
+            self._maybe_probe()
+
+    def _maybe_probe(self) -> None:
+        if self.probing is not None:
+            if not self.probing.done():
+                return
+            changed = not self.probing.cancelled() and self.probing.exception() is None \
+                and self.probing.result()
+            self.probing = None
+            if changed:
+                self.publish()
+        self.probing = asyncio.ensure_future(health.probe_due(self.session, self.fleet, self.settings))
+
+    async def _handle_signal(self, sig: signal.Signals) -> int | None:
+        if sig == signal.SIGHUP:
+            self.reload()
+            return None
+        return await self._stop(graceful=True)
+
+    def reload(self) -> None:
+        sd_notify(b"RELOADING=1")
+        try:
+            config = load_config(self.args)  # type: ignore[arg-type]
+            added, removed = self.fleet.apply(config.workers)
+        except (ConfigError, FleetFull) as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            sd_notify(b"READY=1")
+            return
+        fixed = [n for n in ("host", "port", "proxies")
+                 if getattr(config.settings, n) != getattr(self.settings, n)]
+        if fixed:
+            log.warning("reload: %s changed; that takes a restart (kept the running value)", ", ".join(fixed))
+            config = _keep(config, self.settings, fixed)
+        self.config, self.settings = config, config.settings
+        generation = self.publish()
+        log.info("reloaded: %d added, %d removed, snapshot generation %d", len(added), len(removed), generation)
+        sd_notify(b"READY=1")
+
+    async def _stop(self, graceful: bool) -> int:
+        sd_notify(b"STOPPING=1")
+        self.supervisor.stopping = True
+        if self.probing is not None:
+            self.probing.cancel()
+        self.supervisor.signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.grace_period + 5
+        while self.supervisor.running() and time.monotonic() < deadline:
+            try:
+                sig = await asyncio.wait_for(self.signals.get(), 0.05)
+            except TimeoutError:
+                continue
+            if sig == signal.SIGINT:
+                log.warning("second interrupt: exiting now")
+                self.supervisor.signal_all(signal.SIGKILL)
+                return 130
+        self.supervisor.signal_all(signal.SIGKILL)
+        return 0
+
+
+def _keep(config: Config, running: object, names: list[str]) -> Config:
+    import msgspec
+
+    settings = msgspec.structs.replace(config.settings, **{n: getattr(running, n) for n in names})
+    return msgspec.structs.replace(config, settings=settings)
+
+
+def preflight(host: str, port: int) -> None:
+    """Fail before any proxy starts if the address cannot be bound (never listens)."""
+    try:
+        bind_socket(host, port).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def sd_notify(message: bytes) -> None:
+    """systemd's readiness protocol: one datagram to $NOTIFY_SOCKET, when run under systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message, address)
+        except OSError:
+            pass

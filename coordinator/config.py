@@ -1,0 +1,195 @@
+"""Configuration: CLI flags, environment, the YAML deployment file, validated in one pass.
+
+Role: turn argv + environment + file into a :class:`Config` or one clear :class:`ConfigError`
+line that names the field and the reason (the CLI prints it and exits 2; nothing starts).
+
+Invariants:
+- Every router setting comes from :class:`shm.settings.Settings`; flags (``--connect-timeout``),
+  environment variables (``SHARDGATE_CONNECT_TIMEOUT``) and file keys (``connect_timeout``) are
+  derived from its field names, never declared again here.
+- Precedence: defaults < file < environment < CLI. Workers: the file's ``workers:`` list plus
+  every ``--worker URL`` flag (CLI workers are appended).
+- Worker URLs are checked here (scheme, host, port), so a typo fails at start, not at the first
+  request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+
+from shm.schema import ModelPolicy, WorkerSpec
+from shm.settings import DESCRIPTIONS, SETTING_NAMES, Settings
+
+ENV_PREFIX = "SHARDGATE_"
+FILE_SECTIONS = ("workers", "models")
+WORKER_SCHEMES = {"http": "http", "https": "http", "grpc": "grpc", "grpcs": "grpc"}
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is the one line shown to the operator."""
+
+    exit_code = 2
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    settings: Settings
+    workers: tuple[WorkerSpec, ...] = ()
+    models: dict[str, ModelPolicy] = {}
+    config_file: str | None = None
+
+
+def flag_name(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
+
+
+def env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting; values stay strings so msgspec does the converting and checking."""
+    group = parser.add_argument_group("router settings (also SHARDGATE_<NAME> or the config file)")
+    for name in SETTING_NAMES:
+        default = getattr(Settings(), name)
+        group.add_argument(flag_name(name), dest=f"setting_{name}", metavar="VALUE", default=None,
+                           help=f"{DESCRIPTIONS[name]} (default: {default})")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="FILE", default=os.environ.get(ENV_PREFIX + "CONFIG"),
+                        help="YAML deployment file (workers, models, settings).")
+    parser.add_argument("--worker", "-w", action="append", default=[], metavar="URL",
+                        help="A worker base URL; repeat for more (models are discovered).")
+    add_setting_flags(parser)
+
+
+def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    raw = read_file(args.config) if args.config else {}
+    file_settings = {k: v for k, v in raw.items() if k not in FILE_SECTIONS}
+    env_settings = {n: environ[env_name(n)] for n in SETTING_NAMES if env_name(n) in environ}
+    cli_settings = {n: getattr(args, f"setting_{n}") for n in SETTING_NAMES
+                    if getattr(args, f"setting_{n}", None) is not None}
+    settings = _settings(file_settings, env_settings, cli_settings, args.config)
+    workers = _workers(raw.get("workers") or [], args.config) + _cli_workers(args.worker)
+    models = _convert(raw.get("models") or {}, dict[str, ModelPolicy], "models", args.config)
+    _check_unique(workers)
+    return Config(settings=settings, workers=tuple(workers), models=models, config_file=args.config)
+
+
+def read_file(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"config file {path}: not valid YAML{where}: "
+                          f"{getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of settings")
+    return data
+
+
+def _settings(file: dict[str, Any], env: dict[str, str], cli: dict[str, str], path: str | None) -> Settings:
+    """Merge in precedence order; name the source of a bad value."""
+    for source, values, strict in ((f"config file {path}", file, True),
+                                   ("environment", env, False), ("command line", cli, False)):
+        for key in values:
+            if key not in SETTING_NAMES:
+                raise ConfigError(f"{source}: unknown setting '{key}'"
+                                  f"{_suggest(key)}")
+        try:
+            msgspec.convert(values, Settings, strict=strict)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{source}: {_field_message(exc, _label(source))}") from None
+    merged = {**file, **env, **cli}
+    return msgspec.convert(merged, Settings, strict=False)
+
+
+def _label(source: str) -> str:
+    return {"environment": "env", "command line": "flag"}.get(source, "file")
+
+
+def _field_message(exc: msgspec.ValidationError, style: str) -> str:
+    """Rewrite msgspec's '... - at `$.port`' so it names the field the way the user wrote it."""
+    text = str(exc)
+    if " - at `$." not in text:
+        return text
+    reason, _, where = text.rpartition(" - at `$.")
+    field = where.rstrip("`")
+    name = {"env": env_name(field.split(".")[0].split("[")[0]), "flag": flag_name(field)}.get(style, field)
+    return f"{name}: {reason}"
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, SETTING_NAMES + FILE_SECTIONS, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _convert(value: Any, kind: Any, field: str, path: str | None) -> Any:
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError as exc:
+        text = str(exc).replace("`$", f"`{field}")
+        raise ConfigError(f"config file {path}: {text}") from None
+
+
+def _workers(entries: Sequence[Any], path: str | None) -> list[WorkerSpec]:
+    if not isinstance(entries, list):
+        raise ConfigError(f"config file {path}: 'workers' must be a list")
+    out = []
+    for i, entry in enumerate(entries):
+        spec = _convert(entry, WorkerSpec, f"workers[{i}]", path)
+        out.append(check_worker(spec, f"config file {path}: workers[{i}]"))
+    return out
+
+
+def _cli_workers(urls: Sequence[str]) -> list[WorkerSpec]:
+    return [check_worker(WorkerSpec(url=url), f"--worker {url}") for url in urls]
+
+
+def check_worker(spec: WorkerSpec, where: str) -> WorkerSpec:
+    """Validate a worker's URL and fields; returns the spec with its URL normalised."""
+    parts = urlsplit(spec.url)
+    if parts.scheme not in WORKER_SCHEMES:
+        raise ConfigError(f"{where}: url '{spec.url}' must start with http://, https:// or grpc://")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: url '{spec.url}' has an invalid port") from None
+    if not parts.hostname:
+        raise ConfigError(f"{where}: url '{spec.url}' has no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{where}: url '{spec.url}' must be a base URL (no path or query)")
+    if spec.weight < 1:
+        raise ConfigError(f"{where}: weight must be >= 1, got {spec.weight}")
+    if WORKER_SCHEMES[parts.scheme] != spec.connection and parts.scheme.startswith("grpc"):
+        spec = msgspec.structs.replace(spec, connection="grpc")
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc = f"{host}:{port}" if port else host
+    return msgspec.structs.replace(spec, url=f"{parts.scheme}://{netloc}")
+
+
+def _check_unique(workers: Sequence[WorkerSpec]) -> None:
+    seen: dict[tuple[str, str | None, str], int] = {}
+    for i, w in enumerate(workers):
+        key = (w.url, w.model, w.type)
+        if key in seen:
+            raise ConfigError(f"worker {w.url} (model {w.model}, type {w.type}) is listed twice")
+        seen[key] = i

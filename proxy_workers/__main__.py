@@ -1,0 +1,7 @@
+"""Entry point of one proxy process: ``python -m proxy_workers --instance ID --index N``."""
+
+import sys
+
+from proxy_workers.worker import main
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""The router's own endpoints, answered by whichever proxy process receives them.
+
+Role: ``/health``, ``/readiness``, ``/v1/models``, ``/stats``, ``/workers`` and ``/metrics``. Figures
+are totals across all proxy processes, read from the shared-memory load board, so the answer does
+not depend on which process the kernel handed the connection to.
+
+Invariant: nothing here is on the proxied request path; clarity beats microseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import psutil
+
+from proxy_workers.errors import MethodNotAllowed, NotFound
+from proxy_workers.metrics import render_metrics
+from proxy_workers.routing import routable
+from shm.loadboard import P_PID
+from shm.schema import Snapshot, Worker
+
+if TYPE_CHECKING:
+    from proxy_workers.server import ProxyProcess, Request
+
+VERSION = "0.1.0"
+_JSON = b"application/json"
+_encode = msgspec.json.Encoder().encode
+_processes: dict[int, psutil.Process] = {}
+
+
+def answer(proc: ProxyProcess, request: Request) -> tuple[int, bytes, bytes]:
+    """(status, body, content type) for a router endpoint; raises RouterError otherwise."""
+    path = request.path.decode("latin-1")
+    handler = _GET.get(path)
+    if handler is None and path.startswith("/v1/models/"):
+        return _model(proc, path[len("/v1/models/"):])
+    if handler is None:
+        raise NotFound(f"no route for {path}; the router proxies /v1/* and serves "
+                       "/health, /readiness, /v1/models, /stats, /workers, /metrics")
+    if request.method != b"GET":
+        raise MethodNotAllowed(f"{path} accepts GET only")
+    return handler(proc)
+
+
+def _snapshot(proc: ProxyProcess) -> Snapshot:
+    return proc.table().snapshot
+
+
+def _health(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    snap = _snapshot(proc)
+    healthy = sum(1 for w in snap.workers if routable(w))
+    return 200, _encode({"status": "ok", "healthy_workers": healthy, "workers": len(snap.workers)}), _JSON
+
+
+def _readiness(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    table = proc.table()
+    unready = sorted(m for m, route in table.routes.items() if not route.candidates)
+    ready = bool(table.routes) and not unready
+    body = {"status": "ready" if ready else "not ready", "unready_models": unready}
+    return (200 if ready else 503), _encode(body), _JSON
+
+
+def _model_entry(model: str, healthy: int, total: int) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "shardgate",
+            "healthy_workers": healthy, "workers": total}
+
+
+def _models(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    table = proc.table()
+    data = [_model_entry(m, len(r.candidates), r.serving)
+            for m, r in sorted(table.routes.items()) if r.candidates]
+    return 200, _encode({"object": "list", "data": data}), _JSON
+
+
+def _model(proc: ProxyProcess, name: str) -> tuple[int, bytes, bytes]:
+    route = proc.table().routes.get(name)
+    if route is None or not route.candidates:
+        raise NotFound(f"The model '{name}' does not exist or is not served here.")
+    return 200, _encode(_model_entry(name, len(route.candidates), route.serving)), _JSON
+
+
+def _worker_view(proc: ProxyProcess, w: Worker, proxies: int) -> dict[str, Any]:
+    totals = proc.board.worker_totals(w.slot, proxies)
+    return {"url": w.url, "slot": w.slot, "models": list(w.models), "type": w.type,
+            "connection": w.connection, "weight": w.weight, "labels": w.labels, "shard": w.shard,
+            "healthy": w.healthy, "draining": w.draining, "health_reason": w.health_reason, **totals}
+
+
+def _workers(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    snap = _snapshot(proc)
+    workers = [_worker_view(proc, w, snap.proxies) for w in snap.workers]
+    return 200, _encode({"workers": workers, "notices": list(snap.notices)}), _JSON
+
+
+def _proxy_rows(proc: ProxyProcess, proxies: int) -> list[dict[str, Any]]:
+    rows = []
+    for index in range(proxies):
+        row = proc.board.proxy_row(index)
+        pid = int(row["pid"])
+        row["index"] = index
+        row.update(_process_figures(pid))
+        rows.append(row)
+    return rows
+
+
+def _process_figures(pid: int) -> dict[str, Any]:
+    if not pid:
+        return {"alive": False}
+    try:
+        process = _processes.get(pid)
+        if process is None:
+            process = _processes[pid] = psutil.Process(pid)
+        cpu = process.cpu_times()
+        return {"alive": True, "rss_bytes": process.memory_info().rss,
+                "cpu_seconds": round(cpu.user + cpu.system, 3),
+                "cpu_percent": process.cpu_percent(None)}
+    except psutil.Error:
+        _processes.pop(pid, None)
+        return {"alive": False}
+
+
+def _stats(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    snap = _snapshot(proc)
+    proxies = _proxy_rows(proc, snap.proxies)
+    keys = ("requests", "errors", "in_flight", "client_disconnects", "retries")
+    totals = {k: sum(int(p[k]) for p in proxies) for k in keys}
+    workers = [_worker_view(proc, w, snap.proxies) for w in snap.workers]
+    body = {"totals": totals, "proxies": proxies, "workers": workers,
+            "snapshot": {"generation": snap.generation,
+                         "age_seconds": round(time.time() - snap.created_at, 3),
+                         "coordinator_pid": snap.coordinator_pid},
+            "answered_by": {"index": proc.index, "pid": int(proc.ints[proc.row + P_PID])}}
+    return 200, _encode(body), _JSON
+
+
+def _metrics(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    snap = _snapshot(proc)
+    proxies = _proxy_rows(proc, snap.proxies)
+    workers = [_worker_view(proc, w, snap.proxies) for w in snap.workers]
+    text = render_metrics(snap, proxies, workers, VERSION)
+    return 200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8"
+
+
+_GET = {"/health": _health, "/readiness": _readiness, "/v1/models": _models, "/stats": _stats,
+        "/workers": _workers, "/metrics": _metrics}

@@ -1,0 +1,114 @@
+"""Errors the router itself answers, each carrying its HTTP status, rendered in OpenAI's shape.
+
+Invariant: every response the router writes on its own behalf (not a worker's) goes through
+:func:`render`, so clients always get ``{"error": {"message", "type", "param", "code"}}`` JSON.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+_REASONS = {
+    200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    408: b"Request Timeout", 413: b"Payload Too Large", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+
+
+def reason(status: int) -> bytes:
+    return _REASONS.get(status, b"Unknown")
+
+
+class RouterError(Exception):
+    """An error answered by the router. ``status`` is the HTTP status sent to the client."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class BadRequest(RouterError):
+    status, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class ModelNotFound(RouterError):
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class NotFound(RouterError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class MethodNotAllowed(RouterError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class BodyTooLarge(RouterError):
+    status, type, code = 413, "invalid_request_error", "body_too_large"
+
+
+class RequestTimeout(RouterError):
+    status, type, code = 408, "invalid_request_error", "request_timeout"
+
+
+class HeadersTooLarge(RouterError):
+    status, type, code = 431, "invalid_request_error", "headers_too_large"
+
+
+class InternalError(RouterError):
+    status, type, code = 500, "server_error", "internal_error"
+
+
+class BadGateway(RouterError):
+    status, type, code = 502, "upstream_error", "bad_gateway"
+
+
+class NoHealthyWorker(RouterError):
+    status, type, code = 503, "service_unavailable", "no_healthy_worker"
+
+
+class UpstreamTimeout(RouterError):
+    status, type, code = 504, "upstream_error", "upstream_timeout"
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def error_body(err: RouterError) -> bytes:
+    return _ENCODER.encode(
+        {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+    )
+
+
+def render(err: RouterError, request_id: str = "", close: bool = False) -> bytes:
+    """A complete HTTP/1.1 response for ``err``."""
+    return render_response(err.status, error_body(err), request_id=request_id, close=close)
+
+
+def render_response(
+    status: int,
+    body: bytes,
+    content_type: bytes = b"application/json",
+    request_id: str = "",
+    close: bool = False,
+    extra: bytes = b"",
+) -> bytes:
+    """A complete HTTP/1.1 response with a Content-Length body (router-generated answers)."""
+    head = [b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+            % (status, reason(status), content_type, len(body))]
+    if request_id:
+        head.append(b"x-request-id: %s\r\n" % request_id.encode())
+    if close:
+        head.append(b"connection: close\r\n")
+    head.append(extra)
+    head.append(b"\r\n")
+    head.append(body)
+    return b"".join(head)

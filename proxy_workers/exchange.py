@@ -1,0 +1,335 @@
+"""One proxied request: pick a worker, send, stream the answer back, retry or fail cleanly.
+
+Role: the per-request state machine between a :class:`proxy_workers.server.ClientProtocol` and an
+:class:`proxy_workers.upstream.UpstreamConnection`. Callback driven (no task per request) because
+a task costs more than the whole routing decision.
+
+Invariants:
+- Retry only while nothing has reached the client: a refused or failed connection, or a worker
+  that closed before sending a response head, moves the request to another worker (never one
+  already tried), up to ``max_tries``. Once the response head is written, a failure truncates the
+  response instead (an SSE stream gets an error event first); it is never retried.
+- A time-to-first-byte timeout is not retried: the worker may still be generating.
+- Every path ends in :meth:`Exchange._end` exactly once, which settles the load-board gauges.
+- A client that goes away aborts the worker connection at once so the GPU stops generating.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from proxy_workers.errors import BadGateway, NoHealthyWorker, RouterError, UpstreamTimeout, error_body, reason
+from proxy_workers.routing import ModelRoute
+from shm.loadboard import (
+    EWMA_ALPHA,
+    W_CONNECT_ERRORS,
+    W_ERRORS,
+    W_IN_FLIGHT,
+    W_LAST_ERROR,
+    W_LATENCY_EWMA,
+    W_REQUESTS,
+    W_STREAMS,
+    W_TTFB_EWMA,
+    WORKER_FIELDS,
+)
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from proxy_workers.server import ClientProtocol, ProxyProcess, Request
+    from proxy_workers.upstream import UpstreamConnection
+    from shm.schema import Worker
+
+# Response headers that describe one hop, or that the proxy sets itself.
+RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                           b"transfer-encoding", b"upgrade", b"content-length", b"x-request-id",
+                           b"proxy-authenticate"})
+CONNECT, WAIT_HEAD, STREAMING, DONE = 0, 1, 2, 3
+
+
+class Exchange:
+    __slots__ = (
+        "_fresh_retry",
+        "cell",
+        "chunked",
+        "client",
+        "conn",
+        "connecting",
+        "head_sent",
+        "last_io",
+        "out",
+        "phase",
+        "phase_started",
+        "proc",
+        "request",
+        "route",
+        "sse",
+        "started",
+        "tried",
+        "worker",
+    )
+
+    def __init__(self, proc: ProxyProcess, client: ClientProtocol, request: Request,
+                 route: ModelRoute) -> None:
+        self.proc = proc
+        self.client = client
+        self.request = request
+        self.route = route
+        self.tried: list[int] = []
+        self.worker: Worker | None = None
+        self.conn: UpstreamConnection | None = None
+        self.cell = -1
+        self.out: list[bytes] = []
+        self.head_sent = False
+        self.chunked = False
+        self.sse = False
+        self._fresh_retry = False
+        self.connecting: asyncio.Future | None = None
+        now = proc.loop.time()
+        self.started = now
+        self.phase = CONNECT
+        self.phase_started = now
+        self.last_io = now
+
+    # -- sending -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.proc.active.add(self)
+        self._attempt()
+
+    def _attempt(self) -> None:
+        try:
+            worker = self.route.pick(self.tried)
+        except NoHealthyWorker as err:
+            if self.tried:
+                err = BadGateway(f"{err.message}; last worker: {self.worker.url}")  # type: ignore[union-attr]
+            self._fail(err)
+            return
+        self.tried.append(worker.slot)
+        self._use(worker)
+
+    def _use(self, worker: Worker) -> None:
+        proc = self.proc
+        self.worker = worker
+        self.cell = cell = proc.cell0 + worker.slot * WORKER_FIELDS
+        ints = proc.ints
+        ints[cell + W_IN_FLIGHT] += 1
+        ints[cell + W_REQUESTS] += 1
+        self.phase, self.phase_started = CONNECT, proc.loop.time()
+        pool = proc.pools.get(worker.url)
+        conn = None if self._fresh_retry else pool.take()
+        if conn is not None:
+            self._send(conn, reused=True)
+        else:
+            self.connecting = pool.connect(self._connected)
+
+    def _connected(self, future: asyncio.Future) -> None:
+        ok = not future.cancelled() and future.exception() is None
+        if future is not self.connecting:
+            if ok:  # an attempt that was given up on: keep the socket for the next request
+                conn = future.result()[1]
+                conn.idle_since = self.proc.loop.time()
+                conn.pool.put(conn)
+            return
+        self.connecting = None
+        if not ok:
+            exc = "timed out" if future.cancelled() else future.exception()
+            self._attempt_failed(f"cannot connect to {self.worker.url}: {exc}",  # type: ignore[union-attr]
+                                 connect_error=True)
+            return
+        self._send(future.result()[1], reused=False)
+
+    def _send(self, conn: UpstreamConnection, reused: bool) -> None:
+        self.conn = conn
+        self._fresh_retry = reused  # a reused socket that fails silently earns one fresh try
+        self.phase, self.phase_started = WAIT_HEAD, self.proc.loop.time()
+        req = self.request
+        conn.send(self, b"%s %s HTTP/1.1\r\nhost: %s\r\n%s" % (
+            req.method, req.url, conn.pool.authority, req.upstream_tail))
+
+    # -- receiving (called by UpstreamConnection) ---------------------------------------
+
+    def on_response_head(self, conn: UpstreamConnection) -> None:
+        status = conn.status_code()
+        headers = conn.headers
+        drop = RESPONSE_DROP
+        for name, value in headers:
+            if name.lower() == b"connection" and value.lower() not in (b"close", b"keep-alive"):
+                drop = drop | {t.strip().lower() for t in value.split(b",")}
+        req = self.request
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status))]
+        length = None
+        for name, value in headers:
+            low = name.lower()
+            if low in drop:
+                if low == b"content-length":
+                    length = value
+                elif low == b"content-type" and value.startswith(b"text/event-stream"):
+                    self.sse = True
+                continue
+            if low == b"content-type" and value.startswith(b"text/event-stream"):
+                self.sse = True
+            out.append(b"%s: %s\r\n" % (name, value))
+        if length is not None:
+            out.append(b"content-length: %s\r\n" % length)
+        elif status not in (204, 304):
+            self.chunked = req.http11
+            if not req.http11:
+                req.keep_alive = False
+        if not req.keep_alive or self.proc.draining:
+            req.keep_alive = False
+            out.append(b"connection: close\r\n")
+        out.append(b"x-request-id: %s\r\n\r\n" % req.request_id)
+        self.out.append(b"".join(out))
+        self.head_sent = True
+        now = self.proc.loop.time()
+        self.phase, self.last_io = STREAMING, now
+        floats, cell = self.proc.floats, self.cell
+        ttfb = now - self.phase_started
+        floats[cell + W_TTFB_EWMA] += EWMA_ALPHA * (ttfb - floats[cell + W_TTFB_EWMA])
+        if self.sse:
+            self.proc.ints[cell + W_STREAMS] += 1
+
+    def on_response_body(self, body: bytes) -> None:
+        if self.chunked:
+            self.out.append(b"%x\r\n%s\r\n" % (len(body), body))
+        else:
+            self.out.append(body)
+
+    def on_response_complete(self, conn: UpstreamConnection) -> None:
+        if self.chunked:
+            self.out.append(b"0\r\n\r\n")
+        self.phase = DONE
+
+    def after_upstream_data(self) -> None:
+        """After each packet from the worker: one write to the client, then finish if complete."""
+        out = self.out
+        if out:
+            self.client.write(b"".join(out) if len(out) > 1 else out[0])
+            out.clear()
+        if self.phase == DONE:
+            self._complete()
+        else:
+            self.last_io = self.proc.loop.time()
+
+    def upstream_failed(self, conn: UpstreamConnection, why: str) -> None:
+        if conn is not self.conn or self.phase == DONE:
+            return
+        self.conn = None
+        if self.head_sent:
+            self._truncate(why)
+        elif self._fresh_retry and not conn.received:
+            # A pooled keep-alive socket the worker had already closed: same worker, new socket.
+            self._settle(ok=False, count_error=False)
+            self._use(self.worker)  # type: ignore[arg-type]
+        else:
+            self._attempt_failed(why, connect_error=False)
+
+    # -- endings ---------------------------------------------------------------------------
+
+    def _attempt_failed(self, why: str, connect_error: bool) -> None:
+        self._fresh_retry = False
+        self._settle(ok=False, connect_error=connect_error)
+        if len(self.tried) < self.proc.settings.max_tries:
+            self.proc.count_retry()
+            self._attempt()
+        else:
+            self._fail(BadGateway(f"{why} (tried {len(self.tried)} worker(s))"))
+
+    def _settle(self, ok: bool, count_error: bool = True, connect_error: bool = False) -> None:
+        """Close the books of the current attempt on the load board."""
+        cell = self.cell
+        if cell < 0:
+            return
+        ints = self.proc.ints
+        ints[cell + W_IN_FLIGHT] -= 1
+        if ok:
+            floats = self.proc.floats
+            latency = self.proc.loop.time() - self.started
+            floats[cell + W_LATENCY_EWMA] += EWMA_ALPHA * (latency - floats[cell + W_LATENCY_EWMA])
+        elif count_error:
+            ints[cell + W_ERRORS] += 1
+            if connect_error:
+                ints[cell + W_CONNECT_ERRORS] += 1
+            self.proc.floats[cell + W_LAST_ERROR] = time.time()
+        self.cell = -1
+
+    def _complete(self) -> None:
+        conn, self.conn = self.conn, None
+        self._settle(ok=True)
+        if conn is not None:
+            conn.release(self.proc.loop.time())
+        self._end(error=False)
+
+    def _fail(self, err: RouterError) -> None:
+        self.phase = DONE
+        self.client.send_error(err, self.request)
+        self._end(error=True)
+
+    def _truncate(self, why: str) -> None:
+        """The head is out: tell an SSE client why, then close the connection."""
+        self.phase = DONE
+        if self.sse:
+            event = b"event: error\ndata: %s\n\n" % error_body(BadGateway(f"stream interrupted: {why}"))
+            self.out.append(b"%x\r\n%s\r\n" % (len(event), event) if self.chunked else event)
+        self._flush()
+        self._settle(ok=False)
+        self.request.keep_alive = False
+        self._end(error=True)
+
+    def _flush(self) -> None:
+        if self.out:
+            self.client.write(b"".join(self.out))
+            self.out.clear()
+
+    def _end(self, error: bool) -> None:
+        self.phase = DONE
+        self.proc.active.discard(self)
+        self.proc.count_request(error)
+        self.client.exchange_done(self)
+
+    # -- called from outside ---------------------------------------------------------------
+
+    def client_gone(self) -> None:
+        """The client disconnected: abort the worker connection so generation stops."""
+        if self.phase == DONE:
+            return
+        self._abandon_connect()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        self.phase = DONE
+        self._settle(ok=False, count_error=False)
+        self.proc.active.discard(self)
+        self.proc.count_disconnect()
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the periodic sweep; enforces connect, first-byte, idle and total timeouts."""
+        settings = self.proc.settings
+        phase = self.phase
+        if now - self.started > settings.total_timeout:
+            self._time_out(f"request exceeded total_timeout={settings.total_timeout}s")
+        elif phase == CONNECT and now - self.phase_started > settings.connect_timeout:
+            self._abandon_connect()
+            self._attempt_failed(f"connect to {self.worker.url} timed out", connect_error=True)  # type: ignore[union-attr]
+        elif phase == WAIT_HEAD and now - self.phase_started > settings.first_byte_timeout:
+            self._time_out(f"worker sent no response within first_byte_timeout={settings.first_byte_timeout}s")
+        elif phase == STREAMING and now - self.last_io > settings.idle_timeout:
+            self._time_out(f"worker was silent for idle_timeout={settings.idle_timeout}s")
+
+    def _abandon_connect(self) -> None:
+        connecting, self.connecting = self.connecting, None
+        if connecting is not None:
+            connecting.cancel()
+
+    def _time_out(self, why: str) -> None:
+        self._abandon_connect()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        if self.head_sent:
+            self._truncate(why)
+        else:
+            self._settle(ok=False)
+            self._fail(UpstreamTimeout(why))

@@ -1,0 +1,69 @@
+"""Prometheus text exposition of the router's figures, totals across all proxy processes.
+
+Role: render what the load board and the snapshot say in the Prometheus text format (0.0.4).
+The board already aggregates across processes, so prometheus_client's multiprocess mode (a
+directory of mmap files per process) is not needed.
+
+Invariants: names carry the ``shardgate_`` prefix and base units; counters end in ``_total``;
+label values are bounded (worker URLs from the configured fleet, never request data).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shm.schema import Snapshot
+
+_ROUTER_COUNTERS = (
+    ("requests", "shardgate_requests_total", "Requests answered by the router (proxied or refused)."),
+    ("errors", "shardgate_request_errors_total", "Requests that ended in a router error or truncation."),
+    ("retries", "shardgate_retries_total", "Requests moved to another worker after a failure."),
+    ("client_disconnects", "shardgate_client_disconnects_total",
+     "Requests whose client went away before the response was complete."),
+)
+_WORKER_SERIES = (
+    ("requests", "shardgate_worker_requests_total", "counter", "Requests sent to the worker."),
+    ("errors", "shardgate_worker_errors_total", "counter", "Failed requests to the worker."),
+    ("connect_errors", "shardgate_worker_connect_errors_total", "counter",
+     "Failed connection attempts to the worker."),
+    ("streams", "shardgate_worker_streams_total", "counter", "Streamed (SSE) responses from the worker."),
+    ("in_flight", "shardgate_worker_in_flight_requests", "gauge", "Requests in flight to the worker."),
+    ("latency_ewma_seconds", "shardgate_worker_latency_ewma_seconds", "gauge",
+     "Moving average of request latency (EWMA, alpha 0.2)."),
+    ("ttfb_ewma_seconds", "shardgate_worker_ttfb_ewma_seconds", "gauge",
+     "Moving average of time to the worker's response head (EWMA, alpha 0.2)."),
+)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render_metrics(snap: Snapshot, proxies: list[dict[str, Any]], workers: list[dict[str, Any]],
+                   version: str) -> str:
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+
+    family("shardgate_build_info", "gauge", "Build information.")
+    lines.append(f'shardgate_build_info{{version="{version}"}} 1')
+    for key, name, help_text in _ROUTER_COUNTERS:
+        family(name, "counter", help_text)
+        lines.append(f"{name} {sum(int(p[key]) for p in proxies)}")
+    family("shardgate_in_flight_requests", "gauge", "Requests in flight across all proxies.")
+    lines.append(f"shardgate_in_flight_requests {sum(int(p['in_flight']) for p in proxies)}")
+    family("shardgate_proxies", "gauge", "Proxy processes configured.")
+    lines.append(f"shardgate_proxies {len(proxies)}")
+    family("shardgate_snapshot_generation", "gauge", "Generation of the routing snapshot in use.")
+    lines.append(f"shardgate_snapshot_generation {snap.generation}")
+    family("shardgate_worker_healthy", "gauge", "1 when the worker is healthy and not draining.")
+    for w in workers:
+        ok = 1 if w["healthy"] and not w["draining"] else 0
+        lines.append(f'shardgate_worker_healthy{{worker="{_escape(w["url"])}"}} {ok}')
+    for key, name, kind, help_text in _WORKER_SERIES:
+        family(name, kind, help_text)
+        for w in workers:
+            lines.append(f'{name}{{worker="{_escape(w["url"])}"}} {w[key]}')
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,356 @@
+"""The client side of a proxy process: HTTP/1.1 parsing with httptools, dispatch, responses.
+
+Role: :class:`ClientProtocol` reads requests from one client connection, answers the router's own
+endpoints, and hands ``/v1/*`` requests to an :class:`proxy_workers.exchange.Exchange`.
+:class:`ProxyProcess` holds what all connections of the process share.
+
+Invariants:
+- llhttp does the framing and rejects what it rejects (smuggling attempts, bad chunking): any
+  parser error is a 400 and the connection is closed. Upgrades are refused.
+- The request body is buffered up to ``max_body_size`` (the router must read ``model`` before it
+  can pick a worker); a larger declared or actual body gets 413 before more is read.
+- Hop-by-hop headers, and any header the client names in ``Connection``, are dropped before the
+  router adds its own (``X-Forwarded-For``, ``X-Request-ID``), so a client cannot strip those.
+- Responses go out in request order (pipelined requests wait their turn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from collections import deque
+
+import httptools
+import msgspec
+
+from proxy_workers import endpoints
+from proxy_workers.errors import (
+    BadRequest,
+    BodyTooLarge,
+    HeadersTooLarge,
+    InternalError,
+    MethodNotAllowed,
+    RequestTimeout,
+    RouterError,
+    render,
+    render_response,
+)
+from proxy_workers.exchange import Exchange
+from proxy_workers.policies import LoadView
+from proxy_workers.routing import RoutingTable
+from proxy_workers.upstream import Pools
+from shm.loadboard import P_DISCONNECTS, P_ERRORS, P_REQUESTS, P_RETRIES, LoadBoard
+from shm.schema import Snapshot
+from shm.snapshot import SnapshotReader
+
+log = logging.getLogger("shardgate.proxy")
+MAX_HEAD_BYTES = 64 * 1024
+REQUEST_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                          b"transfer-encoding", b"upgrade", b"proxy-authorization", b"host",
+                          b"content-length", b"expect", b"x-forwarded-for", b"x-request-id"})
+BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+REFUSED_METHODS = frozenset({b"HEAD", b"CONNECT", b"TRACE"})
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+class RoutingFields(msgspec.Struct):
+    """The only part of a request body the router decodes."""
+
+    model: str | None = None
+
+
+_ROUTING_DECODER = msgspec.json.Decoder(RoutingFields)
+
+
+class Request:
+    __slots__ = ("body", "http11", "keep_alive", "method", "model", "path", "request_id",
+                 "upstream_tail", "url")
+
+    def __init__(self, method: bytes, url: bytes, http11: bool, keep_alive: bool) -> None:
+        self.method = method
+        self.url = url
+        q = url.find(b"?")
+        self.path = url if q < 0 else url[:q]
+        self.http11 = http11
+        self.keep_alive = keep_alive
+        self.request_id = b""
+        self.upstream_tail = b""
+        self.body = b""
+        self.model: str | None = None
+
+
+class ProxyProcess:
+    """State shared by every connection of one proxy process."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, index: int, reader: SnapshotReader,
+                 board: LoadBoard) -> None:
+        self.loop = loop
+        self.index = index
+        self.reader = reader
+        self.board = board
+        self.ints = board.ints
+        self.floats = board.floats
+        self.cell0 = board.cell_word(index, 0)
+        self.row = board.proxy_word(index, 0)
+        snapshot = reader.current()
+        if snapshot is None:
+            raise RuntimeError("no snapshot published yet")
+        self.settings = snapshot.settings
+        self.load = LoadView(board, snapshot.proxies)
+        self.pools = Pools(loop, self.settings.pool_size)
+        self._table = RoutingTable(snapshot, self.load, None)
+        reader.on_change = self._snapshot_changed
+        self.active: set[Exchange] = set()
+        self.connections: set[ClientProtocol] = set()
+        self.draining = False
+        self.rid_prefix = os.urandom(4).hex().encode()
+        self.rid_counter = 0
+
+    def table(self) -> RoutingTable:
+        self.reader.current()  # one generation compare; rebuilds through on_change when it moved
+        return self._table
+
+    def _snapshot_changed(self, snapshot: Snapshot) -> None:
+        self.settings = snapshot.settings
+        self.load.set_proxies(snapshot.proxies)
+        self.pools.limit = snapshot.settings.pool_size
+        self._table = RoutingTable(snapshot, self.load, self._table)
+        self.pools.retain({w.url for w in snapshot.workers})
+
+    def next_request_id(self) -> bytes:
+        self.rid_counter += 1
+        return b"%s-%x" % (self.rid_prefix, self.rid_counter)
+
+    def count_request(self, error: bool) -> None:
+        self.ints[self.row + P_REQUESTS] += 1
+        if error:
+            self.ints[self.row + P_ERRORS] += 1
+
+    def count_retry(self) -> None:
+        self.ints[self.row + P_RETRIES] += 1
+
+    def count_disconnect(self) -> None:
+        self.ints[self.row + P_DISCONNECTS] += 1
+        self.ints[self.row + P_REQUESTS] += 1
+
+
+class ClientProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    __slots__ = ("_body", "_body_len", "_conn_tokens", "_head_len", "_headers", "_url", "exchange",
+                 "idle_since", "parser", "peer", "proc", "queue", "reading_since", "transport")
+
+    def __init__(self, proc: ProxyProcess) -> None:
+        self.proc = proc
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.queue: deque[Request] = deque()
+        self.peer = b""
+        self.idle_since = proc.loop.time()
+        self.reading_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._head_len = 0
+        self._conn_tokens: frozenset[bytes] = frozenset()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = (peer[0] if peer else "unknown").encode()
+        self.proc.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.fail_connection(BadRequest("protocol upgrades are not supported"))
+        except httptools.HttpParserCallbackError as exc:
+            # Our own callbacks raised: a RouterError is an answer, anything else is a bug.
+            cause = exc.__context__
+            if not isinstance(cause, RouterError):
+                log.error("internal error while handling a request", exc_info=cause)
+                cause = InternalError("internal router error; see the router's log")
+            self.fail_connection(cause)
+        except httptools.HttpParserError as exc:
+            self.fail_connection(BadRequest(f"malformed HTTP request: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proc.connections.discard(self)
+        self.queue.clear()
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.client_gone()
+
+    def pause_writing(self) -> None:
+        conn = self.exchange.conn if self.exchange is not None else None
+        if conn is not None and conn.transport is not None:
+            conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        conn = self.exchange.conn if self.exchange is not None else None
+        if conn is not None and conn.transport is not None:
+            conn.transport.resume_reading()
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset()
+        self.reading_since = self.proc.loop.time()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_len += len(url)
+        if self._head_len > MAX_HEAD_BYTES:
+            raise HeadersTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_len += len(name) + len(value)
+        if self._head_len > MAX_HEAD_BYTES:
+            raise HeadersTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes")
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        limit = self.proc.settings.max_body_size
+        expect = False
+        for name, value in self._headers:
+            if name == b"content-length":
+                if int(value) > limit:
+                    raise BodyTooLarge(f"request body of {int(value)} bytes exceeds max_body_size={limit}")
+            elif name == b"connection":
+                self._conn_tokens = frozenset(t.strip().lower() for t in value.split(b","))
+            elif name == b"expect":
+                expect = value.lower() == b"100-continue"
+        if expect:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self._body_len > self.proc.settings.max_body_size:
+            raise BodyTooLarge(f"request body exceeds max_body_size={self.proc.settings.max_body_size}")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        request = Request(parser.get_method(), self._url, parser.get_http_version() == "1.1",
+                          parser.should_keep_alive())
+        body = self._body
+        request.body = body[0] if len(body) == 1 else b"".join(body)
+        self._prepare(request)
+        self.reading_since = 0.0
+        if self.exchange is None and not self.queue:
+            self.dispatch(request)
+        else:
+            self.queue.append(request)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _prepare(self, request: Request) -> None:
+        """Request id, and the upstream head minus its request line and Host."""
+        forwarded_for = self.peer
+        supplied_id = b""
+        parts = []
+        drop = REQUEST_DROP | self._conn_tokens if self._conn_tokens else REQUEST_DROP
+        for name, value in self._headers:
+            if name in drop:
+                if name == b"x-forwarded-for":
+                    forwarded_for = value + b", " + self.peer
+                elif name == b"x-request-id" and _REQUEST_ID.match(value):
+                    supplied_id = value
+                continue
+            parts.append(b"%s: %s\r\n" % (name, value))
+        request.request_id = rid = supplied_id or self.proc.next_request_id()
+        body = request.body
+        if body or request.method in BODY_METHODS:
+            parts.append(b"x-forwarded-for: %s\r\nx-request-id: %s\r\ncontent-length: %d\r\n\r\n"
+                         % (forwarded_for, rid, len(body)))
+            parts.append(body)
+        else:
+            parts.append(b"x-forwarded-for: %s\r\nx-request-id: %s\r\n\r\n" % (forwarded_for, rid))
+        request.upstream_tail = b"".join(parts)
+
+    def dispatch(self, request: Request) -> None:
+        self.idle_since = 0.0
+        try:
+            if request.path.startswith(b"/v1/") and not request.path.startswith(b"/v1/models"):
+                self._proxy(request)
+            else:
+                self._answer_locally(request)
+        except RouterError as err:
+            self.send_error(err, request)
+            self._next(request)
+
+    def _proxy(self, request: Request) -> None:
+        if request.method in REFUSED_METHODS:
+            raise MethodNotAllowed(f"{request.method.decode()} is not supported on {request.path.decode()}")
+        if request.body:
+            try:
+                request.model = _ROUTING_DECODER.decode(request.body).model
+            except msgspec.ValidationError as exc:
+                raise BadRequest(f"invalid request body: {exc}", param="model") from None
+            except msgspec.DecodeError as exc:
+                raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        route = self.proc.table().route_for(request.model)
+        self.exchange = exchange = Exchange(self.proc, self, request, route)
+        exchange.start()
+
+    def _answer_locally(self, request: Request) -> None:
+        status, body, content_type = endpoints.answer(self.proc, request)
+        self.write(render_response(status, body, content_type, request.request_id.decode(),
+                                   close=not request.keep_alive))
+        self._next(request)
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        if self.exchange is exchange:
+            self.exchange = None
+        self._next(exchange.request)
+
+    def _next(self, request: Request) -> None:
+        if not request.keep_alive or self.proc.draining:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self.queue:
+            self.dispatch(self.queue.popleft())
+        else:
+            self.idle_since = self.proc.loop.time()
+
+    # -- output ----------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def send_error(self, err: RouterError, request: Request) -> None:
+        close = not request.keep_alive or self.proc.draining
+        self.write(render(err, request.request_id.decode(), close=close))
+
+    def fail_connection(self, err: RouterError) -> None:
+        """A request that cannot be parsed or is refused before its body: answer and close."""
+        if self.exchange is not None:
+            # Mid-exchange garbage (a pipelined request): drop the connection, nothing to answer.
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.write(render(err, close=True))
+        if self.transport is not None:
+            self.transport.close()
+
+    def check_deadline(self, now: float, settings_header: float, keepalive: float) -> None:
+        if self.reading_since and now - self.reading_since > settings_header:
+            self.reading_since = 0.0
+            self.fail_connection(
+                RequestTimeout(f"request not received within header_timeout={settings_header}s"))
+        elif self.idle_since and not self.exchange and now - self.idle_since > keepalive:
+            if self.transport is not None:
+                self.transport.close()
+

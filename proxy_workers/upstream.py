@@ -1,0 +1,214 @@
+"""Connections to workers: an asyncio Protocol parsing responses with httptools, and keep-alive pools.
+
+Role: carry one request at a time to a worker and feed the parsed response back to the
+:class:`proxy_workers.exchange.Exchange` that owns the connection.
+
+Invariants:
+- A connection belongs to at most one exchange; it returns to its pool only after a complete
+  response that allows keep-alive, and never after an abort (a client disconnect closes it, which
+  is how the worker learns to stop generating).
+- Pools are LIFO (the most recently used socket is the least likely to have been closed by the
+  worker) and bounded by the ``pool_size`` setting; idle sockets older than ``keepalive_timeout``
+  are closed by the proxy's periodic sweep.
+- A parse error from a worker never escapes: it becomes a 502 (before the head reached the
+  client) or a truncated response (after).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import httptools
+
+if TYPE_CHECKING:
+    from proxy_workers.exchange import Exchange
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP connection to a worker."""
+
+    __slots__ = ("content_length", "exchange", "headers", "idle_since", "keep_alive", "parser",
+                 "pool", "received", "transport")
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length = -1
+        self.received = False
+        self.keep_alive = False
+        self.idle_since = 0.0
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            # A worker talking on an idle keep-alive connection: it is out of sync; drop it.
+            self.close()
+            return
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.exchange = None
+            self.close()
+            exchange.upstream_failed(self, f"malformed response from worker: {exc}")
+            return
+        exchange.after_upstream_data()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.forget(self)
+        exchange, self.exchange = self.exchange, None
+        self.transport = None
+        if exchange is not None:
+            exchange.upstream_failed(self, "worker closed the connection" if exc is None else str(exc))
+
+    def pause_writing(self) -> None:  # the request body is small; nothing to pause
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.content_length = -1
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.keep_alive = self.parser.should_keep_alive()
+        self.exchange.on_response_head(self)  # type: ignore[union-attr]
+
+    def on_body(self, body: bytes) -> None:
+        self.exchange.on_response_body(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        self.exchange.on_response_complete(self)  # type: ignore[union-attr]
+
+    # -- used by the exchange ------------------------------------------------------------
+
+    def send(self, exchange: Exchange, data: bytes) -> None:
+        self.exchange = exchange
+        self.received = False
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def status_code(self) -> int:
+        return self.parser.get_status_code()
+
+    def release(self, now: float) -> None:
+        """Back to the pool if the response allows it, else closed."""
+        self.exchange = None
+        if self.keep_alive and self.transport is not None and not self.transport.is_closing():
+            self.idle_since = now
+            self.pool.put(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once (RST): the worker sees the client is gone and stops generating."""
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class WorkerPool:
+    """Idle keep-alive connections to one worker, plus what is needed to open new ones."""
+
+    __slots__ = ("authority", "host", "idle", "limit", "loop", "port", "ssl", "url")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, url: str, limit: int) -> None:
+        parts = urlsplit(url)
+        self.loop = loop
+        self.url = url
+        self.host = parts.hostname or "127.0.0.1"
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
+        self.port = parts.port or (443 if self.ssl else 80)
+        self.authority = parts.netloc.encode()
+        self.limit = limit
+        self.idle: list[UpstreamConnection] = []
+
+    def take(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    def put(self, conn: UpstreamConnection) -> None:
+        if len(self.idle) < self.limit:
+            self.idle.append(conn)
+        else:
+            conn.close()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def connect(self, done: Callable[[asyncio.Future[Any]], None]) -> asyncio.Future[Any]:
+        """Open a new connection; ``done`` gets the future of (transport, protocol)."""
+        future = asyncio.ensure_future(self.loop.create_connection(
+            lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl))
+        future.add_done_callback(done)
+        return future
+
+    def close_idle(self, older_than: float) -> None:
+        keep = []
+        for conn in self.idle:
+            if conn.idle_since < older_than:
+                conn.close()
+            else:
+                keep.append(conn)
+        self.idle[:] = keep
+
+    def close_all(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+class Pools:
+    """All worker pools of one proxy process, keyed by worker URL."""
+
+    __slots__ = ("limit", "loop", "pools")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        self.loop = loop
+        self.limit = limit
+        self.pools: dict[str, WorkerPool] = {}
+
+    def get(self, url: str) -> WorkerPool:
+        pool = self.pools.get(url)
+        if pool is None:
+            pool = self.pools[url] = WorkerPool(self.loop, url, self.limit)
+        return pool
+
+    def retain(self, urls: set[str]) -> None:
+        """Drop pools of workers that left the fleet (their idle sockets are closed)."""
+        for url in list(self.pools):
+            if url not in urls:
+                self.pools.pop(url).close_all()
+
+    def sweep(self, older_than: float) -> None:
+        for pool in self.pools.values():
+            if pool.idle:
+                pool.close_idle(older_than)

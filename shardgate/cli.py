@@ -1,0 +1,110 @@
+"""The ``shardgate`` command: serve, check-config, mock-worker, demo, settings-doc.
+
+Role: parse the command line and hand over to the right component. Exit codes: 0 success,
+2 configuration error (one line naming the field and the reason; nothing starts), 1 any other
+failure to start, 130 forced stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from coordinator.config import ConfigError, add_config_flags, load_config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from coordinator.arbiter import Coordinator
+
+    config = load_config(args)
+    if not config.workers:
+        raise ConfigError("no workers: give --worker URL (repeatable) or a config file with a "
+                          "'workers:' list")
+    logging.basicConfig(level=config.settings.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s coordinator %(levelname)s %(message)s")
+    return uvloop.run(Coordinator(config, args).run())
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    models = sorted({w.model for w in config.workers if w.model})
+    unset = sum(1 for w in config.workers if not w.model)
+    extra = f" (+{unset} to discover)" if unset else ""
+    print(f"ok: {len(config.workers)} worker(s), models: {', '.join(models) or '-'}{extra}; "
+          f"listen {config.settings.host}:{config.settings.port}, policy {config.settings.policy}")
+    return 0
+
+
+def _mock_worker(args: argparse.Namespace) -> int:
+    from shardgate import mock_worker
+
+    return mock_worker.main(args.rest)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from shardgate import demo
+
+    return demo.main(args.rest)
+
+
+def _settings_doc(args: argparse.Namespace) -> int:
+    from coordinator.docs import settings_markdown
+
+    text = settings_markdown()
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardgate", description="A router for LLM inference fleets.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="Run the router (coordinator + proxy processes).")
+    add_config_flags(serve)
+    serve.set_defaults(func=_serve)
+    check = sub.add_parser("check-config", help="Validate a configuration without starting anything.")
+    check.add_argument("file", nargs="?", help="YAML deployment file.")
+    add_config_flags(check)
+    check.set_defaults(func=_check_config)
+    for name, func, text in (("mock-worker", _mock_worker, "Run a fake OpenAI-compatible worker."),
+                             ("demo", _demo, "Run the router with mock workers; prints curl lines.")):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=func)
+    doc = sub.add_parser("settings-doc", help="Print the settings reference (Markdown).")
+    doc.add_argument("--output", "-o", help="Write to this file instead of stdout.")
+    doc.set_defaults(func=_settings_doc)
+    return parser
+
+
+PASSTHROUGH = {"mock-worker": _mock_worker, "demo": _demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        # These parse their own flags; argparse's REMAINDER would swallow a leading --flag.
+        return PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
+    args = build_parser().parse_args(argv)
+    if getattr(args, "file", None):
+        args.config = args.file
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"shardgate: config error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except asyncio.CancelledError:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

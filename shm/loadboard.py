@@ -1,0 +1,137 @@
+"""The load board: per-proxy, per-worker counters in shared memory.
+
+Role: lets every proxy see the load all proxies put on each worker, so "least connections" means
+least across the whole router, and lets any proxy answer /stats, /workers and /metrics with totals.
+
+Layout (8-byte words after a 64-byte header; the same bytes are viewed as int64 and as float64)::
+
+    header: magic, layout version, max_proxies, max_workers, PROXY_FIELDS, WORKER_FIELDS
+    proxy rows:   max_proxies x PROXY_FIELDS words      (row p written only by proxy p)
+    worker cells: max_proxies x max_workers x WORKER_FIELDS words
+                  (cell [p][w] written only by proxy p; w is the worker's stable slot)
+
+Invariants:
+- Single writer per row: proxy p writes only row p and cells [p][*], so plain stores suffice
+  (no locks, no atomics); readers sum across p and may see a value one update old.
+- Counters are monotonic except IN_FLIGHT (a gauge) and the EWMAs. A proxy that restarts in the
+  same row zeroes its gauges first (its predecessor's in-flight requests died with it) and keeps
+  the monotonic counters, so totals never go backwards.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from shm.segment import Segment
+
+MAGIC = int.from_bytes(b"SGLOAD01", "little")
+LAYOUT_VERSION = 1
+HEADER_WORDS = 8
+
+# Proxy row fields.
+P_PID, P_STARTED, P_HEARTBEAT, P_REQUESTS, P_ERRORS, P_IN_FLIGHT = 0, 1, 2, 3, 4, 5
+P_DISCONNECTS, P_RETRIES, P_GENERATION, P_TORN_READS, P_RESTARTS, P_REJECTED = 6, 7, 8, 9, 10, 11
+PROXY_FIELDS = 16
+PROXY_FLOAT_FIELDS = frozenset({P_STARTED, P_HEARTBEAT})
+
+# Worker cell fields.
+W_IN_FLIGHT, W_REQUESTS, W_ERRORS, W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR = 0, 1, 2, 3, 4, 5
+W_CONNECT_ERRORS, W_STREAMS = 6, 7
+WORKER_FIELDS = 8
+WORKER_FLOAT_FIELDS = frozenset({W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR})
+
+EWMA_ALPHA = 0.2
+
+
+def board_size(max_proxies: int, max_workers: int) -> int:
+    words = HEADER_WORDS + max_proxies * PROXY_FIELDS + max_proxies * max_workers * WORKER_FIELDS
+    return words * 8
+
+
+class LoadBoard:
+    """Views over the board. ``ints`` and ``floats`` alias the same words."""
+
+    __slots__ = ("_seg", "cell_base", "floats", "ints", "max_proxies", "max_workers")
+
+    def __init__(self, segment: Segment) -> None:
+        self._seg = segment
+        self.ints = segment.buf.cast("q")
+        self.floats = segment.buf.cast("d")
+        if self.ints[0] != MAGIC or self.ints[1] != LAYOUT_VERSION:
+            raise ValueError(f"{segment.name} is not a shardgate load board of this version")
+        self.max_proxies = self.ints[2]
+        self.max_workers = self.ints[3]
+        self.cell_base = HEADER_WORDS + self.max_proxies * PROXY_FIELDS
+
+    @classmethod
+    def create(cls, segment: Segment, max_proxies: int, max_workers: int) -> LoadBoard:
+        struct.pack_into("<6q", segment.buf, 0, MAGIC, LAYOUT_VERSION, max_proxies, max_workers,
+                         PROXY_FIELDS, WORKER_FIELDS)
+        return cls(segment)
+
+    def proxy_word(self, proxy: int, field: int) -> int:
+        return HEADER_WORDS + proxy * PROXY_FIELDS + field
+
+    def cell_word(self, proxy: int, slot: int, field: int = 0) -> int:
+        """Index of field ``field`` of cell [proxy][slot] in ``ints``/``floats``."""
+        return self.cell_base + (proxy * self.max_workers + slot) * WORKER_FIELDS + field
+
+    def worker_stride(self) -> int:
+        """Distance in words between cell [p][w] and cell [p+1][w]."""
+        return self.max_workers * WORKER_FIELDS
+
+    # -- writer side (one proxy) ---------------------------------------------------------
+
+    def reset_gauges(self, proxy: int) -> None:
+        """Zero the in-flight gauges of a proxy row (its previous owner's requests are gone)."""
+        self.ints[self.proxy_word(proxy, P_IN_FLIGHT)] = 0
+        ints, stride = self.ints, WORKER_FIELDS
+        start = self.cell_word(proxy, 0, W_IN_FLIGHT)
+        for word in range(start, start + self.max_workers * stride, stride):
+            if ints[word]:
+                ints[word] = 0
+
+    # -- reader side (anyone) ------------------------------------------------------------
+
+    def worker_in_flight(self, slot: int, proxies: int) -> int:
+        """In-flight requests on a worker, summed over the first ``proxies`` rows."""
+        ints, word, stride = self.ints, self.cell_word(0, slot, W_IN_FLIGHT), self.worker_stride()
+        return sum(ints[word + p * stride] for p in range(proxies))
+
+    def worker_totals(self, slot: int, proxies: int) -> dict[str, float]:
+        """All counters of one worker summed over proxies; EWMAs averaged over proxies with data."""
+        ints, floats = self.ints, self.floats
+        out = {"in_flight": 0, "requests": 0, "errors": 0, "connect_errors": 0, "streams": 0}
+        lat: list[float] = []
+        ttfb: list[float] = []
+        last_error = 0.0
+        for p in range(proxies):
+            base = self.cell_word(p, slot)
+            out["in_flight"] += ints[base + W_IN_FLIGHT]
+            out["requests"] += ints[base + W_REQUESTS]
+            out["errors"] += ints[base + W_ERRORS]
+            out["connect_errors"] += ints[base + W_CONNECT_ERRORS]
+            out["streams"] += ints[base + W_STREAMS]
+            if ints[base + W_REQUESTS]:
+                lat.append(floats[base + W_LATENCY_EWMA])
+                ttfb.append(floats[base + W_TTFB_EWMA])
+            last_error = max(last_error, floats[base + W_LAST_ERROR])
+        out["latency_ewma_seconds"] = sum(lat) / len(lat) if lat else 0.0
+        out["ttfb_ewma_seconds"] = sum(ttfb) / len(ttfb) if ttfb else 0.0
+        out["last_error_at"] = last_error
+        return out
+
+    def proxy_row(self, proxy: int) -> dict[str, float]:
+        names = {P_PID: "pid", P_STARTED: "started_at", P_HEARTBEAT: "heartbeat", P_REQUESTS: "requests",
+                 P_ERRORS: "errors", P_IN_FLIGHT: "in_flight", P_DISCONNECTS: "client_disconnects",
+                 P_RETRIES: "retries", P_GENERATION: "snapshot_generation", P_TORN_READS: "torn_reads",
+                 P_RESTARTS: "restarts", P_REJECTED: "rejected"}
+        row = {}
+        for field, name in names.items():
+            word = self.proxy_word(proxy, field)
+            row[name] = self.floats[word] if field in PROXY_FLOAT_FIELDS else self.ints[word]
+        return row
+
+    def close(self) -> None:
+        self.ints.release()
+        self.floats.release()

@@ -1,0 +1,92 @@
+"""The routing snapshot: what the coordinator publishes and every proxy reads.
+
+Role: msgspec Structs shared by both sides, byte for byte. The coordinator builds one complete
+:class:`Snapshot`, encodes it once and publishes it (``shm.snapshot``); proxies decode it only when
+the generation counter moved.
+
+Invariants:
+- ``SCHEMA_VERSION`` changes only when a change is not backward compatible; every field added later
+  has a default, so an older proxy can read a newer snapshot during a rolling restart.
+- A worker's ``slot`` is stable for the life of the coordinator: it indexes the worker's column in
+  the load board (``shm.loadboard``). Slots are reused only after a worker is gone.
+- ``models`` maps a model name to the slots of the workers that serve it, healthy or not; proxies
+  filter on ``healthy``/``draining`` themselves, so a health flip is one field, not a re-index.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from shm.settings import Settings
+
+SCHEMA_VERSION = 1
+
+WorkerType = Literal["regular", "prefill", "decode"]
+Connection = Literal["http", "grpc"]
+
+
+class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One worker as an operator declares it (config file, CLI or admin API)."""
+
+    url: str
+    model: str | None = None
+    type: WorkerType = "regular"
+    connection: Connection = "http"
+    weight: int = 1
+    labels: dict[str, str] = {}
+    shard: str | None = None
+
+
+class Worker(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
+    """One worker as proxies see it."""
+
+    slot: int
+    url: str
+    host: str
+    port: int
+    models: tuple[str, ...] = ()
+    type: WorkerType = "regular"
+    connection: Connection = "http"
+    weight: int = 1
+    labels: dict[str, str] = {}
+    shard: str | None = None
+    healthy: bool = True
+    draining: bool = False
+    # Why the coordinator considers the worker unhealthy (empty when healthy).
+    health_reason: str = ""
+
+
+class ModelPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-model overrides (config file ``models:`` section)."""
+
+    policy: str | None = None
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a proxy needs to route, published as one unit."""
+
+    schema: int = SCHEMA_VERSION
+    generation: int = 0
+    created_at: float = 0.0
+    coordinator_pid: int = 0
+    proxies: int = 0
+    settings: Settings = Settings()
+    workers: tuple[Worker, ...] = ()
+    models: dict[str, tuple[int, ...]] = {}
+    model_policies: dict[str, ModelPolicy] = {}
+    # Problems the operator should see (discovery failures and the like), shown by /workers.
+    notices: tuple[str, ...] = ()
+
+
+SNAPSHOT_ENCODER = msgspec.msgpack.Encoder()
+
+
+def encode_snapshot(snapshot: Snapshot) -> bytes:
+    return SNAPSHOT_ENCODER.encode(snapshot)
+
+
+def snapshot_decoder() -> msgspec.msgpack.Decoder[Snapshot]:
+    """A decoder for one reader; build once per process (msgspec caches the type plan)."""
+    return msgspec.msgpack.Decoder(Snapshot)

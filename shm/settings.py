@@ -1,0 +1,118 @@
+"""Every router setting, declared once.
+
+Role: the single declaration of shardgate's settings. The coordinator derives its CLI flags,
+environment variables, config-file keys and the generated reference (docs/settings.md) from
+the fields of :class:`Settings`; proxies receive the resolved ``Settings`` inside every
+snapshot, so a SIGHUP that changes a timeout reaches them without a restart.
+
+Invariants:
+- A field's name is its config-file key; its flag is ``--name-with-dashes``; its environment
+  variable is ``SHARDGATE_NAME``. Precedence: defaults < file < environment < CLI.
+- Each field carries a ``Meta(description=...)``; the first sentence is the CLI help.
+- Adding a field never breaks an old snapshot: every field has a default.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+Policy = Literal[
+    "round_robin",
+    "weighted_round_robin",
+    "random",
+    "weighted_random",
+    "least_connections",
+    "power_of_two",
+]
+POLICY_NAMES: tuple[str, ...] = Policy.__args__  # type: ignore[attr-defined]
+
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+def _d(text: str) -> Meta:
+    return Meta(description=text)
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Router settings (everything except the worker list)."""
+
+    host: Annotated[str, _d("Address the proxies listen on.")] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=1, le=65535), _d("Port the proxies listen on (SO_REUSEPORT).")] = 8080
+    proxies: Annotated[
+        int, Meta(ge=0, le=256), _d("Number of proxy processes; 0 means one per CPU.")
+    ] = 0
+    policy: Annotated[Policy, _d("Load-balancing policy used when a model names none.")] = (
+        "weighted_round_robin"
+    )
+    connect_timeout: Annotated[Seconds, _d("Seconds to open a connection to a worker.")] = 5.0
+    first_byte_timeout: Annotated[
+        Seconds, _d("Seconds to wait for a worker's response head (time to first byte).")
+    ] = 300.0
+    idle_timeout: Annotated[
+        Seconds, _d("Seconds a response may stay silent between two chunks (streams).")
+    ] = 60.0
+    total_timeout: Annotated[Seconds, _d("Seconds a whole request may take, stream included.")] = 300.0
+    max_tries: Annotated[
+        int,
+        Meta(ge=1, le=10),
+        _d("Workers tried per request when one fails before any response byte reached the client."),
+    ] = 3
+    max_body_size: Annotated[
+        int, Meta(ge=1024), _d("Largest request body in bytes; larger bodies get 413.")
+    ] = 32 * 1024 * 1024
+    header_timeout: Annotated[
+        Seconds, _d("Seconds a client may take to send a request's head and body (slowloris guard).")
+    ] = 30.0
+    keepalive_timeout: Annotated[
+        Seconds, _d("Seconds an idle client or worker keep-alive connection is kept open.")
+    ] = 15.0
+    pool_size: Annotated[
+        int, Meta(ge=0), _d("Idle keep-alive connections kept per worker in each proxy process.")
+    ] = 64
+    grace_period: Annotated[
+        Seconds, _d("Seconds SIGTERM waits for in-flight requests and streams to finish.")
+    ] = 30.0
+    health_interval: Annotated[Seconds, _d("Seconds between active health checks of a worker.")] = 30.0
+    health_timeout: Annotated[Seconds, _d("Seconds an active health check may take.")] = 5.0
+    health_path: Annotated[str, _d("HTTP path probed by active health checks.")] = "/health"
+    health_fall: Annotated[
+        int, Meta(ge=1), _d("Consecutive failed checks that mark a worker unhealthy.")
+    ] = 3
+    health_rise: Annotated[
+        int, Meta(ge=1), _d("Consecutive passed checks that mark a worker healthy again.")
+    ] = 2
+    discovery_interval: Annotated[
+        Seconds, _d("Seconds between re-reads of a worker's GET /v1/models when its model is not set.")
+    ] = 30.0
+    max_workers: Annotated[
+        int, Meta(ge=1, le=1_000_000), _d("Worker slots in shared memory (capacity of the fleet).")
+    ] = 16384
+    snapshot_capacity: Annotated[
+        int, Meta(ge=65536), _d("Bytes reserved for one encoded snapshot in shared memory.")
+    ] = 64 * 1024 * 1024
+    restart_backoff_max: Annotated[
+        Seconds, _d("Longest wait in seconds before restarting a proxy that died.")
+    ] = 10.0
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error"], _d("Log level of all processes.")
+    ] = "info"
+
+
+SETTING_NAMES: tuple[str, ...] = Settings.__struct_fields__
+
+
+def _descriptions() -> dict[str, str]:
+    hints = typing.get_type_hints(Settings, include_extras=True)
+    out = {}
+    for name in SETTING_NAMES:
+        texts = [m.description for m in getattr(hints[name], "__metadata__", ())
+                 if isinstance(m, Meta) and m.description]
+        out[name] = texts[-1] if texts else ""
+    return out
+
+
+DESCRIPTIONS: dict[str, str] = _descriptions()
