@@ -17,7 +17,6 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
 from shm.schema import ModelPolicy, Snapshot, Worker, WorkerSpec
 from shm.settings import Settings
@@ -72,9 +71,7 @@ class WorkerState:
 
     def to_worker(self) -> Worker:
         spec = self.spec
-        parts = urlsplit(spec.url)
-        return Worker(slot=self.slot, url=spec.url, host=parts.hostname or "", port=parts.port or 80,
-                      models=self.models, type=spec.type, connection=spec.connection,
+        return Worker(slot=self.slot, url=spec.url, models=self.models, type=spec.type, connection=spec.connection,
                       weight=spec.weight, labels=spec.labels, shard=spec.shard,
                       healthy=self.healthy and self.discovered, health_reason=self.reason)
 

@@ -99,7 +99,7 @@ def make_fleet(n_workers: int, n_models: int, seed: int = 1) -> Snapshot:
         for name in served:
             models[name].append(slot)
         workers.append(Worker(
-            slot=slot, url=f"http://{host}:{port}", host=host, port=port, models=served,
+            slot=slot, url=f"http://{host}:{port}", models=served,
             labels={"zone": f"zone-{slot % 6}"}, weight=rng.choice((1, 1, 2, 4)),
         ))
     return Snapshot(

@@ -62,23 +62,28 @@ class RoutingTable:
     def __init__(self, snapshot: Snapshot, load: LoadView, previous: RoutingTable | None) -> None:
         self.snapshot = snapshot
         self.generation = snapshot.generation
-        self.by_slot = by_slot = {w.slot: w for w in snapshot.workers}
-        # Decide routability once per worker, not once per (worker, model): this runs inside a
+        workers = snapshot.workers
+        # Lists indexed by slot, and routability decided once per worker: this runs inside a
         # proxy's event loop and must stay within a few ms for 10,000 workers.
-        usable = {w.slot: w for w in snapshot.workers if routable(w)}
+        size = max((w.slot for w in workers), default=-1) + 1
+        self.by_slot: list[Worker | None] = [None] * size
+        usable: list[Worker | None] = [None] * size
+        for w in workers:
+            self.by_slot[w.slot] = w
+            if routable(w):
+                usable[w.slot] = w
         old = previous.routes if previous is not None else {}
         default = snapshot.settings.policy
         self.routes: dict[str, ModelRoute] = {}
         for model, slots in snapshot.models.items():
-            candidates = [usable[s] for s in slots if s in usable]
+            candidates = [w for w in map(usable.__getitem__, slots) if w is not None]
             override = snapshot.model_policies.get(model)
             name = (override.policy if override and override.policy else None) or default
-            serving = sum(1 for s in slots if s in by_slot)
-            self.routes[model] = _route(model, candidates, serving, name, load, old.get(model))
+            self.routes[model] = _route(model, candidates, len(slots), name, load, old.get(model))
         # Requests without a model field go round-robin over every worker (the seed's behaviour).
         previous_any = previous.any if previous is not None else None
-        self.any = _route(ANY_MODEL, list(usable.values()), len(by_slot), "round_robin", load,
-                          previous_any)
+        self.any = _route(ANY_MODEL, [w for w in usable if w is not None], len(workers),
+                          "round_robin", load, previous_any)
 
     def route_for(self, model: str | None) -> ModelRoute:
         if model is None:

@@ -44,8 +44,6 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=Fals
 
     slot: int
     url: str
-    host: str
-    port: int
     models: tuple[str, ...] = ()
     type: WorkerType = "regular"
     connection: Connection = "http"

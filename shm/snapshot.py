@@ -37,6 +37,7 @@ until the next request: the writer never waits for readers, and readers never bl
 
 from __future__ import annotations
 
+import gc
 import struct
 import time
 import zlib
@@ -134,6 +135,17 @@ class SnapshotReader:
         return self.snapshot
 
     def _refresh(self) -> None:
+        # Decoding 10,000 workers allocates ~100,000 objects; a collection triggered half-way
+        # would scan them all for nothing, so the collector waits until the swap is done.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._refresh_once()
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _refresh_once(self) -> None:
         for _ in range(MAX_READ_TRIES):
             got = self._try_read()
             if got is not None:

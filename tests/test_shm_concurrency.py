@@ -138,8 +138,6 @@ def expected_snapshot(gen: int) -> Snapshot:
         Worker(
             slot=i,
             url=f"http://g{gen}-w{i}.test:{8000 + (gen + i) % 1000}",
-            host=f"g{gen}-w{i}.test",
-            port=8000 + (gen + i) % 1000,
             models=(f"model-{(gen + i) % 5}",),
             labels={"gen": str(gen)},
             weight=1 + (gen + i) % 7,
