@@ -27,11 +27,12 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 
 import aiohttp
 
 from coordinator import health
-from coordinator.config import Config, ConfigError, load_config
+from coordinator.config import Config, ConfigError
 from coordinator.membership import Fleet, FleetFull
 from coordinator.supervisor import HaltServer, Supervisor
 from shm.loadboard import LoadBoard, board_size
@@ -45,9 +46,10 @@ log = logging.getLogger("shardgate.coordinator")
 
 
 class Coordinator:
-    def __init__(self, config: Config, args: object) -> None:
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
-        self.args = args  # kept to re-read the same sources on SIGHUP
+        # Re-reads the same sources (file, environment, flags) on SIGHUP.
+        self.reload_config = reload_config or (lambda: self.config)
         self.settings = config.settings
         self.proxies = self.settings.proxies or os.cpu_count() or 1
         self.fleet = Fleet(self.settings.max_workers)
@@ -55,6 +57,7 @@ class Coordinator:
         self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
         self.stopping = False
         self.probing: asyncio.Task[bool] | None = None
+        self.on_ready: Callable[[], None] | None = None
 
     # -- start -----------------------------------------------------------------------------
 
@@ -134,6 +137,8 @@ class Coordinator:
               f"workers={len(self.fleet.states)} models={','.join(models) or '-'} "
               f"policy={s.policy} pid={os.getpid()}", flush=True)
         sd_notify(b"READY=1")
+        if self.on_ready is not None:
+            self.on_ready()
 
     # -- run -------------------------------------------------------------------------------
 
@@ -170,7 +175,7 @@ class Coordinator:
     def reload(self) -> None:
         sd_notify(b"RELOADING=1")
         try:
-            config = load_config(self.args)  # type: ignore[arg-type]
+            config = self.reload_config()
             added, removed = self.fleet.apply(config.workers)
         except (ConfigError, FleetFull) as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)

@@ -174,8 +174,12 @@ class Exchange:
         if length is not None:
             out.append(b"content-length: %s\r\n" % length)
         elif status not in (204, 304):
+            # Unknown length (chunked or close-delimited upstream): re-chunk for HTTP/1.1
+            # clients, close-delimit for HTTP/1.0 ones.
             self.chunked = req.http11
-            if not req.http11:
+            if req.http11:
+                out.append(b"transfer-encoding: chunked\r\n")
+            else:
                 req.keep_alive = False
         if not req.keep_alive or self.proc.draining:
             req.keep_alive = False

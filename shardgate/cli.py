@@ -26,7 +26,7 @@ def _serve(args: argparse.Namespace) -> int:
                           "'workers:' list")
     logging.basicConfig(level=config.settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s coordinator %(levelname)s %(message)s")
-    return uvloop.run(Coordinator(config, args).run())
+    return uvloop.run(Coordinator(config, lambda: load_config(args)).run())
 
 
 def _check_config(args: argparse.Namespace) -> int:
