@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from coordinator import health
+from coordinator import engine_metrics, health
 from coordinator.config import Config, ConfigError
 from coordinator.membership import Fleet, FleetFull
 from coordinator.supervisor import HaltServer, Supervisor
@@ -58,6 +58,8 @@ class Coordinator:
         self.stopping = False
         self.probing: asyncio.Task[bool] | None = None
         self.on_ready: Callable[[], None] | None = None
+        self.scraping: asyncio.Task[int] | None = None
+        self.scraped_at = 0.0
 
     # -- start -----------------------------------------------------------------------------
 
@@ -80,7 +82,7 @@ class Coordinator:
 
     def publish(self) -> int:
         snapshot = self.fleet.snapshot(self.settings, self.config.models, self.proxies,
-                                       self.writer.generation + 1, os.getpid())
+                                       self.writer.generation + 1, os.getpid(), self.config.aliases)
         return self.writer.publish(snapshot)
 
     async def run(self) -> int:
@@ -154,6 +156,7 @@ class Coordinator:
                     return code
             self.supervisor.poll()
             self._maybe_probe()
+            self._maybe_scrape()
 
     def _maybe_probe(self) -> None:
         if self.probing is not None:
@@ -165,6 +168,19 @@ class Coordinator:
             if changed:
                 self.publish()
         self.probing = asyncio.ensure_future(health.probe_due(self.session, self.fleet, self.settings))
+
+    def _maybe_scrape(self) -> None:
+        """Engine figures for least_loaded, every metrics_interval, one scrape round at a time."""
+        if self.scraping is not None and not self.scraping.done():
+            return
+        now = time.monotonic()
+        if now - self.scraped_at < self.settings.metrics_interval:
+            return
+        if not engine_metrics.wanted(self.settings, self.config.models):
+            return
+        self.scraped_at = now
+        self.scraping = asyncio.ensure_future(
+            engine_metrics.scrape_all(self.session, self.fleet, self.board, self.settings))
 
     async def _handle_signal(self, sig: signal.Signals) -> int | None:
         if sig == signal.SIGHUP:
@@ -188,14 +204,16 @@ class Coordinator:
             config = _keep(config, self.settings, fixed)
         self.config, self.settings = config, config.settings
         generation = self.publish()
-        log.info("reloaded: %d added, %d removed, snapshot generation %d", len(added), len(removed), generation)
+        log.info("reloaded: %d added, %d removed, snapshot generation %d",
+                 len(added), len(removed), generation)
         sd_notify(b"READY=1")
 
     async def _stop(self, graceful: bool) -> int:
         sd_notify(b"STOPPING=1")
         self.supervisor.stopping = True
-        if self.probing is not None:
-            self.probing.cancel()
+        for task in (self.probing, self.scraping):
+            if task is not None:
+                task.cancel()
         self.supervisor.signal_all(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.grace_period + 5
         while self.supervisor.running() and time.monotonic() < deadline:

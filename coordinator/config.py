@@ -29,7 +29,7 @@ from shm.schema import ModelPolicy, WorkerSpec
 from shm.settings import DESCRIPTIONS, SETTING_NAMES, Settings
 
 ENV_PREFIX = "SHARDGATE_"
-FILE_SECTIONS = ("workers", "models")
+FILE_SECTIONS = ("workers", "models", "aliases")
 WORKER_SCHEMES = {"http": "http", "https": "http", "grpc": "grpc", "grpcs": "grpc"}
 
 
@@ -43,6 +43,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     settings: Settings
     workers: tuple[WorkerSpec, ...] = ()
     models: dict[str, ModelPolicy] = {}
+    aliases: dict[str, dict[str, float]] = {}
     config_file: str | None = None
 
 
@@ -80,9 +81,11 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
                     if getattr(args, f"setting_{n}", None) is not None}
     settings = _settings(file_settings, env_settings, cli_settings, args.config)
     workers = _workers(raw.get("workers") or [], args.config) + _cli_workers(args.worker)
-    models = _convert(raw.get("models") or {}, dict[str, ModelPolicy], "models", args.config)
+    models = _models(raw.get("models") or {}, args.config)
+    aliases = _aliases(raw.get("aliases") or {}, args.config)
     _check_unique(workers)
-    return Config(settings=settings, workers=tuple(workers), models=models, config_file=args.config)
+    return Config(settings=settings, workers=tuple(workers), models=models, aliases=aliases,
+                  config_file=args.config)
 
 
 def read_file(path: str) -> dict[str, Any]:
@@ -143,11 +146,26 @@ def _suggest(key: str) -> str:
 
 
 def _convert(value: Any, kind: Any, field: str, path: str | None) -> Any:
+    """Convert one file section; the error names its location even when msgspec's is the root."""
     try:
         return msgspec.convert(value, kind)
     except msgspec.ValidationError as exc:
-        text = str(exc).replace("`$", f"`{field}")
-        raise ConfigError(f"config file {path}: {text}") from None
+        reason, sep, where = str(exc).rpartition(" - at `$")
+        if not sep:  # msgspec leaves the location out when the problem is at the root
+            reason, where = str(exc), ""
+        raise ConfigError(f"config file {path}: {field}{where.rstrip('`')}: {reason}") from None
+
+
+def _models(entries: Any, path: str | None) -> dict[str, ModelPolicy]:
+    """Per-model sections, converted one by one so an error names the model."""
+    if not isinstance(entries, dict):
+        raise ConfigError(f"config file {path}: 'models' must be a mapping of model name to settings")
+    out = {}
+    for name, entry in entries.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"config file {path}: models: model name {name!r} must be a string")
+        out[name] = _convert(entry, ModelPolicy, f"models.{name}", path)
+    return out
 
 
 def _workers(entries: Sequence[Any], path: str | None) -> list[WorkerSpec]:
@@ -184,6 +202,19 @@ def check_worker(spec: WorkerSpec, where: str) -> WorkerSpec:
     host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
     netloc = f"{host}:{port}" if port else host
     return msgspec.structs.replace(spec, url=f"{parts.scheme}://{netloc}")
+
+
+def _aliases(raw: Any, path: str | None) -> dict[str, dict[str, float]]:
+    """``alias: {model: weight, ...}``; weights are positive and need not sum to 1."""
+    aliases = _convert(raw, dict[str, dict[str, float]], "aliases", path)
+    for alias, targets in aliases.items():
+        if not targets:
+            raise ConfigError(f"config file {path}: aliases.{alias}: needs at least one target model")
+        for model, weight in targets.items():
+            if weight <= 0:
+                raise ConfigError(f"config file {path}: aliases.{alias}.{model}: weight must be > 0, "
+                                  f"got {weight}")
+    return aliases
 
 
 def _check_unique(workers: Sequence[WorkerSpec]) -> None:

@@ -18,6 +18,7 @@ import heapq
 import time
 from collections.abc import Iterable
 
+from coordinator import topology
 from shm.schema import ModelPolicy, Snapshot, Worker, WorkerSpec
 from shm.settings import Settings
 
@@ -71,9 +72,12 @@ class WorkerState:
 
     def to_worker(self) -> Worker:
         spec = self.spec
-        return Worker(slot=self.slot, url=spec.url, models=self.models, type=spec.type, connection=spec.connection,
+        return Worker(slot=self.slot, url=spec.url, models=self.models, type=spec.type,
+                      connection=spec.connection,
                       weight=spec.weight, labels=spec.labels, shard=spec.shard,
-                      healthy=self.healthy and self.discovered, health_reason=self.reason)
+                      healthy=self.healthy and self.discovered, health_reason=self.reason,
+                      quota_rpm=spec.quota.requests_per_minute if spec.quota else 0,
+                      quota_tpm=spec.quota.tokens_per_minute if spec.quota else 0)
 
 
 class Fleet:
@@ -83,6 +87,7 @@ class Fleet:
         self._free: list[int] = []
         self._next_slot = 0
         self.notices: list[str] = []
+        self._rings = topology.RingCache()
 
     def apply(self, specs: Iterable[WorkerSpec]) -> tuple[list[str], list[str]]:
         """Make the fleet equal to ``specs``; returns (added, removed) URLs."""
@@ -109,16 +114,20 @@ class Fleet:
         return self._next_slot - 1
 
     def snapshot(self, settings: Settings, models: dict[str, ModelPolicy], proxies: int,
-                 generation: int, coordinator_pid: int) -> Snapshot:
+                 generation: int, coordinator_pid: int,
+                 aliases: dict[str, dict[str, float]] | None = None) -> Snapshot:
         workers = tuple(sorted((s.to_worker() for s in self.states.values()), key=lambda w: w.slot))
         index: dict[str, list[int]] = {}
         for w in workers:
             for model in w.models:
                 index.setdefault(model, []).append(w.slot)
+        shards = topology.model_shards(workers)
         snapshot = Snapshot(generation=generation, created_at=time.time(), coordinator_pid=coordinator_pid,
                             proxies=proxies, settings=settings, workers=workers,
                             models={m: tuple(slots) for m, slots in index.items()},
-                            model_policies=models, notices=tuple(self.notices))
+                            model_policies=models, notices=tuple(self.notices),
+                            routers=topology.assign_routers(workers), shards=shards,
+                            rings=self._rings.rings(workers, shards), aliases=aliases or {})
         check_consistent(snapshot)
         return snapshot
 
@@ -132,3 +141,6 @@ def check_consistent(snapshot: Snapshot) -> None:
         missing = set(members) - slots
         if missing:
             raise AssertionError(f"model {model} lists unknown slots {sorted(missing)}")
+    for alias in snapshot.aliases:
+        if alias in snapshot.models:
+            raise AssertionError(f"alias {alias} shadows a model of the same name")

@@ -53,6 +53,7 @@ REQUEST_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"t
 BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 REFUSED_METHODS = frozenset({b"HEAD", b"CONNECT", b"TRACE"})
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class RoutingFields(msgspec.Struct):
@@ -139,8 +140,8 @@ class ProxyProcess:
 class ClientProtocol(asyncio.Protocol):
     """One client connection."""
 
-    __slots__ = ("_body", "_body_len", "_conn_tokens", "_head_len", "_headers", "_url", "exchange",
-                 "idle_since", "parser", "peer", "proc", "queue", "reading_since", "transport")
+    __slots__ = ("_body", "_body_len", "_conn_tokens", "_continue_pending", "_head_len", "_headers", "_url",
+                 "exchange", "idle_since", "parser", "peer", "proc", "queue", "reading_since", "transport")
 
     def __init__(self, proc: ProxyProcess) -> None:
         self.proc = proc
@@ -160,6 +161,7 @@ class ClientProtocol(asyncio.Protocol):
         self._body_len = 0
         self._head_len = 0
         self._conn_tokens: frozenset[bytes] = frozenset()
+        self._continue_pending = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -227,11 +229,17 @@ class ClientProtocol(asyncio.Protocol):
                 if int(value) > limit:
                     raise BodyTooLarge(f"request body of {int(value)} bytes exceeds max_body_size={limit}")
             elif name == b"connection":
-                self._conn_tokens = frozenset(t.strip().lower() for t in value.split(b","))
+                # Repeated Connection fields form one list: every field's tokens count.
+                self._conn_tokens |= frozenset(t.strip().lower() for t in value.split(b","))
             elif name == b"expect":
                 expect = value.lower() == b"100-continue"
         if expect:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+            if self.exchange is None and not self.queue:
+                self.transport.write(CONTINUE)  # type: ignore[union-attr]
+            else:
+                # A pipelined request: its interim answer must not land inside an earlier
+                # response; it goes out when the connection's earlier requests are answered.
+                self._continue_pending = True
 
     def on_body(self, body: bytes) -> None:
         self._body_len += len(body)
@@ -243,6 +251,7 @@ class ClientProtocol(asyncio.Protocol):
         parser = self.parser
         request = Request(parser.get_method(), self._url, parser.get_http_version() == "1.1",
                           parser.should_keep_alive())
+        self._continue_pending = False  # the body came anyway; no interim answer is due
         body = self._body
         request.body = body[0] if len(body) == 1 else b"".join(body)
         self._prepare(request)
@@ -256,18 +265,20 @@ class ClientProtocol(asyncio.Protocol):
 
     def _prepare(self, request: Request) -> None:
         """Request id, and the upstream head minus its request line and Host."""
-        forwarded_for = self.peer
+        forwarded: list[bytes] = []
         supplied_id = b""
         parts = []
         drop = REQUEST_DROP | self._conn_tokens if self._conn_tokens else REQUEST_DROP
         for name, value in self._headers:
             if name in drop:
                 if name == b"x-forwarded-for":
-                    forwarded_for = value + b", " + self.peer
+                    forwarded.append(value)  # repeated fields form one list; keep every hop
                 elif name == b"x-request-id" and _REQUEST_ID.match(value):
                     supplied_id = value
                 continue
             parts.append(b"%s: %s\r\n" % (name, value))
+        forwarded.append(self.peer)
+        forwarded_for = b", ".join(forwarded)
         request.request_id = rid = supplied_id or self.proc.next_request_id()
         body = request.body
         if body or request.method in BODY_METHODS:
@@ -323,6 +334,9 @@ class ClientProtocol(asyncio.Protocol):
             self.dispatch(self.queue.popleft())
         else:
             self.idle_since = self.proc.loop.time()
+            if self._continue_pending:  # a request's head waits for its 100 Continue
+                self._continue_pending = False
+                self.write(CONTINUE)
 
     # -- output ----------------------------------------------------------------------------
 

@@ -9,6 +9,9 @@ Layout (8-byte words after a 64-byte header; the same bytes are viewed as int64 
     proxy rows:   max_proxies x PROXY_FIELDS words      (row p written only by proxy p)
     worker cells: max_proxies x max_workers x WORKER_FIELDS words
                   (cell [p][w] written only by proxy p; w is the worker's stable slot)
+    engine rows:  max_workers x ENGINE_FIELDS words     (written only by the coordinator: the
+                  workers' own load figures scraped from their /metrics)
+    decisions:    max_proxies x MAX_POLICIES x 2 words  (decisions, fallbacks; row p by proxy p)
 
 Invariants:
 - Single writer per row: proxy p writes only row p and cells [p][*], so plain stores suffice
@@ -37,21 +40,32 @@ PROXY_FLOAT_FIELDS = frozenset({P_STARTED, P_HEARTBEAT})
 # Worker cell fields.
 W_IN_FLIGHT, W_REQUESTS, W_ERRORS, W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR = 0, 1, 2, 3, 4, 5
 W_CONNECT_ERRORS, W_STREAMS = 6, 7
-WORKER_FIELDS = 8
+# quota_aware: a per-minute window (minute number, requests and tokens in it, and in the one before)
+W_Q_MINUTE, W_Q_REQUESTS, W_Q_TOKENS, W_Q_PREV_REQUESTS, W_Q_PREV_TOKENS = 8, 9, 10, 11, 12
+WORKER_FIELDS = 16
 WORKER_FLOAT_FIELDS = frozenset({W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR})
+
+# Engine rows: what the worker itself reports (vLLM / SGLang metrics), scraped by the coordinator.
+E_RUNNING, E_WAITING, E_KV_USAGE, E_SCRAPED_AT = 0, 1, 2, 3
+ENGINE_FIELDS = 4
+ENGINE_FLOAT_FIELDS = frozenset({E_KV_USAGE, E_SCRAPED_AT})
+
+MAX_POLICIES = 32
 
 EWMA_ALPHA = 0.2
 
 
 def board_size(max_proxies: int, max_workers: int) -> int:
-    words = HEADER_WORDS + max_proxies * PROXY_FIELDS + max_proxies * max_workers * WORKER_FIELDS
+    words = (HEADER_WORDS + max_proxies * PROXY_FIELDS + max_proxies * max_workers * WORKER_FIELDS
+             + max_workers * ENGINE_FIELDS + max_proxies * MAX_POLICIES * 2)
     return words * 8
 
 
 class LoadBoard:
     """Views over the board. ``ints`` and ``floats`` alias the same words."""
 
-    __slots__ = ("_seg", "cell_base", "floats", "ints", "max_proxies", "max_workers")
+    __slots__ = ("_seg", "cell_base", "decision_base", "engine_base", "floats", "ints", "max_proxies",
+                 "max_workers")
 
     def __init__(self, segment: Segment) -> None:
         self._seg = segment
@@ -62,6 +76,8 @@ class LoadBoard:
         self.max_proxies = self.ints[2]
         self.max_workers = self.ints[3]
         self.cell_base = HEADER_WORDS + self.max_proxies * PROXY_FIELDS
+        self.engine_base = self.cell_base + self.max_proxies * self.max_workers * WORKER_FIELDS
+        self.decision_base = self.engine_base + self.max_workers * ENGINE_FIELDS
 
     @classmethod
     def create(cls, segment: Segment, max_proxies: int, max_workers: int) -> LoadBoard:
@@ -75,6 +91,26 @@ class LoadBoard:
     def cell_word(self, proxy: int, slot: int, field: int = 0) -> int:
         """Index of field ``field`` of cell [proxy][slot] in ``ints``/``floats``."""
         return self.cell_base + (proxy * self.max_workers + slot) * WORKER_FIELDS + field
+
+    def engine_word(self, slot: int, field: int = 0) -> int:
+        return self.engine_base + slot * ENGINE_FIELDS + field
+
+    def decision_word(self, proxy: int, policy: int, fallback: bool = False) -> int:
+        return self.decision_base + (proxy * MAX_POLICIES + policy) * 2 + (1 if fallback else 0)
+
+    def decisions(self, policy: int, proxies: int) -> tuple[int, int]:
+        """(decisions, fallbacks) of policy number ``policy``, summed over proxies."""
+        ints = self.ints
+        made = sum(ints[self.decision_word(p, policy)] for p in range(proxies))
+        fell = sum(ints[self.decision_word(p, policy, True)] for p in range(proxies))
+        return made, fell
+
+    def engine(self, slot: int) -> dict[str, float]:
+        base = self.engine_word(slot)
+        return {"engine_running": self.ints[base + E_RUNNING],
+                "engine_waiting": self.ints[base + E_WAITING],
+                "engine_kv_usage": self.floats[base + E_KV_USAGE],
+                "engine_scraped_at": self.floats[base + E_SCRAPED_AT]}
 
     def worker_stride(self) -> int:
         """Distance in words between cell [p][w] and cell [p+1][w]."""

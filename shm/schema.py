@@ -19,12 +19,20 @@ from typing import Literal
 
 import msgspec
 
-from shm.settings import Settings
+from shm.hashing import Ring
+from shm.settings import Policy, Settings
 
 SCHEMA_VERSION = 1
 
 WorkerType = Literal["regular", "prefill", "decode"]
 Connection = Literal["http", "grpc"]
+
+
+class Quota(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A worker's budget per minute (0 = unlimited), used by the quota_aware policy."""
+
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
 
 
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -37,6 +45,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     weight: int = 1
     labels: dict[str, str] = {}
     shard: str | None = None
+    quota: Quota | None = None
 
 
 class Worker(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
@@ -54,12 +63,14 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=Fals
     draining: bool = False
     # Why the coordinator considers the worker unhealthy (empty when healthy).
     health_reason: str = ""
+    quota_rpm: int = 0
+    quota_tpm: int = 0
 
 
 class ModelPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Per-model overrides (config file ``models:`` section)."""
 
-    policy: str | None = None
+    policy: Policy | None = None
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,6 +87,14 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     model_policies: dict[str, ModelPolicy] = {}
     # Problems the operator should see (discovery failures and the like), shown by /workers.
     notices: tuple[str, ...] = ()
+    # Router name (http_regular, http_pd, grpc_regular, grpc_pd) -> the models it serves.
+    routers: dict[str, tuple[str, ...]] = {}
+    # Model -> shard name -> slots; a model without shards is absent.
+    shards: dict[str, dict[str, tuple[int, ...]]] = {}
+    # Model -> consistent-hash ring over its shard names (sharded models) or worker URLs.
+    rings: dict[str, Ring] = {}
+    # Alias -> {target model: weight}: traffic splitting between models.
+    aliases: dict[str, dict[str, float]] = {}
 
 
 SNAPSHOT_ENCODER = msgspec.msgpack.Encoder()

@@ -26,7 +26,14 @@ Policy = Literal[
     "random",
     "weighted_random",
     "least_connections",
+    "least_latency",
     "power_of_two",
+    "consistent_hash",
+    "consistent_hash_bounded",
+    "session_affinity",
+    "cache_aware",
+    "least_loaded",
+    "quota_aware",
 ]
 POLICY_NAMES: tuple[str, ...] = Policy.__args__  # type: ignore[attr-defined]
 
@@ -48,6 +55,49 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     policy: Annotated[Policy, _d("Load-balancing policy used when a model names none.")] = (
         "weighted_round_robin"
     )
+    hash_headers: Annotated[
+        str, _d("Comma-separated request headers whose value is the routing key for consistent_hash "
+                "and session_affinity, tried in order, before the body's 'user' field.")
+    ] = "x-session-id,x-user-id"
+    hash_fallback: Annotated[
+        Literal["random", "client_ip"],
+        _d("Routing key when a request carries none: 'random' (no affinity) or 'client_ip'."),
+    ] = "random"
+    bounded_load_factor: Annotated[
+        float, Meta(ge=1.0), _d("consistent_hash_bounded: skip workers whose in-flight load exceeds "
+                                "the mean times this factor.")
+    ] = 1.25
+    session_ttl: Annotated[
+        Seconds, _d("session_affinity: seconds a session stays on its worker after its last request.")
+    ] = 300.0
+    cache_threshold: Annotated[
+        float, Meta(ge=0.0, le=1.0), _d("cache_aware: least prefix match rate (0-1) that routes to the "
+                                        "worker holding the prefix; below it, the least loaded worker.")
+    ] = 0.3
+    balance_abs_threshold: Annotated[
+        int, Meta(ge=0), _d("cache_aware: load is imbalanced when max - min in-flight exceeds this ...")
+    ] = 64
+    balance_rel_threshold: Annotated[
+        float, Meta(ge=1.0), _d("... and max exceeds min times this; then the least loaded worker wins.")
+    ] = 1.5
+    cache_block_chars: Annotated[
+        int, Meta(ge=8), _d("cache_aware: prompt characters per prefix block (the match granularity).")
+    ] = 64
+    affinity_capacity: Annotated[
+        int, Meta(ge=1024), _d("Entries per proxy in the shared affinity table (sessions, prefixes).")
+    ] = 65536
+    metrics_interval: Annotated[
+        Seconds, _d("least_loaded: seconds between scrapes of each worker's GET /metrics.")
+    ] = 2.0
+    quota_headroom: Annotated[
+        float, Meta(gt=0.0, le=1.0), _d("quota_aware: share of a worker's per-minute budget after "
+                                        "which it is avoided.")
+    ] = 0.9
+    connection_preference: Annotated[
+        Literal["any", "http", "grpc"],
+        _d("Which connection's routers serve a model first; a request may ask with the "
+           "X-Shardgate-Connection header."),
+    ] = "any"
     connect_timeout: Annotated[Seconds, _d("Seconds to open a connection to a worker.")] = 5.0
     first_byte_timeout: Annotated[
         Seconds, _d("Seconds to wait for a worker's response head (time to first byte).")

@@ -1,0 +1,137 @@
+"""The affinity table: "key K was sent to worker slot S", shared by all proxies, lock-free.
+
+Role: the memory behind ``session_affinity`` (key = a session id) and ``cache_aware`` (keys =
+chained hashes of prompt prefix blocks). Whichever proxy receives the next request of a session
+or conversation finds where the previous one went.
+
+Layout (8-byte words after a 64-byte header)::
+
+    header: magic, layout version, max_proxies, capacity (entries per region)
+    region p (written only by proxy p): capacity entries of
+        [key (uint64, 0 = empty), slot + 1, created (float64), last_seen (float64)]
+
+Invariants:
+- Single writer per region (proxy p writes only region p); readers scan every region. No locks.
+- Open addressing: a key lives within ``PROBES`` entries of ``key % capacity``; when that window
+  is full the least recently seen entry is overwritten (LRU-ish eviction, no sweeper needed).
+- A writer invalidates an entry (key = 0) before rewriting it and publishes the key last, so a
+  reader that matches the key sees that entry's fields; the worst a race can cause is a miss.
+- When proxies disagree (two first requests of one session reached two proxies at once), the
+  entry created first wins, so every proxy converges on the same answer. A reassignment after a
+  worker failure is recorded as created just before the earliest live entry, so it keeps
+  precedence even when the failed worker comes back.
+- Entries idle longer than the caller's TTL are treated as absent.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from shm.segment import Segment
+
+MAGIC = int.from_bytes(b"SGAFFI01", "little")
+LAYOUT_VERSION = 1
+HEADER_WORDS = 8
+ENTRY_WORDS = 4
+PROBES = 8
+E_KEY, E_SLOT, E_CREATED, E_SEEN = 0, 1, 2, 3
+
+
+def table_size(max_proxies: int, capacity: int) -> int:
+    return (HEADER_WORDS + max_proxies * capacity * ENTRY_WORDS) * 8
+
+
+class AffinityTable:
+    """Views over the table; ``words`` (uint64) and ``floats`` alias the same memory."""
+
+    __slots__ = ("_seg", "capacity", "floats", "max_proxies", "words")
+
+    def __init__(self, segment: Segment) -> None:
+        self._seg = segment
+        self.words = segment.buf.cast("Q")
+        self.floats = segment.buf.cast("d")
+        if self.words[0] != MAGIC or self.words[1] != LAYOUT_VERSION:
+            raise ValueError(f"{segment.name} is not a shardgate affinity table of this version")
+        self.max_proxies = self.words[2]
+        self.capacity = self.words[3]
+
+    @classmethod
+    def create(cls, segment: Segment, max_proxies: int, capacity: int) -> AffinityTable:
+        struct.pack_into("<4Q", segment.buf, 0, MAGIC, LAYOUT_VERSION, max_proxies, capacity)
+        return cls(segment)
+
+    def _base(self, proxy: int) -> int:
+        return HEADER_WORDS + proxy * self.capacity * ENTRY_WORDS
+
+    def lookup(self, key: int, proxies: int, now: float, ttl: float,
+               usable: Callable[[int], bool] | None = None) -> tuple[int, float] | None:
+        """(slot, created) of the live entry for ``key`` created first, across all regions.
+
+        Entries whose slot fails ``usable`` (a worker that is gone or unhealthy) are skipped, so
+        a reassignment made after a failure wins over the stale entry.
+        """
+        key = key or 1
+        words, floats, cap = self.words, self.floats, self.capacity
+        best: tuple[int, float] | None = None
+        home = key % cap
+        for p in range(proxies):
+            base = self._base(p)
+            for i in range(PROBES):
+                e = base + ((home + i) % cap) * ENTRY_WORDS
+                if words[e] != key:
+                    continue
+                slot = words[e + E_SLOT] - 1
+                created, seen = floats[e + E_CREATED], floats[e + E_SEEN]
+                if (slot >= 0 and now - seen <= ttl and (best is None or created < best[1])
+                        and (usable is None or usable(slot))):
+                    best = (slot, created)
+                break
+        return best
+
+    def earliest(self, key: int, proxies: int, now: float, ttl: float) -> float | None:
+        """The earliest ``created`` of any live entry for ``key`` (usable or not)."""
+        found = self.lookup(key, proxies, now, ttl)
+        return None if found is None else found[1]
+
+    def record(self, proxy: int, key: int, slot: int, now: float, created: float | None = None) -> None:
+        """Write ``key -> slot`` (seen now) into ``proxy``'s region."""
+        key = key or 1
+        words, floats, cap = self.words, self.floats, self.capacity
+        base = self._base(proxy)
+        home = key % cap
+        victim, victim_seen = -1, float("inf")
+        for i in range(PROBES):
+            e = base + ((home + i) % cap) * ENTRY_WORDS
+            k = words[e]
+            if k == key:
+                if words[e + E_SLOT] == slot + 1:
+                    floats[e + E_SEEN] = now  # the common case: refresh only
+                    return
+                victim = e
+                break
+            if k == 0:
+                victim = e
+                break
+            seen = floats[e + E_SEEN]
+            if seen < victim_seen:
+                victim, victim_seen = e, seen
+        words[victim] = 0
+        words[victim + E_SLOT] = slot + 1
+        floats[victim + E_CREATED] = now if created is None else created
+        floats[victim + E_SEEN] = now
+        words[victim] = key
+
+    def forget(self, proxy: int, key: int) -> None:
+        """Drop ``key`` from ``proxy``'s region (e.g. its worker failed)."""
+        key = key or 1
+        base, cap = self._base(proxy), self.capacity
+        for i in range(PROBES):
+            e = base + ((key % cap + i) % cap) * ENTRY_WORDS
+            if self.words[e] == key:
+                self.words[e] = 0
+                return
+
+    def close(self) -> None:
+        self.words.release()
+        self.floats.release()

@@ -1,0 +1,65 @@
+"""Import boundaries between the three parts of shardgate.
+
+The proxies (``proxy_workers``) and the coordinator (``coordinator``) share only the contract in
+``shm``: a proxy never loads coordinator code (a fresh interpreter per proxy stays small and cannot
+call into the control plane), the coordinator never loads proxy code, and ``shm`` depends on
+neither. Each check runs in a fresh interpreter and inspects ``sys.modules`` after importing every
+module of one package.
+"""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("proxy_workers", "coordinator", "shm")
+FORBIDDEN = {
+    "proxy_workers": ("coordinator",),
+    "coordinator": ("proxy_workers",),
+    "shm": ("coordinator", "proxy_workers"),
+}
+
+PROBE = """
+import importlib, json, pkgutil, sys
+package = sys.argv[1]
+names = [package] + sorted(
+    f"{package}.{m.name}" for m in pkgutil.iter_modules(importlib.import_module(package).__path__)
+    if m.name != "__main__"  # running the entry point is not importing it
+)
+for name in names:
+    importlib.import_module(name)
+print(json.dumps({"imported": names, "loaded": sorted(sys.modules)}))
+"""
+
+
+def modules_of(package: str) -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules([str(ROOT / package)]) if m.name != "__main__")
+
+
+def loaded_after_importing(package: str) -> tuple[list[str], list[str]]:
+    result = subprocess.run([sys.executable, "-c", PROBE, package], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    return doc["imported"], doc["loaded"]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_does_not_load_the_other_side(package: str) -> None:
+    imported, loaded = loaded_after_importing(package)
+    assert imported == [package] + [f"{package}.{m}" for m in modules_of(package)]
+    assert len(imported) > 1, f"no module found in {package}"
+    for other in FORBIDDEN[package]:
+        leaked = [m for m in loaded if m == other or m.startswith(other + ".")]
+        assert not leaked, f"importing {package} loaded {leaked}"
+
+
+def test_shm_loads_no_shardgate_cli_either() -> None:
+    _, loaded = loaded_after_importing("shm")
+    assert not [m for m in loaded if m == "shardgate" or m.startswith("shardgate.")]
