@@ -9,7 +9,8 @@ Signals (handled here and only here; handlers just queue the signal, the loop ac
               streams within ``grace_period``; then shared memory is removed; exit 0
     SIGINT    first: the same as SIGTERM; second: kill the proxies and exit at once (130)
     SIGHUP    re-read the config file and publish the new snapshot; proxies keep running
-              (host, port and proxies need a restart and are reported as such)
+              (host, port, proxies, max_workers and snapshot_capacity need a restart and are
+              reported as such; a file that lists no worker is refused)
     ========  ==========================================================================
 
 Invariants:
@@ -35,6 +36,7 @@ from coordinator import engine_metrics, health
 from coordinator.config import Config, ConfigError
 from coordinator.membership import Fleet, FleetFull
 from coordinator.supervisor import HaltServer, Supervisor
+from shm.affinity import AffinityTable, table_size
 from shm.loadboard import LoadBoard, board_size
 from shm.process import bind_socket
 from shm.segment import Segment, new_instance_id, remove_stale, segment_name
@@ -72,11 +74,15 @@ class Coordinator:
         max_proxies = min(max(2 * self.proxies, 8), 512)
         self.board_seg = Segment.create(segment_name(self.instance, "board"),
                                         board_size(max_proxies, self.settings.max_workers))
+        self.affinity_seg = Segment.create(segment_name(self.instance, "affinity"),
+                                           table_size(max_proxies, self.settings.affinity_capacity))
+        AffinityTable.create(self.affinity_seg, max_proxies, self.settings.affinity_capacity)
         self.writer = SnapshotWriter(self.snap_seg, os.getpid())
         self.board = LoadBoard.create(self.board_seg, max_proxies, self.settings.max_workers)
 
     def _remove_segments(self) -> None:
-        for seg in (getattr(self, "snap_seg", None), getattr(self, "board_seg", None)):
+        for seg in (getattr(self, "snap_seg", None), getattr(self, "board_seg", None),
+                    getattr(self, "affinity_seg", None)):
             if seg is not None:
                 seg.unlink()
 
@@ -192,12 +198,17 @@ class Coordinator:
         sd_notify(b"RELOADING=1")
         try:
             config = self.reload_config()
+            if not config.workers:
+                # The same rule as at start: an empty list (say, a file caught half-written) would
+                # take every worker out of service.
+                raise ConfigError("no workers: the reloaded configuration lists none")
             added, removed = self.fleet.apply(config.workers)
         except (ConfigError, FleetFull) as exc:
             log.error("reload refused, keeping the running configuration: %s", exc)
             sd_notify(b"READY=1")
             return
-        fixed = [n for n in ("host", "port", "proxies")
+        # These size the listeners, processes and shared-memory segments made at start.
+        fixed = [n for n in ("host", "port", "proxies", "max_workers", "snapshot_capacity")
                  if getattr(config.settings, n) != getattr(self.settings, n)]
         if fixed:
             log.warning("reload: %s changed; that takes a restart (kept the running value)", ", ".join(fixed))

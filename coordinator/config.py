@@ -84,6 +84,9 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     models = _models(raw.get("models") or {}, args.config)
     aliases = _aliases(raw.get("aliases") or {}, args.config)
     _check_unique(workers)
+    if len(workers) > settings.max_workers:
+        raise ConfigError(f"max_workers: {len(workers)} workers are listed but max_workers is "
+                          f"{settings.max_workers}")
     return Config(settings=settings, workers=tuple(workers), models=models, aliases=aliases,
                   config_file=args.config)
 

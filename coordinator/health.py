@@ -10,6 +10,9 @@ Invariants:
 - A worker whose models are unknown is re-probed every ``DISCOVERY_RETRY`` seconds, so a router
   started before its workers picks them up quickly; it routes nothing meanwhile.
 - gRPC workers are not probed over HTTP (their checks come with the gRPC routers).
+- ``health_target``: checks go to the worker's own URL, or to the seed's babysitter, which
+  listens on the worker's port + 1 (same host and scheme); the path is ``health_path`` either way.
+  Model discovery always asks the worker itself.
 - Probes run concurrently, bounded by ``MAX_CONCURRENT_PROBES``, and never raise.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -66,6 +70,23 @@ async def check_health(session: aiohttp.ClientSession, url: str, path: str, time
         return f"GET {path} failed: {exc.__class__.__name__} {exc}".strip()
 
 
+def health_base(url: str, settings: Settings) -> str:
+    """Base URL active checks go to (the worker, or its babysitter on port + 1)."""
+    if settings.health_target != "babysitter":
+        return url
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}:{port + 1}"
+
+
+async def check_worker_health(session: aiohttp.ClientSession, state: WorkerState, settings: Settings) -> str:
+    """One active check of one worker at its health target; empty string when it passes."""
+    return await check_health(session, health_base(state.spec.url, settings), settings.health_path,
+                              settings.health_timeout)
+
+
 def due(state: WorkerState, settings: Settings, now: float) -> bool:
     if state.spec.connection != "http":
         return False
@@ -86,7 +107,7 @@ async def probe(session: aiohttp.ClientSession, state: WorkerState, settings: Se
             return changed
         state.discovered, state.reason = True, ""
         return True
-    reason = await check_health(session, url, settings.health_path, settings.health_timeout)
+    reason = await check_worker_health(session, state, settings)
     return state.record(not reason, reason, settings.health_fall, settings.health_rise)
 
 

@@ -53,12 +53,18 @@ def model_shards(workers: Iterable[Worker]) -> dict[str, dict[str, tuple[int, ..
 
 
 def ring_members(model: str, workers: Sequence[Worker],
-                 shards: dict[str, dict[str, tuple[int, ...]]]) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """(member names, weights) of a model's ring: its shards, else its regular workers' URLs."""
+                 shards: dict[str, dict[str, tuple[int, ...]]],
+                 weights: dict[int, int] | None = None) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(member names, weights) of a model's ring: its shards, else its regular workers' URLs.
+
+    ``weights`` (slot -> configured weight) replaces the published weights while a slow start
+    scales them, so a ramp never reshapes the ring.
+    """
     if model in shards:
         names = tuple(shards[model])
         return names, tuple(1 for _ in names)
-    members = sorted((w.url, w.weight) for w in workers if model in w.models and w.type == "regular")
+    members = sorted((w.url, w.weight if weights is None else weights.get(w.slot, w.weight))
+                     for w in workers if model in w.models and w.type == "regular")
     return tuple(url for url, _ in members), tuple(weight for _, weight in members)
 
 
@@ -68,12 +74,12 @@ class RingCache:
     def __init__(self) -> None:
         self._rings: dict[str, tuple[tuple[str, ...], tuple[int, ...], Ring]] = {}
 
-    def rings(self, workers: Sequence[Worker],
-              shards: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, Ring]:
+    def rings(self, workers: Sequence[Worker], shards: dict[str, dict[str, tuple[int, ...]]],
+              base_weights: dict[int, int] | None = None) -> dict[str, Ring]:
         models = {m for w in workers for m in w.models}
         out = {}
         for model in sorted(models):
-            names, weights = ring_members(model, workers, shards)
+            names, weights = ring_members(model, workers, shards, base_weights)
             if not names:
                 continue
             cached = self._rings.get(model)

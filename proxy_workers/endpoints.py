@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import psutil
 
+from proxy_workers.decision import describe, prepare
 from proxy_workers.errors import MethodNotAllowed, NotFound
 from proxy_workers.metrics import render_metrics
+from proxy_workers.policy_registry import POLICY_INDEX
 from proxy_workers.routing import routable
 from shm.loadboard import P_PID
 from shm.schema import Snapshot, Worker
@@ -33,15 +35,35 @@ _processes: dict[int, psutil.Process] = {}
 def answer(proc: ProxyProcess, request: Request) -> tuple[int, bytes, bytes]:
     """(status, body, content type) for a router endpoint; raises RouterError otherwise."""
     path = request.path.decode("latin-1")
+    if path == "/route/explain":
+        if request.method != b"POST":
+            raise MethodNotAllowed("/route/explain accepts POST only (the request body to explain)")
+        return _explain(proc, request)
     handler = _GET.get(path)
     if handler is None and path.startswith("/v1/models/"):
         return _model(proc, path[len("/v1/models/"):])
     if handler is None:
-        raise NotFound(f"no route for {path}; the router proxies /v1/* and serves "
-                       "/health, /readiness, /v1/models, /stats, /workers, /metrics")
-    if request.method != b"GET":
+        raise NotFound(f"no route for {path}; the router proxies /v1/* and serves /health, "
+                       "/readiness, /v1/models, /stats, /workers, /routers, /metrics, "
+                       "POST /route/explain")
+    if request.method not in (b"GET", b"HEAD"):
         raise MethodNotAllowed(f"{path} accepts GET only")
     return handler(proc)
+
+
+def _explain(proc: ProxyProcess, request: Request) -> tuple[int, bytes, bytes]:
+    """The routing decision for a request body, without sending it anywhere."""
+    request.explain = True
+    route, ctx = prepare(proc, request, dry_run=True)
+    worker = route.pick(ctx)
+    return 200, _encode(describe(route, ctx, worker)), _JSON
+
+
+def _routers(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    """The four routers and their models, in the seed's form; a router with no model is absent."""
+    routers = _snapshot(proc).routers
+    body = {"routers": [{name: list(models)} for name, models in routers.items()]}
+    return 200, _encode(body), _JSON
 
 
 def _snapshot(proc: ProxyProcess) -> Snapshot:
@@ -71,6 +93,13 @@ def _models(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
     table = proc.table()
     data = [_model_entry(m, len(r.candidates), r.serving)
             for m, r in sorted(table.routes.items()) if r.candidates]
+    for alias, targets in sorted(table.aliases.items()):
+        live = [m for m in targets if m in table.routes and table.routes[m].candidates]
+        if live:
+            entry = _model_entry(alias, sum(len(table.routes[m].candidates) for m in live),
+                                 sum(table.routes[m].serving for m in live))
+            entry["alias_of"] = dict(targets)
+            data.append(entry)
     return 200, _encode({"object": "list", "data": data}), _JSON
 
 
@@ -139,9 +168,10 @@ def _metrics(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
     snap = _snapshot(proc)
     proxies = _proxy_rows(proc, snap.proxies)
     workers = [_worker_view(proc, w, snap.proxies) for w in snap.workers]
-    text = render_metrics(snap, proxies, workers, VERSION)
+    decisions = {name: proc.board.decisions(index, snap.proxies) for name, index in POLICY_INDEX.items()}
+    text = render_metrics(snap, proxies, workers, VERSION, decisions)
     return 200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8"
 
 
-_GET = {"/health": _health, "/readiness": _readiness, "/v1/models": _models, "/stats": _stats,
-        "/workers": _workers, "/metrics": _metrics}
+_GET = {"/routers": _routers, "/health": _health, "/readiness": _readiness, "/v1/models": _models,
+        "/stats": _stats, "/workers": _workers, "/metrics": _metrics}

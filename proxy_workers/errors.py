@@ -34,6 +34,10 @@ class RouterError(Exception):
         if code is not None:
             self.code = code
 
+    def headers(self) -> bytes:
+        """Extra response header lines this error carries (e.g. Retry-After)."""
+        return b""
+
 
 class BadRequest(RouterError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
@@ -67,6 +71,17 @@ class InternalError(RouterError):
     status, type, code = 500, "server_error", "internal_error"
 
 
+class QuotaExceeded(RouterError):
+    status, type, code = 429, "rate_limit_error", "quota_exceeded"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> bytes:
+        return b"retry-after: %d\r\n" % self.retry_after
+
+
 class BadGateway(RouterError):
     status, type, code = 502, "upstream_error", "bad_gateway"
 
@@ -90,7 +105,8 @@ def error_body(err: RouterError) -> bytes:
 
 def render(err: RouterError, request_id: str = "", close: bool = False) -> bytes:
     """A complete HTTP/1.1 response for ``err``."""
-    return render_response(err.status, error_body(err), request_id=request_id, close=close)
+    return render_response(err.status, error_body(err), request_id=request_id, close=close,
+                           extra=err.headers())
 
 
 def render_response(

@@ -19,12 +19,15 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from proxy_workers.decision import describe, header_value
 from proxy_workers.errors import BadGateway, NoHealthyWorker, RouterError, UpstreamTimeout, error_body, reason
+from proxy_workers.policy_registry import POLICY_INDEX
 from proxy_workers.routing import ModelRoute
 from shm.loadboard import (
     EWMA_ALPHA,
     W_CONNECT_ERRORS,
     W_ERRORS,
+    W_FAILS_IN_ROW,
     W_IN_FLIGHT,
     W_LAST_ERROR,
     W_LATENCY_EWMA,
@@ -37,6 +40,7 @@ from shm.loadboard import (
 if TYPE_CHECKING:
     import asyncio
 
+    from proxy_workers.context import RequestContext
     from proxy_workers.server import ClientProtocol, ProxyProcess, Request
     from proxy_workers.upstream import UpstreamConnection
     from shm.schema import Worker
@@ -56,6 +60,7 @@ class Exchange:
         "client",
         "conn",
         "connecting",
+        "ctx",
         "head_sent",
         "last_io",
         "out",
@@ -71,11 +76,12 @@ class Exchange:
     )
 
     def __init__(self, proc: ProxyProcess, client: ClientProtocol, request: Request,
-                 route: ModelRoute) -> None:
+                 route: ModelRoute, ctx: RequestContext) -> None:
         self.proc = proc
         self.client = client
         self.request = request
         self.route = route
+        self.ctx = ctx
         self.tried: list[int] = []
         self.worker: Worker | None = None
         self.conn: UpstreamConnection | None = None
@@ -99,13 +105,19 @@ class Exchange:
         self._attempt()
 
     def _attempt(self) -> None:
+        ctx = self.ctx
         try:
-            worker = self.route.pick(self.tried)
+            worker = self.route.pick(ctx, self.tried)
         except NoHealthyWorker as err:
             if self.tried:
                 err = BadGateway(f"{err.message}; last worker: {self.worker.url}")  # type: ignore[union-attr]
             self._fail(err)
             return
+        except RouterError as err:  # a policy's refusal, e.g. 429 from quota_aware
+            self._fail(err)
+            return
+        proc = self.proc
+        proc.ints[proc.decision0 + POLICY_INDEX[self.route.policy.name] * 2 + ctx.fallback] += 1
         self.tried.append(worker.slot)
         self._use(worker)
 
@@ -184,6 +196,9 @@ class Exchange:
         if not req.keep_alive or self.proc.draining:
             req.keep_alive = False
             out.append(b"connection: close\r\n")
+        if req.explain:
+            decision = describe(self.route, self.ctx, self.worker)
+            out.append(b"x-shardgate-decision: %s\r\n" % header_value(decision))
         out.append(b"x-request-id: %s\r\n\r\n" % req.request_id)
         self.out.append(b"".join(out))
         self.head_sent = True
@@ -248,6 +263,8 @@ class Exchange:
             return
         ints = self.proc.ints
         ints[cell + W_IN_FLIGHT] -= 1
+        if count_error:
+            ints[cell + W_FAILS_IN_ROW] = 0 if ok else ints[cell + W_FAILS_IN_ROW] + 1
         if ok:
             floats = self.proc.floats
             latency = self.proc.loop.time() - self.started
@@ -318,7 +335,8 @@ class Exchange:
             self._abandon_connect()
             self._attempt_failed(f"connect to {self.worker.url} timed out", connect_error=True)  # type: ignore[union-attr]
         elif phase == WAIT_HEAD and now - self.phase_started > settings.first_byte_timeout:
-            self._time_out(f"worker sent no response within first_byte_timeout={settings.first_byte_timeout}s")
+            self._time_out("worker sent no response within "
+                           f"first_byte_timeout={settings.first_byte_timeout}s")
         elif phase == STREAMING and now - self.last_io > settings.idle_timeout:
             self._time_out(f"worker was silent for idle_timeout={settings.idle_timeout}s")
 

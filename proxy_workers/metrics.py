@@ -40,7 +40,7 @@ def _escape(value: str) -> str:
 
 
 def render_metrics(snap: Snapshot, proxies: list[dict[str, Any]], workers: list[dict[str, Any]],
-                   version: str) -> str:
+                   version: str, decisions: dict[str, tuple[int, int]] | None = None) -> str:
     lines: list[str] = []
 
     def family(name: str, kind: str, help_text: str) -> None:
@@ -66,4 +66,11 @@ def render_metrics(snap: Snapshot, proxies: list[dict[str, Any]], workers: list[
         family(name, kind, help_text)
         for w in workers:
             lines.append(f'{name}{{worker="{_escape(w["url"])}"}} {w[key]}')
+    family("shardgate_policy_decisions_total", "counter", "Routing decisions made, per policy.")
+    for policy, (made, _) in sorted((decisions or {}).items()):
+        lines.append(f'shardgate_policy_decisions_total{{policy="{policy}"}} {made}')
+    family("shardgate_policy_fallbacks_total", "counter",
+           "Decisions where the policy fell back (no key, backup shard, imbalance, cache miss...).")
+    for policy, (_, fell) in sorted((decisions or {}).items()):
+        lines.append(f'shardgate_policy_fallbacks_total{{policy="{policy}"}} {fell}')
     return "\n".join(lines) + "\n"

@@ -1,46 +1,86 @@
 """Routing tables derived from a snapshot, and the per-request decision.
 
-Role: turn a decoded :class:`shm.schema.Snapshot` into ready-made candidate lists per model (built
-once per publish, not per request) and pick a worker for a request.
+Role: turn a decoded :class:`shm.schema.Snapshot` into ready-made routes per model (candidate
+lists, hash rings, shard maps; built once per publish, never per request) and pick a worker for
+a request: shard first (when the model has shards), then the model's policy.
 
 Invariants:
 - Built only when the snapshot generation changes; a request pins the table it started with.
-- Candidates are healthy, non-draining HTTP workers of type ``regular``; prefill/decode and gRPC
-  workers are reached through their own routers (not in this table).
+- Candidates are healthy, non-draining HTTP workers of type ``regular`` (the http_regular
+  router); prefill/decode and gRPC workers are reached through their own routers.
 - Policy objects are carried over from the previous table by (model, policy name), so their state
-  (round-robin position, smooth-weight credits) survives publishes.
+  survives publishes.
+- Shards (the seed's Router): the request key picks a shard on the model's ring; the policy picks
+  within the shard; a shard with no usable worker fails over to the next shard clockwise (its
+  backup). A request without a key uses the first shard clockwise from a random point.
 - A retry never picks a worker already tried for the same request.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
+from proxy_workers.context import RequestContext
 from proxy_workers.errors import ModelNotFound, NoHealthyWorker
-from proxy_workers.policies import LoadView, Policy, make_policy
+from proxy_workers.policies import Policy, PolicyEnv
+from proxy_workers.policy_registry import make_policy
+from proxy_workers.selection import routers_by_model
+from shm.hashing import RingView
 from shm.schema import Snapshot, Worker
 
 ANY_MODEL = ""
+HASH_POLICIES = frozenset({"consistent_hash", "consistent_hash_bounded"})
 
 
 class ModelRoute:
-    """One model's routable workers and its policy."""
+    """One model's routable workers, ring, shards and policy."""
 
-    __slots__ = ("candidates", "model", "policy", "serving")
+    __slots__ = ("by_slot", "candidates", "model", "policy", "ring", "ring_workers", "serving",
+                 "shard_names", "shard_workers")
 
     def __init__(self, model: str, candidates: list[Worker], serving: int, policy: Policy) -> None:
         self.model = model
         self.candidates = candidates
+        self.by_slot = {w.slot: w for w in candidates}
         self.serving = serving  # workers that serve the model, healthy or not
         self.policy = policy
+        self.ring: RingView | None = None
+        self.ring_workers: list[Worker | None] = []
+        self.shard_names: tuple[str, ...] = ()
+        self.shard_workers: list[list[Worker]] = []
 
-    def pick(self, exclude: Sequence[int] = ()) -> Worker:
+    def pick(self, ctx: RequestContext, exclude: Sequence[int] = ()) -> Worker:
         candidates = self.candidates
         if exclude:
             candidates = [w for w in candidates if w.slot not in exclude]
         if not candidates:
             raise NoHealthyWorker(self._why_none(bool(exclude)))
-        return self.policy.pick(candidates)
+        if self.shard_names:
+            return self._pick_sharded(ctx, exclude)
+        return self.policy.pick(self, candidates, ctx)
+
+    def _pick_sharded(self, ctx: RequestContext, exclude: Sequence[int]) -> Worker:
+        ring = self.ring
+        assert ring is not None
+        h = ctx.key_hash()
+        if h is None:
+            h = random.getrandbits(64)
+        first = True
+        for owner in ring.walk(h):
+            workers = self.shard_workers[owner]
+            if exclude:
+                workers = [w for w in workers if w.slot not in exclude]
+            if workers:
+                ctx.shard = self.shard_names[owner]
+                policy = self.policy
+                worker = policy.pick(self, workers, ctx) if policy.name not in HASH_POLICIES else \
+                    workers[int(random.random() * len(workers))]
+                if not first:
+                    ctx.note(f"shard's workers unavailable: backup shard {ctx.shard}", fallback=True)
+                return worker
+            first = False
+        raise NoHealthyWorker(self._why_none(bool(exclude)))
 
     def _why_none(self, after_retries: bool) -> str:
         what = f"model '{self.model}'" if self.model else "any model"
@@ -57,9 +97,9 @@ def routable(worker: Worker) -> bool:
 class RoutingTable:
     """Per-snapshot routing state of one proxy process."""
 
-    __slots__ = ("any", "by_slot", "generation", "routes", "snapshot")
+    __slots__ = ("aliases", "any", "by_slot", "generation", "router_of", "routes", "snapshot")
 
-    def __init__(self, snapshot: Snapshot, load: LoadView, previous: RoutingTable | None) -> None:
+    def __init__(self, snapshot: Snapshot, env: PolicyEnv, previous: RoutingTable | None) -> None:
         self.snapshot = snapshot
         self.generation = snapshot.generation
         workers = snapshot.workers
@@ -79,11 +119,15 @@ class RoutingTable:
             candidates = [w for w in map(usable.__getitem__, slots) if w is not None]
             override = snapshot.model_policies.get(model)
             name = (override.policy if override and override.policy else None) or default
-            self.routes[model] = _route(model, candidates, len(slots), name, load, old.get(model))
+            route = _route(model, candidates, len(slots), name, env, old.get(model))
+            _attach_ring(route, snapshot, usable)
+            self.routes[model] = route
         # Requests without a model field go round-robin over every worker (the seed's behaviour).
         previous_any = previous.any if previous is not None else None
         self.any = _route(ANY_MODEL, [w for w in usable if w is not None], len(workers),
-                          "round_robin", load, previous_any)
+                          "round_robin", env, previous_any)
+        self.router_of = routers_by_model(snapshot.routers)
+        self.aliases = snapshot.aliases
 
     def route_for(self, model: str | None) -> ModelRoute:
         if model is None:
@@ -95,10 +139,27 @@ class RoutingTable:
         return route
 
 
-def _route(model: str, candidates: list[Worker], serving: int, policy_name: str, load: LoadView,
+def _route(model: str, candidates: list[Worker], serving: int, policy_name: str, env: PolicyEnv,
            old: ModelRoute | None) -> ModelRoute:
     if old is not None and old.policy.name == policy_name:
         policy = old.policy
     else:
-        policy = make_policy(policy_name, load)
+        policy = make_policy(policy_name, env)
     return ModelRoute(model, candidates, serving, policy)
+
+
+def _attach_ring(route: ModelRoute, snapshot: Snapshot, usable: list[Worker | None]) -> None:
+    """Give a route its ring: over shard names for a sharded model, else over worker URLs."""
+    ring = snapshot.rings.get(route.model)
+    shards = snapshot.shards.get(route.model)
+    needs_ring = shards is not None or route.policy.name in HASH_POLICIES
+    if ring is None or not needs_ring:
+        return
+    route.ring = RingView(ring)
+    if shards is not None:
+        route.shard_names = ring.members
+        route.shard_workers = [[w for w in map(usable.__getitem__, shards.get(name, ())) if w is not None]
+                               for name in ring.members]
+        return
+    by_url = {w.url: w for w in route.candidates}
+    route.ring_workers = [by_url.get(url) for url in ring.members]

@@ -6,7 +6,9 @@ endpoints, and hands ``/v1/*`` requests to an :class:`proxy_workers.exchange.Exc
 
 Invariants:
 - llhttp does the framing and rejects what it rejects (smuggling attempts, bad chunking): any
-  parser error is a 400 and the connection is closed. Upgrades are refused.
+  parser error is a 400 and the connection is closed. Upgrades are refused: the Upgrade header of
+  a request without a body is ignored (RFC 9110 7.8), the request answered over HTTP/1.1 and the
+  connection closed after it; one with a body gets 400 (llhttp cannot read that body).
 - The request body is buffered up to ``max_body_size`` (the router must read ``model`` before it
   can pick a worker); a larger declared or actual body gets 413 before more is read.
 - Hop-by-hop headers, and any header the client names in ``Connection``, are dropped before the
@@ -19,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import re
 from collections import deque
 
 import httptools
-import msgspec
 
 from proxy_workers import endpoints
+from proxy_workers.decision import prepare
 from proxy_workers.errors import (
     BadRequest,
     BodyTooLarge,
@@ -38,9 +41,10 @@ from proxy_workers.errors import (
     render_response,
 )
 from proxy_workers.exchange import Exchange
-from proxy_workers.policies import LoadView
+from proxy_workers.policies import PolicyEnv
 from proxy_workers.routing import RoutingTable
 from proxy_workers.upstream import Pools
+from shm.affinity import AffinityTable
 from shm.loadboard import P_DISCONNECTS, P_ERRORS, P_REQUESTS, P_RETRIES, LoadBoard
 from shm.schema import Snapshot
 from shm.snapshot import SnapshotReader
@@ -56,18 +60,9 @@ _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-class RoutingFields(msgspec.Struct):
-    """The only part of a request body the router decodes."""
-
-    model: str | None = None
-
-
-_ROUTING_DECODER = msgspec.json.Decoder(RoutingFields)
-
-
 class Request:
-    __slots__ = ("body", "http11", "keep_alive", "method", "model", "path", "request_id",
-                 "upstream_tail", "url")
+    __slots__ = ("body", "connection", "explain", "headers", "http11", "keep_alive", "method", "model",
+                 "path", "peer", "request_id", "upstream_tail", "url")
 
     def __init__(self, method: bytes, url: bytes, http11: bool, keep_alive: bool) -> None:
         self.method = method
@@ -80,13 +75,17 @@ class Request:
         self.upstream_tail = b""
         self.body = b""
         self.model: str | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.peer = b""
+        self.explain = False  # X-Shardgate-Debug: 1 asks for the decision in a response header
+        self.connection = ""  # X-Shardgate-Connection: http | grpc (router preference)
 
 
 class ProxyProcess:
     """State shared by every connection of one proxy process."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, index: int, reader: SnapshotReader,
-                 board: LoadBoard) -> None:
+                 board: LoadBoard, affinity: AffinityTable | None = None) -> None:
         self.loop = loop
         self.index = index
         self.reader = reader
@@ -94,14 +93,17 @@ class ProxyProcess:
         self.ints = board.ints
         self.floats = board.floats
         self.cell0 = board.cell_word(index, 0)
+        self.decision0 = board.decision_word(index, 0)
         self.row = board.proxy_word(index, 0)
         snapshot = reader.current()
         if snapshot is None:
             raise RuntimeError("no snapshot published yet")
         self.settings = snapshot.settings
-        self.load = LoadView(board, snapshot.proxies)
+        self.env = PolicyEnv(board, index, snapshot.proxies, snapshot.settings, affinity)
+        self.hash_headers = _hash_headers(snapshot.settings.hash_headers)
+        self.rng = random.Random()
         self.pools = Pools(loop, self.settings.pool_size)
-        self._table = RoutingTable(snapshot, self.load, None)
+        self._table = RoutingTable(snapshot, self.env, None)
         reader.on_change = self._snapshot_changed
         self.active: set[Exchange] = set()
         self.connections: set[ClientProtocol] = set()
@@ -115,9 +117,10 @@ class ProxyProcess:
 
     def _snapshot_changed(self, snapshot: Snapshot) -> None:
         self.settings = snapshot.settings
-        self.load.set_proxies(snapshot.proxies)
+        self.env.update(snapshot.proxies, snapshot.settings)
+        self.hash_headers = _hash_headers(snapshot.settings.hash_headers)
         self.pools.limit = snapshot.settings.pool_size
-        self._table = RoutingTable(snapshot, self.load, self._table)
+        self._table = RoutingTable(snapshot, self.env, self._table)
         self.pools.retain({w.url for w in snapshot.workers})
 
     def next_request_id(self) -> bytes:
@@ -140,8 +143,9 @@ class ProxyProcess:
 class ClientProtocol(asyncio.Protocol):
     """One client connection."""
 
-    __slots__ = ("_body", "_body_len", "_conn_tokens", "_continue_pending", "_head_len", "_headers", "_url",
-                 "exchange", "idle_since", "parser", "peer", "proc", "queue", "reading_since", "transport")
+    __slots__ = ("_body", "_body_len", "_conn_tokens", "_continue_pending", "_head_len", "_headers",
+                 "_stopped", "_upgrade", "_url", "exchange", "idle_since", "parser", "peer", "proc", "queue",
+                 "reading_since", "transport")
 
     def __init__(self, proc: ProxyProcess) -> None:
         self.proc = proc
@@ -152,6 +156,8 @@ class ClientProtocol(asyncio.Protocol):
         self.peer = b""
         self.idle_since = proc.loop.time()
         self.reading_since = 0.0
+        self._upgrade = False  # a request asked to upgrade: it is answered, then the connection closed
+        self._stopped = False  # llhttp stopped after that request: later bytes are not HTTP/1.1
         self._reset()
 
     def _reset(self) -> None:
@@ -172,10 +178,14 @@ class ClientProtocol(asyncio.Protocol):
         self.proc.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._stopped:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self.fail_connection(BadRequest("protocol upgrades are not supported"))
+            # llhttp stops after a request that asks to upgrade (it is already complete and
+            # dispatched, with keep-alive off); what follows would be the other protocol.
+            self._stopped = True
         except httptools.HttpParserCallbackError as exc:
             # Our own callbacks raised: a RouterError is an answer, anything else is a bug.
             cause = exc.__context__
@@ -208,6 +218,7 @@ class ClientProtocol(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._reset()
         self.reading_since = self.proc.loop.time()
+        self.idle_since = 0.0  # a request is arriving: header_timeout governs it, not keepalive
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -222,6 +233,13 @@ class ClientProtocol(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        if self.parser.should_upgrade():
+            # llhttp treats everything after an upgrading head as the new protocol, so a body
+            # cannot be read: such a request is refused rather than forwarded without its body.
+            if any(n == b"transfer-encoding" or (n == b"content-length" and int(v) > 0)
+                   for n, v in self._headers):
+                raise BadRequest("protocol upgrades are not supported")
+            self._upgrade = True
         limit = self.proc.settings.max_body_size
         expect = False
         for name, value in self._headers:
@@ -250,7 +268,7 @@ class ClientProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         parser = self.parser
         request = Request(parser.get_method(), self._url, parser.get_http_version() == "1.1",
-                          parser.should_keep_alive())
+                          parser.should_keep_alive() and not self._upgrade)
         self._continue_pending = False  # the body came anyway; no interim answer is due
         body = self._body
         request.body = body[0] if len(body) == 1 else b"".join(body)
@@ -276,7 +294,11 @@ class ClientProtocol(asyncio.Protocol):
                 elif name == b"x-request-id" and _REQUEST_ID.match(value):
                     supplied_id = value
                 continue
+            if name.startswith(b"x-shardgate-"):
+                self._router_header(request, name, value)
             parts.append(b"%s: %s\r\n" % (name, value))
+        request.headers = self._headers
+        request.peer = self.peer
         forwarded.append(self.peer)
         forwarded_for = b", ".join(forwarded)
         request.request_id = rid = supplied_id or self.proc.next_request_id()
@@ -288,6 +310,17 @@ class ClientProtocol(asyncio.Protocol):
         else:
             parts.append(b"x-forwarded-for: %s\r\nx-request-id: %s\r\n\r\n" % (forwarded_for, rid))
         request.upstream_tail = b"".join(parts)
+
+    @staticmethod
+    def _router_header(request: Request, name: bytes, value: bytes) -> None:
+        if name == b"x-shardgate-debug":
+            request.explain = value.strip() in (b"1", b"true")
+        elif name == b"x-shardgate-connection":
+            wanted = value.strip().lower().decode("latin-1")
+            if wanted not in ("http", "grpc", "any"):
+                raise BadRequest("X-Shardgate-Connection must be http, grpc or any",
+                                 param="X-Shardgate-Connection")
+            request.connection = wanted
 
     def dispatch(self, request: Request) -> None:
         self.idle_since = 0.0
@@ -303,21 +336,15 @@ class ClientProtocol(asyncio.Protocol):
     def _proxy(self, request: Request) -> None:
         if request.method in REFUSED_METHODS:
             raise MethodNotAllowed(f"{request.method.decode()} is not supported on {request.path.decode()}")
-        if request.body:
-            try:
-                request.model = _ROUTING_DECODER.decode(request.body).model
-            except msgspec.ValidationError as exc:
-                raise BadRequest(f"invalid request body: {exc}", param="model") from None
-            except msgspec.DecodeError as exc:
-                raise BadRequest(f"request body is not valid JSON: {exc}") from None
-        route = self.proc.table().route_for(request.model)
-        self.exchange = exchange = Exchange(self.proc, self, request, route)
+        route, ctx = prepare(self.proc, request)
+        self.exchange = exchange = Exchange(self.proc, self, request, route, ctx)
         exchange.start()
 
     def _answer_locally(self, request: Request) -> None:
         status, body, content_type = endpoints.answer(self.proc, request)
-        self.write(render_response(status, body, content_type, request.request_id.decode(),
-                                   close=not request.keep_alive))
+        self.write(_for_method(request, render_response(status, body, content_type,
+                                                        request.request_id.decode(),
+                                                        close=not request.keep_alive)))
         self._next(request)
 
     def exchange_done(self, exchange: Exchange) -> None:
@@ -346,15 +373,22 @@ class ClientProtocol(asyncio.Protocol):
 
     def send_error(self, err: RouterError, request: Request) -> None:
         close = not request.keep_alive or self.proc.draining
-        self.write(render(err, request.request_id.decode(), close=close))
+        self.write(_for_method(request, render(err, request.request_id.decode(), close=close)))
 
     def fail_connection(self, err: RouterError) -> None:
         """A request that cannot be parsed or is refused before its body: answer and close."""
-        if self.exchange is not None:
-            # Mid-exchange garbage (a pipelined request): drop the connection, nothing to answer.
-            if self.transport is not None:
-                self.transport.close()
-            return
+        exchange = self.exchange
+        if exchange is not None:
+            if exchange.head_sent:
+                # Mid-response garbage (a pipelined request): drop the connection; the response
+                # in progress cannot be followed by an error answer.
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            # Nothing reached the client yet (e.g. an internal error while dispatching): release
+            # the worker and answer.
+            self.exchange = None
+            exchange.client_gone()
         self.write(render(err, close=True))
         if self.transport is not None:
             self.transport.close()
@@ -368,3 +402,13 @@ class ClientProtocol(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
 
+
+def _for_method(request: Request, response: bytes) -> bytes:
+    """A response to HEAD carries no content (RFC 9110 9.3.2): the head alone, Content-Length kept."""
+    if request.method == b"HEAD":
+        return response[:response.index(b"\r\n\r\n") + 4]
+    return response
+
+
+def _hash_headers(setting: str) -> tuple[bytes, ...]:
+    return tuple(h.strip().lower().encode() for h in setting.split(",") if h.strip())

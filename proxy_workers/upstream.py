@@ -32,7 +32,7 @@ class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a worker."""
 
     __slots__ = ("content_length", "exchange", "headers", "idle_since", "keep_alive", "parser",
-                 "pool", "received", "transport")
+                 "pool", "received", "transport", "until_eof")
 
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
@@ -43,6 +43,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.content_length = -1
         self.received = False
         self.keep_alive = False
+        self.until_eof = False  # the response body is delimited by the worker closing (RFC 9112 6.3)
         self.idle_since = 0.0
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -70,8 +71,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.forget(self)
         exchange, self.exchange = self.exchange, None
         self.transport = None
-        if exchange is not None:
-            exchange.upstream_failed(self, "worker closed the connection" if exc is None else str(exc))
+        if exchange is None:
+            return
+        if exc is None and self.until_eof:
+            # A body without Content-Length or chunking ends with the connection: that is its
+            # complete end (llhttp has no EOF callback, so the message is completed here).
+            self.until_eof = False
+            exchange.on_response_complete(self)
+            exchange.after_upstream_data()
+            return
+        exchange.upstream_failed(self, "worker closed the connection" if exc is None else str(exc))
 
     def pause_writing(self) -> None:  # the request body is small; nothing to pause
         pass
@@ -84,18 +93,29 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.headers = []
         self.content_length = -1
+        self.until_eof = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()
+        status = self.parser.get_status_code()
+        framed = False
+        for name, value in self.headers:
+            low = name.lower()
+            # Only a final "chunked" coding frames a body; "Transfer-Encoding: gzip" alone does not.
+            if low == b"content-length" or (low == b"transfer-encoding"
+                                            and value.rstrip().lower().endswith(b"chunked")):
+                framed = True
+        self.until_eof = not framed and status >= 200 and status not in (204, 304)
         self.exchange.on_response_head(self)  # type: ignore[union-attr]
 
     def on_body(self, body: bytes) -> None:
         self.exchange.on_response_body(body)  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
+        self.until_eof = False
         self.exchange.on_response_complete(self)  # type: ignore[union-attr]
 
     # -- used by the exchange ------------------------------------------------------------
@@ -112,6 +132,9 @@ class UpstreamConnection(asyncio.Protocol):
         """Back to the pool if the response allows it, else closed."""
         self.exchange = None
         if self.keep_alive and self.transport is not None and not self.transport.is_closing():
+            # A slow client may have paused reading (backpressure) just as the response ended;
+            # the exchange that would have resumed it is gone, so a pooled socket must read.
+            self.transport.resume_reading()
             self.idle_since = now
             self.pool.put(self)
         else:

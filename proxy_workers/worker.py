@@ -32,6 +32,7 @@ import posix_ipc
 import uvloop
 
 from proxy_workers.server import ClientProtocol, ProxyProcess
+from shm.affinity import AffinityTable
 from shm.loadboard import (
     P_GENERATION,
     P_HEARTBEAT,
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reader = SnapshotReader(Segment.attach(segment_name(args.instance, "snap")))
         board = LoadBoard(Segment.attach(segment_name(args.instance, "board")))
+        affinity = AffinityTable(Segment.attach(segment_name(args.instance, "affinity")))
         snapshot = reader.current()
         if snapshot is None:
             raise ValueError("the coordinator has not published a snapshot")
@@ -72,13 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, posix_ipc.Error) as exc:
         print(f"shardgate proxy {args.index}: cannot start: {exc}", file=sys.stderr, flush=True)
         return EXIT_BOOT_ERROR
-    uvloop.run(_serve(args.index, reader, board, sock))
+    uvloop.run(_serve(args.index, reader, board, affinity, sock))
     return EXIT_OK
 
 
-async def _serve(index: int, reader: SnapshotReader, board: LoadBoard, sock: object) -> None:
+async def _serve(index: int, reader: SnapshotReader, board: LoadBoard, affinity: AffinityTable,
+                 sock: object) -> None:
     loop = asyncio.get_running_loop()
-    proc = ProxyProcess(loop, index, reader, board)
+    proc = ProxyProcess(loop, index, reader, board, affinity)
     _claim_row(board, index)
     server = await loop.create_server(lambda: ClientProtocol(proc), sock=sock, backlog=LISTEN_BACKLOG)
     stop = asyncio.Event()

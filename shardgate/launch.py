@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 import queue
 import re
-from signal import SIGKILL, SIGTERM
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from signal import SIGKILL, SIGTERM
 
 READY_WORKER = re.compile(r"mock-worker ready on (http://\S+)")
 READY_ROUTER = re.compile(r"shardgate ready on (http://\S+)")

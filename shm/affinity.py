@@ -65,11 +65,14 @@ class AffinityTable:
         return HEADER_WORDS + proxy * self.capacity * ENTRY_WORDS
 
     def lookup(self, key: int, proxies: int, now: float, ttl: float,
-               usable: Callable[[int], bool] | None = None) -> tuple[int, float] | None:
-        """(slot, created) of the live entry for ``key`` created first, across all regions.
+               usable: Callable[[int], bool] | None = None,
+               latest: bool = False) -> tuple[int, float] | None:
+        """(slot, created) of the live entry for ``key`` created first (or last, with ``latest``),
+        across all regions.
 
         Entries whose slot fails ``usable`` (a worker that is gone or unhealthy) are skipped, so
-        a reassignment made after a failure wins over the stale entry.
+        a reassignment made after a failure wins over the stale entry. Sessions want the first
+        assignment to stick; cache prefixes want the worker that saw the prefix last.
         """
         key = key or 1
         words, floats, cap = self.words, self.floats, self.capacity
@@ -83,8 +86,8 @@ class AffinityTable:
                     continue
                 slot = words[e + E_SLOT] - 1
                 created, seen = floats[e + E_CREATED], floats[e + E_SEEN]
-                if (slot >= 0 and now - seen <= ttl and (best is None or created < best[1])
-                        and (usable is None or usable(slot))):
+                better = best is None or (created > best[1] if latest else created < best[1])
+                if slot >= 0 and now - seen <= ttl and better and (usable is None or usable(slot)):
                     best = (slot, created)
                 break
         return best

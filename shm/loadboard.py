@@ -42,6 +42,8 @@ W_IN_FLIGHT, W_REQUESTS, W_ERRORS, W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR = 0
 W_CONNECT_ERRORS, W_STREAMS = 6, 7
 # quota_aware: a per-minute window (minute number, requests and tokens in it, and in the one before)
 W_Q_MINUTE, W_Q_REQUESTS, W_Q_TOKENS, W_Q_PREV_REQUESTS, W_Q_PREV_TOKENS = 8, 9, 10, 11, 12
+# Passive health: consecutive failed attempts on this worker by this proxy (0 after a success).
+W_FAILS_IN_ROW = 13
 WORKER_FIELDS = 16
 WORKER_FLOAT_FIELDS = frozenset({W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR})
 

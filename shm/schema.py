@@ -65,6 +65,8 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=Fals
     health_reason: str = ""
     quota_rpm: int = 0
     quota_tpm: int = 0
+    # Taken out of rotation by passive health (the data plane's failures); healthy is False too.
+    ejected: bool = False
 
 
 class ModelPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -95,6 +97,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     rings: dict[str, Ring] = {}
     # Alias -> {target model: weight}: traffic splitting between models.
     aliases: dict[str, dict[str, float]] = {}
+    # Discovery source (file, registry, etcd, admin) -> its current error; "" while it is fine.
+    sources: dict[str, str] = {}
 
 
 SNAPSHOT_ENCODER = msgspec.msgpack.Encoder()

@@ -150,6 +150,76 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_level: Annotated[
         Literal["debug", "info", "warning", "error"], _d("Log level of all processes.")
     ] = "info"
+    # discovery and health
+    config_watch_interval: Annotated[
+        float, Meta(ge=0), _d("Seconds between checks of the config file for changes (re-read like "
+                              "SIGHUP); 0 turns the watch off.")
+    ] = 1.0
+    registry_url: Annotated[
+        str, _d("Base URL of the HTTP service registry (`shardgate registry`) polled for workers; "
+                "empty: no registry.")
+    ] = ""
+    registry_interval: Annotated[Seconds, _d("Seconds between polls of the service registry.")] = 10.0
+    registry_grace: Annotated[
+        float, Meta(ge=0), _d("Seconds a worker may be missing from the registry's answers before it "
+                              "is removed.")
+    ] = 60.0
+    etcd_endpoints: Annotated[
+        str, _d("Comma-separated etcd v3 client URLs (JSON gateway) to watch for workers; empty: no etcd.")
+    ] = ""
+    etcd_prefix: Annotated[
+        str, Meta(min_length=1), _d("etcd key prefix; each key under it is one worker, its value a JSON "
+                                    "object of worker fields.")
+    ] = "/shardgate/workers/"
+    source_timeout: Annotated[
+        Seconds, _d("Seconds one request to the registry or etcd may take before the source counts as down.")
+    ] = 5.0
+    health_target: Annotated[
+        Literal["service", "babysitter"],
+        _d("Where active checks go: the worker's own port ('service'), or the seed's babysitter on the "
+           "worker's port + 1 ('babysitter'); both use health_path."),
+    ] = "service"
+    passive_interval: Annotated[
+        Seconds, _d("Seconds between reads of the proxies' per-worker counters for passive health.")
+    ] = 0.5
+    passive_consecutive_failures: Annotated[
+        int, Meta(ge=0), _d("Failed attempts in a row (connect errors, resets, timeouts; all proxies "
+                            "together) that eject a worker; 0 turns this rule off.")
+    ] = 5
+    passive_failure_rate: Annotated[
+        float, Meta(ge=0.0, le=1.0), _d("Share of failed attempts over passive_window that ejects a "
+                                        "worker; 0 turns this rule off.")
+    ] = 0.5
+    passive_window: Annotated[
+        Seconds, _d("Length in seconds of the sliding window the failure rate is computed over.")
+    ] = 30.0
+    passive_min_requests: Annotated[
+        int, Meta(ge=1), _d("Least attempts in the window before the failure rate is judged.")
+    ] = 10
+    ejection_time: Annotated[
+        Seconds, _d("Seconds a worker stays ejected the first time; each further ejection adds as much.")
+    ] = 30.0
+    max_ejection_time: Annotated[Seconds, _d("Longest ejection in seconds.")] = 300.0
+    max_ejection_percent: Annotated[
+        int, Meta(ge=0, le=100), _d("Most workers of a model that may be ejected at once, in percent "
+                                    "(at least one of two or more; never the last routable one).")
+    ] = 50
+    slow_start: Annotated[
+        float, Meta(ge=0), _d("Seconds over which a new or recovered worker's weight ramps from 10% to "
+                              "100% (weighted policies); 0 turns slow start off.")
+    ] = 0.0
+    admin_host: Annotated[str, _d("Address the admin API listens on.")] = "127.0.0.1"
+    admin_port: Annotated[
+        int, Meta(ge=0, le=65535), _d("Port of the admin API (bearer token from admin_token_file or "
+                                      "SHARDGATE_ADMIN_TOKEN); 0 turns it off.")
+    ] = 0
+    admin_token_file: Annotated[
+        str, _d("File holding the admin API's bearer token (SHARDGATE_ADMIN_TOKEN is used when empty).")
+    ] = ""
+    worker_cidrs: Annotated[
+        str, _d("Comma-separated CIDRs that workers from the admin API, registry or etcd must resolve "
+                "into; empty: any address but link-local, metadata, multicast and unspecified.")
+    ] = ""
 
 
 SETTING_NAMES: tuple[str, ...] = Settings.__struct_fields__

@@ -59,7 +59,8 @@ workers:
 """
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SHARDGATE_")}
     return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL, env={**clean, **(env or {})})
@@ -128,7 +129,10 @@ BAD_FILES = {
     "models not a mapping": ("models: [m1]\n", ["models"]),
     "unknown model policy": ("workers:\n  - url: http://w1:80\n    model: m1\n"
                              "models:\n  m1:\n    policy: fastest\n", ["models", "m1", "policy", "fastest"]),
-    "duplicate worker": ("workers:\n  - url: http://w1:80\n  - url: http://w1:80/\n", ["http://w1:80", "twice"]),
+    "more workers than max_workers": ("max_workers: 1\nworkers:\n  - url: http://w1:80\n  - url: http://w2:80\n",
+                                      ["max_workers", "2"]),
+    "duplicate worker": ("workers:\n  - url: http://w1:80\n  - url: http://w1:80/\n",
+                         ["http://w1:80", "twice"]),
 }
 
 
@@ -143,12 +147,13 @@ def test_check_config_rejects_bad_file_with_one_line(tmp_path, case: str) -> Non
         assert fragment in line, (fragment, line)
 
 
-@pytest.mark.parametrize("case", ["unknown setting", "worker missing url", "unknown model policy"])
+@pytest.mark.parametrize("case", ["unknown setting", "worker missing url", "unknown model policy",
+                                  "more workers than max_workers"])
 def test_serve_with_a_bad_file_starts_nothing(tmp_path, case: str) -> None:
     text, expected = BAD_FILES[case]
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    proc = subprocess.Popen(CLI + ["serve", "--config", str(path), "--port", "1", "--proxies", "1"],
+    proc = subprocess.Popen([*CLI, "serve", "--config", str(path), "--port", "1", "--proxies", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             text=True, start_new_session=True)
     try:
@@ -204,8 +209,9 @@ def test_precedence_through_the_cli(tmp_path) -> None:
     assert listen_and_policy(run_cli("check-config", str(path), env=env)) == ("127.0.0.2:2222", "round_robin")
     assert listen_and_policy(run_cli("check-config", str(path), "--port", "3333", env=env)) == \
         ("127.0.0.2:3333", "round_robin")
-    assert listen_and_policy(run_cli("check-config", str(path), "--policy", "least_connections",
-                                     "--host", "127.0.0.3", env=env)) == ("127.0.0.3:2222", "least_connections")
+    result = run_cli("check-config", str(path), "--policy", "least_connections", "--host", "127.0.0.3",
+                     env=env)
+    assert listen_and_policy(result) == ("127.0.0.3:2222", "least_connections")
     # SHARDGATE_CONFIG names the file; --worker flags are appended to the file's workers.
     result = run_cli("check-config", "--worker", "http://w2:80", env={"SHARDGATE_CONFIG": str(path)})
     assert listen_and_policy(result) == ("127.0.0.2:1111", "random")
@@ -228,8 +234,8 @@ def test_precedence_in_process(tmp_path) -> None:
     defaults = load([]).settings
     assert defaults == Settings()
     from_file = load(["--config", str(path)]).settings
-    assert (from_file.connect_timeout, from_file.max_tries, from_file.health_interval, from_file.log_level) == \
-        (2.5, 5, 7.0, "warning")
+    got = (from_file.connect_timeout, from_file.max_tries, from_file.health_interval, from_file.log_level)
+    assert got == (2.5, 5, 7.0, "warning")
     env = {"SHARDGATE_CONNECT_TIMEOUT": "3.5", "SHARDGATE_MAX_TRIES": "4"}
     from_env = load(["--config", str(path)], env).settings
     assert (from_env.connect_timeout, from_env.max_tries, from_env.health_interval) == (3.5, 4, 7.0)
@@ -266,7 +272,8 @@ def test_settings_doc_matches_committed_reference(tmp_path) -> None:
     result = run_cli("settings-doc")
     assert result.returncode == 0, result.stderr
     committed = (ROOT / "docs" / "settings.md").read_text()
-    assert result.stdout == committed, "docs/settings.md is stale: run `shardgate settings-doc -o docs/settings.md`"
+    assert result.stdout == committed, \
+        "docs/settings.md is stale: run `shardgate settings-doc -o docs/settings.md`"
     for name in SETTING_NAMES:
         assert f"| `{name}` |" in committed
     out = tmp_path / "settings.md"

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import socketserver
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -256,12 +258,13 @@ def fleet() -> Iterator[Fleet]:
 
 @pytest.fixture(scope="module")
 def _solo() -> Iterator[Fleet]:
-    """One worker behind two routers: ``r`` with default timeouts, ``fast`` with 1 s timeouts."""
+    """One worker behind two routers: ``r`` with default timeouts, ``fast`` with 1-2 s timeouts."""
     f = Fleet()
     try:
         f.w = f.worker(("m1",))  # type: ignore[attr-defined]
         f.r = f.router([f.w])  # type: ignore[attr-defined]
-        f.fast = f.router([f.w], "--first-byte-timeout", "1", "--idle-timeout", "1")  # type: ignore[attr-defined]
+        f.fast = f.router([f.w], "--first-byte-timeout", "1", "--idle-timeout", "1",  # type: ignore[attr-defined]
+                          "--keepalive-timeout", "1", "--header-timeout", "2")
         yield f
     finally:
         f.stop()
@@ -290,6 +293,59 @@ def _duo() -> Iterator[Fleet]:
 def duo(_duo: Fleet) -> Fleet:
     _duo.reset()
     return _duo
+
+
+class RawWorker:
+    """A hand-written HTTP worker for framings the mock cannot produce.
+
+    It answers the router's discovery (model ``raw``) and health checks, and answers every other
+    request with exactly the bytes of ``reply``, then closes the connection.
+    """
+
+    def __init__(self) -> None:
+        self.reply = b""
+        owner = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                while line := self.rfile.readline():
+                    path = line.split(b" ")[1]
+                    length = 0
+                    while (header := self.rfile.readline()) not in (b"\r\n", b""):
+                        name, _, value = header.partition(b":")
+                        if name.strip().lower() == b"content-length":
+                            length = int(value)
+                    self.rfile.read(length)  # all of it: closing with unread bytes would send RST
+                    if path == b"/v1/models":
+                        body = b'{"object": "list", "data": [{"id": "raw", "object": "model"}]}'
+                    elif path == b"/health":
+                        body = b"{}"
+                    else:
+                        self.wfile.write(owner.reply)
+                        return
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def raw_fleet() -> Iterator[Any]:
+    worker = RawWorker()
+    router = None
+    try:
+        router = launch.router([worker.url], "--port", str(free_port()), "--proxies", "1")
+        yield worker, router
+    finally:
+        if router is not None:
+            router.stop()
+        worker.close()
 
 
 # -- 1. non-streaming ------------------------------------------------------------------------------
@@ -445,6 +501,16 @@ def test_mid_stream_drop_truncates_with_error_event_and_is_not_retried(duo: Any)
     stats = [worker_stats(w) for w in (duo.a, duo.b)]
     assert sum(s["requests"] for s in stats) == 1, stats
     assert sum(s["dropped"] for s in stats) == 1, stats
+
+
+def test_worker_error_status_is_passed_through_not_retried(duo: Any) -> None:
+    for w in (duo.a, duo.b):
+        set_worker(w, fail_status=503)
+    status, headers, body = http("POST", duo.r.url + CHAT, chat("m1"))
+    assert status == 503
+    assert assert_openai_error(body)["message"] == "injected failure"  # the worker's own body
+    assert headers["x-mock-worker"]
+    assert sum(worker_stats(w)["requests"] for w in (duo.a, duo.b)) == 1
 
 
 # -- 7. model routing and body validation -------------------------------------------------------------
@@ -683,6 +749,25 @@ def test_idle_timeout_truncates_a_silent_stream_with_an_error_event(solo: Any) -
              what="the worker to see the abort")
 
 
+def test_header_timeout_answers_a_slow_request_with_408(solo: Any) -> None:
+    # The keep-alive timer (1 s) must not cut a request that is arriving: the header timeout
+    # (2 s) governs it, and it ends with an answer, not a silent close.
+    with Raw(solo.fast.url) as c:
+        c.send(request("POST", CHAT, headers=[("Content-Length", "100")]) + b'{"model": "m1"')
+        resp = c.read_response()
+        assert resp.status == 408
+        assert_openai_error(resp.body, "request_timeout")
+        assert c.closed()
+    assert worker_stats(solo.w)["requests"] == 0
+
+
+def test_idle_keep_alive_connection_is_closed(solo: Any) -> None:
+    with Raw(solo.fast.url) as c:
+        c.send(request("POST", CHAT, chat("m1")))
+        assert c.read_response().status == 200
+        assert c.closed()  # keepalive_timeout=1 s
+
+
 # -- 12. malformed HTTP -------------------------------------------------------------------------------
 
 
@@ -704,6 +789,45 @@ def test_malformed_request_is_400_and_closed_and_router_keeps_serving(fleet: Any
     status, _, body = http("POST", fleet.r.url + CHAT, chat("m1", content="after garbage"))
     assert status == 200
     assert chat_text(body) == expected_text("after garbage", 16)
+
+
+def test_upgrade_request_is_answered_over_http11_once_then_closed(fleet: Any) -> None:
+    # The router does not switch protocols: it ignores Upgrade (RFC 9110 7.8), answers the
+    # request, and closes, since what the client sends next would not be HTTP/1.1.
+    with Raw(fleet.r.url) as c:
+        c.send(request("GET", "/health", headers=[("Connection", "Upgrade"), ("Upgrade", "websocket")])
+               + b"\x81\x05hello")
+        resp = c.read_response()
+        assert resp.status == 200, resp.body
+        assert json.loads(resp.body)["status"] == "ok"
+        assert resp.headers.get("connection") == "close"
+        assert c.closed()
+        assert c.buf == b""  # one request, one response
+    # With a body llhttp cannot tell body from new protocol: refused, never forwarded bodiless.
+    before = _requests(fleet)
+    with Raw(fleet.r.url) as c:
+        c.send(request("POST", CHAT, chat("m2", content="h2c please"),
+                       headers=[("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"),
+                                ("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA")]))
+        resp = c.read_response()
+        assert c.closed()
+        assert c.buf == b""
+    assert resp.status == 400, resp.body
+    assert_openai_error(resp.body, "invalid_request")
+    assert _requests(fleet) == before
+
+
+def test_head_request_error_has_no_body(fleet: Any) -> None:
+    # A body after a HEAD answer would be read as the start of the next response.
+    with Raw(fleet.r.url) as c:
+        c.send(request("HEAD", CHAT) + request("HEAD", "/health") + request("GET", "/health"))
+        for _ in range(2):
+            status, headers, _ = c.read_head()
+            assert status == 405
+            assert int(headers["content-length"]) > 0  # what a GET-like answer would carry
+        resp = c.read_response()
+    assert resp.status == 200
+    assert json.loads(resp.body)["status"] == "ok"
 
 
 # -- 13. keep-alive and pipelining --------------------------------------------------------------------
@@ -788,14 +912,73 @@ def test_expect_100_continue_on_a_pipelined_request_waits_its_turn(solo: Any) ->
         c.send(request("POST", CHAT, chat("m1", content="first", stream=True)))
         status, headers, _ = c.read_head()
         assert status == 200
-        assert c.read_chunk()  # response 1 is under way
+        started = c.read_chunk()  # response 1 is under way
+        assert started
         c.send(head2)
         first = c.read_response((status, headers, []))
         assert first.complete
-        assert "".join(deltas(first.body)) == expected_text("first", 20)
+        assert "".join(deltas(started + first.body)) == expected_text("first", 20)
         interim = c.read_until(b"\r\n\r\n")
         assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
         c.send(body2)
         second = c.read_response()
     assert second.status == 200
-    assert chat_text(second.body) == expected_text("second", 16)
+    assert chat_text(second.body) == expected_text("second", 20)
+
+
+# -- worker framings the mock cannot produce ------------------------------------------------------
+
+
+def test_worker_body_delimited_by_close_is_relayed_complete(raw_fleet: Any) -> None:
+    worker, router = raw_fleet
+    for status_line in (b"HTTP/1.1 200 OK\r\nConnection: close", b"HTTP/1.0 200 OK"):
+        worker.reply = status_line + b'\r\nContent-Type: application/json\r\n\r\n{"answer": 42}'
+        with Raw(router.url) as c:
+            c.send(request("POST", CHAT, chat("raw")))
+            resp = c.read_response()
+        assert resp.status == 200
+        assert resp.complete, status_line  # re-chunked, so it must end with the last chunk
+        assert json.loads(resp.body) == {"answer": 42}
+    errors = router_stats(router)["totals"]["errors"]
+    assert errors == 0
+
+
+def test_worker_hop_by_hop_response_headers_are_stripped(raw_fleet: Any) -> None:
+    worker, router = raw_fleet
+    worker.reply = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+                    b"Connection: close, X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\n"
+                    b"Proxy-Authenticate: Basic\r\nX-Request-ID: worker-id\r\nX-Kept: yes\r\n\r\n{}")
+    with Raw(router.url) as c:
+        c.send(request("POST", CHAT, chat("raw"), headers=[("X-Request-ID", "client-id")]))
+        resp = c.read_response()
+        assert c.is_open()  # the worker's "Connection: close" is about its own hop
+    assert resp.status == 200 and resp.body == b"{}"
+    names = [k for k, _ in resp.headers.items()]
+    for name in ("x-hop", "keep-alive", "proxy-authenticate"):
+        assert name not in names, resp.headers
+    assert "connection" not in resp.headers
+    assert resp.headers["x-request-id"] == "client-id"
+    assert resp.headers["x-kept"] == "yes"
+
+
+def test_malformed_worker_response_is_502(raw_fleet: Any) -> None:
+    worker, router = raw_fleet
+    worker.reply = b"HTTP/1.1 2OO NOT A STATUS\r\n\r\n"
+    status, _, body = http("POST", router.url + CHAT, chat("raw"))
+    assert status == 502
+    assert_openai_error(body, "bad_gateway")
+
+
+def test_malformed_worker_stream_after_head_is_truncated(raw_fleet: Any) -> None:
+    worker, router = raw_fleet
+    event = b"data: {}\n\n"
+    worker.reply = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                    b"\r\n%x\r\n%s\r\nzz\r\n" % (len(event), event))
+    with Raw(router.url) as c:
+        c.send(request("POST", CHAT, chat("raw", stream=True)))
+        resp = c.read_response()
+        assert c.closed()
+    assert resp.status == 200 and not resp.complete
+    events = sse_events(resp.body)
+    assert events[0] == b"data: {}"
+    assert events[-1].startswith(b"event: error\ndata: ")

@@ -1,0 +1,143 @@
+"""What a policy may know about a request, computed only when a policy asks.
+
+Role: :class:`RequestContext` carries the request's routing inputs (model, routing key, prompt
+text, token estimate) and collects the decision's explanation. Inputs are lazy: round-robin never
+pays for hashing headers or decoding the prompt; cache_aware decodes the prompt once.
+
+Invariants:
+- The body is decoded at most twice: once for ``model``/``user``/``max_tokens`` (every request),
+  once more for the prompt text (only for policies with ``needs_prompt``).
+- The routing key comes from the first present header of ``hash_headers``, else the body's
+  ``user`` field, else the ``hash_fallback`` (client address or none).
+- ``reason``/``fallback`` are plain attribute writes (cheap on every request); ``scores`` are
+  filled only when an explanation was asked for (``explain``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from shm.hashing import key_hash
+
+
+class RoutingFields(msgspec.Struct):
+    """The part of a request body every request decodes."""
+
+    model: str | None = None
+    user: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+
+
+class _Part(msgspec.Struct):
+    type: str = ""
+    text: str | None = None
+
+
+class _Message(msgspec.Struct):
+    role: str = ""
+    content: str | list[_Part] | None = None
+
+
+class PromptFields(msgspec.Struct):
+    """The prompt, for cache_aware: chat ``messages`` or completions ``prompt``."""
+
+    messages: list[_Message] | None = None
+    prompt: str | list[str] | None = None
+
+
+ROUTING_DECODER = msgspec.json.Decoder(RoutingFields)
+_PROMPT_DECODER = msgspec.json.Decoder(PromptFields)
+DEFAULT_OUTPUT_TOKENS = 256
+CHARS_PER_TOKEN = 4
+
+
+def prompt_text(fields: PromptFields) -> str:
+    if fields.messages is not None:
+        parts = []
+        for m in fields.messages:
+            if isinstance(m.content, str):
+                parts.append(f"{m.role}:{m.content}")
+            elif m.content:
+                parts.append(m.role + ":" + "".join(p.text or "" for p in m.content))
+        return "\n".join(parts)
+    if isinstance(fields.prompt, list):
+        return "\n".join(fields.prompt)
+    return fields.prompt or ""
+
+
+class RequestContext:
+    __slots__ = ("_hash", "_key", "_prompt", "alias", "body", "client", "dry_run", "explain",
+                 "fallback", "fields", "hash_fallback", "hash_headers", "headers", "model", "reason",
+                 "router", "router_reason", "scores", "shard")
+
+    def __init__(self, model: str | None, fields: RoutingFields | None, body: bytes,
+                 headers: list[tuple[bytes, bytes]], client: bytes,
+                 hash_headers: tuple[bytes, ...], hash_fallback: str, explain: bool = False) -> None:
+        self.model = model
+        self.fields = fields
+        self.body = body
+        self.headers = headers
+        self.client = client
+        self.hash_headers = hash_headers
+        self.hash_fallback = hash_fallback
+        self.explain = explain
+        self.reason = ""
+        self.fallback = False
+        self.scores: dict[str, Any] | None = {} if explain else None
+        self.router = ""
+        self.router_reason = ""
+        self.dry_run = False  # POST /route/explain: decide, but remember nothing
+        self.shard: str | None = None
+        self.alias: str | None = None
+        self._key: str | bool | None = False  # False: not computed yet
+        self._hash: int | None = None
+        self._prompt: str | None = None
+
+    def routing_key(self) -> str | None:
+        """The affinity key of this request, or None when it has none."""
+        if self._key is False:
+            self._key = self._find_key()
+        return self._key  # type: ignore[return-value]
+
+    def _find_key(self) -> str | None:
+        for wanted in self.hash_headers:
+            for name, value in self.headers:
+                if name == wanted and value:
+                    return value.decode("latin-1")
+        if self.fields is not None and self.fields.user:
+            return self.fields.user
+        if self.hash_fallback == "client_ip":
+            return self.client.decode()
+        return None
+
+    def key_hash(self) -> int | None:
+        """64-bit hash of the model and routing key (None without a key)."""
+        if self._hash is None:
+            key = self.routing_key()
+            if key is not None:
+                self._hash = key_hash(f"{self.model or ''}\0{key}")
+        return self._hash
+
+    def prompt(self) -> str:
+        if self._prompt is None:
+            try:
+                self._prompt = prompt_text(_PROMPT_DECODER.decode(self.body)) if self.body else ""
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self._prompt = ""
+        return self._prompt
+
+    def estimated_tokens(self) -> int:
+        """Prompt plus output tokens, estimated without a tokenizer (for quota budgets)."""
+        fields = self.fields
+        out = (fields.max_completion_tokens or fields.max_tokens) if fields else None
+        return len(self.body) // CHARS_PER_TOKEN + (out or DEFAULT_OUTPUT_TOKENS)
+
+    def note(self, reason: str, fallback: bool = False, **scores: Any) -> None:
+        self.reason = reason
+        if fallback:
+            self.fallback = True
+        if self.scores is not None and scores:
+            self.scores.update(scores)

@@ -1,0 +1,71 @@
+"""From a parsed request to a route and a context: the routing steps, in one place.
+
+Role: used by the proxy path (every ``/v1/*`` request) and by ``POST /route/explain`` (the same
+steps, nothing sent), so an explanation always describes what routing would really do.
+
+Steps: decode the routing fields of the body -> resolve an alias (traffic split) -> select the
+router (connection preference, PD first, regular fallback) -> the model's route -> a
+:class:`RequestContext` for the policy. The decision (router, policy, worker, reason, scores,
+shard, fallback) is rendered by :func:`describe`, the seed's RoutingDecision.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from proxy_workers.context import ROUTING_DECODER, RequestContext, RoutingFields
+from proxy_workers.errors import BadRequest
+from proxy_workers.routing import ModelRoute, RoutingTable
+from proxy_workers.selection import resolve_alias, select_router
+
+if TYPE_CHECKING:
+    from proxy_workers.server import ProxyProcess, Request
+    from shm.schema import Worker
+
+_encode = msgspec.json.Encoder().encode
+
+
+def routing_fields(body: bytes) -> RoutingFields | None:
+    if not body:
+        return None
+    try:
+        return ROUTING_DECODER.decode(body)
+    except msgspec.ValidationError as exc:
+        param = str(exc).rpartition("$.")[2].rstrip("`") or None
+        raise BadRequest(f"invalid request body: {exc}", param=param) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def prepare(proc: ProxyProcess, request: Request, dry_run: bool = False) -> tuple[ModelRoute, RequestContext]:
+    """The route and context for ``request``; raises RouterError (404, 503, 400) with a reason."""
+    fields = routing_fields(request.body)
+    model = fields.model if fields is not None else None
+    table: RoutingTable = proc.table()
+    ctx = RequestContext(model, fields, request.body, request.headers, request.peer,
+                         proc.hash_headers, proc.settings.hash_fallback, explain=request.explain)
+    ctx.dry_run = dry_run
+    if model is None:
+        ctx.router, ctx.reason = "http_regular", "no model field: round-robin over all workers"
+        return table.any, ctx
+    if model in table.aliases:
+        ctx.alias = model
+        model = ctx.model = resolve_alias(model, table.aliases, table.routes, proc.rng)
+    preference = request.connection or proc.settings.connection_preference
+    ctx.router, ctx.router_reason = select_router(model, table.router_of.get(model, ()), preference)
+    return table.route_for(model), ctx
+
+
+def describe(route: ModelRoute, ctx: RequestContext, worker: Worker | None) -> dict[str, Any]:
+    """The decision as the seed's RoutingDecision: router, policy, worker, reason, scores."""
+    return {"router": ctx.router, "router_reason": ctx.router_reason, "model": ctx.model,
+            "alias": ctx.alias, "policy": route.policy.name, "shard": ctx.shard,
+            "worker": worker.url if worker is not None else None, "reason": ctx.reason,
+            "fallback": ctx.fallback, "scores": ctx.scores or {}}
+
+
+def header_value(decision: dict[str, Any]) -> bytes:
+    """The decision as one response-header value (compact JSON, ASCII only)."""
+    return _encode(decision).decode().encode("ascii", "backslashreplace")

@@ -1,0 +1,70 @@
+"""Per-request router selection (the seed's RouterManager) and alias resolution.
+
+Role: given a request's model, decide which of the four routers serves it, following the seed
+design: the routers serving the model -> filter by connection preference (the
+``connection_preference`` setting, or the request's ``X-Shardgate-Connection`` header) -> prefer
+a PD router -> fall back to a regular one -> otherwise an error that says why.
+
+Invariants:
+- A router without a data path in this build is passed over with the reason recorded, never
+  silently; if nothing remains the client gets 503 naming what exists and what is missing.
+- Aliases (traffic splitting) resolve before router selection: one weighted draw per request over
+  the alias's targets that are currently served; the decision records the alias.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+from proxy_workers.errors import ModelNotFound, NoHealthyWorker
+
+# Preference order among a model's routers once the connection filter is applied.
+ORDER = ("http_pd", "grpc_pd", "http_regular", "grpc_regular")
+IMPLEMENTED = frozenset({"http_regular"})
+
+
+def routers_by_model(routers: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Invert the snapshot's router -> models map, each model's routers in preference order."""
+    out: dict[str, list[str]] = {}
+    for name in ORDER:
+        for model in routers.get(name, ()):
+            out.setdefault(model, []).append(name)
+    return {m: tuple(rs) for m, rs in out.items()}
+
+
+def select_router(model: str, available: Iterable[str], preference: str) -> tuple[str, str]:
+    """(router name, reason) for ``model``; raises when no usable router serves it."""
+    available = tuple(available)
+    if not available:
+        raise ModelNotFound(f"The model '{model}' does not exist or is not served here.", param="model")
+    pool = available if preference == "any" else tuple(r for r in available if r.startswith(preference))
+    if not pool:
+        raise NoHealthyWorker(f"model '{model}' has no {preference} router "
+                              f"(it is served by: {', '.join(available)})")
+    skipped = [r for r in pool if r not in IMPLEMENTED]
+    for name in pool:
+        if name in IMPLEMENTED:
+            reason = "preferred router" if name == pool[0] else (
+                f"{', '.join(skipped)} not available in this build: fell back to {name}")
+            return name, reason
+    raise NoHealthyWorker(f"model '{model}' is served only by {', '.join(pool)}, "
+                          "whose data path is not available in this build")
+
+
+def resolve_alias(model: str, aliases: dict[str, dict[str, float]], served: dict[str, object],
+                  rng: random.Random) -> str:
+    """The target model for an alias (weighted draw over served targets), else ``model``."""
+    targets = aliases.get(model)
+    if targets is None:
+        return model
+    live = [(m, w) for m, w in targets.items() if m in served]
+    if not live:
+        raise NoHealthyWorker(f"alias '{model}' has no served target (targets: {', '.join(targets)})")
+    total = sum(w for _, w in live)
+    x = rng.random() * total
+    for target, weight in live:
+        x -= weight
+        if x < 0:
+            return target
+    return live[-1][0]
