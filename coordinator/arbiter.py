@@ -9,8 +9,10 @@ Signals (handled here and only here; handlers just queue the signal, the loop ac
               streams within ``grace_period``; then shared memory is removed; exit 0
     SIGINT    first: the same as SIGTERM; second: kill the proxies and exit at once (130)
     SIGHUP    re-read the config file and publish the new snapshot; proxies keep running
-              (host, port, proxies, max_workers and snapshot_capacity need a restart and are
-              reported as such; a file that lists no worker is refused)
+              (host, port, proxies, max_workers, snapshot_capacity, admin_host and admin_port
+              need a restart and are reported as such; a file that lists no worker is refused
+              unless another discovery source is configured). A change of the file on disk
+              (checked every ``config_watch_interval``) does the same.
     ========  ==========================================================================
 
 Invariants:
@@ -18,6 +20,8 @@ Invariants:
   stops; a proxy's exit never removes it. Segments left by a crashed run are removed at start.
 - A snapshot is published whole, after :func:`coordinator.membership.check_consistent`.
 - The loop never blocks: probes run in a background task and publish when they change something.
+- Membership comes from :class:`coordinator.discovery.Discovery` (file, registry, etcd, admin
+  API); changes it reports are published at the next tick (``TICK_SECONDS``), coalesced.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ from collections.abc import Callable
 import aiohttp
 
 from coordinator import engine_metrics, health
+from coordinator.admin import AdminAPI
 from coordinator.config import Config, ConfigError
+from coordinator.discovery import Discovery, dynamic_sources
 from coordinator.membership import Fleet, FleetFull
+from coordinator.sources import merge
 from coordinator.supervisor import HaltServer, Supervisor
 from shm.affinity import AffinityTable, table_size
 from shm.loadboard import LoadBoard, board_size
@@ -62,6 +69,11 @@ class Coordinator:
         self.on_ready: Callable[[], None] | None = None
         self.scraping: asyncio.Task[int] | None = None
         self.scraped_at = 0.0
+        self.discovery: Discovery | None = None
+        self.admin: AdminAPI | None = None
+        self.dirty = False  # a discovery change waits for the next tick's publish
+        self.file_checked_at = 0.0
+        self.file_signature: tuple[int, int, int] | None = None
 
     # -- start -----------------------------------------------------------------------------
 
@@ -87,9 +99,22 @@ class Coordinator:
                 seg.unlink()
 
     def publish(self) -> int:
+        self.dirty = False
         snapshot = self.fleet.snapshot(self.settings, self.config.models, self.proxies,
                                        self.writer.generation + 1, os.getpid(), self.config.aliases)
-        return self.writer.publish(snapshot)
+        generation = self.writer.publish(snapshot)
+        if self.discovery is not None:
+            self.discovery.published(generation)
+        return generation
+
+    def request_publish(self) -> None:
+        self.dirty = True
+
+    def commit(self) -> int:
+        """Merge the sources and publish now (the admin API: one change, one publish)."""
+        assert self.discovery is not None
+        self.discovery.apply()
+        return self.publish()
 
     async def run(self) -> int:
         preflight(self.settings.host, self.settings.port)
@@ -108,9 +133,14 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
-        self.fleet.apply(self.config.workers)
+        self.discovery = Discovery(self.config, self.fleet, self.board, self.proxies, self.request_publish)
+        self.file_signature = _file_signature(self.config.config_file)
         async with aiohttp.ClientSession() as session:
             self.session = session
+            await self.discovery.start(session)
+            if self.settings.admin_port:
+                self.admin = AdminAPI(self.discovery, self.commit, self.settings)
+                await self.admin.start()
             await self._initial_probe()
             self.publish()
             self.supervisor = Supervisor(self.instance, self.proxies, self.board,
@@ -163,6 +193,22 @@ class Coordinator:
             self.supervisor.poll()
             self._maybe_probe()
             self._maybe_scrape()
+            self._maybe_reread_file()
+            if self.dirty:
+                self.publish()
+
+    def _maybe_reread_file(self) -> None:
+        """Reload when the config file changed on disk (the same as SIGHUP)."""
+        interval = self.settings.config_watch_interval
+        now = time.monotonic()
+        if not interval or not self.config.config_file or now - self.file_checked_at < interval:
+            return
+        self.file_checked_at = now
+        signature = _file_signature(self.config.config_file)
+        if signature is None or signature == self.file_signature:
+            return  # a file being replaced may be missing for a moment; wait for it
+        log.info("config file %s changed; reloading", self.config.config_file)
+        self.reload()
 
     def _maybe_probe(self) -> None:
         if self.probing is not None:
@@ -195,25 +241,37 @@ class Coordinator:
         return await self._stop(graceful=True)
 
     def reload(self) -> None:
+        assert self.discovery is not None
         sd_notify(b"RELOADING=1")
+        self.file_signature = _file_signature(self.config.config_file)
+        before = self.discovery.file.specs
         try:
             config = self.reload_config()
-            if not config.workers:
+            if not config.workers and not dynamic_sources(config.settings):
                 # The same rule as at start: an empty list (say, a file caught half-written) would
                 # take every worker out of service.
                 raise ConfigError("no workers: the reloaded configuration lists none")
-            added, removed = self.fleet.apply(config.workers)
+            # These size the listeners, processes and shared-memory segments made at start.
+            fixed = [n for n in ("host", "port", "proxies", "max_workers", "snapshot_capacity",
+                                 "admin_host", "admin_port")
+                     if getattr(config.settings, n) != getattr(self.settings, n)]
+            if fixed:
+                config = _keep(config, self.settings, fixed)
+            if self.admin is not None:
+                self.admin.reload_token(config.settings)
+            self.discovery.file.succeeded({(s.url, s.model, s.type): s for s in config.workers})
+            added, removed = self.fleet.apply(merge(self.discovery.sources(), self.discovery.overrides)[0])
         except (ConfigError, FleetFull) as exc:
+            # Logged, not published: a refused reload changes nothing, the snapshot included.
+            self.discovery.file.specs = before
             log.error("reload refused, keeping the running configuration: %s", exc)
             sd_notify(b"READY=1")
             return
-        # These size the listeners, processes and shared-memory segments made at start.
-        fixed = [n for n in ("host", "port", "proxies", "max_workers", "snapshot_capacity")
-                 if getattr(config.settings, n) != getattr(self.settings, n)]
         if fixed:
             log.warning("reload: %s changed; that takes a restart (kept the running value)", ", ".join(fixed))
-            config = _keep(config, self.settings, fixed)
         self.config, self.settings = config, config.settings
+        self.discovery.reconfigure(config)
+        self.discovery.apply()
         generation = self.publish()
         log.info("reloaded: %d added, %d removed, snapshot generation %d",
                  len(added), len(removed), generation)
@@ -225,6 +283,10 @@ class Coordinator:
         for task in (self.probing, self.scraping):
             if task is not None:
                 task.cancel()
+        if self.discovery is not None:
+            await self.discovery.stop()
+        if self.admin is not None:
+            await self.admin.stop()
         self.supervisor.signal_all(signal.SIGTERM)
         deadline = time.monotonic() + self.settings.grace_period + 5
         while self.supervisor.running() and time.monotonic() < deadline:
@@ -238,6 +300,16 @@ class Coordinator:
                 return 130
         self.supervisor.signal_all(signal.SIGKILL)
         return 0
+
+
+def _file_signature(path: str | None) -> tuple[int, int, int] | None:
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _keep(config: Config, running: object, names: list[str]) -> Config:

@@ -59,7 +59,8 @@ def wanted(settings: Settings, model_policies: dict) -> bool:
         getattr(p, "policy", None) == "least_loaded" for p in model_policies.values())
 
 
-async def scrape_one(session: aiohttp.ClientSession, url: str, timeout: float) -> tuple[int, int, float] | None:
+async def scrape_one(session: aiohttp.ClientSession, url: str,
+                     timeout: float) -> tuple[int, int, float] | None:
     try:
         async with session.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             if resp.status != 200:

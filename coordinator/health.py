@@ -63,7 +63,9 @@ async def discover_models(session: aiohttp.ClientSession, url: str, timeout: flo
 async def check_health(session: aiohttp.ClientSession, url: str, path: str, timeout: float) -> str:
     """Empty string when healthy, else the reason."""
     try:
-        async with session.get(url + path, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        # No redirects: a check must not be steered to another host (SSRF hygiene); 3xx fails it.
+        async with session.get(url + path, timeout=aiohttp.ClientTimeout(total=timeout),
+                               allow_redirects=False) as resp:
             await resp.read()
             return "" if 200 <= resp.status < 300 else f"GET {path} answered {resp.status}"
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:

@@ -5,8 +5,8 @@ assembled from it.
 
 Invariants:
 - A worker keeps its slot for as long as it stays in the fleet (a re-read config that changes
-  its weight or labels keeps the slot, so its load-board counters carry on). Freed slots are
-  reused lowest first, only after the worker left.
+  its weight or labels keeps the slot, so its load-board counters carry on). New workers get
+  fresh slots; freed slots are reused (lowest first) only once the capacity is exhausted.
 - The slot capacity is the ``max_workers`` setting (the load board's width); adding a worker
   beyond it is refused with a clear error instead of corrupting another worker's counters.
 - A snapshot is built whole from this state and checked before it is published.
@@ -138,12 +138,14 @@ class Fleet:
         return added, [k[0] for k in removed]
 
     def _allocate(self, url: str) -> int:
+        # Fresh slots first: a reused slot carries its previous worker's counters until every
+        # proxy notices the new URL and resets its own cell (proxy_workers.server).
+        if self._next_slot < self.capacity:
+            self._next_slot += 1
+            return self._next_slot - 1
         if self._free:
             return heapq.heappop(self._free)
-        if self._next_slot >= self.capacity:
-            raise FleetFull(f"cannot add {url}: all max_workers={self.capacity} slots are in use")
-        self._next_slot += 1
-        return self._next_slot - 1
+        raise FleetFull(f"cannot add {url}: all max_workers={self.capacity} slots are in use")
 
     def snapshot(self, settings: Settings, models: dict[str, ModelPolicy], proxies: int,
                  generation: int, coordinator_pid: int,

@@ -146,7 +146,8 @@ class PassiveHealth:
         if settings.passive_failure_rate > 0:
             _, base_done, base_err = ps.samples[0]
             attempts, failed = done - base_done, err - base_err
-            if attempts >= settings.passive_min_requests and failed >= settings.passive_failure_rate * attempts:
+            judged = attempts >= settings.passive_min_requests
+            if judged and failed >= settings.passive_failure_rate * attempts:
                 return (f"{failed} of {attempts} attempts failed in the last "
                         f"{settings.passive_window:g}s")
         return ""

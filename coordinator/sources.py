@@ -49,13 +49,13 @@ class Source:
         self.ok_at = 0.0
 
     def succeeded(self, specs: Mapping[Key, WorkerSpec], problems: Iterable[str] = ()) -> bool:
-        """Record a good answer; True when the membership changed."""
+        """Record a good answer; True when the membership or the list of refused entries changed."""
         self.error, self.error_since, self.ok_at = "", 0.0, time.time()
-        self.entry_problems = list(problems)
-        if dict(specs) == self.specs:
-            return False
+        problems = list(problems)
+        changed = problems != self.entry_problems or dict(specs) != self.specs
+        self.entry_problems = problems
         self.specs = dict(specs)
-        return True
+        return changed
 
     def failed(self, why: str) -> bool:
         """Record a failure, keeping the membership; True when the error text changed."""

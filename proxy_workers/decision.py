@@ -53,9 +53,34 @@ def prepare(proc: ProxyProcess, request: Request, dry_run: bool = False) -> tupl
     if model in table.aliases:
         ctx.alias = model
         model = ctx.model = resolve_alias(model, table.aliases, table.routes, proc.rng)
+        if not dry_run:
+            retarget(request, model)
+            ctx.body = request.body
     preference = request.connection or proc.settings.connection_preference
-    ctx.router, ctx.router_reason = select_router(model, table.router_of.get(model, ()), preference)
+    choice = table.router_choice.get((model, preference))
+    if choice is None:
+        choice = select_router(model, table.router_of.get(model, ()), preference)
+        table.router_choice[(model, preference)] = choice
+    ctx.router, ctx.router_reason = choice
     return table.route_for(model), ctx
+
+
+def retarget(request: Request, model: str) -> None:
+    """Rewrite the body's ``model`` to an alias's target, so the worker is asked for a model it serves.
+
+    The upstream head was built with the original body (``server._prepare``: headers, then
+    ``content-length``, then the body), so its tail is rebuilt with the new length and body.
+    """
+    old = request.body
+    doc = msgspec.json.decode(old)  # already decoded once by routing_fields: valid JSON object
+    doc["model"] = model
+    new = _encode(doc)
+    tail = request.upstream_tail
+    suffix = b"content-length: %d\r\n\r\n" % len(old) + old
+    if not tail.endswith(suffix):  # pragma: no cover - server._prepare's layout changed
+        raise AssertionError("upstream request tail does not end with content-length and body")
+    request.upstream_tail = tail[:-len(suffix)] + b"content-length: %d\r\n\r\n" % len(new) + new
+    request.body = new
 
 
 def describe(route: ModelRoute, ctx: RequestContext, worker: Worker | None) -> dict[str, Any]:

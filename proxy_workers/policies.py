@@ -78,11 +78,20 @@ class PolicyEnv:
         self.load.set_proxies(proxies)
 
 
-def least_loaded_of(candidates: Sequence[Worker], load: LoadView) -> Worker:
-    """Fewest global in-flight requests per unit of weight (first wins a tie)."""
+def least_loaded_of(candidates: Sequence[Worker], load: LoadView,
+                    rng: random.Random | None = None) -> Worker:
+    """Fewest global in-flight requests per unit of weight.
+
+    A tie goes to the first candidate, or, with ``rng``, to the first from a random starting
+    point: new sessions and cold prompts on an idle fleet then spread instead of all landing on
+    the first worker.
+    """
     in_flight = load.in_flight
-    best, best_load = candidates[0], None
-    for w in candidates:
+    n = len(candidates)
+    start = int(rng.random() * n) if rng is not None and n > 1 else 0
+    best, best_load = candidates[start], None
+    for i in range(n):
+        w = candidates[(start + i) % n]
         score = in_flight(w.slot) / w.weight
         if best_load is None or score < best_load:
             best, best_load = w, score
@@ -113,6 +122,7 @@ class RoundRobin(Policy):
 
     def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         self._next += 1
+        ctx.reason = ctx.reason or "next worker in turn"
         return candidates[self._next % len(candidates)]
 
 
@@ -136,6 +146,7 @@ class WeightedRoundRobin(RoundRobin):
             first = candidates[0].weight
             self._uniform = all(w.weight == first for w in candidates)
             self._seen = candidates
+        ctx.reason = ctx.reason or "smooth weighted round-robin"
         if self._uniform:
             self._next += 1
             return candidates[self._next % len(candidates)]
@@ -154,6 +165,7 @@ class Random(Policy):
     name = "random"
 
     def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        ctx.reason = "uniformly random"
         return candidates[int(self.rng.random() * len(candidates))]
 
 
@@ -161,6 +173,7 @@ class WeightedRandom(Policy):
     name = "weighted_random"
 
     def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        ctx.reason = "random in proportion to weight"
         return self.rng.choices(candidates, weights=[w.weight for w in candidates])[0]
 
 
@@ -190,17 +203,20 @@ class LeastConnections(Policy):
 
 
 class PowerOfTwo(Policy):
-    """Two random candidates; the one with fewer in-flight requests (÷ weight) wins."""
+    """Two distinct random candidates; the one with fewer in-flight requests (÷ weight) wins."""
 
     name = "power_of_two"
 
     def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         n = len(candidates)
+        ctx.reason = "less loaded of two random workers"
         if n == 1:
             return candidates[0]
         rand = self.rng.random
-        a = candidates[int(rand() * n)]
-        b = candidates[int(rand() * n)]
+        i = int(rand() * n)
+        a = candidates[i]
+        # The second draw skips the first: two equal draws would send to a busy worker unopposed.
+        b = candidates[(i + 1 + int(rand() * (n - 1))) % n]
         in_flight = self.env.load.in_flight
         la, lb = in_flight(a.slot), in_flight(b.slot)
         if ctx.scores is not None:

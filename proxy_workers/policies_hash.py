@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Sequence
+from math import ceil
 from typing import TYPE_CHECKING
 
 from proxy_workers.context import RequestContext
@@ -83,8 +84,10 @@ class ConsistentHashBounded(Policy):
             ctx.note("no routing key: random worker", fallback=True)
             return candidates[int(self.rng.random() * len(candidates))]
         total = sum(in_flight(w.slot) for w in candidates)
-        # The +1 counts the request being placed, so an idle fleet never rejects its first owner.
-        limit = (total + 1) / len(candidates) * self.env.settings.bounded_load_factor
+        # Capacity per worker, rounded up as in the bounded-loads paper (Mirrokni et al.): the +1
+        # counts the request being placed, and the ceiling lets an idle fleet keep every key on
+        # its owner (1 / n * factor alone is below one request for n > factor).
+        limit = ceil((total + 1) / len(candidates) * self.env.settings.bounded_load_factor)
         worker, skipped = ring_pick(route, candidates, h, lambda w: in_flight(w.slot) + 1 <= limit)
         if worker is None:
             worker, _ = ring_pick(route, candidates, h)
@@ -92,7 +95,7 @@ class ConsistentHashBounded(Policy):
             return worker or candidates[0]
         if skipped:
             ctx.note(f"spilled past {skipped} worker(s) above the load bound", fallback=True,
-                     load_limit=round(limit, 2))
+                     load_limit=limit)
         else:
             ctx.reason = "key's worker on the ring (within the load bound)"
         return worker

@@ -97,7 +97,8 @@ def routable(worker: Worker) -> bool:
 class RoutingTable:
     """Per-snapshot routing state of one proxy process."""
 
-    __slots__ = ("aliases", "any", "by_slot", "generation", "router_of", "routes", "snapshot")
+    __slots__ = ("aliases", "any", "by_slot", "generation", "router_choice", "router_of", "routes",
+                 "snapshot")
 
     def __init__(self, snapshot: Snapshot, env: PolicyEnv, previous: RoutingTable | None) -> None:
         self.snapshot = snapshot
@@ -127,6 +128,9 @@ class RoutingTable:
         self.any = _route(ANY_MODEL, [w for w in usable if w is not None], len(workers),
                           "round_robin", env, previous_any)
         self.router_of = routers_by_model(snapshot.routers)
+        # (model, connection preference) -> (router, reason): selection depends only on the
+        # snapshot, so each combination is decided once per publish.
+        self.router_choice: dict[tuple[str, str], tuple[str, str]] = {}
         self.aliases = snapshot.aliases
 
     def route_for(self, model: str | None) -> ModelRoute:

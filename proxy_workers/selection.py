@@ -42,11 +42,11 @@ def select_router(model: str, available: Iterable[str], preference: str) -> tupl
     if not pool:
         raise NoHealthyWorker(f"model '{model}' has no {preference} router "
                               f"(it is served by: {', '.join(available)})")
-    skipped = [r for r in pool if r not in IMPLEMENTED]
-    for name in pool:
+    for i, name in enumerate(pool):
         if name in IMPLEMENTED:
-            reason = "preferred router" if name == pool[0] else (
-                f"{', '.join(skipped)} not available in this build: fell back to {name}")
+            # Only the routers preferred over this one were passed over.
+            reason = "preferred router" if i == 0 else (
+                f"{', '.join(pool[:i])} not available in this build: fell back to {name}")
             return name, reason
     raise NoHealthyWorker(f"model '{model}' is served only by {', '.join(pool)}, "
                           "whose data path is not available in this build")

@@ -104,6 +104,8 @@ class ProxyProcess:
         self.rng = random.Random()
         self.pools = Pools(loop, self.settings.pool_size)
         self._table = RoutingTable(snapshot, self.env, None)
+        self.cell_owner: list[str | None] = []
+        self._claim_cells(snapshot)
         reader.on_change = self._snapshot_changed
         self.active: set[Exchange] = set()
         self.connections: set[ClientProtocol] = set()
@@ -115,7 +117,20 @@ class ProxyProcess:
         self.reader.current()  # one generation compare; rebuilds through on_change when it moved
         return self._table
 
+    def _claim_cells(self, snapshot: Snapshot) -> None:
+        """Reset this proxy's cells of slots that now belong to a different worker."""
+        owners = self.cell_owner
+        for w in snapshot.workers:
+            slot = w.slot
+            if slot >= len(owners):
+                owners.extend([None] * (slot + 1 - len(owners)))
+            if owners[slot] != w.url:
+                if owners[slot] is not None:
+                    self.board.reset_cell(self.index, slot)
+                owners[slot] = w.url
+
     def _snapshot_changed(self, snapshot: Snapshot) -> None:
+        self._claim_cells(snapshot)
         self.settings = snapshot.settings
         self.env.update(snapshot.proxies, snapshot.settings)
         self.hash_headers = _hash_headers(snapshot.settings.hash_headers)
@@ -330,6 +345,7 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 self._answer_locally(request)
         except RouterError as err:
+            self.proc.count_request(error=True)  # refused before any worker: still a request
             self.send_error(err, request)
             self._next(request)
 

@@ -86,7 +86,7 @@ async def _serve(index: int, reader: SnapshotReader, board: LoadBoard, affinity:
     server = await loop.create_server(lambda: ClientProtocol(proc), sock=sock, backlog=LISTEN_BACKLOG)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    sweeper = loop.create_task(_sweep_forever(proc))
+    sweeper = loop.create_task(_sweep_forever(proc, stop, os.getppid()))
     log.debug("serving with pid %d", os.getpid())
     await stop.wait()
     await _shutdown(proc, server)
@@ -120,13 +120,24 @@ def _sweep(proc: ProxyProcess) -> None:
     board.ints[board.proxy_word(index, P_TORN_READS)] = proc.reader.torn_reads
 
 
-async def _sweep_forever(proc: ProxyProcess) -> None:
+async def _sweep_forever(proc: ProxyProcess, stop: asyncio.Event, parent: int) -> None:
+    orphaned_at = 0.0
     while True:
         await asyncio.sleep(SWEEP_SECONDS)
         try:
             _sweep(proc)
         except Exception:  # the sweep must survive anything one connection does
             log.exception("sweep failed")
+        if os.getppid() != parent and not stop.is_set():
+            # The coordinator died: keep serving the last snapshot for a while (a supervisor may
+            # be restarting it), then drain and leave rather than hold the port forever.
+            now = time.monotonic()
+            if not orphaned_at:
+                orphaned_at = now
+                log.warning("coordinator gone; serving the last snapshot for %.0fs",
+                            proc.settings.orphan_timeout)
+            if now - orphaned_at >= proc.settings.orphan_timeout:
+                stop.set()
 
 
 async def _shutdown(proc: ProxyProcess, server: asyncio.AbstractServer) -> None:

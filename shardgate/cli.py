@@ -1,4 +1,4 @@
-"""The ``shardgate`` command: serve, check-config, mock-worker, demo, settings-doc.
+"""The ``shardgate`` command: serve, check-config, mock-worker, demo, settings-doc, registry, workers.
 
 Role: parse the command line and hand over to the right component. Exit codes: 0 success,
 2 configuration error (one line naming the field and the reason; nothing starts), 1 any other
@@ -19,11 +19,13 @@ def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from coordinator.arbiter import Coordinator
+    from coordinator.discovery import dynamic_sources
 
     config = load_config(args)
-    if not config.workers:
-        raise ConfigError("no workers: give --worker URL (repeatable) or a config file with a "
-                          "'workers:' list")
+    if not config.workers and not dynamic_sources(config.settings):
+        raise ConfigError("no workers: give --worker URL (repeatable), a config file with a "
+                          "'workers:' list, or a discovery source (registry_url, etcd_endpoints, "
+                          "admin_port)")
     logging.basicConfig(level=config.settings.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s coordinator %(levelname)s %(message)s")
     return uvloop.run(Coordinator(config, lambda: load_config(args)).run())
@@ -51,6 +53,18 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(args.rest)
 
 
+def _registry(args: argparse.Namespace) -> int:
+    from shardgate import registry
+
+    return registry.main(args.rest)
+
+
+def _workers(args: argparse.Namespace) -> int:
+    from shardgate import workers_cli
+
+    return workers_cli.main(args.rest)
+
+
 def _settings_doc(args: argparse.Namespace) -> int:
     from coordinator.docs import settings_markdown
 
@@ -74,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(check)
     check.set_defaults(func=_check_config)
     for name, func, text in (("mock-worker", _mock_worker, "Run a fake OpenAI-compatible worker."),
-                             ("demo", _demo, "Run the router with mock workers; prints curl lines.")):
+                             ("demo", _demo, "Run the router with mock workers; prints curl lines."),
+                             ("registry", _registry, "Run the HTTP service registry workers register with."),
+                             ("workers", _workers, "Manage a running router's workers (admin API).")):
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=func)
@@ -84,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PASSTHROUGH = {"mock-worker": _mock_worker, "demo": _demo}
+PASSTHROUGH = {"mock-worker": _mock_worker, "demo": _demo, "registry": _registry, "workers": _workers}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,6 +129,17 @@ class LoadBoard:
             if ints[word]:
                 ints[word] = 0
 
+    def reset_cell(self, proxy: int, slot: int) -> None:
+        """Zero a cell's counters when its slot now belongs to another worker.
+
+        In-flight is left alone: requests to the previous worker still settle against it, and
+        the gauge returns to its true value as they do.
+        """
+        base = self.cell_word(proxy, slot)
+        for field in range(WORKER_FIELDS):
+            if field != W_IN_FLIGHT:
+                self.ints[base + field] = 0
+
     # -- reader side (anyone) ------------------------------------------------------------
 
     def worker_in_flight(self, slot: int, proxies: int) -> int:

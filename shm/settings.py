@@ -144,6 +144,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     snapshot_capacity: Annotated[
         int, Meta(ge=65536), _d("Bytes reserved for one encoded snapshot in shared memory.")
     ] = 64 * 1024 * 1024
+    orphan_timeout: Annotated[
+        float, Meta(ge=0), _d("Seconds a proxy keeps serving its last snapshot after its coordinator "
+                              "died, before it drains and exits (0: exit at once).")
+    ] = 30.0
     restart_backoff_max: Annotated[
         Seconds, _d("Longest wait in seconds before restarting a proxy that died.")
     ] = 10.0

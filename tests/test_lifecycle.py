@@ -245,11 +245,9 @@ def test_crashed_proxy_releases_its_in_flight_load(start_worker, start_router, s
         assert try_chat(router.url) == 200
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: proxies do not notice that their coordinator died "
-                   "(no parent check / PDEATHSIG); they keep serving a frozen snapshot forever")
 def test_proxies_exit_when_their_coordinator_dies(start_worker, start_router) -> None:
     worker = start_worker(["m1"])
-    router = start_router([worker.url], "--proxies", "2")
+    router = start_router([worker.url], "--proxies", "2", "--orphan-timeout", "0.5")
     proxies = proxy_children(router)
     os.kill(router.pid, signal.SIGKILL)
     assert router.popen.wait(10) == -signal.SIGKILL
@@ -372,8 +370,9 @@ def test_segments_are_private_and_removed_at_exit(start_worker, start_router) ->
     worker = start_worker(["m1"])
     router = start_router([worker.url])
     segs = segments_of(router.pid)
-    assert sorted(re.sub(r"^shardgate\.\d+-[0-9a-f]+\.", "", p.name) for p in segs) == ["board", "snap"], segs
-    assert len({p.name.rsplit(".", 1)[0] for p in segs}) == 1, "both segments belong to one instance"
+    kinds = sorted(re.sub(r"^shardgate\.\d+-[0-9a-f]+\.", "", p.name) for p in segs)
+    assert kinds == ["affinity", "board", "snap"], segs
+    assert len({p.name.rsplit(".", 1)[0] for p in segs}) == 1, "all segments belong to one instance"
     for seg in segs:
         assert stat.S_IMODE(seg.stat().st_mode) == 0o600, seg
         assert seg.stat().st_uid == os.getuid()
@@ -398,7 +397,7 @@ def test_stale_segment_of_a_dead_pid_is_removed_at_start(start_worker, start_rou
         router = start_router([worker.url])
         assert not (SHM_DIR / name[1:]).exists(), "the stale segment survived a start"
         assert try_chat(router.url) == 200
-        assert len(segments_of(router.pid)) == 2
+        assert len(segments_of(router.pid)) == 3
     finally:
         try:
             posix_ipc.unlink_shared_memory(name)

@@ -18,6 +18,7 @@ import socketserver
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -131,28 +132,14 @@ class Raw:
         return Response(status, headers, body, [], True)
 
     def closed(self) -> bool:
-        """True once the peer has closed the connection (polls until the deadline)."""
+        """True once the peer has closed the connection; a connection left open times out (DEADLINE)."""
         while self._fill():
             pass
         return True
 
-    def is_open(self) -> bool:
-        """True if the peer has not closed the connection (does not wait for data)."""
-        self.sock.setblocking(False)
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            return True
-        except ConnectionResetError:
-            return False
-        finally:
-            self.sock.settimeout(DEADLINE)
-        self.buf += data
-        return bool(data)
-
 
 def request(method: str, path: str, body: Any = None, headers: list[tuple[str, str]] | tuple = (),
-            version: str = "1.1", length: bool = True) -> bytes:
+            version: str = "1.1") -> bytes:
     """A request's bytes; a dict body is JSON; Host and Content-Length are added unless given."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     names = {k.lower() for k, _ in headers}
@@ -160,7 +147,7 @@ def request(method: str, path: str, body: Any = None, headers: list[tuple[str, s
     if "host" not in names:
         lines.append("Host: shardgate.test")
     lines += [f"{k}: {v}" for k, v in headers]
-    if data is not None and length and "content-length" not in names:
+    if data is not None and "content-length" not in names:
         if "content-type" not in names:
             lines.append("Content-Type: application/json")
         lines.append(f"Content-Length: {len(data)}")
@@ -214,10 +201,11 @@ def router_stats(router: launch.Launched) -> dict:
 # -- fleets --------------------------------------------------------------------------------------
 
 
-class Fleet:
-    """A router in front of mock workers; stops them all, even when starting one failed."""
+class Fleet(SimpleNamespace):
+    """A router in front of mock workers (named as attributes); stops them all, even after a failed start."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.workers: list[launch.Launched] = []
         self.routers: list[launch.Launched] = []
 
@@ -248,9 +236,9 @@ def fleet() -> Iterator[Fleet]:
     """w1 serves m1, w2 serves m1 and m2; one router, body limit 2048. No test reconfigures these."""
     f = Fleet()
     try:
-        f.w1 = f.worker(("m1",))  # type: ignore[attr-defined]
-        f.w2 = f.worker(("m1", "m2"))  # type: ignore[attr-defined]
-        f.r = f.router([f.w1, f.w2], "--max-body-size", "2048")  # type: ignore[attr-defined]
+        f.w1 = f.worker(("m1",))
+        f.w2 = f.worker(("m1", "m2"))
+        f.r = f.router([f.w1, f.w2], "--max-body-size", "2048")
         yield f
     finally:
         f.stop()
@@ -261,9 +249,9 @@ def _solo() -> Iterator[Fleet]:
     """One worker behind two routers: ``r`` with default timeouts, ``fast`` with 1-2 s timeouts."""
     f = Fleet()
     try:
-        f.w = f.worker(("m1",))  # type: ignore[attr-defined]
-        f.r = f.router([f.w])  # type: ignore[attr-defined]
-        f.fast = f.router([f.w], "--first-byte-timeout", "1", "--idle-timeout", "1",  # type: ignore[attr-defined]
+        f.w = f.worker(("m1",))
+        f.r = f.router([f.w])
+        f.fast = f.router([f.w], "--first-byte-timeout", "1", "--idle-timeout", "1",
                           "--keepalive-timeout", "1", "--header-timeout", "2")
         yield f
     finally:
@@ -281,9 +269,9 @@ def _duo() -> Iterator[Fleet]:
     """Two workers both serving m1 behind one router, for fault injection."""
     f = Fleet()
     try:
-        f.a = f.worker(("m1",))  # type: ignore[attr-defined]
-        f.b = f.worker(("m1",))  # type: ignore[attr-defined]
-        f.r = f.router([f.a, f.b])  # type: ignore[attr-defined]
+        f.a = f.worker(("m1",))
+        f.b = f.worker(("m1",))
+        f.r = f.router([f.a, f.b])
         yield f
     finally:
         f.stop()
@@ -450,7 +438,7 @@ def test_failover_to_a_live_worker_then_502_when_all_are_down(start_worker: Any,
         assert status == 200, body
         assert chat_text(body) == expected_text(prompt, 16)
     assert worker_stats(b)["completed"] == 10
-    assert router_stats(router)["totals"]["retries"] >= 5  # every other pick was the dead worker
+    assert router_stats(router)["totals"]["retries"] >= 1  # until passive health ejects the dead one
     b.stop()
     status, headers, body = http("POST", router.url + CHAT, chat("m1"))
     assert status == 502, body
@@ -817,14 +805,14 @@ def test_upgrade_request_is_answered_over_http11_once_then_closed(fleet: Any) ->
     assert _requests(fleet) == before
 
 
-def test_head_request_error_has_no_body(fleet: Any) -> None:
+def test_head_answers_have_no_body(fleet: Any) -> None:
     # A body after a HEAD answer would be read as the start of the next response.
     with Raw(fleet.r.url) as c:
         c.send(request("HEAD", CHAT) + request("HEAD", "/health") + request("GET", "/health"))
-        for _ in range(2):
+        for expected in (405, 200):  # HEAD is refused on /v1/*, served on the router's endpoints
             status, headers, _ = c.read_head()
-            assert status == 405
-            assert int(headers["content-length"]) > 0  # what a GET-like answer would carry
+            assert status == expected
+            assert int(headers["content-length"]) > 0  # what a GET would carry, but no body
         resp = c.read_response()
     assert resp.status == 200
     assert json.loads(resp.body)["status"] == "ok"
@@ -841,7 +829,6 @@ def test_keep_alive_serves_several_requests_on_one_connection(fleet: Any) -> Non
             assert resp.status == 200
             assert "close" not in resp.headers.get("connection", "")
             assert chat_text(resp.body) == expected_text(prompt, 16)
-        assert c.is_open()
 
 
 def test_pipelined_requests_are_answered_in_order(fleet: Any) -> None:
@@ -951,7 +938,9 @@ def test_worker_hop_by_hop_response_headers_are_stripped(raw_fleet: Any) -> None
     with Raw(router.url) as c:
         c.send(request("POST", CHAT, chat("raw"), headers=[("X-Request-ID", "client-id")]))
         resp = c.read_response()
-        assert c.is_open()  # the worker's "Connection: close" is about its own hop
+        # The worker's "Connection: close" is about its own hop: the client's connection lives on.
+        c.send(request("GET", "/health"))
+        assert c.read_response().status == 200
     assert resp.status == 200 and resp.body == b"{}"
     names = [k for k, _ in resp.headers.items()]
     for name in ("x-hop", "keep-alive", "proxy-authenticate"):
