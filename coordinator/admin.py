@@ -42,6 +42,7 @@ from coordinator import topology
 from coordinator.config import ConfigError, check_worker
 from coordinator.discovery import Discovery
 from coordinator.membership import Key, WorkerState
+from coordinator.urlcheck import shape_problem
 from shm.schema import WorkerSpec
 from shm.settings import Settings
 
@@ -199,6 +200,9 @@ class AdminAPI:
 
     async def add_worker(self, request: web.Request) -> web.Response:
         body = await self._body(request)
+        raw_problem, _ = shape_problem(str(body.get("url", "")))
+        if raw_problem:  # before normalising, which would drop credentials and hide them
+            raise AdminError(400, f"refused: {raw_problem}", "url_not_allowed")
         try:
             spec = check_worker(msgspec.convert(body, WorkerSpec), "worker")
         except msgspec.ValidationError as exc:

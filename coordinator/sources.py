@@ -29,7 +29,7 @@ import msgspec
 
 from coordinator.config import ConfigError, check_worker
 from coordinator.membership import Key, spec_key
-from coordinator.urlcheck import UrlChecker
+from coordinator.urlcheck import UrlChecker, shape_problem
 from shm.schema import WorkerSpec
 
 # Merge order: earlier wins for a worker several sources list.
@@ -161,6 +161,10 @@ def spec_from_entry(entry: Any, strict: bool) -> WorkerSpec:
             fields["labels"] = {str(k): str(v) for k, v in fields["metadata"].items()
                                 if isinstance(v, str | int | float | bool)}
         fields = {k: v for k, v in fields.items() if k in SPEC_FIELDS}
+    if isinstance(fields.get("url"), str):
+        problem, _ = shape_problem(fields["url"])  # on the raw URL: normalising drops credentials
+        if problem:
+            raise ValueError(problem)
     try:
         spec = msgspec.convert(fields, WorkerSpec)
     except msgspec.ValidationError as exc:

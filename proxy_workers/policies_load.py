@@ -90,7 +90,7 @@ class LeastLoaded(Policy):
                 best, best_score = w, score
         if best is None:
             ctx.note("no fresh engine metrics: least in-flight", fallback=True, stale=stale)
-            return least_loaded_of(candidates, env.load)
+            return least_loaded_of(candidates, env.load, self.rng)
         ctx.note("fewest running + waiting requests (engine metrics)",
                  queue=best_score[0], kv_usage=round(best_score[1], 3))
         return best

@@ -54,11 +54,18 @@ def select_router(model: str, available: Iterable[str], preference: str) -> tupl
 
 def resolve_alias(model: str, aliases: dict[str, dict[str, float]], served: dict[str, object],
                   rng: random.Random) -> str:
-    """The target model for an alias (weighted draw over served targets), else ``model``."""
+    """The target model for an alias (weighted draw over served targets), else ``model``.
+
+    ``served`` maps model names to their routes; a route whose ``candidates`` is empty (every
+    worker down) is not served.
+    """
     targets = aliases.get(model)
     if targets is None:
         return model
-    live = [(m, w) for m, w in targets.items() if m in served]
+    # A target counts only while it has a routable worker (a route with candidates), as in
+    # /v1/models: a split must not keep sending its share to a model that is down.
+    live = [(m, w) for m, w in targets.items()
+            if m in served and getattr(served[m], "candidates", True)]
     if not live:
         raise NoHealthyWorker(f"alias '{model}' has no served target (targets: {', '.join(targets)})")
     total = sum(w for _, w in live)

@@ -61,8 +61,8 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class Request:
-    __slots__ = ("body", "connection", "explain", "headers", "http11", "keep_alive", "method", "model",
-                 "path", "peer", "request_id", "upstream_tail", "url")
+    __slots__ = ("body", "connection", "error", "explain", "headers", "http11", "keep_alive", "method",
+                 "model", "path", "peer", "request_id", "upstream_tail", "url")
 
     def __init__(self, method: bytes, url: bytes, http11: bool, keep_alive: bool) -> None:
         self.method = method
@@ -79,6 +79,8 @@ class Request:
         self.peer = b""
         self.explain = False  # X-Shardgate-Debug: 1 asks for the decision in a response header
         self.connection = ""  # X-Shardgate-Connection: http | grpc (router preference)
+        # A refusal found while the request was read, answered when its turn comes (pipelining).
+        self.error: RouterError | None = None
 
 
 class ProxyProcess:
@@ -310,7 +312,10 @@ class ClientProtocol(asyncio.Protocol):
                     supplied_id = value
                 continue
             if name.startswith(b"x-shardgate-"):
-                self._router_header(request, name, value)
+                try:
+                    self._router_header(request, name, value)
+                except RouterError as err:
+                    request.error = err
             parts.append(b"%s: %s\r\n" % (name, value))
         request.headers = self._headers
         request.peer = self.peer
@@ -340,6 +345,8 @@ class ClientProtocol(asyncio.Protocol):
     def dispatch(self, request: Request) -> None:
         self.idle_since = 0.0
         try:
+            if request.error is not None:
+                raise request.error
             if request.path.startswith(b"/v1/") and not request.path.startswith(b"/v1/models"):
                 self._proxy(request)
             else:

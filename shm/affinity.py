@@ -126,13 +126,19 @@ class AffinityTable:
         words[victim] = key
 
     def forget(self, proxy: int, key: int) -> None:
-        """Drop ``key`` from ``proxy``'s region (e.g. its worker failed)."""
+        """Drop ``key`` from ``proxy``'s region (e.g. its worker failed).
+
+        The entry stays as a tombstone (never seen, so expired for every TTL and the first to be
+        evicted) instead of becoming a hole: ``record`` stops at the first empty entry, so a hole
+        before a key's entry would let a later record write the key twice, and the older copy
+        would resurface once the newer one is evicted or forgotten.
+        """
         key = key or 1
         base, cap = self._base(proxy), self.capacity
         for i in range(PROBES):
             e = base + ((key % cap + i) % cap) * ENTRY_WORDS
             if self.words[e] == key:
-                self.words[e] = 0
+                self.floats[e + E_SEEN] = float("-inf")
                 return
 
     def close(self) -> None:

@@ -209,8 +209,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                                     "(at least one of two or more; never the last routable one).")
     ] = 50
     slow_start: Annotated[
-        float, Meta(ge=0), _d("Seconds over which a new or recovered worker's weight ramps from 10% to "
-                              "100% (weighted policies); 0 turns slow start off.")
+        float, Meta(ge=0), _d("Seconds over which a new or recovered worker's weight ramps from a tenth to "
+                              "all of it (weighted policies); 0 turns slow start off.")
     ] = 0.0
     admin_host: Annotated[str, _d("Address the admin API listens on.")] = "127.0.0.1"
     admin_port: Annotated[

@@ -8,7 +8,7 @@ the CLI. Nothing here sleeps to synchronise; callers poll with ``conftest.wait_f
 from __future__ import annotations
 
 import base64
-import http.client
+import http.client as http_client
 import json
 import re
 import shutil
@@ -145,7 +145,7 @@ class Stream(threading.Thread):
 
     def run(self) -> None:
         parts = urlsplit(self.url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        conn = http_client.HTTPConnection(parts.hostname, parts.port, timeout=60)
         try:
             payload = {"model": self.model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
             conn.request("POST", "/v1/chat/completions", json.dumps(payload),

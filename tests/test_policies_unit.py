@@ -248,6 +248,20 @@ def test_affinity_full_probe_window_evicts_the_least_recently_seen(shared: Share
     assert table_.lookup(keys[0], 1, now=202.0, ttl=1e6) == (0, 100.0)
 
 
+def test_affinity_forget_leaves_no_stale_copy_behind(shared: Shared) -> None:
+    table_ = shared.affinity
+    cap = table_.capacity
+    first, key = 11, 11 + cap  # same home bucket: key's entry sits after first's
+    table_.record(0, first, slot=1, now=100.0)
+    table_.record(0, key, slot=2, now=100.0)
+    table_.forget(0, first)
+    assert table_.lookup(first, 1, now=101.0, ttl=1e6) is None
+    table_.record(0, key, slot=5, now=102.0)  # the key moves to another worker
+    assert table_.lookup(key, 1, now=103.0, ttl=1e6) == (5, 102.0)
+    table_.forget(0, key)
+    assert table_.lookup(key, 1, now=104.0, ttl=1e6) is None  # no older copy resurfaces
+
+
 # --------------------------------------------------------------------------------------------
 # simple policies
 
@@ -585,8 +599,8 @@ def test_select_router_follows_the_seed_rules() -> None:
     by_model = routers_by_model(routers)
     assert by_model == {"llama": ("http_pd", "http_regular"), "qwen": ("http_regular", "grpc_regular"),
                         "mistral": ("grpc_regular",)}
-    name, reason = select_router("llama", by_model["llama"], "any")
-    assert name == "http_regular" and reason == "http_pd not available in this build: fell back to http_regular"
+    fell_back = "http_pd not available in this build: fell back to http_regular"
+    assert select_router("llama", by_model["llama"], "any") == ("http_regular", fell_back)
     assert select_router("qwen", by_model["qwen"], "any") == ("http_regular", "preferred router")
     assert select_router("qwen", by_model["qwen"], "http") == ("http_regular", "preferred router")
     with pytest.raises(NoHealthyWorker, match="grpc_regular, whose data path is not available"):
@@ -596,8 +610,8 @@ def test_select_router_follows_the_seed_rules() -> None:
     with pytest.raises(ModelNotFound):
         select_router("gpt-5", (), "any")
     # Only the routers preferred over the chosen one are named as passed over.
-    name, reason = select_router("llama", ("http_pd", "http_regular", "grpc_regular"), "any")
-    assert (name, reason) == ("http_regular", "http_pd not available in this build: fell back to http_regular")
+    assert select_router("llama", ("http_pd", "http_regular", "grpc_regular"), "any") == (
+        "http_regular", fell_back)
 
 
 def test_alias_draws_converge_to_the_weights_over_served_targets() -> None:
@@ -609,6 +623,11 @@ def test_alias_draws_converge_to_the_weights_over_served_targets() -> None:
     assert resolve_alias("m1", aliases, {"m1": 1}, rng) == "m1"
     with pytest.raises(NoHealthyWorker, match="no served target"):
         resolve_alias("dead", aliases, {"m1": 1}, rng)
+    # A target whose workers are all down (a route without candidates) gets no share.
+    down, up = SimpleNamespace(candidates=[]), SimpleNamespace(candidates=["w"])
+    assert {resolve_alias("chat", aliases, {"m1": down, "m2": up}, rng) for _ in range(50)} == {"m2"}
+    with pytest.raises(NoHealthyWorker):
+        resolve_alias("chat", aliases, {"m1": down, "m2": down}, rng)
 
 
 def test_assign_routers_for_the_seed_deployment() -> None:
@@ -654,7 +673,8 @@ def test_routing_key_comes_from_headers_then_user_then_fallback() -> None:
     raw = json.dumps({"model": "m", "user": "bob"}).encode()
     fields = ROUTING_DECODER.decode(raw)
 
-    def ctx(headers: list[tuple[bytes, bytes]], fallback: str = "random", body: bytes = raw) -> RequestContext:
+    def ctx(headers: list[tuple[bytes, bytes]], fallback: str = "random",
+            body: bytes = raw) -> RequestContext:
         return RequestContext("m", ROUTING_DECODER.decode(body), body, headers, b"10.1.2.3", HASH_HEADERS,
                               fallback)
 
