@@ -195,12 +195,11 @@ class Discovery:
         if self.fleet_notice:
             notices.append(self.fleet_notice)
         notices += self.passive.notices
-        for key, drain in self.drains.items():
-            state = self.fleet.states.get(key)
-            if state is not None:
-                left = self.board.worker_in_flight(state.slot, self.proxies)
-                notices.append(f"draining {key[0]}: {left} request(s) in flight, "
-                               f"{time.monotonic() - drain.started:.0f}s so far")
+        for key in self.drains:
+            if key in self.fleet.states:
+                # No live counts here (in_flight is in the worker's row): a notice that changed
+                # every second would cost a publish every second.
+                notices.append(f"draining {key[0]}: it leaves once its in-flight requests finish")
         self.fleet.notices = notices
         self.fleet.sources = {src.name: src.status() for src in (*self.sources(), self.overrides.source)}
 
@@ -262,8 +261,10 @@ class Discovery:
         if finished:
             self.apply()
             changed = True
-        elif changed or self.drains or self.passive.notices:
+        else:
+            before = self.fleet.notices
             self.refresh_notices()
+            changed = changed or self.fleet.notices != before
         if self.fleet.ramp_changed(now, self.settings.slow_start):
             changed = True
         return changed

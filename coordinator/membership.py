@@ -98,6 +98,7 @@ class WorkerState:
                       draining=self.draining, health_reason=reason,
                       quota_rpm=spec.quota.requests_per_minute if spec.quota else 0,
                       quota_tpm=spec.quota.tokens_per_minute if spec.quota else 0,
+                      bootstrap_port=spec.bootstrap_port,
                       ejected=self.ejected)
 
 
@@ -184,10 +185,9 @@ class Fleet:
     def ramp_steps(self, now: float, slow_start: float) -> dict[int, int]:
         """Slot -> weight in tenths (1..9) of every worker still in its slow start."""
         steps: dict[int, int] = {}
+        if slow_start <= 0:
+            return steps  # (arms left set are harmless: nothing ramps while this is off)
         for s in self.states.values():
-            if slow_start <= 0:
-                s.ramp_armed, s.ramp_from = False, 0.0
-                continue
             if s.ramp_armed and s.routable():
                 s.ramp_armed, s.ramp_from = False, now
             if s.ramp_from:

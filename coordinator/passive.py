@@ -75,6 +75,7 @@ class PassiveHealth:
         self.board = board
         self.proxies = proxies
         self.notices: list[str] = []
+        self._last: tuple[list[int], list[int], list[int]] | None = None
 
     def read(self, slots: int) -> tuple[list[int], list[int], list[int], list[int]]:
         """(attempts, failed, in flight, failures in a row) per slot, summed over proxies."""
@@ -98,6 +99,14 @@ class PassiveHealth:
         changed = False
         due: list[WorkerState] = []
         candidates: list[tuple[WorkerState, str]] = []
+        counters = (requests, errors, in_flight)
+        if counters == self._last and all(isinstance(s.passive, PassiveState) for s in states):
+            # Nothing moved on the board (an idle router): only ejections can fall due. The list
+            # compare runs in C, which keeps an idle coordinator's CPU near zero at any size.
+            due = [s for s in states if s.ejected and now >= s.passive.until  # type: ignore[union-attr]
+                   and not s.passive.probing]  # type: ignore[union-attr]
+            return False, due
+        self._last = counters
         for st in states:
             slot = st.slot
             done, err = requests[slot] - in_flight[slot], errors[slot]

@@ -17,7 +17,7 @@ import msgspec
 
 from proxy_workers.context import ROUTING_DECODER, RequestContext, RoutingFields
 from proxy_workers.errors import BadRequest
-from proxy_workers.routing import ModelRoute, RoutingTable
+from proxy_workers.routing import ModelRoute, PDRoute, RoutingTable
 from proxy_workers.selection import resolve_alias, select_router
 
 if TYPE_CHECKING:
@@ -39,7 +39,8 @@ def routing_fields(body: bytes) -> RoutingFields | None:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
 
-def prepare(proc: ProxyProcess, request: Request, dry_run: bool = False) -> tuple[ModelRoute, RequestContext]:
+def prepare(proc: ProxyProcess, request: Request,
+            dry_run: bool = False) -> tuple[ModelRoute | PDRoute, RequestContext]:
     """The route and context for ``request``; raises RouterError (404, 503, 400) with a reason."""
     fields = routing_fields(request.body)
     model = fields.model if fields is not None else None
@@ -62,7 +63,7 @@ def prepare(proc: ProxyProcess, request: Request, dry_run: bool = False) -> tupl
         choice = select_router(model, table.router_of.get(model, ()), preference)
         table.router_choice[(model, preference)] = choice
     ctx.router, ctx.router_reason = choice
-    return table.route_for(model), ctx
+    return table.route_in(ctx.router, model), ctx
 
 
 def retarget(request: Request, model: str) -> None:

@@ -78,7 +78,7 @@ def _health(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
 
 def _readiness(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
     table = proc.table()
-    unready = sorted(m for m, route in table.routes.items() if not route.candidates)
+    unready = sorted(m for m in table.routes if not table.serving(m)[0])
     ready = bool(table.routes) and not unready
     body = {"status": "ready" if ready else "not ready", "unready_models": unready}
     return (200 if ready else 503), _encode(body), _JSON
@@ -91,23 +91,22 @@ def _model_entry(model: str, healthy: int, total: int) -> dict[str, Any]:
 
 def _models(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
     table = proc.table()
-    data = [_model_entry(m, len(r.candidates), r.serving)
-            for m, r in sorted(table.routes.items()) if r.candidates]
+    served = {m: table.serving(m) for m in sorted(table.routes)}
+    data = [_model_entry(m, healthy, total) for m, (healthy, total) in served.items() if healthy]
     for alias, targets in sorted(table.aliases.items()):
-        live = [m for m in targets if m in table.routes and table.routes[m].candidates]
+        live = [m for m in targets if served.get(m, (0, 0))[0]]
         if live:
-            entry = _model_entry(alias, sum(len(table.routes[m].candidates) for m in live),
-                                 sum(table.routes[m].serving for m in live))
+            entry = _model_entry(alias, sum(served[m][0] for m in live), sum(served[m][1] for m in live))
             entry["alias_of"] = dict(targets)
             data.append(entry)
     return 200, _encode({"object": "list", "data": data}), _JSON
 
 
 def _model(proc: ProxyProcess, name: str) -> tuple[int, bytes, bytes]:
-    route = proc.table().routes.get(name)
-    if route is None or not route.candidates:
+    healthy, total = proc.table().serving(name)
+    if not healthy:
         raise NotFound(f"The model '{name}' does not exist or is not served here.")
-    return 200, _encode(_model_entry(name, len(route.candidates), route.serving)), _JSON
+    return 200, _encode(_model_entry(name, healthy, total)), _JSON
 
 
 def _worker_view(proc: ProxyProcess, w: Worker, proxies: int) -> dict[str, Any]:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from proxy_workers.context import RequestContext
+    from proxy_workers.pd import PDExchange
     from proxy_workers.server import ClientProtocol, ProxyProcess, Request
     from proxy_workers.upstream import UpstreamConnection
     from shm.schema import Worker
@@ -64,6 +65,7 @@ class Exchange:
         "head_sent",
         "last_io",
         "out",
+        "pd",
         "phase",
         "phase_started",
         "proc",
@@ -82,6 +84,7 @@ class Exchange:
         self.request = request
         self.route = route
         self.ctx = ctx
+        self.pd: PDExchange | None = None  # set when this is the decode leg of a PD request
         self.tried: list[int] = []
         self.worker: Worker | None = None
         self.conn: UpstreamConnection | None = None
@@ -250,6 +253,13 @@ class Exchange:
     def _attempt_failed(self, why: str, connect_error: bool) -> None:
         self._fresh_retry = False
         self._settle(ok=False, connect_error=connect_error)
+        if self.pd is not None:
+            # A PD decode leg does not retry alone: its prefill's KV went to this worker, so the
+            # PD exchange starts a new pair.
+            self.phase = DONE
+            self.proc.active.discard(self)
+            self.pd.decode_failed(self, why)
+            return
         if len(self.tried) < self.proc.settings.max_tries:
             self.proc.count_retry()
             self._attempt()
@@ -307,6 +317,9 @@ class Exchange:
     def _end(self, error: bool) -> None:
         self.phase = DONE
         self.proc.active.discard(self)
+        if self.pd is not None:
+            self.pd.exchange_done(self, error)
+            return
         self.proc.count_request(error)
         self.client.exchange_done(self)
 
@@ -314,8 +327,13 @@ class Exchange:
 
     def client_gone(self) -> None:
         """The client disconnected: abort the worker connection so generation stops."""
+        if self.cancel():
+            self.proc.count_disconnect()
+
+    def cancel(self) -> bool:
+        """Abort the worker connection and end silently; False if already ended."""
         if self.phase == DONE:
-            return
+            return False
         self._abandon_connect()
         conn, self.conn = self.conn, None
         if conn is not None:
@@ -323,7 +341,7 @@ class Exchange:
         self.phase = DONE
         self._settle(ok=False, count_error=False)
         self.proc.active.discard(self)
-        self.proc.count_disconnect()
+        return True
 
     def check_deadline(self, now: float) -> None:
         """Called by the periodic sweep; enforces connect, first-byte, idle and total timeouts."""

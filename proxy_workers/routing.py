@@ -90,15 +90,38 @@ class ModelRoute:
 
 
 def routable(worker: Worker) -> bool:
+    """Usable by the http_regular router."""
     return (worker.healthy and not worker.draining and worker.type == "regular"
             and worker.connection == "http")
+
+
+def usable(worker: Worker) -> bool:
+    """Usable by some router: healthy and not draining."""
+    return worker.healthy and not worker.draining
+
+
+class PDRoute:
+    """A model's prefill and decode routes (http_pd or grpc_pd), each with its own policy."""
+
+    __slots__ = ("decode", "dialect", "model", "prefill")
+
+    def __init__(self, model: str, prefill: ModelRoute, decode: ModelRoute, dialect: str) -> None:
+        self.model = model
+        self.prefill = prefill
+        self.decode = decode
+        self.dialect = dialect
+
+    @property
+    def candidates(self) -> list[Worker]:
+        """Non-empty only when a pair can be formed (a PD model is ready only then)."""
+        return self.decode.candidates if self.prefill.candidates else []
 
 
 class RoutingTable:
     """Per-snapshot routing state of one proxy process."""
 
-    __slots__ = ("aliases", "any", "by_slot", "generation", "router_choice", "router_of", "routes",
-                 "snapshot")
+    __slots__ = ("aliases", "any", "by_slot", "generation", "grpc_routes", "pd_routes", "router_choice",
+                 "router_of", "routes", "snapshot")
 
     def __init__(self, snapshot: Snapshot, env: PolicyEnv, previous: RoutingTable | None) -> None:
         self.snapshot = snapshot
@@ -108,30 +131,84 @@ class RoutingTable:
         # proxy's event loop and must stay within a few ms for 10,000 workers.
         size = max((w.slot for w in workers), default=-1) + 1
         self.by_slot: list[Worker | None] = [None] * size
-        usable: list[Worker | None] = [None] * size
+        plain: list[Worker | None] = [None] * size  # http_regular candidates
+        others: dict[int, Worker] = {}  # usable gRPC or prefill/decode workers (usually few)
         for w in workers:
             self.by_slot[w.slot] = w
             if routable(w):
-                usable[w.slot] = w
+                plain[w.slot] = w
+            elif usable(w):
+                others[w.slot] = w
         old = previous.routes if previous is not None else {}
-        default = snapshot.settings.policy
         self.routes: dict[str, ModelRoute] = {}
         for model, slots in snapshot.models.items():
-            candidates = [w for w in map(usable.__getitem__, slots) if w is not None]
-            override = snapshot.model_policies.get(model)
-            name = (override.policy if override and override.policy else None) or default
-            route = _route(model, candidates, len(slots), name, env, old.get(model))
-            _attach_ring(route, snapshot, usable)
+            candidates = [w for w in map(plain.__getitem__, slots) if w is not None]
+            route = _route(model, candidates, len(slots), _policy_name(snapshot, model), env,
+                           old.get(model))
+            _attach_ring(route, snapshot, plain)
             self.routes[model] = route
+        self.grpc_routes: dict[str, ModelRoute] = {}
+        self.pd_routes: dict[str, dict[str, PDRoute]] = {"http_pd": {}, "grpc_pd": {}}
+        self._special_routes(snapshot, env, previous, others)
         # Requests without a model field go round-robin over every worker (the seed's behaviour).
         previous_any = previous.any if previous is not None else None
-        self.any = _route(ANY_MODEL, [w for w in usable if w is not None], len(workers),
+        self.any = _route(ANY_MODEL, [w for w in plain if w is not None], len(workers),
                           "round_robin", env, previous_any)
         self.router_of = routers_by_model(snapshot.routers)
         # (model, connection preference) -> (router, reason): selection depends only on the
         # snapshot, so each combination is decided once per publish.
         self.router_choice: dict[tuple[str, str], tuple[str, str]] = {}
         self.aliases = snapshot.aliases
+
+    def _special_routes(self, snapshot: Snapshot, env: PolicyEnv, previous: RoutingTable | None,
+                        others: dict[int, Worker]) -> None:
+        """Routes of the grpc_regular, http_pd and grpc_pd routers, for models that have them."""
+        kinds: dict[tuple[str, str, str], list[Worker]] = {}
+        for model, slots in snapshot.models.items():
+            for slot in slots:
+                w = others.get(slot)
+                if w is not None:
+                    kinds.setdefault((model, w.connection, w.type), []).append(w)
+        served = {m for r in ("grpc_regular", "http_pd", "grpc_pd") for m in snapshot.routers.get(r, ())}
+        old_grpc = previous.grpc_routes if previous is not None else {}
+        old_pd = previous.pd_routes if previous is not None else {"http_pd": {}, "grpc_pd": {}}
+        for model in served:
+            total = len(snapshot.models.get(model, ()))
+            name = _policy_name(snapshot, model)
+            if model in snapshot.routers.get("grpc_regular", ()):
+                self.grpc_routes[model] = _route(model, kinds.get((model, "grpc", "regular"), []), total,
+                                                 name, env, old_grpc.get(model))
+            for connection in ("http", "grpc"):
+                router = f"{connection}_pd"
+                if model not in snapshot.routers.get(router, ()):
+                    continue
+                override = snapshot.model_policies.get(model)
+                before = old_pd[router].get(model)
+                prefill = _route(model, kinds.get((model, connection, "prefill"), []), total,
+                                 (override.prefill_policy if override else None) or name, env,
+                                 before.prefill if before else None)
+                decode = _route(model, kinds.get((model, connection, "decode"), []), total,
+                                (override.decode_policy if override else None) or name, env,
+                                before.decode if before else None)
+                dialect = override.pd_dialect if override else "two_phase"
+                self.pd_routes[router][model] = PDRoute(model, prefill, decode, dialect)
+
+    def route_in(self, router: str, model: str) -> ModelRoute | PDRoute:
+        """The model's route in ``router`` (selection guarantees the router serves the model)."""
+        if router == "http_regular":
+            return self.route_for(model)
+        if router == "grpc_regular":
+            return self.grpc_routes[model]
+        return self.pd_routes[router][model]
+
+    def serving(self, model: str) -> tuple[int, int]:
+        """(routable workers, configured workers) of a model over all its routers."""
+        healthy = 0
+        for route in (self.routes.get(model), self.grpc_routes.get(model),
+                      self.pd_routes["http_pd"].get(model), self.pd_routes["grpc_pd"].get(model)):
+            if route is not None:
+                healthy += len(route.candidates)
+        return healthy, len(self.snapshot.models.get(model, ()))
 
     def route_for(self, model: str | None) -> ModelRoute:
         if model is None:
@@ -141,6 +218,11 @@ class RoutingTable:
             raise ModelNotFound(f"The model '{model}' does not exist or is not served here.",
                                 param="model")
         return route
+
+
+def _policy_name(snapshot: Snapshot, model: str) -> str:
+    override = snapshot.model_policies.get(model)
+    return (override.policy if override and override.policy else None) or snapshot.settings.policy
 
 
 def _route(model: str, candidates: list[Worker], serving: int, policy_name: str, env: PolicyEnv,

@@ -41,6 +41,7 @@ from proxy_workers.errors import (
     render_response,
 )
 from proxy_workers.exchange import Exchange
+from proxy_workers.pd import PDExchange
 from proxy_workers.policies import PolicyEnv
 from proxy_workers.routing import RoutingTable
 from proxy_workers.upstream import Pools
@@ -62,7 +63,7 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 class Request:
     __slots__ = ("body", "connection", "error", "explain", "headers", "http11", "keep_alive", "method",
-                 "model", "path", "peer", "request_id", "upstream_tail", "url")
+                 "model", "path", "peer", "request_id", "upstream_head", "upstream_tail", "url")
 
     def __init__(self, method: bytes, url: bytes, http11: bool, keep_alive: bool) -> None:
         self.method = method
@@ -72,7 +73,8 @@ class Request:
         self.http11 = http11
         self.keep_alive = keep_alive
         self.request_id = b""
-        self.upstream_tail = b""
+        self.upstream_head = b""  # header lines for the worker, without framing
+        self.upstream_tail = b""  # everything after the request line and Host
         self.body = b""
         self.model: str | None = None
         self.headers: list[tuple[bytes, bytes]] = []
@@ -81,6 +83,22 @@ class Request:
         self.connection = ""  # X-Shardgate-Connection: http | grpc (router preference)
         # A refusal found while the request was read, answered when its turn comes (pipelining).
         self.error: RouterError | None = None
+
+    def set_body(self, body: bytes) -> None:
+        """Set the body the worker gets (and its framing: always Content-Length, never chunked)."""
+        self.body = body
+        if body or self.method in BODY_METHODS:
+            self.upstream_tail = b"%scontent-length: %d\r\n\r\n%s" % (self.upstream_head, len(body), body)
+        else:
+            self.upstream_tail = self.upstream_head + b"\r\n"
+
+    def with_body(self, body: bytes) -> Request:
+        """A copy of this request carrying another body (a PD leg's rewritten JSON)."""
+        copy = Request(self.method, self.url, self.http11, self.keep_alive)
+        for name in ("request_id", "upstream_head", "headers", "peer", "explain", "connection", "model"):
+            setattr(copy, name, getattr(self, name))
+        copy.set_body(body)
+        return copy
 
 
 class ProxyProcess:
@@ -322,14 +340,9 @@ class ClientProtocol(asyncio.Protocol):
         forwarded.append(self.peer)
         forwarded_for = b", ".join(forwarded)
         request.request_id = rid = supplied_id or self.proc.next_request_id()
-        body = request.body
-        if body or request.method in BODY_METHODS:
-            parts.append(b"x-forwarded-for: %s\r\nx-request-id: %s\r\ncontent-length: %d\r\n\r\n"
-                         % (forwarded_for, rid, len(body)))
-            parts.append(body)
-        else:
-            parts.append(b"x-forwarded-for: %s\r\nx-request-id: %s\r\n\r\n" % (forwarded_for, rid))
-        request.upstream_tail = b"".join(parts)
+        parts.append(b"x-forwarded-for: %s\r\nx-request-id: %s\r\n" % (forwarded_for, rid))
+        request.upstream_head = b"".join(parts)
+        request.set_body(request.body)
 
     @staticmethod
     def _router_header(request: Request, name: bytes, value: bytes) -> None:
@@ -360,7 +373,10 @@ class ClientProtocol(asyncio.Protocol):
         if request.method in REFUSED_METHODS:
             raise MethodNotAllowed(f"{request.method.decode()} is not supported on {request.path.decode()}")
         route, ctx = prepare(self.proc, request)
-        self.exchange = exchange = Exchange(self.proc, self, request, route, ctx)
+        if ctx.router == "http_pd":
+            self.exchange = exchange = PDExchange(self.proc, self, request, route, ctx)  # type: ignore[arg-type]
+        else:
+            self.exchange = exchange = Exchange(self.proc, self, request, route, ctx)  # type: ignore[arg-type]
         exchange.start()
 
     def _answer_locally(self, request: Request) -> None:

@@ -31,6 +31,7 @@ import msgspec
 from aiohttp import web
 
 from shardgate import mock_payloads as mp
+from shardgate import mock_pd
 
 Role = Literal["regular", "prefill", "decode"]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
@@ -77,6 +78,7 @@ class MockWorker:
         self.cfg = cfg
         self.name = cfg.name or f"{cfg.host}:{cfg.port}"
         self.in_flight: defaultdict[str, int] = defaultdict(int)
+        self.rooms = mock_pd.Rooms()
         self.reset()
 
     def reset(self) -> None:
@@ -166,6 +168,9 @@ class MockWorker:
             job = mp.make_job(kind, model, body, cfg.output_tokens)
         except mp.BadRequest as exc:
             return self._error(400, str(exc), param=exc.param)
+        refusal = await self._pd_gate(body, job.prompt)
+        if refusal is not None:
+            return refusal
         if job.stream:
             return await self._run(model, cfg, lambda: self._stream(request, cfg, job))
         return await self._run(model, cfg, lambda: self._unary(request, cfg, job))
@@ -180,6 +185,8 @@ class MockWorker:
             return web.Response(status=500), "dropped"
         text = mp.expected_text(job.prompt, job.n_tokens)
         payload = mp.completion(job.kind, job.model, text, job.finish, mp.usage(job.prompt, job.n_tokens))
+        if cfg.role == "prefill" and mock_pd.wants_prefill(self.last_body or {}):
+            payload["kv_transfer_params"] = mock_pd.issue(self.name, job.prompt)
         return json_response(payload), "completed"
 
     async def _stream(self, request: web.Request, cfg: MockConfig, job: mp.Job,
@@ -220,6 +227,30 @@ class MockWorker:
             return json_response(mp.embeddings(model, inputs)), "completed"
 
         return await self._run(model, cfg, produce)
+
+    async def _pd_gate(self, body: dict[str, Any], prompt: str) -> web.Response | None:
+        """Prefill/decode roles (shardgate.mock_pd): mark bootstrap rooms, check KV handoffs."""
+        role = self.cfg.role
+        if role == "prefill":
+            self.rooms.mark(body)
+            return None
+        if role != "decode":
+            return None
+        why = mock_pd.check_decode(body, prompt)
+        if not why and "bootstrap_room" in body:
+            why = await mock_pd.wait_for_prefill(body)
+            if why:
+                return self._error(504, why, "server_error", code="bootstrap_timeout")
+        return self._error(400, why, param="kv_transfer_params") if why else None
+
+    async def bootstrap_room(self, request: web.Request) -> web.Response:
+        """Stands in for a prefill engine's bootstrap server: is this room's prefill here?"""
+        try:
+            room = int(request.match_info["room"])
+        except ValueError:
+            return json_response(mp.error_body("room must be an integer"), status=400)
+        ready = room in self.rooms.ready
+        return json_response({"room": room, "ready": ready}, status=200 if ready else 404)
 
     # --- control and observability ------------------------------------------------------------
 
@@ -304,6 +335,7 @@ def build_app(cfg: MockConfig) -> web.Application:
     app.router.add_post("/mock/config", worker.post_config)
     app.router.add_post("/mock/reset", worker.post_reset)
     app.router.add_get("/metrics", worker.metrics)
+    app.router.add_get("/mock/bootstrap/{room}", worker.bootstrap_room)
     return app
 
 

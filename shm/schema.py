@@ -46,6 +46,8 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     labels: dict[str, str] = {}
     shard: str | None = None
     quota: Quota | None = None
+    # SGLang PD: the prefill worker's bootstrap port (None: the engine's default).
+    bootstrap_port: int | None = None
 
 
 class Worker(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
@@ -67,12 +69,19 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=Fals
     quota_tpm: int = 0
     # Taken out of rotation by passive health (the data plane's failures); healthy is False too.
     ejected: bool = False
+    # SGLang PD bootstrap port of a prefill worker (None: not announced).
+    bootstrap_port: int | None = None
 
 
 class ModelPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Per-model overrides (config file ``models:`` section)."""
 
     policy: Policy | None = None
+    # Prefill/decode: each side may have its own policy (default: ``policy``), and the PD
+    # protocol the model's engines speak.
+    prefill_policy: Policy | None = None
+    decode_policy: Policy | None = None
+    pd_dialect: Literal["two_phase", "bootstrap"] = "two_phase"
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from coordinator import topology
-from proxy_workers import policies_affinity, policies_load
+from proxy_workers import policies_affinity, policies_load, selection
 from proxy_workers.context import ROUTING_DECODER, RequestContext
 from proxy_workers.errors import ModelNotFound, NoHealthyWorker, QuotaExceeded
 from proxy_workers.policies import PolicyEnv
@@ -588,7 +588,9 @@ def test_sharded_model_routes_by_key_and_fails_over_to_the_backup_shard(shared: 
         route.pick(request(key="x"), exclude=[0, 1, 2, 3])
 
 
-def test_select_router_follows_the_seed_rules() -> None:
+def test_select_router_follows_the_seed_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The build without a PD data path (issue 3); PD preference is checked below.
+    monkeypatch.setattr(selection, "IMPLEMENTED", frozenset({"http_regular"}))
     routers = topology.assign_routers([
         Worker(slot=0, url="http://w1:1", models=("llama",)),
         Worker(slot=1, url="http://w2:1", models=("llama",), type="prefill"),
@@ -612,6 +614,10 @@ def test_select_router_follows_the_seed_rules() -> None:
     # Only the routers preferred over the chosen one are named as passed over.
     assert select_router("llama", ("http_pd", "http_regular", "grpc_regular"), "any") == (
         "http_regular", fell_back)
+    # Once the PD data path exists, PD is preferred over regular.
+    monkeypatch.setattr(selection, "IMPLEMENTED", frozenset({"http_regular", "http_pd"}))
+    assert select_router("llama", by_model["llama"], "any") == ("http_pd", "preferred router")
+    assert select_router("llama", by_model["llama"], "http") == ("http_pd", "preferred router")
 
 
 def test_alias_draws_converge_to_the_weights_over_served_targets() -> None:

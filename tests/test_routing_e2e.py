@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from conftest import chat, free_port, get_json, http, wait_for, worker_stats
 
+from proxy_workers import selection
 from shardgate import launch
 from shm.hashing import RingView, build_ring, key_hash
 from shm.settings import POLICY_NAMES
@@ -467,12 +468,20 @@ workers:
         {"http_pd": ["llama-3.1-8b"]},
         {"grpc_regular": ["mistral-7b"]},
     ]}
+    # PD is preferred when this build has its data path; otherwise the regular router serves and
+    # the decision says why.
+    pd_built = "http_pd" in selection.IMPLEMENTED
     for _ in range(4):
         name, decision = served(router, "llama-3.1-8b")
-        assert name == name_of(regular)
-        assert decision["router"] == "http_regular"
-        assert decision["router_reason"] == "http_pd not available in this build: fell back to http_regular"
-    assert worker_stats(prefill)["requests"] == worker_stats(decode)["requests"] == 0
+        if pd_built:
+            assert decision["router"] == "http_pd" and decision["router_reason"] == "preferred router"
+        else:
+            assert name == name_of(regular)
+            assert decision["router"] == "http_regular"
+            assert decision["router_reason"] == ("http_pd not available in this build: "
+                                                 "fell back to http_regular")
+    if not pd_built:
+        assert worker_stats(prefill)["requests"] == worker_stats(decode)["requests"] == 0
     assert served(router, "qwen-2.5")[0] == name_of(qwen)
     status, _, raw = send(router, "mistral-7b")
     assert status == 503
@@ -568,11 +577,11 @@ def test_least_loaded_follows_the_engines_metrics(start_worker, start_router, st
 
     def scraped() -> bool:
         shown = explain(router, "m1")
-        return shown["worker"] == b.url and "engine metrics" in shown["reason"]
+        return shown["worker"] == b.url and not shown["fallback"]  # not "no fresh engine metrics"
 
     wait_for(scraped, what="a scrape showing A busy")
     assert worker_row(router, a.url)["in_flight"] == 0
     names = across_proxies(router, lambda: served(router, "m1"), each=3)
-    assert {n for n, _ in names} == {name_of(b)}
-    assert all("engine metrics" in d["reason"] and not d["fallback"] for _, d in names)
+    assert {n for n, _ in names} == {name_of(b)}, [(n, d["reason"], d["scores"]) for n, d in names]
+    assert {d["reason"] for _, d in names} == {"fewest running + waiting requests (engine metrics)"}
     assert worker_stats(a)["requests"] == 2
