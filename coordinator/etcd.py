@@ -67,6 +67,7 @@ class EtcdSource(Source):
         self.problems: dict[str, str] = {}        # etcd key -> why its value is refused
         self._endpoint = 0
         self.lists = 0  # how many full lists were made (the tests watch re-lists)
+        self.listed = 0  # revision of a list not yet followed by a watch
 
     @property
     def endpoint(self) -> str:
@@ -79,7 +80,8 @@ class EtcdSource(Source):
         backoff = BACKOFF_FIRST
         while True:
             try:
-                revision = await self.list(session)
+                # The coordinator's start already listed once; watch from there the first time.
+                revision, self.listed = self.listed or await self.list(session), 0
                 backoff = BACKOFF_FIRST
                 await self._watch(session, revision)
             except WatchBroken as exc:
@@ -121,6 +123,7 @@ class EtcdSource(Source):
         was_down = bool(self.error)
         if self._publish() or was_down:
             self.on_change()
+        self.listed = revision
         return revision
 
     async def _put(self, key: str, value: bytes) -> None:

@@ -115,6 +115,13 @@ class PassiveHealth:
                 st.passive = PassiveState(done, err, now)
                 continue
             d_done, d_err = done - ps.done, err - ps.err
+            if d_done < 0 or d_err < 0 or done < err:
+                # A reused slot's cells were reset by the proxies (or a proxy restarted and
+                # zeroed its gauges): start this worker's books again, keeping its ejection history.
+                ps.done, ps.err, ps.run = done, err, 0
+                ps.samples.clear()
+                ps.samples.append((now, done, err))
+                continue
             ps.done, ps.err = done, err
             if st.ejected:
                 if now >= ps.until and not ps.probing:

@@ -78,7 +78,7 @@ class SessionAffinity(Policy):
         env = self.env
         if h is None or env.affinity is None:
             ctx.note("no session key: least loaded worker", fallback=True)
-            return least_loaded_of(candidates, env.load, self.rng)
+            return least_loaded_of(candidates, env, self.rng)
         usable = _usable(route, candidates)
         now, ttl = time.time(), env.settings.session_ttl
         found = env.affinity.lookup(h, env.proxies, now, ttl, usable.__contains__)
@@ -88,7 +88,7 @@ class SessionAffinity(Policy):
                 env.affinity.record(env.proxy, h, slot, now, created)
             ctx.reason = "session's worker"
             return usable[slot]
-        worker = least_loaded_of(candidates, env.load, self.rng)
+        worker = least_loaded_of(candidates, env, self.rng)
         earliest = env.affinity.earliest(h, env.proxies, now, ttl)
         if earliest is None:
             ctx.reason = "new session: least loaded worker"
@@ -107,8 +107,7 @@ class CacheAware(Policy):
 
     def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         env, settings = self.env, self.env.settings
-        in_flight = env.load.in_flight
-        loads = [in_flight(w.slot) for w in candidates]
+        loads = env.columns(candidates).loads()
         lo, hi = min(loads), max(loads)
         keys = prefix_keys(route.model, ctx.prompt(), settings.cache_block_chars)
         if hi - lo > settings.balance_abs_threshold and hi > lo * settings.balance_rel_threshold:
@@ -119,7 +118,7 @@ class CacheAware(Policy):
             if worker is not None and rate > settings.cache_threshold:
                 ctx.note("prefix cached on this worker", match_rate=round(rate, 3))
             else:
-                worker = least_loaded_of(candidates, env.load, self.rng)
+                worker = least_loaded_of(candidates, env, self.rng)
                 ctx.note("prefix match below cache_threshold: least loaded worker", fallback=True,
                          match_rate=round(rate, 3))
         if not ctx.dry_run:

@@ -14,7 +14,6 @@ Invariants:
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Sequence
 from math import ceil
 from typing import TYPE_CHECKING
@@ -31,14 +30,12 @@ def ring_pick(route: ModelRoute, candidates: Sequence[Worker], h: int,
               accept: object = None) -> tuple[Worker | None, int]:
     """First usable worker clockwise from ``h``; (worker, owners skipped)."""
     ring = route.ring
-    if ring is None or not len(ring):
+    if ring is None or not ring.points:
         return None, 0
     owners = route.ring_workers
     allowed = None if candidates is route.candidates else {w.slot for w in candidates}
-    points = ring.points
-    n = len(points)
-    i = bisect_left(points, h)
-    first = owners[ring.owners[i if i < n else 0]]
+    i = ring.index(h)
+    first = owners[ring.owners[i if i < len(ring.points) else 0]]
     if first is not None and (allowed is None or first.slot in allowed) and (
             accept is None or accept(first)):  # type: ignore[operator]
         return first, 0
@@ -83,7 +80,7 @@ class ConsistentHashBounded(Policy):
         if h is None:
             ctx.note("no routing key: random worker", fallback=True)
             return candidates[int(self.rng.random() * len(candidates))]
-        total = sum(in_flight(w.slot) for w in candidates)
+        total = sum(self.env.columns(candidates).loads())
         # Capacity per worker, rounded up as in the bounded-loads paper (Mirrokni et al.): the +1
         # counts the request being placed, and the ceiling lets an idle fleet keep every key on
         # its owner (1 / n * factor alone is below one request for n > factor).

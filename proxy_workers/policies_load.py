@@ -19,23 +19,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from operator import truediv
 from typing import TYPE_CHECKING
 
 from proxy_workers.context import RequestContext
 from proxy_workers.errors import QuotaExceeded
-from proxy_workers.policies import Policy, least_loaded_of
+from proxy_workers.policies import Policy, index_of_min, least_loaded_of
 from shm.loadboard import (
-    E_KV_USAGE,
-    E_RUNNING,
     E_SCRAPED_AT,
-    E_WAITING,
     W_Q_MINUTE,
     W_Q_PREV_REQUESTS,
     W_Q_PREV_TOKENS,
     W_Q_REQUESTS,
     W_Q_TOKENS,
-    W_REQUESTS,
-    W_TTFB_EWMA,
 )
 from shm.schema import Worker
 
@@ -49,87 +45,85 @@ class LeastLatency(Policy):
     name = "least_latency"
 
     def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
-        board, proxies = self.env.board, self.env.proxies
-        ints, floats, stride = board.ints, board.floats, board.worker_stride()
-        best, best_score = candidates[0], float("inf")
-        for w in candidates:
-            word = board.cell_word(0, w.slot)
-            total, n = 0.0, 0
-            for p in range(proxies):
-                cell = word + p * stride
-                if ints[cell + W_REQUESTS]:
-                    total += floats[cell + W_TTFB_EWMA]
-                    n += 1
-            # A worker nobody has measured yet scores 0: it gets tried, and so measured.
-            score = total / n if n else 0.0
-            if score < best_score:
-                best, best_score = w, score
-        ctx.note("lowest time to first byte (EWMA)", ttfb_seconds=round(best_score, 6))
-        return best
+        # A worker nobody has measured yet scores 0: it gets tried, and so measured.
+        scores = self.env.columns(candidates).ttfb_sums()
+        best = index_of_min(scores, self.rng)
+        ctx.note("lowest time to first byte (EWMA)", ttfb_seconds=round(scores[best], 6))
+        return candidates[best]
 
 
 class LeastLoaded(Policy):
     name = "least_loaded"
 
     def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
-        board, env = self.env.board, self.env
-        ints, floats = board.ints, board.floats
-        fresh_after = time.time() - STALE_INTERVALS * env.settings.metrics_interval
-        in_flight = env.load.in_flight
-        best, best_score, stale = None, (float("inf"), 0.0), 0
-        for w in candidates:
-            base = board.engine_word(w.slot)
-            if floats[base + E_SCRAPED_AT] < fresh_after:
-                stale += 1
-                continue
-            # Requests sent since the last scrape are not in the engine's figures yet: our own
-            # in-flight count is a floor for what the engine is running.
-            running = max(ints[base + E_RUNNING], in_flight(w.slot))
-            score = ((ints[base + E_WAITING] + running) / w.weight, floats[base + E_KV_USAGE])
-            if score < best_score:
-                best, best_score = w, score
-        if best is None:
-            ctx.note("no fresh engine metrics: least in-flight", fallback=True, stale=stale)
-            return least_loaded_of(candidates, env.load, self.rng)
-        ctx.note("fewest running + waiting requests (engine metrics)",
-                 queue=best_score[0], kv_usage=round(best_score[1], 3))
-        return best
+        env = self.env
+        cols = env.columns(candidates)
+        # One scrape round covers every worker, so one worker's timestamp tells if it is stale.
+        board = env.board
+        scraped = board.floats[board.engine_word(candidates[0].slot) + E_SCRAPED_AT]
+        if scraped < time.time() - STALE_INTERVALS * env.settings.metrics_interval:
+            ctx.note("no fresh engine metrics: least in-flight", fallback=True)
+            return least_loaded_of(candidates, env, self.rng)
+        queue = cols.engine_queue()
+        scores = list(map(truediv, queue, cols.weights))
+        best = index_of_min(scores, self.rng)
+        ctx.note("fewest running + waiting requests (engine metrics)", queue=queue[best])
+        return candidates[best]
 
 
 class QuotaAware(Policy):
+    """Most budget left among two random workers; a full scan only when both are near their limit.
+
+    Two random choices keep a pick O(1) at any fleet size (a full scan reads six board words per
+    worker and proxy) while still steering away from workers close to their quota.
+    """
+
     name = "quota_aware"
 
     def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         env = self.env
-        now = time.time()
-        minute, into = divmod(now, 60.0)
-        minute = int(minute)
-        weight_prev = 1.0 - into / 60.0
+        minute, into = divmod(time.time(), 60.0)
+        window = (int(minute), 1.0 - into / 60.0)
         tokens = ctx.estimated_tokens()
         headroom = env.settings.quota_headroom
-        best, best_ratio = None, float("inf")
-        in_flight = env.load.in_flight
-        for w in candidates:
-            if not w.quota_rpm and not w.quota_tpm:
-                ratio = 0.0
-            else:
-                used_req, used_tok = self._used(w.slot, minute, weight_prev)
-                r = (used_req + 1) / w.quota_rpm if w.quota_rpm else 0.0
-                t = (used_tok + tokens) / w.quota_tpm if w.quota_tpm else 0.0
-                ratio = max(r, t)
-                if ratio > headroom:
-                    continue
-            key = ratio + in_flight(w.slot) * 1e-6  # equal budgets: fewer in flight wins
-            if key < best_ratio:
-                best, best_ratio = w, key
+        n = len(candidates)
+        sample = candidates
+        if n > 2:
+            i = int(self.rng.random() * n)
+            sample = [candidates[i], candidates[(i + 1 + int(self.rng.random() * (n - 1))) % n]]
+        best, best_ratio = self._best(sample, window, tokens, headroom)
+        if best is None and sample is not candidates:
+            best, best_ratio = self._best(candidates, window, tokens, headroom)
         if best is None:
             retry = max(1, int(60 - into) + 1)
             raise QuotaExceeded(f"every worker for model '{route.model}' is at its per-minute quota",
                                 retry_after=retry)
         if not ctx.dry_run:
-            self._count(best.slot, minute, tokens)
+            self._count(best.slot, window[0], tokens)
         ctx.note("most quota left", quota_used=round(best_ratio, 3))
         return best
+
+    def _best(self, workers: Sequence[Worker], window: tuple[int, float], tokens: int,
+              headroom: float) -> tuple[Worker | None, float]:
+        in_flight = self.env.load.in_flight
+        best, best_ratio = None, float("inf")
+        for w in workers:
+            ratio = self._ratio(w, window, tokens)
+            if ratio > headroom:
+                continue
+            key = ratio + in_flight(w.slot) * 1e-6  # equal budgets: fewer in flight wins
+            if key < best_ratio:
+                best, best_ratio = w, key
+        return best, best_ratio
+
+    def _ratio(self, w: Worker, window: tuple[int, float], tokens: int) -> float:
+        """Share of the worker's budget used once this request is counted (0: unlimited)."""
+        if not w.quota_rpm and not w.quota_tpm:
+            return 0.0
+        used_req, used_tok = self._used(w.slot, *window)
+        r = (used_req + 1) / w.quota_rpm if w.quota_rpm else 0.0
+        t = (used_tok + tokens) / w.quota_tpm if w.quota_tpm else 0.0
+        return max(r, t)
 
     def _used(self, slot: int, minute: int, weight_prev: float) -> tuple[float, float]:
         board, ints = self.env.board, self.env.board.ints

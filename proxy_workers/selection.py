@@ -21,7 +21,7 @@ from proxy_workers.errors import ModelNotFound, NoHealthyWorker
 
 # Preference order among a model's routers once the connection filter is applied.
 ORDER = ("http_pd", "grpc_pd", "http_regular", "grpc_regular")
-IMPLEMENTED = frozenset({"http_regular", "http_pd"})
+IMPLEMENTED = frozenset({"http_regular", "http_pd", "grpc_regular", "grpc_pd"})
 
 
 def routers_by_model(routers: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:

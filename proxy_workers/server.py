@@ -41,6 +41,7 @@ from proxy_workers.errors import (
     render_response,
 )
 from proxy_workers.exchange import Exchange
+from proxy_workers.grpc_channels import GrpcChannels
 from proxy_workers.pd import PDExchange
 from proxy_workers.policies import PolicyEnv
 from proxy_workers.routing import RoutingTable
@@ -123,6 +124,7 @@ class ProxyProcess:
         self.hash_headers = _hash_headers(snapshot.settings.hash_headers)
         self.rng = random.Random()
         self.pools = Pools(loop, self.settings.pool_size)
+        self.grpc_channels = GrpcChannels()
         self._table = RoutingTable(snapshot, self.env, None)
         self.cell_owner: list[str | None] = []
         self._claim_cells(snapshot)
@@ -156,7 +158,9 @@ class ProxyProcess:
         self.hash_headers = _hash_headers(snapshot.settings.hash_headers)
         self.pools.limit = snapshot.settings.pool_size
         self._table = RoutingTable(snapshot, self.env, self._table)
-        self.pools.retain({w.url for w in snapshot.workers})
+        urls = {w.url for w in snapshot.workers}
+        self.pools.retain(urls)
+        self.grpc_channels.retain(urls)
 
     def next_request_id(self) -> bytes:
         self.rid_counter += 1
@@ -373,7 +377,11 @@ class ClientProtocol(asyncio.Protocol):
         if request.method in REFUSED_METHODS:
             raise MethodNotAllowed(f"{request.method.decode()} is not supported on {request.path.decode()}")
         route, ctx = prepare(self.proc, request)
-        if ctx.router == "http_pd":
+        if ctx.router.startswith("grpc"):  # grpc_regular, grpc_pd (grpc is loaded on first use)
+            from proxy_workers.grpc_path import GrpcExchange
+
+            self.exchange = exchange = GrpcExchange(self.proc, self, request, route, ctx)  # type: ignore[assignment]
+        elif ctx.router == "http_pd":
             self.exchange = exchange = PDExchange(self.proc, self, request, route, ctx)  # type: ignore[arg-type]
         else:
             self.exchange = exchange = Exchange(self.proc, self, request, route, ctx)  # type: ignore[arg-type]

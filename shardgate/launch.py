@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from signal import SIGKILL, SIGTERM
 
-READY_WORKER = re.compile(r"mock-worker ready on (http://\S+)")
+READY_WORKER = re.compile(r"mock-worker ready on ((?:http|grpc)://\S+)")
 READY_ROUTER = re.compile(r"shardgate ready on (http://\S+)")
 
 

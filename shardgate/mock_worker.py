@@ -394,6 +394,8 @@ def parse_args(argv: list[str] | None) -> MockConfig:
     p.add_argument("--drop-after", type=int, default=-1, help="abort the connection after N chunks")
     p.add_argument("--fail-health", action="store_true", help="GET /health answers 503")
     p.add_argument("--name", default="", help="identifier in responses (default HOST:PORT)")
+    p.add_argument("--grpc", action="store_true",
+                   help="serve shm/proto/worker.proto over gRPC instead (see shardgate.mock_grpc)")
     args = vars(p.parse_args(argv))
     args["models"] = args["models"] or ["mock-model"]
     try:
@@ -403,6 +405,10 @@ def parse_args(argv: list[str] | None) -> MockConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--grpc" in (sys.argv[1:] if argv is None else argv):
+        from shardgate import mock_grpc  # the same mock over gRPC (shm/proto/worker.proto)
+
+        return mock_grpc.main(sys.argv[1:] if argv is None else list(argv))
     cfg = parse_args(argv)
     try:
         import uvloop

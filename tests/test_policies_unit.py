@@ -288,7 +288,8 @@ def test_weighted_round_robin_is_smooth_like_nginx(shared: Shared) -> None:
     route = table(shared.env(policy="weighted_round_robin"), fleet).routes["m"]
     ctx = request()
     picks = "".join("abc"[route.pick(ctx).slot] for _ in range(14))
-    assert picks == "aabacaa" * 2  # nginx's sequence for {a:5, b:1, c:1}
+    # nginx's cycle for {a:5, b:1, c:1}, entered anywhere (proxies need not move in lockstep).
+    assert any(picks == ("aabacaa" * 3)[k:k + 14] for k in range(7)), picks
     assert ctx.reason
 
 

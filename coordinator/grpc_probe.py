@@ -1,0 +1,81 @@
+"""Active checks of gRPC workers: health (``grpc.health.v1``) and model discovery (``GetModelInfo``).
+
+Role: the gRPC counterparts of :func:`coordinator.health.check_health` and
+:func:`coordinator.health.discover_models`, with the same contracts, for workers whose
+``connection`` is ``grpc`` (``grpc://`` or ``grpcs://`` URLs).
+
+Invariants:
+- :func:`check_grpc_health` never raises: it returns "" when the worker's overall health (service
+  name "") is SERVING, else a one-line reason. :func:`discover_grpc_models` raises ValueError with
+  a reason, never anything else.
+- Each probe opens its own channel and closes it before returning: a probe leaves no connection
+  and no background reconnect behind (checks are seconds apart; a channel costs one handshake).
+- grpc is imported on first use, so a coordinator of an HTTP-only fleet never loads it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import grpc
+
+
+def _channel(url: str) -> grpc.aio.Channel:
+    import grpc
+
+    parts = urlsplit(url)
+    tls = parts.scheme == "grpcs"
+    host = parts.hostname or "127.0.0.1"
+    target = f"[{host}]" if ":" in host else host
+    target += f":{parts.port or (443 if tls else 80)}"
+    if tls:
+        return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials())
+    return grpc.aio.insecure_channel(target)
+
+
+def _reason(exc: Any) -> str:
+    return f"{exc.code().name}: {exc.details()}" if hasattr(exc, "code") else f"{exc.__class__.__name__} {exc}"
+
+
+async def check_grpc_health(url: str, timeout: float) -> str:
+    """Empty string when the worker reports SERVING, else the reason."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = _channel(url)
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                               timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        return f"grpc.health.v1 Check failed: {_reason(exc)}"
+    except Exception as exc:  # a malformed target and the like: a reason, never an exception
+        return f"grpc.health.v1 Check failed: {_reason(exc)}"
+    finally:
+        await channel.close()
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        return f"grpc.health.v1 status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+    return ""
+
+
+async def discover_grpc_models(url: str, timeout: float) -> tuple[str, ...]:
+    """The models a worker lists in ``GetModelInfo``; raises ValueError with a reason."""
+    import grpc
+
+    from shm.proto import worker_pb2, worker_pb2_grpc
+
+    channel = _channel(url)
+    try:
+        info = await worker_pb2_grpc.WorkerStub(channel).GetModelInfo(worker_pb2.ModelInfoRequest(),
+                                                                      timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        raise ValueError(f"GetModelInfo failed: {_reason(exc)}") from None
+    except Exception as exc:
+        raise ValueError(f"GetModelInfo failed: {_reason(exc)}") from None
+    finally:
+        await channel.close()
+    models = tuple(dict.fromkeys(m for m in info.models if m))
+    if not models:
+        raise ValueError("GetModelInfo lists no model")
+    return models
