@@ -48,9 +48,11 @@ def parse_engine_metrics(text: str) -> tuple[int, int, float] | None:
         sums[name] = sums.get(name, 0.0) + value
     if not sums:
         return None
-    running = sum(sums.get(n, 0.0) for n in RUNNING)
-    waiting = sum(sums.get(n, 0.0) for n in WAITING)
-    kv = max((sums[n] for n in KV_USAGE if n in sums), default=0.0)
+    # An engine speaks one dialect; a worker exposing both (our mock does) counts once.
+    family = "vllm:" if any(n.startswith("vllm:") for n in sums) else "sglang:"
+    running = sum(sums.get(n, 0.0) for n in RUNNING if n.startswith(family))
+    waiting = sum(sums.get(n, 0.0) for n in WAITING if n.startswith(family))
+    kv = max((sums[n] for n in KV_USAGE if n in sums and n.startswith(family)), default=0.0)
     return int(running), int(waiting), min(max(kv, 0.0), 1.0)
 
 

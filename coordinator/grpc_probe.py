@@ -16,7 +16,8 @@ Invariants:
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+
+from shm.proto import grpc_target
 
 if TYPE_CHECKING:
     import grpc
@@ -25,32 +26,27 @@ if TYPE_CHECKING:
 def _channel(url: str) -> grpc.aio.Channel:
     import grpc
 
-    parts = urlsplit(url)
-    tls = parts.scheme == "grpcs"
-    host = parts.hostname or "127.0.0.1"
-    target = f"[{host}]" if ":" in host else host
-    target += f":{parts.port or (443 if tls else 80)}"
+    target, tls = grpc_target(url)
     if tls:
         return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials())
     return grpc.aio.insecure_channel(target)
 
 
 def _reason(exc: Any) -> str:
-    return f"{exc.code().name}: {exc.details()}" if hasattr(exc, "code") else f"{exc.__class__.__name__} {exc}"
+    if hasattr(exc, "code"):  # grpc.aio.AioRpcError
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{exc.__class__.__name__} {exc}"
 
 
 async def check_grpc_health(url: str, timeout: float) -> str:
     """Empty string when the worker reports SERVING, else the reason."""
-    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     channel = _channel(url)
     try:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
                                                                timeout=timeout)
-    except grpc.aio.AioRpcError as exc:
-        return f"grpc.health.v1 Check failed: {_reason(exc)}"
-    except Exception as exc:  # a malformed target and the like: a reason, never an exception
+    except Exception as exc:  # an RPC error, a malformed target...: a reason, never an exception
         return f"grpc.health.v1 Check failed: {_reason(exc)}"
     finally:
         await channel.close()
@@ -61,17 +57,13 @@ async def check_grpc_health(url: str, timeout: float) -> str:
 
 async def discover_grpc_models(url: str, timeout: float) -> tuple[str, ...]:
     """The models a worker lists in ``GetModelInfo``; raises ValueError with a reason."""
-    import grpc
-
     from shm.proto import worker_pb2, worker_pb2_grpc
 
     channel = _channel(url)
     try:
         info = await worker_pb2_grpc.WorkerStub(channel).GetModelInfo(worker_pb2.ModelInfoRequest(),
                                                                       timeout=timeout)
-    except grpc.aio.AioRpcError as exc:
-        raise ValueError(f"GetModelInfo failed: {_reason(exc)}") from None
-    except Exception as exc:
+    except Exception as exc:  # an RPC error, a malformed target...
         raise ValueError(f"GetModelInfo failed: {_reason(exc)}") from None
     finally:
         await channel.close()

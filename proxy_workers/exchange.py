@@ -120,7 +120,10 @@ class Exchange:
             self._fail(err)
             return
         proc = self.proc
-        proc.ints[proc.decision0 + POLICY_INDEX[self.route.policy.name] * 2 + ctx.fallback] += 1
+        word = proc.decision0 + POLICY_INDEX[self.route.policy.name] * 2
+        proc.ints[word] += 1  # every decision counts; a fallback counts once more, as a fallback
+        if ctx.fallback:
+            proc.ints[word + 1] += 1
         self.tried.append(worker.slot)
         self._use(worker)
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+
+from shm.proto import grpc_target
 
 if TYPE_CHECKING:
     import grpc
@@ -39,21 +40,11 @@ CHANNEL_OPTIONS = (
 )
 
 
-def target_of(url: str) -> tuple[str, bool]:
-    """(host:port, TLS) of a ``grpc://`` or ``grpcs://`` worker URL."""
-    parts = urlsplit(url)
-    tls = parts.scheme == "grpcs"
-    host = parts.hostname or "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{host}:{parts.port or (443 if tls else 80)}", tls
-
-
 def open_channel(url: str) -> grpc.aio.Channel:
     """A new channel to a worker URL (the caller owns it)."""
     import grpc
 
-    target, tls = target_of(url)
+    target, tls = grpc_target(url)
     if tls:
         return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=CHANNEL_OPTIONS)
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)

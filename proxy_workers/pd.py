@@ -15,9 +15,11 @@ leg(s) (:class:`PrefillLeg`) and hands the decode leg to an ordinary
 Invariants:
 - The router never looks inside a KV handle; it copies ``kv_transfer_params`` verbatim.
 - Failures: prefill fails -> another prefill worker, before decode starts (two_phase); decode
-  fails before its first byte -> a new pair (never the same workers); after the first byte -> no
-  retry. In bootstrap mode a failure of either leg before the decode answer starts cancels the
-  other and tries a new pair. At most ``max_tries`` pairs.
+  fails before its first byte -> a new pair (never the failed decode worker; a prefill worker is
+  passed over only if it failed, so a model with one prefill worker survives a decode failure);
+  after the first byte -> no retry. In bootstrap mode a failure of either leg before the decode
+  answer starts cancels the other and tries a new pair; a leg that was only cancelled did not
+  fail, so its worker may serve the new pair. At most ``max_tries`` pairs.
 - Load accounting covers both legs until the decode stream ends; a client disconnect cancels
   both legs.
 """
@@ -201,8 +203,8 @@ class PrefillLeg:
 class PDExchange:
     """One PD request; presents the Exchange contract to the ClientProtocol."""
 
-    __slots__ = ("client", "ctx", "decode", "doc", "ended", "legs", "pairs", "proc", "request", "route",
-                 "tried_decode", "tried_prefill")
+    __slots__ = ("client", "ctx", "decode", "doc", "ended", "failed_prefill", "legs", "pairs", "proc",
+                 "request", "route", "tried_decode", "tried_prefill")
 
     def __init__(self, proc: ProxyProcess, client: ClientProtocol, request: Request, route: PDRoute,
                  ctx: RequestContext) -> None:
@@ -213,7 +215,8 @@ class PDExchange:
         self.ctx = ctx
         self.legs: list[PrefillLeg] = []
         self.decode: Exchange | None = None
-        self.tried_prefill: list[int] = []
+        self.tried_prefill: list[int] = []  # every prefill attempt (bounded by max_tries)
+        self.failed_prefill: list[int] = []  # the prefill workers a new pick must avoid
         self.tried_decode: list[int] = []
         self.pairs = 0
         self.ended = False
@@ -243,6 +246,13 @@ class PDExchange:
         if self.pairs >= self.proc.settings.max_tries:
             self._fail(BadGateway(f"prefill/decode failed on {self.pairs} pair(s) of workers"))
             return
+        if not self._decode_left():
+            # Checked before any prefill work: the route is pinned for the request, so a pair is
+            # possible only with an untried decode worker.
+            model = self.route.model
+            self._fail(BadGateway(f"every healthy decode worker for model '{model}' failed this request")
+                       if self.tried_decode else NoHealthyWorker(f"no healthy decode worker for model '{model}'"))
+            return
         self.pairs += 1
         if self.pairs > 1:
             self.proc.count_retry()
@@ -252,14 +262,21 @@ class PDExchange:
         if self.route.dialect == "bootstrap":
             body = _encode_json(bootstrap_body(self.doc, prefill, self.proc.rng))
             self._start_decode(body)
+            if self.ended:
+                return  # the decode leg was refused at once (e.g. a policy's 429): no prefill
             self._start_prefill(prefill, body)
         else:
             self._start_prefill(prefill, _encode_json(prefill_body(self.doc)))
 
+    def _decode_left(self) -> bool:
+        """Whether a decode worker this request has not tried yet is available."""
+        tried = self.tried_decode
+        return any(w.slot not in tried for w in self.route.decode.candidates)
+
     def _pick_prefill(self) -> Worker | None:
         route = self.route.prefill
         try:
-            worker = route.pick(self.ctx, self.tried_prefill)
+            worker = route.pick(self.ctx, self.failed_prefill)
         except NoHealthyWorker as err:
             self._fail(err if not self.tried_prefill else BadGateway(err.message))
             return None
@@ -310,10 +327,15 @@ class PDExchange:
         if self.ended:
             return
         leg.settle(ok=False, connect_error=connect_error)
+        self.failed_prefill.append(leg.worker.slot)
         if self.route.dialect == "bootstrap":
             if self.head_sent:
                 return  # decode is answering; its KV already arrived
+            decode = self.decode
             self._cancel_decode()
+            if decode is not None and decode.worker is not None and self.tried_decode \
+                    and self.tried_decode[-1] == decode.worker.slot:
+                self.tried_decode.pop()  # cancelled, not failed: the new pair may use it again
             self._new_pair()
             return
         if len(self.tried_prefill) < self.proc.settings.max_tries:

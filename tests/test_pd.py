@@ -530,6 +530,43 @@ def test_decode_failure_with_a_single_prefill_reuses_it_for_the_new_pair(fleet: 
     assert worker_stats(p)["completed"] == 4 + new_pairs
 
 
+def test_bootstrap_failed_prefill_with_a_single_decode_uses_it_again(fleet: Fleet) -> None:
+    p1 = fleet.worker("p1", "prefill", bootstrap=True)
+    p2 = fleet.worker("p2", "prefill", bootstrap=True)
+    d = fleet.worker("d", "decode")
+    fleet.start(*NO_PASSIVE, models={"llama": {"pd_dialect": "bootstrap"}})
+    set_worker(p1, fail_status=500)
+    for i in range(4):
+        prompt = f"single decode {i}"
+        status, headers, raw, decision = send(fleet, chat("llama", content=prompt, max_tokens=3))
+        assert status == 200, raw
+        assert answer_text(raw) == expected_text(prompt, 3)
+        assert decision["scores"]["prefill_worker"] == p2.url
+        assert worker_stats(d)["last_body"]["bootstrap_room"] == worker_stats(p2)["last_body"]["bootstrap_room"]
+    assert worker_stats(p1)["requests"] >= 1
+    assert worker_stats(p2)["completed"] == 4 and worker_stats(d)["completed"] == 4
+
+
+@pytest.mark.parametrize("dialect", ["two_phase", "bootstrap"])
+def test_decode_failing_with_no_other_decode_is_502_and_settles_both_legs(fleet: Fleet, dialect: str) -> None:
+    p = fleet.worker("p", "prefill", bootstrap=dialect == "bootstrap")
+    d = fleet.worker("d", "decode")
+    fleet.start(*NO_PASSIVE, models={"llama": {"pd_dialect": dialect}})
+    set_worker(d, drop_after=0)
+    status, headers, raw, _ = send(fleet, chat("llama", content="no decode left", max_tokens=3))
+    assert status == 502, raw
+    assert json.loads(raw)["error"]["code"] == "bad_gateway"
+    assert headers["x-request-id"]
+    assert worker_stats(d)["completed"] == 0 and worker_stats(d)["dropped"] >= 1
+    wait_for(lambda: all(r["in_flight"] == 0 for r in fleet.worker_rows().values()),
+             what="both legs settled on the load board")
+    wait_for(lambda: worker_stats(p)["in_flight"] == 0, what="no prefill left running")
+    set_worker(d, drop_after=-1)  # the router still serves the model afterwards
+    status, _, raw, _ = send(fleet, chat("llama", content="recovered", max_tokens=2))
+    assert status == 200, raw
+    assert answer_text(raw) == expected_text("recovered", 2)
+
+
 @pytest.mark.parametrize("dialect", ["two_phase", "bootstrap"])
 def test_decode_failing_after_first_byte_truncates_without_retry(two_phase: Fleet, bootstrap: Fleet,
                                                                  dialect: str) -> None:
@@ -667,6 +704,8 @@ def test_pd_model_is_ready_only_with_a_healthy_prefill_and_decode(fleet: Fleet) 
     assert "other-model" in models
     status, _, raw = http("POST", fleet.url + CHAT, chat("llama"))
     assert status == 503, raw  # a prefill alone cannot serve the model
+    assert json.loads(raw)["error"]["code"] == "no_healthy_worker"
+    assert worker_stats(fleet.w["p"])["requests"] == 0  # and is not asked to prefill for nobody
 
 
 # -- 7. load accounting -----------------------------------------------------------------------------

@@ -1,0 +1,512 @@
+"""The gRPC routers (grpc_regular, grpc_pd) end to end, the gRPC mock worker, and the translation.
+
+Every router and mock worker is a real process (``shardgate.launch``; the mock is
+``shardgate mock-worker --grpc``). Clients speak OpenAI HTTP to the router, as they would to the
+HTTP routers; the answers must carry exactly the HTTP mock's text for the same prompt
+(``expected_text``). The mocks are observed through their test-only ``MockControl`` service
+(stats, runtime config) over a plain synchronous gRPC channel. A PD answer that arrives at all
+proves the handoff: a decode mock refuses any request without a KV handle a prefill mock signed
+for that very prompt.
+
+Passive health is off in these fleets, so a test's injected failures never eject a worker for the
+next test. Waits poll with deadlines (``wait_for``); nothing sleeps and nothing asserts on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from conftest import DEADLINE, chat, free_port, get_json, http, wait_for
+
+from proxy_workers.errors import BadRequest, NotFound
+from proxy_workers.grpc_translate import (
+    Plan,
+    Renderer,
+    decode_request,
+    prefill_request,
+    to_request,
+    worker_error,
+)
+from shardgate import launch, mock_grpc
+from shardgate.mock_payloads import expected_text, prompt_text_of
+from shardgate.mock_worker import RUNTIME_KEYS
+from shm.proto import worker_pb2 as pb
+from shm.proto import worker_pb2_grpc as pbg
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+NO_PASSIVE = ("--passive-consecutive-failures", "0", "--passive-failure-rate", "0")
+SLOW = ("--tps", "20", "--output-tokens", "2000")  # a stream on this worker lasts minutes
+
+
+# -- talking to the mocks directly -----------------------------------------------------------------
+
+
+def _target(worker: launch.Launched) -> str:
+    return worker.url.split("//", 1)[1]
+
+
+def control(worker: launch.Launched, method: str, doc: dict[str, Any] | None = None) -> dict[str, Any]:
+    with grpc.insecure_channel(_target(worker)) as channel:
+        reply = getattr(pbg.MockControlStub(channel), method)(pb.Json(json=json.dumps(doc or {})),
+                                                             timeout=DEADLINE)
+    return json.loads(reply.json)
+
+
+def stats(worker: launch.Launched) -> dict[str, Any]:
+    return control(worker, "GetStats")
+
+
+def generate(worker: launch.Launched, req: pb.GenerateRequest) -> tuple[str, pb.Complete]:
+    """Call Generate directly; (text, Complete) or the RpcError raised."""
+    with grpc.insecure_channel(_target(worker)) as channel:
+        text, done = [], pb.Complete()
+        for msg in pbg.WorkerStub(channel).Generate(req, timeout=DEADLINE):
+            if msg.HasField("chunk"):
+                text.append(msg.chunk.text)
+            else:
+                done = msg.complete
+    return "".join(text), done
+
+
+def chat_request(content: str = "hello", model: str = "gpd", kv: bytes = b"") -> pb.GenerateRequest:
+    return pb.GenerateRequest(request_id="direct", model=model, kind=pb.KIND_CHAT, kv_transfer_params=kv,
+                              messages=[pb.ChatMessage(role="user", content=content)])
+
+
+# -- talking to the router -------------------------------------------------------------------------
+
+
+def sse_events(body: bytes) -> list[bytes]:
+    return [e[6:] for e in body.split(b"\n\n") if e.startswith(b"data: ")]
+
+
+def stream_text(body: bytes) -> str:
+    out = []
+    for event in sse_events(body):
+        if event != b"[DONE]":
+            for choice in json.loads(event)["choices"]:
+                out.append(choice.get("delta", {}).get("content") or choice.get("text") or "")
+    return "".join(out)
+
+
+def post(router: launch.Launched, body: dict[str, Any], headers: dict[str, str] | None = None,
+         path: str = CHAT) -> tuple[int, dict[str, str], bytes]:
+    return http("POST", router.url + path, body, headers)
+
+
+class Raw:
+    """One raw HTTP/1.1 connection: send a request, read the head and the first bytes, hang up."""
+
+    def __init__(self, router: launch.Launched, body: dict[str, Any]) -> None:
+        host, port = _target(router).rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=DEADLINE)
+        data = json.dumps(body).encode()
+        self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (CHAT.encode(), len(data), data))
+        self.buf = b""
+
+    def read_until(self, marker: bytes) -> bytes:
+        while marker not in self.buf:
+            data = self.sock.recv(65536)
+            assert data, f"connection closed before {marker!r}: {self.buf!r}"
+            self.buf += data
+        return self.buf
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def worker_row(router: launch.Launched, url: str) -> dict[str, Any]:
+    return next(w for w in get_json(router.url + "/workers")["workers"] if w["url"] == url)
+
+
+def settled(router: launch.Launched, *workers: launch.Launched) -> bool:
+    """No request in flight on these workers, as the router's load board and the mocks see it."""
+    return all(worker_row(router, w.url)["in_flight"] == 0 and stats(w)["in_flight"] == 0 for w in workers)
+
+
+# -- the fleet -------------------------------------------------------------------------------------
+
+
+class Fleet:
+    def __init__(self, tmp: Path) -> None:
+        self.started: list[launch.Launched] = []
+        w = self.worker
+        self.r1, self.r2 = w("g1"), w("g1")                                  # content, truncation
+        self.r3 = w("gfail")                                                # + a dead worker
+        self.slow = w("gslow", *SLOW)                                       # client disconnects
+        self.p1, self.d1 = w("gpd", "--role", "prefill"), w("gpd", "--role", "decode")
+        self.p2, self.d2 = w("gpdfail", "--role", "prefill"), w("gpdfail", "--role", "decode")
+        self.p3, self.d3 = w("gpdslow", "--role", "prefill"), w("gpdslow", "--role", "decode", *SLOW)
+        self.dead = f"grpc://127.0.0.1:{free_port()}"
+        self.dead_prefill = f"grpc://127.0.0.1:{free_port()}"
+        rows = [(self.r1, "g1", "regular"), (self.r2, "g1", "regular"), (self.r3, "gfail", "regular"),
+                (self.dead, "gfail", "regular"), (self.slow, "gslow", "regular"),
+                (self.p1, "gpd", "prefill"), (self.d1, "gpd", "decode"),
+                (self.p2, "gpdfail", "prefill"), (self.dead_prefill, "gpdfail", "prefill"),
+                (self.d2, "gpdfail", "decode"), (self.p3, "gpdslow", "prefill"),
+                (self.d3, "gpdslow", "decode")]
+        lines = "".join(f'  - {{url: "{u if isinstance(u, str) else u.url}", model: {m}, type: {t}, '
+                        f'connection: grpc}}\n' for u, m, t in rows)
+        config = tmp / "grpc.yaml"
+        config.write_text("policy: round_robin\nworkers:\n" + lines)
+        self.router = launch.router([], "--port", str(free_port()), "--proxies", "2", *NO_PASSIVE,
+                                    config=str(config))
+        self.started.append(self.router)
+
+    def worker(self, model: str, *extra: str) -> launch.Launched:
+        worker = launch.mock_worker([model], "--grpc", *extra)
+        self.started.append(worker)
+        return worker
+
+    def stop(self) -> None:
+        for process in self.started:
+            process.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    f = Fleet(tmp_path_factory.mktemp("grpc"))
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+@pytest.fixture
+def fresh(fleet: Fleet) -> Iterator[Fleet]:
+    """The fleet with every mock's counters zeroed and its config restored afterwards."""
+    mocks = [p for p in fleet.started if p is not fleet.router]
+    configs = []
+    for mock in mocks:
+        control(mock, "Reset")
+        current = control(mock, "Configure")  # an empty patch answers the whole config
+        configs.append({k: current[k] for k in RUNTIME_KEYS})
+    try:
+        yield fleet
+    finally:
+        for mock, config in zip(mocks, configs, strict=True):
+            control(mock, "Configure", config)
+
+
+# -- grpc_regular ----------------------------------------------------------------------------------
+
+
+def test_routers_and_non_streamed_answers(fresh: Fleet) -> None:
+    routers = {k: v for r in get_json(fresh.router.url + "/routers")["routers"] for k, v in r.items()}
+    assert routers == {"grpc_regular": ["g1", "gfail", "gslow"], "grpc_pd": ["gpd", "gpdfail", "gpdslow"]}
+    seen = set()
+    for i in range(4):
+        status, headers, raw = post(fresh.router, chat("g1", content=f"q{i}", max_tokens=5),
+                                    {"X-Request-ID": f"rid-{i}", "X-Shardgate-Debug": "1"})
+        assert status == 200, raw
+        body = json.loads(raw)
+        assert body["object"] == "chat.completion" and body["model"] == "g1"
+        assert body["choices"][0]["message"] == {"role": "assistant", "content": expected_text(f"q{i}", 5)}
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"] == {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}
+        assert headers["x-request-id"] == f"rid-{i}" == headers["x-mock-request-id"]
+        assert headers["content-length"] == str(len(raw))
+        decision = json.loads(headers["x-shardgate-decision"])
+        assert decision["router"] == "grpc_regular" and decision["worker"] in (fresh.r1.url, fresh.r2.url)
+        seen.add(headers["x-mock-worker"])
+    assert seen == {_target(fresh.r1), _target(fresh.r2)}  # round robin over both workers
+    status, _, raw = post(fresh.router, {"model": "g1", "prompt": ["a b", "c"]}, path=COMPLETIONS)
+    body = json.loads(raw)
+    assert status == 200 and body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == expected_text("a b\nc", 16)
+    assert body["usage"]["prompt_tokens"] == 3
+    assert wait_for(lambda: settled(fresh.router, fresh.r1, fresh.r2), what="in-flight back to 0")
+
+
+def test_streamed_answers_are_openai_sse(fresh: Fleet) -> None:
+    body = chat("g1", content="stream me", stream=True, stream_options={"include_usage": True})
+    status, headers, raw = post(fresh.router, body)
+    assert status == 200 and headers["content-type"] == "text/event-stream"
+    assert headers["transfer-encoding"] == "chunked" and "x-request-id" in headers
+    events = sse_events(raw)
+    assert events[-1] == b"[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]} and chunks[0]["id"].startswith("chatcmpl-")
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "g1" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert stream_text(raw) == expected_text("stream me", 16)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 16
+    status, _, raw = post(fresh.router, {"model": "g1", "prompt": "p", "stream": True}, path=COMPLETIONS)
+    assert status == 200 and stream_text(raw) == expected_text("p", 16)
+    assert json.loads(sse_events(raw)[0])["object"] == "text_completion"
+    assert "usage" not in json.loads(sse_events(raw)[-2])  # no usage chunk unless asked for
+
+
+def test_requests_the_contract_cannot_carry_are_refused(fresh: Fleet) -> None:
+    status, _, raw = post(fresh.router, chat("g1", n=2))
+    assert status == 400 and json.loads(raw)["error"]["param"] == "n"
+    status, _, raw = post(fresh.router, {"model": "g1", "input": "x"}, path="/v1/embeddings")
+    assert status == 404 and "not served by gRPC workers" in json.loads(raw)["error"]["message"]
+    control(fresh.r1, "Configure", {"fail_status": 400})
+    control(fresh.r2, "Configure", {"fail_status": 400})
+    status, _, raw = post(fresh.router, chat("g1"))  # a worker's refusal is relayed, not retried
+    assert status == 400 and "INVALID_ARGUMENT" in json.loads(raw)["error"]["message"]
+    assert stats(fresh.r1)["requests"] + stats(fresh.r2)["requests"] == 1
+
+
+def test_failover_when_a_worker_is_down(fresh: Fleet) -> None:
+    for i in range(4):
+        stream = i % 2 == 1
+        status, headers, raw = post(fresh.router, chat("gfail", content=f"f{i}", stream=stream))
+        assert status == 200, raw
+        assert headers["x-mock-worker"] == _target(fresh.r3)
+        text = stream_text(raw) if stream else json.loads(raw)["choices"][0]["message"]["content"]
+        assert text == expected_text(f"f{i}", 16)
+    dead = worker_row(fresh.router, fresh.dead)
+    assert dead["errors"] >= 1 and dead["connect_errors"] >= 1 and dead["in_flight"] == 0
+    assert sum(p["retries"] for p in get_json(fresh.router.url + "/stats")["proxies"]) >= 1
+
+
+def test_worker_failure_before_any_byte_is_retried_after_it_truncates(fresh: Fleet) -> None:
+    control(fresh.r1, "Configure", {"fail_status": 503})
+    for _ in range(4):  # whichever worker round robin starts with, r2 answers
+        status, headers, _ = post(fresh.router, chat("g1"))
+        assert status == 200 and headers["x-mock-worker"] == _target(fresh.r2)
+    control(fresh.r1, "Configure", {"fail_status": 0, "drop_after": 3})
+    control(fresh.r2, "Configure", {"drop_after": 3})
+    status, _, raw = post(fresh.router, chat("g1"))  # non-streamed: nothing was sent yet
+    assert status == 502 and "failed this request" in json.loads(raw)["error"]["message"]
+    raw_client = Raw(fresh.router, chat("g1", stream=True))
+    try:
+        got = raw_client.read_until(b"event: error")
+        assert got.startswith(b"HTTP/1.1 200 ") and got.count(b"data: {") >= 3
+        assert b"[DONE]" not in got
+        raw_client.read_until(b"stream interrupted")
+    finally:
+        raw_client.close()
+    assert wait_for(lambda: settled(fresh.router, fresh.r1, fresh.r2), what="in-flight back to 0")
+
+
+def test_client_disconnect_aborts_the_generation(fresh: Fleet) -> None:
+    client = Raw(fresh.router, chat("gslow", stream=True))
+    try:
+        client.read_until(b"data: {")
+        assert stats(fresh.slow)["in_flight"] == 1
+        assert worker_row(fresh.router, fresh.slow.url)["in_flight"] == 1
+    finally:
+        client.close()
+    s = wait_for(lambda: (st := stats(fresh.slow))["aborted"] == 1 and st["abort_rpcs"] >= 1 and st,
+                 what="the mock to see the abort")
+    assert s["completed"] == 0 and s["in_flight"] == 0
+    assert wait_for(lambda: settled(fresh.router, fresh.slow), what="router in-flight back to 0")
+
+
+# -- grpc_pd ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_pd_end_to_end(fresh: Fleet, stream: bool) -> None:
+    content = f"pd question {stream}"
+    status, headers, raw = post(fresh.router, chat("gpd", content=content, stream=stream),
+                                {"X-Shardgate-Debug": "1"})
+    assert status == 200, raw
+    text = stream_text(raw) if stream else json.loads(raw)["choices"][0]["message"]["content"]
+    assert text == expected_text(content, 16)
+    decision = json.loads(headers["x-shardgate-decision"])
+    assert decision["router"] == "grpc_pd" and decision["worker"] == fresh.d1.url
+    assert decision["scores"]["prefill_worker"] == fresh.p1.url
+    prefill, decode = stats(fresh.p1), stats(fresh.d1)
+    assert prefill["completed"] == decode["completed"] == 1 and decode["refused"] == 0
+    assert prefill["last_request"]["sampling"]["max_tokens"] == 1
+    asked = json.loads(_b64(prefill["last_request"]["kv_transfer_params"]))
+    assert asked == {"do_remote_decode": True, "do_remote_prefill": False}
+    handle = json.loads(_b64(decode["last_request"]["kv_transfer_params"]))
+    assert handle["do_remote_prefill"] is True and handle["remote_engine_id"] == _target(fresh.p1)
+    assert wait_for(lambda: settled(fresh.router, fresh.p1, fresh.d1), what="both legs settled")
+
+
+def _b64(value: str) -> str:
+    """A bytes field of a request as the mock reports it (protobuf's JSON form: base64)."""
+    return base64.b64decode(value).decode()
+
+
+def test_decode_refuses_requests_without_a_prefill_handle(fresh: Fleet) -> None:
+    with pytest.raises(grpc.RpcError) as missing:
+        generate(fresh.d1, chat_request())
+    assert missing.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    forged = json.dumps({"do_remote_prefill": True, "mock_kv_signature": "0" * 64}).encode()
+    with pytest.raises(grpc.RpcError) as bad:
+        generate(fresh.d1, chat_request(kv=forged))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    ask = b'{"do_remote_decode": true, "do_remote_prefill": false}'
+    first, done = generate(fresh.p1, chat_request("other prompt", kv=ask))
+    assert first == expected_text("other prompt", 1) and done.kv_transfer_params
+    with pytest.raises(grpc.RpcError) as wrong_prompt:  # a real handle, for another prompt
+        generate(fresh.d1, chat_request("hello", kv=done.kv_transfer_params))
+    assert wrong_prompt.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    text, _ = generate(fresh.d1, chat_request("other prompt", kv=done.kv_transfer_params))
+    assert text == expected_text("other prompt", 16)
+    assert stats(fresh.d1)["refused"] == 3
+
+
+def test_pd_prefill_down_uses_another_prefill(fresh: Fleet) -> None:
+    for i in range(4):
+        status, headers, raw = post(fresh.router, chat("gpdfail", content=f"x{i}", stream=i % 2 == 0),
+                                    {"X-Shardgate-Debug": "1"})
+        assert status == 200, raw
+        assert json.loads(headers["x-shardgate-decision"])["scores"]["prefill_worker"] == fresh.p2.url
+    assert stats(fresh.p2)["completed"] == stats(fresh.d2)["completed"] == 4
+    assert worker_row(fresh.router, fresh.dead_prefill)["connect_errors"] >= 1
+
+
+def test_pd_decode_failure_before_the_first_byte_gets_a_new_pair(fresh: Fleet) -> None:
+    control(fresh.d2, "Configure", {"fail_status": 503})
+    status, _, raw = post(fresh.router, chat("gpdfail"))
+    assert status == 502, raw  # the only decode worker failed: no pair is left
+    assert stats(fresh.d2)["refused"] == 1
+    assert wait_for(lambda: settled(fresh.router, fresh.p2, fresh.d2), what="both legs settled")
+    assert stats(fresh.p2)["abort_rpcs"] >= 1  # the failed pair's prefill released its KV
+
+
+def test_pd_client_disconnect_cancels_both_legs(fresh: Fleet) -> None:
+    client = Raw(fresh.router, chat("gpdslow", stream=True))  # decode streams for minutes
+    try:
+        client.read_until(b"data: {")
+        assert worker_row(fresh.router, fresh.p3.url)["in_flight"] == 1  # prefill held until the end
+        assert worker_row(fresh.router, fresh.d3.url)["in_flight"] == 1
+    finally:
+        client.close()
+    wait_for(lambda: stats(fresh.d3)["aborted"] == 1, what="the decode leg aborted")
+    wait_for(lambda: stats(fresh.p3)["abort_rpcs"] == 1, what="the prefill leg told to drop its KV")
+    assert wait_for(lambda: settled(fresh.router, fresh.p3, fresh.d3), what="both legs settled")
+    # A disconnect while the prefill runs: the prefill is cancelled and decode never starts.
+    control(fresh.p3, "Configure", {"stall": True})
+    client = Raw(fresh.router, chat("gpdslow", stream=True))
+    try:
+        wait_for(lambda: stats(fresh.p3)["in_flight"] == 1, what="the prefill to start")
+    finally:
+        client.close()
+    wait_for(lambda: stats(fresh.p3)["aborted"] == 2, what="the prefill leg aborted")
+    assert stats(fresh.d3)["requests"] == 1
+    assert wait_for(lambda: settled(fresh.router, fresh.p3, fresh.d3), what="both legs settled")
+
+
+# -- timeouts, health and discovery ----------------------------------------------------------------
+
+
+def test_first_byte_timeout_answers_504_and_aborts(start_worker, start_router, tmp_path: Path) -> None:
+    stalled = start_worker(["gt"], "--grpc", "--stall")
+    config = tmp_path / "t.yaml"
+    config.write_text(f'workers:\n  - {{url: "{stalled.url}", model: gt, connection: grpc}}\n')
+    router = start_router([], "--first-byte-timeout", "0.5", *NO_PASSIVE, config=str(config))
+    status, _, raw = post(router, chat("gt"))
+    assert status == 504 and "first_byte_timeout" in json.loads(raw)["error"]["message"]
+    wait_for(lambda: stats(stalled)["aborted"] == 1, what="the stalled call aborted")
+    assert wait_for(lambda: settled(router, stalled), what="in-flight back to 0")
+
+
+def test_grpc_probes(start_worker) -> None:
+    from coordinator.grpc_probe import check_grpc_health, discover_grpc_models
+
+    worker = start_worker(["a", "b"], "--grpc", "--role", "prefill")
+    assert asyncio.run(check_grpc_health(worker.url, DEADLINE)) == ""
+    assert asyncio.run(discover_grpc_models(worker.url, DEADLINE)) == ("a", "b")
+    control(worker, "Configure", {"fail_health": True})
+    assert "NOT_SERVING" in asyncio.run(check_grpc_health(worker.url, DEADLINE))
+    dead = f"grpc://127.0.0.1:{free_port()}"
+    assert "UNAVAILABLE" in asyncio.run(check_grpc_health(dead, DEADLINE))
+    with pytest.raises(ValueError, match="GetModelInfo failed"):
+        asyncio.run(discover_grpc_models(dead, DEADLINE))
+    with grpc.insecure_channel(_target(worker)) as channel:
+        load = pbg.WorkerStub(channel).GetLoad(pb.LoadRequest(), timeout=DEADLINE)
+    assert load.running == 0 and load.kv_usage == 0.0
+
+
+# -- translation (pure) ----------------------------------------------------------------------------
+
+
+def _req(body: dict[str, Any], path: bytes = CHAT.encode()) -> tuple[pb.GenerateRequest, Plan]:
+    return to_request(path, json.dumps(body).encode(), body.get("model", "m"), "rid-1")
+
+
+def test_chat_translation() -> None:
+    body = {"model": "m", "messages": [{"role": "system", "content": "be brief"},
+                                       {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                    {"type": "image_url"},
+                                                                    {"type": "text", "text": "b"}]}],
+            "max_tokens": 9, "max_completion_tokens": 7, "temperature": 0.5, "top_p": 1,
+            "stop": "END", "seed": 3, "user": "u", "stream": True, "stream_options": {"include_usage": True},
+            "kv_transfer_params": {"x": 1}}
+    req, plan = _req(body)
+    assert plan == Plan("chat", "m", True, True)
+    assert req.kind == pb.KIND_CHAT and req.request_id == "rid-1" and req.user == "u"
+    assert [(m.role, m.content) for m in req.messages] == [("system", "be brief"), ("user", "ab")]
+    assert req.sampling.max_tokens == 7 and req.sampling.temperature == 0.5 and req.sampling.top_p == 1
+    assert list(req.sampling.stop) == ["END"] and req.sampling.seed == 3
+    assert json.loads(req.kv_transfer_params) == {"x": 1}
+    # The gRPC mock reads the same prompt text out of the message as the HTTP mock out of the JSON.
+    assert mock_grpc.prompt_text(req) == prompt_text_of(body)
+    bare, plan = _req({"model": "m", "messages": []})
+    assert not bare.sampling.HasField("max_tokens") and plan == Plan("chat", "m", False, False)
+
+
+def test_completion_translation_and_refusals() -> None:
+    req, plan = _req({"model": "m", "prompt": ["x", "y"], "stop": ["a", "b"]}, COMPLETIONS.encode())
+    assert req.kind == pb.KIND_COMPLETION and list(req.prompt) == ["x", "y"] and plan.kind == "completions"
+    assert mock_grpc.prompt_text(req) == prompt_text_of({"prompt": ["x", "y"]})
+    assert list(req.sampling.stop) == ["a", "b"]
+    for path, body, param in [
+        (COMPLETIONS, {"prompt": [1, 2]}, "prompt"),
+        (COMPLETIONS, {"prompt": []}, "prompt"),
+        (CHAT, {"messages": "hi"}, "messages"),
+        (CHAT, {"messages": [], "n": 3}, "n"),
+        (CHAT, {"messages": [], "max_tokens": -1}, "max_tokens"),
+        (CHAT, {"messages": [], "temperature": "hot"}, "temperature"),
+        (CHAT, {"messages": [], "stop": 5}, "stop"),
+    ]:
+        with pytest.raises(BadRequest) as err:
+            _req(body, path.encode())
+        assert err.value.param == param, body
+    with pytest.raises(BadRequest):
+        to_request(CHAT.encode(), b"{not json", "m", "r")
+    with pytest.raises(NotFound):
+        _req({"input": "x"}, b"/v1/embeddings")
+
+
+def test_rendering_matches_the_http_shapes() -> None:
+    usage = pb.Usage(prompt_tokens=2, completion_tokens=3, total_tokens=5)
+    render = Renderer(Plan("chat", "m", True, True))
+    events = render.delta("a ") + render.delta("b ") + render.end("stop", usage)
+    chunks = [json.loads(e) for e in sse_events(events)[:-1]]
+    assert sse_events(events)[-1] == b"[DONE]" and stream_text(events) == "a b "
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "a "}
+    assert chunks[1]["choices"][0]["delta"] == {"content": "b "}
+    assert chunks[2]["choices"][0] == {"index": 0, "finish_reason": "stop", "logprobs": None, "delta": {}}
+    assert chunks[3] == {"id": render.id, "object": "chat.completion.chunk", "created": render.created,
+                         "model": "m", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 3,
+                                                                "total_tokens": 5}}
+    whole = json.loads(Renderer(Plan("completions", "m", False, False)).whole("t", "length", usage))
+    assert whole["object"] == "text_completion" and whole["choices"][0]["text"] == "t"
+    assert whole["usage"]["total_tokens"] == 5 and whole["id"].startswith("cmpl-")
+    chat_whole = json.loads(Renderer(Plan("chat", "m", False, False)).whole("t", "stop", usage))
+    assert chat_whole["object"] == "chat.completion"
+    assert chat_whole["choices"][0]["message"] == {"role": "assistant", "content": "t"}
+
+
+def test_pd_legs_and_error_mapping() -> None:
+    req, _ = _req({"model": "m", "messages": [{"role": "user", "content": "q"}], "max_tokens": 50})
+    ask = prefill_request(req)
+    assert ask.sampling.max_tokens == 1 and req.sampling.max_tokens == 50
+    assert json.loads(ask.kv_transfer_params) == {"do_remote_decode": True, "do_remote_prefill": False}
+    handle = b'{"opaque": [1, 2], "remote_engine_id": "p"}'
+    leg = decode_request(req, handle)
+    assert leg.kv_transfer_params == handle and leg.sampling.max_tokens == 50 and leg.messages == req.messages
+    assert worker_error("NOT_FOUND", "x").status == 404
+    assert worker_error("RESOURCE_EXHAUSTED", "x").status == 429
+    assert worker_error("PERMISSION_DENIED", "x").status == 502
