@@ -133,7 +133,8 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
-        self.discovery = Discovery(self.config, self.fleet, self.board, self.proxies, self.request_publish)
+        self.discovery = Discovery(self.config, self.fleet, self.board, self.proxies, self.request_publish,
+                                   self.publish)
         self.file_signature = _file_signature(self.config.config_file)
         async with aiohttp.ClientSession() as session:
             self.session = session

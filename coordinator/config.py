@@ -84,6 +84,7 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     models = _models(raw.get("models") or {}, args.config)
     aliases = _aliases(raw.get("aliases") or {}, args.config)
     _check_unique(workers)
+    _check_discovery(settings)
     if len(workers) > settings.max_workers:
         raise ConfigError(f"max_workers: {len(workers)} workers are listed but max_workers is "
                           f"{settings.max_workers}")
@@ -218,6 +219,22 @@ def _aliases(raw: Any, path: str | None) -> dict[str, dict[str, float]]:
                 raise ConfigError(f"config file {path}: aliases.{alias}.{model}: weight must be > 0, "
                                   f"got {weight}")
     return aliases
+
+
+def _check_discovery(settings: Settings) -> None:
+    """Discovery settings that can be wrong in shape fail here, at start or on reload."""
+    from coordinator.urlcheck import parse_cidrs
+
+    try:
+        parse_cidrs(settings.worker_cidrs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    urls = [("registry_url", settings.registry_url)] if settings.registry_url else []
+    urls += [("etcd_endpoints", e.strip()) for e in settings.etcd_endpoints.split(",") if e.strip()]
+    for name, url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{name}: '{url}' must be an http:// or https:// URL")
 
 
 def _check_unique(workers: Sequence[WorkerSpec]) -> None:

@@ -60,13 +60,16 @@ class Drain:
 
 class Discovery:
     def __init__(self, config: Config, fleet: Fleet, board: LoadBoard, proxies: int,
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[], None], publish_now: Callable[[], int] | None = None) -> None:
         self.config = config
         self.settings = config.settings
         self.fleet = fleet
         self.board = board
         self.proxies = proxies
         self.on_change = on_change
+        # A finished drain is published at once: whoever waits on the admin API for the worker
+        # to leave must not see it gone there while proxies still list it.
+        self.publish_now = publish_now
         self.checker = UrlChecker(parse_cidrs(self.settings.worker_cidrs))
         self.file = Source("file")
         self.file.succeeded({(s.url, s.model, s.type): s for s in config.workers})
@@ -260,7 +263,10 @@ class Discovery:
             self.overrides.remove(key)
         if finished:
             self.apply()
-            changed = True
+            if self.publish_now is not None:
+                self.publish_now()
+            else:
+                changed = True
         else:
             before = self.fleet.notices
             self.refresh_notices()
@@ -276,7 +282,7 @@ class Discovery:
 
     async def _probe(self, state: WorkerState) -> None:
         problem = ""
-        if state.spec.connection == "http" and self.session is not None:
+        if self.session is not None:  # (health.check_worker_health picks HTTP or gRPC health)
             async with self._probe_limit:
                 problem = await health.check_worker_health(self.session, state, self.settings)
         if self.passive.probed(state, problem, self.settings, time.monotonic()):

@@ -9,7 +9,8 @@ Invariants:
   errors, sglang-router every 60 s with 3 failures / 2 successes).
 - A worker whose models are unknown is re-probed every ``DISCOVERY_RETRY`` seconds, so a router
   started before its workers picks them up quickly; it routes nothing meanwhile.
-- gRPC workers are not probed over HTTP (their checks come with the gRPC routers).
+- gRPC workers (``connection: grpc``) are checked with ``grpc.health.v1`` and discovered with
+  ``GetModelInfo`` (:mod:`coordinator.grpc_probe`), at the same times and with the same rules.
 - ``health_target``: checks go to the worker's own URL, or to the seed's babysitter, which
   listens on the worker's port + 1 (same host and scheme); the path is ``health_path`` either way.
   Model discovery always asks the worker itself.
@@ -25,6 +26,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
+from coordinator.grpc_probe import check_grpc_health, discover_grpc_models
 from coordinator.membership import Fleet, WorkerState
 from shm.settings import Settings
 
@@ -85,13 +87,13 @@ def health_base(url: str, settings: Settings) -> str:
 
 async def check_worker_health(session: aiohttp.ClientSession, state: WorkerState, settings: Settings) -> str:
     """One active check of one worker at its health target; empty string when it passes."""
+    if state.spec.connection == "grpc":
+        return await check_grpc_health(state.spec.url, settings.health_timeout)
     return await check_health(session, health_base(state.spec.url, settings), settings.health_path,
                               settings.health_timeout)
 
 
 def due(state: WorkerState, settings: Settings, now: float) -> bool:
-    if state.spec.connection != "http":
-        return False
     interval = DISCOVERY_RETRY if not state.discovered else settings.health_interval
     return now - state.last_check >= interval
 
@@ -102,7 +104,9 @@ async def probe(session: aiohttp.ClientSession, state: WorkerState, settings: Se
     url = state.spec.url
     if not state.discovered:
         try:
-            state.models = await discover_models(session, url, settings.health_timeout)
+            state.models = await (discover_grpc_models(url, settings.health_timeout)
+                                  if state.spec.connection == "grpc"
+                                  else discover_models(session, url, settings.health_timeout))
         except ValueError as exc:
             changed = state.reason != str(exc)
             state.reason = str(exc)
@@ -117,8 +121,7 @@ async def probe_due(session: aiohttp.ClientSession, fleet: Fleet, settings: Sett
                     force: bool = False) -> bool:
     """Probe every worker whose turn it is (all of them with ``force``); True if any changed."""
     now = time.monotonic()
-    states = [s for s in fleet.states.values() if s.spec.connection == "http" and
-              (force or due(s, settings, now))]
+    states = [s for s in fleet.states.values() if force or due(s, settings, now)]
     if not states:
         return False
     limit = asyncio.Semaphore(MAX_CONCURRENT_PROBES)

@@ -47,9 +47,10 @@ class RegistrySource(Source):
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         """Poll forever (cancelled when the coordinator stops or the setting changes)."""
+        if self.ok_at or self.error_since:  # the coordinator's start already polled once
+            await asyncio.sleep(self.settings.registry_interval)
         while True:
-            changed = await self.poll(session)
-            if changed:
+            if await self.poll(session):
                 self.on_change()
             await asyncio.sleep(self.settings.registry_interval)
 

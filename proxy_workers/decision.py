@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from proxy_workers.context import ROUTING_DECODER, RequestContext, RoutingFields
-from proxy_workers.errors import BadRequest
+from proxy_workers.errors import BadRequest, RouterError
 from proxy_workers.routing import ModelRoute, PDRoute, RoutingTable
 from proxy_workers.selection import resolve_alias, select_router
 
@@ -60,7 +60,7 @@ def prepare(proc: ProxyProcess, request: Request,
     preference = request.connection or proc.settings.connection_preference
     choice = table.router_choice.get((model, preference))
     if choice is None:
-        choice = select_router(model, table.router_of.get(model, ()), preference)
+        choice = _usable_router(table, model, preference)
         table.router_choice[(model, preference)] = choice
     ctx.router, ctx.router_reason = choice
     return table.route_in(ctx.router, model), ctx
@@ -82,6 +82,23 @@ def retarget(request: Request, model: str) -> None:
         raise AssertionError("upstream request tail does not end with content-length and body")
     request.upstream_tail = tail[:-len(suffix)] + b"content-length: %d\r\n\r\n" % len(new) + new
     request.body = new
+
+
+def _usable_router(table: RoutingTable, model: str, preference: str) -> tuple[str, str]:
+    """The selected router, unless it is a PD router without a healthy pair and a regular router
+    of the model can serve: then the regular one (a PD model stays served while a side is down)."""
+    available = table.router_of.get(model, ())
+    name, reason = select_router(model, available, preference)
+    if name.endswith("_pd") and not table.route_in(name, model).candidates:
+        rest = tuple(r for r in available if not r.endswith("_pd"))
+        if rest:
+            try:
+                regular, _ = select_router(model, rest, preference)
+            except RouterError:
+                return name, reason
+            if table.route_in(regular, model).candidates:
+                return regular, f"{name} has no healthy prefill/decode pair: fell back to {regular}"
+    return name, reason
 
 
 def describe(route: ModelRoute, ctx: RequestContext, worker: Worker | None) -> dict[str, Any]:

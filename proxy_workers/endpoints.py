@@ -19,7 +19,7 @@ from proxy_workers.decision import describe, prepare
 from proxy_workers.errors import MethodNotAllowed, NotFound
 from proxy_workers.metrics import render_metrics
 from proxy_workers.policy_registry import POLICY_INDEX
-from proxy_workers.routing import routable
+from proxy_workers.routing import PDRoute, routable
 from shm.loadboard import P_PID
 from shm.schema import Snapshot, Worker
 
@@ -55,6 +55,13 @@ def _explain(proc: ProxyProcess, request: Request) -> tuple[int, bytes, bytes]:
     """The routing decision for a request body, without sending it anywhere."""
     request.explain = True
     route, ctx = prepare(proc, request, dry_run=True)
+    if isinstance(route, PDRoute):
+        prefill = route.prefill.pick(ctx)
+        worker = route.decode.pick(ctx)
+        decision = describe(route.decode, ctx, worker)
+        decision["prefill_worker"] = prefill.url
+        decision["pd_dialect"] = route.dialect
+        return 200, _encode(decision), _JSON
     worker = route.pick(ctx)
     return 200, _encode(describe(route, ctx, worker)), _JSON
 

@@ -113,7 +113,8 @@ class Exchange:
             worker = self.route.pick(ctx, self.tried)
         except NoHealthyWorker as err:
             if self.tried:
-                err = BadGateway(f"{err.message}; last worker: {self.worker.url}")  # type: ignore[union-attr]
+                last = f"; last worker: {self.worker.url}" if self.worker is not None else ""
+                err = BadGateway(err.message + last)
             self._fail(err)
             return
         except RouterError as err:  # a policy's refusal, e.g. 429 from quota_aware

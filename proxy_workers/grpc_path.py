@@ -286,6 +286,10 @@ class GrpcExchange:
             raise expired from None
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code().name, exc.details() or ""
+            if code == "DEADLINE_EXCEEDED" and not self.head_sent:  # the call's total_timeout deadline
+                self._settle(leg, ok=False)
+                raise UpstreamTimeout(f"request exceeded total_timeout={self.proc.settings.total_timeout}s "
+                                      f"({details})") from None
             if self.head_sent or code in RETRYABLE:
                 raise _Failed(f"{leg.worker.url}: {code} {details}".strip(),
                               connect=code == "UNAVAILABLE" and "connect" in details.lower()) from None

@@ -20,6 +20,8 @@ Invariants:
   after the first byte -> no retry. In bootstrap mode a failure of either leg before the decode
   answer starts cancels the other and tries a new pair; a leg that was only cancelled did not
   fail, so its worker may serve the new pair. At most ``max_tries`` pairs.
+- A prefill worker's client-error answer (4xx other than 408/429: the request itself is wrong) is
+  the answer: passed to the client as is, not retried, and not counted against the worker.
 - Load accounting covers both legs until the decode stream ends; a client disconnect cancels
   both legs.
 """
@@ -33,7 +35,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from proxy_workers.errors import BadGateway, BadRequest, NoHealthyWorker, RouterError
+from proxy_workers.errors import BadGateway, BadRequest, NoHealthyWorker, RouterError, render_response
 from proxy_workers.exchange import Exchange
 from proxy_workers.policy_registry import POLICY_INDEX
 from shm.loadboard import (
@@ -56,6 +58,8 @@ if TYPE_CHECKING:
     from shm.schema import Worker
 
 MAX_PREFILL_ANSWER = 1 << 20
+# 4xx answers that say "not now" rather than "this request is wrong": another worker may take it.
+RETRYABLE_4XX = frozenset({408, 429})
 PREFILL_KV = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
               "remote_block_ids": None, "remote_host": None, "remote_port": None}
 _decode_json = msgspec.json.decode
@@ -93,8 +97,8 @@ def bootstrap_body(doc: dict[str, Any], prefill: Worker, rng: random.Random) -> 
 class PrefillLeg:
     """One request to a prefill worker; its answer is small and buffered (never streamed)."""
 
-    __slots__ = ("answer", "cell", "conn", "connecting", "done", "pd", "request", "reused", "sent_at",
-                 "started", "status", "worker")
+    __slots__ = ("answer", "cell", "conn", "connecting", "content_type", "done", "pd", "request", "reused",
+                 "sent_at", "started", "status", "worker")
 
     def __init__(self, pd: PDExchange, worker: Worker, request: Request) -> None:
         self.pd = pd
@@ -104,6 +108,7 @@ class PrefillLeg:
         self.connecting: asyncio.Future | None = None
         self.answer: list[bytes] = []
         self.status = 0
+        self.content_type = b"application/json"
         self.done = False
         self.reused = False
         self.started = self.sent_at = pd.proc.loop.time()
@@ -142,6 +147,9 @@ class PrefillLeg:
     # The upstream-callback contract (see proxy_workers.upstream.UpstreamConnection).
     def on_response_head(self, conn: UpstreamConnection) -> None:
         self.status = conn.status_code()
+        for name, value in conn.headers:
+            if name.lower() == b"content-type":
+                self.content_type = value
 
     def on_response_body(self, body: bytes) -> None:
         if sum(len(b) for b in self.answer) < MAX_PREFILL_ANSWER:
@@ -250,8 +258,10 @@ class PDExchange:
             # Checked before any prefill work: the route is pinned for the request, so a pair is
             # possible only with an untried decode worker.
             model = self.route.model
-            self._fail(BadGateway(f"every healthy decode worker for model '{model}' failed this request")
-                       if self.tried_decode else NoHealthyWorker(f"no healthy decode worker for model '{model}'"))
+            if self.tried_decode:
+                self._fail(BadGateway(f"every healthy decode worker for model '{model}' failed this request"))
+            else:
+                self._fail(NoHealthyWorker(f"no healthy decode worker for model '{model}'"))
             return
         self.pairs += 1
         if self.pairs > 1:
@@ -306,6 +316,9 @@ class PDExchange:
     def prefill_done(self, leg: PrefillLeg) -> None:
         if self.ended:
             return
+        if 400 <= leg.status < 500 and leg.status not in RETRYABLE_4XX:
+            self._refused(leg)
+            return
         if not 200 <= leg.status < 300:
             self.prefill_failed(leg, f"prefill worker {leg.worker.url} answered {leg.status}")
             return
@@ -322,6 +335,17 @@ class PDExchange:
         body = dict(self.doc)
         body["kv_transfer_params"] = handle  # opaque: copied, never read
         self._start_decode(_encode_json(body))
+
+    def _refused(self, leg: PrefillLeg) -> None:
+        """The prefill worker found the request itself wrong: that is the client's answer."""
+        if self.head_sent:
+            return  # bootstrap: the decode worker's own answer is already on its way
+        self._cancel_decode()
+        request = self.request
+        request.keep_alive = request.keep_alive and not self.proc.draining
+        self.client.write(render_response(leg.status, b"".join(leg.answer), leg.content_type,
+                                          request.request_id.decode(), close=not request.keep_alive))
+        self._finish(error=False)
 
     def prefill_failed(self, leg: PrefillLeg, why: str, connect_error: bool = False) -> None:
         if self.ended:

@@ -15,17 +15,15 @@ Invariants:
   ``refused`` (an error status before any message).
 - Prefill/decode, vLLM's two-phase handoff: a prefill worker asked with
   ``{"do_remote_decode": true}`` answers one token and a KV handle in its Complete message; the
-  handle carries an HMAC of the model and prompt under the fleet's shared secret (``--pd-secret``).
-  A decode worker refuses a request without a handle (FAILED_PRECONDITION) or with one that no
-  prefill worker issued for this prompt (INVALID_ARGUMENT): it has no KV cache to decode from.
+  handle is the HTTP mock's (``shardgate.mock_pd``: an HMAC of the prompt under a secret all mocks
+  share). A decode worker refuses a request without a handle (FAILED_PRECONDITION) or with one
+  that no prefill worker issued for this prompt (INVALID_ARGUMENT): it has no KV to decode from.
 - Health is NOT_SERVING exactly while ``fail_health`` is set (flag or ``Configure``).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import hashlib
 import hmac
 import signal
 import sys
@@ -37,11 +35,11 @@ from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shardgate import mock_payloads as mp
-from shardgate.mock_worker import SHUTDOWN_TIMEOUT, MockConfig, patched, token_gap
+from shardgate import mock_pd
+from shardgate.mock_worker import SHUTDOWN_TIMEOUT, MockConfig, parse_args, patched, token_gap
 from shm.proto import worker_pb2 as pb
 from shm.proto import worker_pb2_grpc as pbg
 
-DEFAULT_PD_SECRET = "shardgate-mock-pd"
 SERVICE = "shardgate.worker.v1.Worker"
 # An HTTP status from --fail-status, as the gRPC status a real worker would answer.
 FAIL_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
@@ -69,10 +67,6 @@ def prompt_text(req: pb.GenerateRequest) -> str:
     raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "kind must be KIND_CHAT or KIND_COMPLETION")
 
 
-def kv_signature(secret: str, model: str, prompt: str) -> str:
-    return hmac.new(secret.encode(), f"{model}\0{prompt}".encode(), hashlib.sha256).hexdigest()
-
-
 def _kv_params(raw: bytes) -> dict[str, Any]:
     if not raw:
         return {}
@@ -96,9 +90,8 @@ class Job(msgspec.Struct):
 class GrpcMock(pbg.WorkerServicer, pbg.MockControlServicer):
     """Config, counters and handlers of one gRPC mock worker."""
 
-    def __init__(self, cfg: MockConfig, secret: str, health_servicer: health.aio.HealthServicer) -> None:
+    def __init__(self, cfg: MockConfig, health_servicer: health.aio.HealthServicer) -> None:
         self.cfg = cfg
-        self.secret = secret
         self.health = health_servicer
         self.name = cfg.name or f"{cfg.host}:{cfg.port}"
         self.running: dict[str, asyncio.Event] = {}  # request_id -> set to stop it (Abort)
@@ -142,17 +135,12 @@ class GrpcMock(pbg.WorkerServicer, pbg.MockControlServicer):
         handle = b""
         if cfg.role == "prefill" and kv.get("do_remote_decode"):
             n_tokens, finish = min(n_tokens, 1), "length"
-            handle = msgspec.json.encode({
-                "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.name,
-                "remote_host": cfg.host, "remote_port": cfg.port, "remote_block_ids": [0],
-                "mock_kv_signature": kv_signature(self.secret, model, prompt)})
+            handle = msgspec.json.encode(mock_pd.issue(self.name, prompt))
         elif cfg.role == "decode":
             if not kv.get("do_remote_prefill"):
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                               "decode worker needs kv_transfer_params from a prefill worker")
-            signature = kv.get("mock_kv_signature")
-            expected = kv_signature(self.secret, model, prompt)
-            if not isinstance(signature, str) or not hmac.compare_digest(signature, expected):
+            if not hmac.compare_digest(str(kv.get("handle", "")), mock_pd.handle_for(prompt)):
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                               "kv_transfer_params were not issued by a prefill worker for this prompt")
         return Job(model, prompt, n_tokens, finish, handle)
@@ -263,11 +251,11 @@ async def _pace(seconds: float, stop: asyncio.Event) -> bool:
     return stop.is_set()
 
 
-async def start(cfg: MockConfig, secret: str = DEFAULT_PD_SECRET) -> tuple[grpc.aio.Server, GrpcMock, int]:
+async def start(cfg: MockConfig) -> tuple[grpc.aio.Server, GrpcMock, int]:
     """Serve ``cfg`` until the server is stopped; returns the server, the mock and the bound port."""
     server = grpc.aio.server()
     health_servicer = health.aio.HealthServicer()
-    mock = GrpcMock(cfg, secret, health_servicer)
+    mock = GrpcMock(cfg, health_servicer)
     pbg.add_WorkerServicer_to_server(mock, server)
     pbg.add_MockControlServicer_to_server(mock, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -284,9 +272,9 @@ async def start(cfg: MockConfig, secret: str = DEFAULT_PD_SECRET) -> tuple[grpc.
     return server, mock, port
 
 
-async def serve(cfg: MockConfig, secret: str) -> int:
+async def serve(cfg: MockConfig) -> int:
     try:
-        server, _, port = await start(cfg, secret)
+        server, _, port = await start(cfg)
     except OSError as exc:
         print(f"mock-worker: cannot listen on {cfg.host}:{cfg.port}: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -304,18 +292,11 @@ async def serve(cfg: MockConfig, secret: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """``argv``: the HTTP mock's flags plus ``--grpc`` and ``--pd-secret``."""
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--grpc", action="store_true")
-    extra.add_argument("--pd-secret", default=DEFAULT_PD_SECRET,
-                       help="shared by a fleet's prefill and decode mocks to sign KV handles")
-    ours, rest = extra.parse_known_args(argv)
-    from shardgate.mock_worker import parse_args
-
-    cfg = parse_args(rest)
+    """``argv``: the HTTP mock's flags, ``--grpc`` among them."""
+    cfg = parse_args(argv)
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(cfg, ours.pd_secret))
+        return asyncio.run(serve(cfg))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(cfg, ours.pd_secret))
+        return runner.run(serve(cfg))

@@ -168,6 +168,7 @@ class MockWorker:
             job = mp.make_job(kind, model, body, cfg.output_tokens)
         except mp.BadRequest as exc:
             return self._error(400, str(exc), param=exc.param)
+        request["kv_prefill"] = mock_pd.wants_prefill(body)  # this request's, not the last one's
         refusal = await self._pd_gate(body, job.prompt)
         if refusal is not None:
             return refusal
@@ -185,7 +186,7 @@ class MockWorker:
             return web.Response(status=500), "dropped"
         text = mp.expected_text(job.prompt, job.n_tokens)
         payload = mp.completion(job.kind, job.model, text, job.finish, mp.usage(job.prompt, job.n_tokens))
-        if cfg.role == "prefill" and mock_pd.wants_prefill(self.last_body or {}):
+        if cfg.role == "prefill" and request.get("kv_prefill"):
             payload["kv_transfer_params"] = mock_pd.issue(self.name, job.prompt)
         return json_response(payload), "completed"
 

@@ -143,8 +143,9 @@ def port_of(worker: launch.Launched) -> int:
 class Fleet:
     """Mock workers (by name) and one router built from a YAML deployment file."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, dialect: str = "two_phase") -> None:
         self.tmp = tmp
+        self.dialect = dialect
         self.procs: list[launch.Launched] = []
         self.w: dict[str, launch.Launched] = {}
         self.entries: list[dict[str, Any]] = []
@@ -198,7 +199,7 @@ class Fleet:
 
 def pd_fleet(tmp: Path, dialect: str) -> Fleet:
     """Two prefill (p1, p2) and two decode (d1, d2) workers of model llama, in ``dialect``."""
-    f = Fleet(tmp)
+    f = Fleet(tmp, dialect)
     try:
         for name in ("p1", "p2"):
             f.worker(name, "prefill", bootstrap=dialect == "bootstrap")
@@ -237,6 +238,14 @@ def bootstrap(_bootstrap: Fleet) -> Fleet:
     return _bootstrap
 
 
+@pytest.fixture(params=["two_phase", "bootstrap"])
+def pd(request: pytest.FixtureRequest) -> Fleet:
+    """The two-phase fleet, then the bootstrap fleet."""
+    f = request.getfixturevalue("_" + request.param)
+    f.reset()
+    return f
+
+
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
     """An empty fleet for a test that builds (and may break) its own deployment."""
@@ -273,6 +282,17 @@ def bootstrap_triple(body: dict[str, Any]) -> tuple[Any, Any, Any]:
 
 def requests_of(*workers: launch.Launched) -> list[int]:
     return [worker_stats(w)["requests"] for w in workers]
+
+
+def retries(f: Fleet) -> int:
+    """The router's count of retries (for PD: replacement prefill workers and new pairs)."""
+    return get_json(f.url + "/stats")["totals"]["retries"]
+
+
+def all_settled(f: Fleet) -> None:
+    """Wait until the router's load board shows nothing in flight on any worker."""
+    wait_for(lambda: all(r["in_flight"] == 0 for r in f.worker_rows().values()),
+             what="every leg settled on the load board")
 
 
 # -- 1 + 8. the seed's example deployment -----------------------------------------------------------
@@ -446,7 +466,7 @@ def test_two_phase_stopped_prefill_is_replaced_by_another_prefill(fleet: Fleet) 
     p1 = fleet.worker("p1", "prefill")
     p2 = fleet.worker("p2", "prefill")
     d = fleet.worker("d", "decode")
-    fleet.start(*NO_PASSIVE)
+    fleet.start("--health-interval", "60", *NO_PASSIVE)  # the router still believes p1 is up
     p1.stop()
     for i in range(4):
         prompt = f"prefill stopped {i}"
@@ -472,18 +492,11 @@ def test_bootstrap_failed_prefill_cancels_decode_and_uses_a_new_pair(bootstrap: 
         assert worker_stats(p2)["last_body"]["bootstrap_room"] == room
     assert worker_stats(p1)["requests"] >= 1 and worker_stats(p1)["completed"] == 0
     assert worker_stats(p2)["completed"] == 4
-    wait_for(lambda: all(r["in_flight"] == 0 for r in bootstrap.worker_rows().values()),
-             what="every leg settled on the load board")
+    all_settled(bootstrap)
 
 
-def retries(f: Fleet) -> int:
-    return get_json(f.url + "/stats")["totals"]["retries"]
-
-
-@pytest.mark.parametrize("dialect", ["two_phase", "bootstrap"])
-def test_decode_failing_before_first_byte_gets_a_new_pair(two_phase: Fleet, bootstrap: Fleet,
-                                                          dialect: str) -> None:
-    f = two_phase if dialect == "two_phase" else bootstrap
+def test_decode_failing_before_first_byte_gets_a_new_pair(pd: Fleet) -> None:
+    f, dialect = pd, pd.dialect
     d1, d2 = f.w["d1"], f.w["d2"]
     set_worker(d1, drop_after=0)  # non-streaming: the connection drops before any response byte
     hits = 0
@@ -502,15 +515,14 @@ def test_decode_failing_before_first_byte_gets_a_new_pair(two_phase: Fleet, boot
         assert retries(f) - retried == (1 if sent_to_d1 else 0)
         hits += bool(sent_to_d1)
         if dialect == "two_phase":
-            prefill = by_url(f, decision["scores"]["prefill_worker"])
-            assert worker_stats(d2)["last_body"]["kv_transfer_params"] == mock_pd.issue(name_of(prefill), prompt)
+            prefill = name_of(by_url(f, decision["scores"]["prefill_worker"]))
+            assert worker_stats(d2)["last_body"]["kv_transfer_params"] == mock_pd.issue(prefill, prompt)
     assert hits >= 1
     assert worker_stats(d1)["completed"] == 0
     assert worker_stats(d2)["completed"] == 4
     # Each new pair starts with a new prefill (the KV must go to the new decode worker).
     assert sum(requests_of(f.w["p1"], f.w["p2"])) == 4 + hits
-    wait_for(lambda: all(r["in_flight"] == 0 for r in f.worker_rows().values()),
-             what="every leg settled on the load board")
+    all_settled(f)
 
 
 def test_decode_failure_with_a_single_prefill_reuses_it_for_the_new_pair(fleet: Fleet) -> None:
@@ -538,11 +550,12 @@ def test_bootstrap_failed_prefill_with_a_single_decode_uses_it_again(fleet: Flee
     set_worker(p1, fail_status=500)
     for i in range(4):
         prompt = f"single decode {i}"
-        status, headers, raw, decision = send(fleet, chat("llama", content=prompt, max_tokens=3))
+        status, _, raw, decision = send(fleet, chat("llama", content=prompt, max_tokens=3))
         assert status == 200, raw
         assert answer_text(raw) == expected_text(prompt, 3)
         assert decision["scores"]["prefill_worker"] == p2.url
-        assert worker_stats(d)["last_body"]["bootstrap_room"] == worker_stats(p2)["last_body"]["bootstrap_room"]
+        room = worker_stats(d)["last_body"]["bootstrap_room"]
+        assert worker_stats(p2)["last_body"]["bootstrap_room"] == room
     assert worker_stats(p1)["requests"] >= 1
     assert worker_stats(p2)["completed"] == 4 and worker_stats(d)["completed"] == 4
 
@@ -558,8 +571,7 @@ def test_decode_failing_with_no_other_decode_is_502_and_settles_both_legs(fleet:
     assert json.loads(raw)["error"]["code"] == "bad_gateway"
     assert headers["x-request-id"]
     assert worker_stats(d)["completed"] == 0 and worker_stats(d)["dropped"] >= 1
-    wait_for(lambda: all(r["in_flight"] == 0 for r in fleet.worker_rows().values()),
-             what="both legs settled on the load board")
+    all_settled(fleet)
     wait_for(lambda: worker_stats(p)["in_flight"] == 0, what="no prefill left running")
     set_worker(d, drop_after=-1)  # the router still serves the model afterwards
     status, _, raw, _ = send(fleet, chat("llama", content="recovered", max_tokens=2))
@@ -567,10 +579,8 @@ def test_decode_failing_with_no_other_decode_is_502_and_settles_both_legs(fleet:
     assert answer_text(raw) == expected_text("recovered", 2)
 
 
-@pytest.mark.parametrize("dialect", ["two_phase", "bootstrap"])
-def test_decode_failing_after_first_byte_truncates_without_retry(two_phase: Fleet, bootstrap: Fleet,
-                                                                 dialect: str) -> None:
-    f = two_phase if dialect == "two_phase" else bootstrap
+def test_decode_failing_after_first_byte_truncates_without_retry(pd: Fleet) -> None:
+    f, dialect = pd, pd.dialect
     for name in ("d1", "d2"):  # whichever decode is picked drops after 3 events
         set_worker(f.w[name], drop_after=3, tps=50)
     prompt = f"decode drops mid-stream {dialect}"
@@ -588,17 +598,32 @@ def test_decode_failing_after_first_byte_truncates_without_retry(two_phase: Flee
     assert json.loads(events[-1].split(b"data: ", 1)[1])["error"]["code"] == "bad_gateway"
     assert sum(requests_of(f.w["d1"], f.w["d2"])) == 1  # no retry on the other decode worker
     assert sum(requests_of(f.w["p1"], f.w["p2"])) == 1  # nor a new pair
-    wait_for(lambda: all(r["in_flight"] == 0 for r in f.worker_rows().values()),
-             what="every leg settled on the load board")
+    all_settled(f)
+
+
+def test_client_error_from_prefill_is_passed_through_not_retried(pd: Fleet) -> None:
+    f, dialect = pd, pd.dialect
+    bad = {"model": "llama", "messages": "not a list", "max_tokens": 3}
+    errors = {url: r["errors"] for url, r in f.worker_rows().items()}
+    status, headers, raw = http("POST", f.url + CHAT, bad)
+    assert status == 400, raw  # the engine's verdict, not a 502: the client must fix its request
+    err = json.loads(raw)["error"]
+    assert err["param"] == "messages" and err["type"] == "invalid_request_error"
+    assert headers["content-type"] == "application/json" and headers["x-request-id"]
+    prefills = [worker_stats(f.w[n]) for n in ("p1", "p2")]
+    assert sum(s["requests"] for s in prefills) == 1  # not retried on the other prefill worker
+    if dialect == "two_phase":
+        assert requests_of(f.w["d1"], f.w["d2"]) == [0, 0]
+    # A client's mistake is not the workers' failure (passive health must not eject them).
+    assert {url: r["errors"] for url, r in f.worker_rows().items()} == errors
+    all_settled(f)
 
 
 # -- 4. client disconnects --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dialect", ["two_phase", "bootstrap"])
-def test_client_disconnect_mid_stream_aborts_the_decode(two_phase: Fleet, bootstrap: Fleet,
-                                                        dialect: str) -> None:
-    f = two_phase if dialect == "two_phase" else bootstrap
+def test_client_disconnect_mid_stream_aborts_the_decode(pd: Fleet) -> None:
+    f, dialect = pd, pd.dialect
     for name in ("d1", "d2"):
         set_worker(f.w[name], tps=10, output_tokens=200)
     if dialect == "bootstrap":
@@ -623,8 +648,7 @@ def test_client_disconnect_mid_stream_aborts_the_decode(two_phase: Fleet, bootst
         assert worker_stats(prefill)["completed"] == 1  # two-phase: it was done before decode began
     wait_for(lambda: get_json(f.url + "/stats")["totals"]["client_disconnects"] == disconnects + 1,
              what="the router to count the disconnect")
-    wait_for(lambda: all(r["in_flight"] == 0 for r in f.worker_rows().values()),
-             what="both legs settled on the load board")
+    all_settled(f)
 
 
 def test_two_phase_client_disconnect_during_prefill_aborts_it_and_never_decodes(two_phase: Fleet) -> None:
@@ -636,8 +660,7 @@ def test_two_phase_client_disconnect_during_prefill_aborts_it_and_never_decodes(
                  what="the prefill to reach a worker")
     wait_for(lambda: sum(worker_stats(two_phase.w[n])["aborted"] for n in ("p1", "p2")) == 1,
              what="the prefill to be aborted")
-    wait_for(lambda: all(r["in_flight"] == 0 for r in two_phase.worker_rows().values()),
-             what="the prefill leg settled on the load board")
+    all_settled(two_phase)
     assert requests_of(two_phase.w["d1"], two_phase.w["d2"]) == [0, 0]
 
 
@@ -649,12 +672,10 @@ def test_mock_decode_refuses_handoffs_no_prefill_made(two_phase: Fleet) -> None:
     prompt = "honest mock"
     # bootstrap: a room nobody prefilled times out (the mock waits BOOTSTRAP_TIMEOUT, 5 s), so it
     # runs in the background while the other cases are checked.
-    orphan: dict[str, Any] = {}
+    orphan: list[tuple[int, dict[str, str], bytes]] = []
     room_body = chat("llama", content=prompt, bootstrap_host="127.0.0.1", bootstrap_port=port_of(p),
                      bootstrap_room=12345)
-    thread = threading.Thread(
-        target=lambda: orphan.update(zip(("status", "headers", "body"),
-                                         http("POST", d.url + CHAT, room_body, timeout=30))))
+    thread = threading.Thread(target=lambda: orphan.append(http("POST", d.url + CHAT, room_body, timeout=30)))
     thread.start()
     try:
         status, _, raw = http("POST", d.url + CHAT, chat("llama", content=prompt))
@@ -677,8 +698,9 @@ def test_mock_decode_refuses_handoffs_no_prefill_made(two_phase: Fleet) -> None:
         assert answer_text(raw) == expected_text(prompt, 2)
     finally:
         thread.join(30)
-    assert orphan["status"] == 504, orphan
-    assert json.loads(orphan["body"])["error"]["code"] == "bootstrap_timeout"
+    status, _, raw = orphan[0]
+    assert status == 504, raw
+    assert json.loads(raw)["error"]["code"] == "bootstrap_timeout"
 
 
 # -- 6. readiness -----------------------------------------------------------------------------------
@@ -711,12 +733,10 @@ def test_pd_model_is_ready_only_with_a_healthy_prefill_and_decode(fleet: Fleet) 
 # -- 7. load accounting -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dialect", ["two_phase", "bootstrap"])
-def test_both_legs_count_as_in_flight_until_the_decode_stream_ends(two_phase: Fleet, bootstrap: Fleet,
-                                                                   dialect: str) -> None:
-    f = two_phase if dialect == "two_phase" else bootstrap
-    for name in ("d1", "d2"):
-        set_worker(f.w[name], tps=20, output_tokens=10)
+def test_both_legs_count_as_in_flight_until_the_decode_stream_ends(pd: Fleet) -> None:
+    f, dialect = pd, pd.dialect
+    for name in ("d1", "d2"):  # a stream of about 1.5 s: /workers is read while it runs
+        set_worker(f.w[name], tps=10, output_tokens=15)
     prompt = f"in flight {dialect}"
     with Raw(f.url) as c:
         c.post(CHAT, chat("llama", content=prompt, stream=True), DEBUG)
@@ -729,6 +749,32 @@ def test_both_legs_count_as_in_flight_until_the_decode_stream_ends(two_phase: Fl
             w.url: int(w in (prefill, decode)) for w in f.w.values()}
         resp = c.rest(status, headers, got)
     assert resp.complete
-    assert stream_text(resp.body) == expected_text(prompt, 10)
-    wait_for(lambda: all(r["in_flight"] == 0 for r in f.worker_rows().values()),
-             what="both legs released after the stream ended")
+    assert stream_text(resp.body) == expected_text(prompt, 15)
+    all_settled(f)
+
+
+# -- fallbacks and explanations around PD routes ------------------------------------------------
+
+
+def test_model_falls_back_to_its_regular_worker_when_no_pd_pair_is_healthy(fleet: Fleet) -> None:
+    regular = fleet.worker("regular", "regular")
+    fleet.worker("p", "prefill")
+    d = fleet.worker("d", "decode")
+    fleet.start("--health-interval", "0.2", "--health-fall", "1", *NO_PASSIVE)
+    d.stop()
+    wait_for(lambda: not fleet.worker_rows()[d.url]["healthy"], what="the decode worker marked down")
+    status, _, raw = http("GET", fleet.url + "/readiness")
+    assert status == 200, raw  # the model is ready: its regular worker is healthy
+    status, headers, raw, decision = send(fleet, chat("llama", content="fallback", max_tokens=2))
+    assert status == 200, raw
+    assert decision["router"] == "http_regular"
+    assert headers["x-mock-worker"] == name_of(regular)
+
+
+def test_route_explain_describes_a_pd_decision_without_sending(two_phase: Fleet) -> None:
+    status, _, raw = http("POST", two_phase.url + "/route/explain", chat("llama"))
+    assert status == 200, raw
+    decision = json.loads(raw)
+    assert decision["router"] == "http_pd"
+    assert decision["worker"] in (two_phase.w["d1"].url, two_phase.w["d2"].url)
+    assert requests_of(*two_phase.w.values()) == [0, 0, 0, 0]
