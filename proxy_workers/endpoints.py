@@ -120,13 +120,14 @@ def _worker_view(proc: ProxyProcess, w: Worker, proxies: int) -> dict[str, Any]:
     totals = proc.board.worker_totals(w.slot, proxies)
     return {"url": w.url, "slot": w.slot, "models": list(w.models), "type": w.type,
             "connection": w.connection, "weight": w.weight, "labels": w.labels, "shard": w.shard,
-            "healthy": w.healthy, "draining": w.draining, "health_reason": w.health_reason, **totals}
+            "healthy": w.healthy, "draining": w.draining, "health_reason": w.health_reason,
+            "ejected": w.ejected, **totals}
 
 
 def _workers(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
     snap = _snapshot(proc)
     workers = [_worker_view(proc, w, snap.proxies) for w in snap.workers]
-    return 200, _encode({"workers": workers, "notices": list(snap.notices)}), _JSON
+    return 200, _encode({"workers": workers, "notices": list(snap.notices), "sources": snap.sources}), _JSON
 
 
 def _proxy_rows(proc: ProxyProcess, proxies: int) -> list[dict[str, Any]]:

@@ -71,6 +71,7 @@ class Exchange:
         "proc",
         "request",
         "route",
+        "server_error",
         "sse",
         "started",
         "tried",
@@ -84,6 +85,7 @@ class Exchange:
         self.request = request
         self.route = route
         self.ctx = ctx
+        self.server_error = False
         self.pd: PDExchange | None = None  # set when this is the decode leg of a PD request
         self.tried: list[int] = []
         self.worker: Worker | None = None
@@ -209,6 +211,8 @@ class Exchange:
         out.append(b"x-request-id: %s\r\n\r\n" % req.request_id)
         self.out.append(b"".join(out))
         self.head_sent = True
+        # Relayed as is, but a 5xx counts as a failed attempt for passive health (Envoy's rule).
+        self.server_error = status >= 500
         now = self.proc.loop.time()
         self.phase, self.last_io = STREAMING, now
         floats, cell = self.proc.floats, self.cell
@@ -292,7 +296,7 @@ class Exchange:
 
     def _complete(self) -> None:
         conn, self.conn = self.conn, None
-        self._settle(ok=True)
+        self._settle(ok=not self.server_error)
         if conn is not None:
             conn.release(self.proc.loop.time())
         self._end(error=False)

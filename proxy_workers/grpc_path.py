@@ -184,8 +184,7 @@ class GrpcExchange:
                     return
                 self._may_retry(failed, tried)
                 continue
-            self._release(abort=False, ok=True)
-            self._finish(error=False)
+            await self._done(leg)
             return
 
     async def _pd(self, route: PDRoute, req: pb.GenerateRequest) -> None:
@@ -210,8 +209,7 @@ class GrpcExchange:
                 tried_prefill.remove(prefill.worker.slot)
                 self._may_retry(failed, tried_decode)
                 continue
-            self._release(abort=False, ok=True)
-            self._finish(error=False)
+            await self._done(leg)
             return
 
     async def _prefill(self, route: ModelRoute, ask: pb.GenerateRequest,
@@ -329,13 +327,18 @@ class GrpcExchange:
                     body = render.whole("".join(text), done.finish_reason, done.usage)
                     self._write_head(headers, b"application/json", len(body))
                     self.client.write(body)
-                await self._drain(leg)
                 return
             msg = await self._read(leg)
         raise _Failed(f"{leg.worker.url} ended the stream without a Complete message")
 
-    async def _drain(self, leg: Leg) -> None:
-        """After Complete: let the call end (status and trailers); nothing more is relayed."""
+    async def _done(self, leg: Leg) -> None:
+        """The answer is out, whole: end the exchange, then let the call end (status, trailers).
+
+        The exchange ends first: a client that hangs up on the complete answer must not turn the
+        worker's last moments into an abort.
+        """
+        self._release(abort=False, ok=True)
+        self._finish(error=False)
         try:
             while await leg.call.read() is not grpc.aio.EOF:
                 pass

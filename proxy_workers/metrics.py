@@ -58,6 +58,14 @@ def render_metrics(snap: Snapshot, proxies: list[dict[str, Any]], workers: list[
     lines.append(f"shardgate_proxies {len(proxies)}")
     family("shardgate_snapshot_generation", "gauge", "Generation of the routing snapshot in use.")
     lines.append(f"shardgate_snapshot_generation {snap.generation}")
+    family("shardgate_discovery_source_up", "gauge", "1 when a discovery source's last sync worked.")
+    for source, error in sorted(snap.sources.items()):
+        lines.append(f'shardgate_discovery_source_up{{source="{_escape(source)}"}} {0 if error else 1}')
+    family("shardgate_notices", "gauge", "Problems the coordinator reports in /workers notices.")
+    lines.append(f"shardgate_notices {len(snap.notices)}")
+    family("shardgate_worker_ejected", "gauge", "1 while passive health keeps the worker out.")
+    for w in workers:
+        lines.append(f'shardgate_worker_ejected{{worker="{_escape(w["url"])}"}} {1 if w.get("ejected") else 0}')
     family("shardgate_worker_healthy", "gauge", "1 when the worker is healthy and not draining.")
     for w in workers:
         ok = 1 if w["healthy"] and not w["draining"] else 0

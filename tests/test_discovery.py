@@ -91,6 +91,29 @@ def test_registry_heartbeats_keep_an_entry_and_expiry_drops_it(start_worker) -> 
         reg.stop()
 
 
+def test_registry_writes_can_require_a_token(tmp_path: Path) -> None:
+    import sys
+
+    from discovery_support import READY_REGISTRY
+
+    from shardgate import launch
+
+    token = tmp_path / "registry-token"
+    token.write_text("reg-secret\n")
+    reg = launch.Launched([sys.executable, "-m", "shardgate.cli", "registry", "--port", "0",
+                           "--token-file", str(token)], READY_REGISTRY)
+    try:
+        entry = {"url": "http://127.0.0.1:9", "model": "m1"}
+        assert http("POST", reg.url + "/register", entry)[0] == 401
+        assert http("POST", reg.url + "/register", entry, headers={"Authorization": "Bearer nope"})[0] == 401
+        right = {"Authorization": "Bearer reg-secret"}
+        assert http("POST", reg.url + "/register", entry, headers=right)[0] == 200
+        # Reads stay open: routers only read.
+        assert [s["url"] for s in get_json(reg.url + "/services")["services"]] == [entry["url"]]
+    finally:
+        reg.stop()
+
+
 def test_registry_outage_keeps_the_fleet_and_shows_the_error(start_worker, start_router,
                                                              registry) -> None:  # noqa: F811
     a = start_worker(["m1"])
