@@ -65,7 +65,8 @@ def render_metrics(snap: Snapshot, proxies: list[dict[str, Any]], workers: list[
     lines.append(f"shardgate_notices {len(snap.notices)}")
     family("shardgate_worker_ejected", "gauge", "1 while passive health keeps the worker out.")
     for w in workers:
-        lines.append(f'shardgate_worker_ejected{{worker="{_escape(w["url"])}"}} {1 if w.get("ejected") else 0}')
+        ejected = 1 if w.get("ejected") else 0
+        lines.append(f'shardgate_worker_ejected{{worker="{_escape(w["url"])}"}} {ejected}')
     family("shardgate_worker_healthy", "gauge", "1 when the worker is healthy and not draining.")
     for w in workers:
         ok = 1 if w["healthy"] and not w["draining"] else 0
