@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 from proxy_workers.decision import describe, header_value
 from proxy_workers.errors import BadGateway, NoHealthyWorker, RouterError, UpstreamTimeout, error_body, reason
-from proxy_workers.policy_registry import POLICY_INDEX
 from proxy_workers.routing import ModelRoute
 from shm.loadboard import (
     EWMA_ALPHA,
@@ -123,7 +122,7 @@ class Exchange:
             self._fail(err)
             return
         proc = self.proc
-        word = proc.decision0 + POLICY_INDEX[self.route.policy.name] * 2
+        word = proc.decision0 + self.route.policy.index * 2
         proc.ints[word] += 1  # every decision counts; a fallback counts once more, as a fallback
         if ctx.fallback:
             proc.ints[word + 1] += 1
@@ -173,24 +172,19 @@ class Exchange:
 
     def on_response_head(self, conn: UpstreamConnection) -> None:
         status = conn.status_code()
-        headers = conn.headers
-        drop = RESPONSE_DROP
-        for name, value in headers:
-            if name.lower() == b"connection" and value.lower() not in (b"close", b"keep-alive"):
-                drop = drop | {t.strip().lower() for t in value.split(b",")}
+        # Header names arrive lowercased (UpstreamConnection.on_header), with Connection's
+        # tokens already collected, so one pass does the filtering.
+        drop = RESPONSE_DROP if conn.conn_tokens is None else RESPONSE_DROP | conn.conn_tokens
         req = self.request
         out = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status))]
         length = None
-        for name, value in headers:
-            low = name.lower()
-            if low in drop:
-                if low == b"content-length":
-                    length = value
-                elif low == b"content-type" and value.startswith(b"text/event-stream"):
-                    self.sse = True
-                continue
-            if low == b"content-type" and value.startswith(b"text/event-stream"):
+        for name, value in conn.headers:
+            if name == b"content-type" and value.startswith(b"text/event-stream"):
                 self.sse = True
+            if name in drop:
+                if name == b"content-length":
+                    length = value
+                continue
             out.append(b"%s: %s\r\n" % (name, value))
         if length is not None:
             out.append(b"content-length: %s\r\n" % length)

@@ -148,7 +148,7 @@ class PrefillLeg:
     def on_response_head(self, conn: UpstreamConnection) -> None:
         self.status = conn.status_code()
         for name, value in conn.headers:
-            if name.lower() == b"content-type":
+            if name == b"content-type":  # names arrive lowercased
                 self.content_type = value
 
     def on_response_body(self, body: bytes) -> None:

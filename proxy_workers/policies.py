@@ -182,6 +182,7 @@ class Policy:
     """Base class. Subclasses set ``name`` and implement ``pick``."""
 
     name = ""
+    index = 0  # column of the decision counters (policy_registry.POLICY_INDEX)
     needs_prompt = False  # True: the context decodes the prompt text for this policy
 
     def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:

@@ -34,6 +34,8 @@ if set(POLICIES) != set(POLICY_NAMES):  # pragma: no cover - a developer error, 
 
 def make_policy(name: str, env: PolicyEnv) -> Policy:
     try:
-        return POLICIES[name](env)
+        policy = POLICIES[name](env)
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
+    policy.index = POLICY_INDEX[name]
+    return policy

@@ -303,9 +303,16 @@ def test_seed_deployment_routers_and_each_model_takes_its_preferred_router(fleet
     fleet.worker("llama_prefill", "prefill", "llama-3.1-8b")
     fleet.worker("llama_decode", "decode", "llama-3.1-8b")
     fleet.worker("qwen", "regular", "qwen-2.5")
-    grpc = {"url": f"grpc://127.0.0.1:{free_port()}", "model": "mistral-7b", "type": "regular",
-            "connection": "grpc"}
-    fleet.start(extra_entries=(grpc,))
+    mistral = launch.mock_worker(["mistral-7b"], "--grpc")  # a real gRPC worker, as in the seed
+    try:
+        grpc = {"url": mistral.url, "model": "mistral-7b", "type": "regular", "connection": "grpc"}
+        fleet.start(extra_entries=(grpc,))
+        _check_seed_deployment(fleet)
+    finally:
+        mistral.stop()
+
+
+def _check_seed_deployment(fleet: Fleet) -> None:
 
     routers: dict[str, list[str]] = {}
     for entry in get_json(fleet.url + "/routers")["routers"]:
@@ -336,6 +343,13 @@ def test_seed_deployment_routers_and_each_model_takes_its_preferred_router(fleet
     assert worker_stats(fleet.w["qwen"])["completed"] == 1
     assert worker_stats(fleet.w["llama_regular"])["requests"] == 0
     assert [worker_stats(fleet.w[n])["requests"] for n in ("llama_prefill", "llama_decode")] == [1, 1]
+
+    # mistral-7b: its only worker speaks gRPC; the answer comes back as the same OpenAI JSON.
+    prompt = "seed mistral"
+    status, headers, raw, decision = send(fleet, chat("mistral-7b", content=prompt, max_tokens=5))
+    assert status == 200, raw
+    assert decision["router"] == "grpc_regular"
+    assert answer_text(raw) == expected_text(prompt, 5)
 
 
 # -- 2. two-phase (vLLM) end to end -----------------------------------------------------------------

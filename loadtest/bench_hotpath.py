@@ -1,0 +1,141 @@
+"""The proxy's per-request Python cost, without sockets.
+
+Role: feed one chat request and one worker response through the real ``ClientProtocol``,
+``Exchange`` and ``UpstreamConnection`` objects with fake transports, and time the whole
+exchange. What ``peers.py`` measures also includes syscalls and the event loop; this isolates the
+part our code controls, so a change to the request path can be measured in seconds.
+
+Usage::
+
+    PYTHONPATH=. python3 loadtest/bench_hotpath.py [--requests 20000] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import pstats
+import statistics
+import time
+
+import uvloop
+
+from coordinator.membership import Fleet
+from proxy_workers.server import ClientProtocol, ProxyProcess
+from proxy_workers.upstream import UpstreamConnection
+from shm.loadboard import LoadBoard, board_size
+from shm.schema import WorkerSpec
+from shm.segment import Segment, new_instance_id, segment_name
+from shm.settings import Settings
+from shm.snapshot import SnapshotReader, SnapshotWriter, segment_size
+
+REQUEST = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+           b"Content-Type: application/json\r\nContent-Length: 128\r\n\r\n"
+           b'{"model":"m1","messages":[{"role":"user","content":"Hello, how are you today? '
+           b'Tell me a story about routers."}],"max_tokens":16}')
+BODY = (b'{"id":"cmpl-1","object":"chat.completion","created":0,"model":"m1","choices":[{"index":0,'
+        b'"message":{"role":"assistant","content":"hello world"},"finish_reason":"stop"}],'
+        b'"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}')
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 28 Nov 2026 18:00:00 GMT\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n%s"
+            % (len(BODY), BODY))
+
+
+class FakeTransport(asyncio.Transport):
+    """Collects writes; never closes on its own."""
+
+    def __init__(self, peer: tuple[str, int]) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.peer = peer
+        self.closing = False
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.written.append(data)
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.peer if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def setup(loop: asyncio.AbstractEventLoop) -> tuple[ProxyProcess, list[Segment]]:
+    instance = new_instance_id()
+    snap = Segment.create(segment_name(instance, "snap"), segment_size(1 << 20))
+    board_seg = Segment.create(segment_name(instance, "board"), board_size(4, 64))
+    board = LoadBoard.create(board_seg, 4, 64)
+    fleet = Fleet(64)
+    fleet.apply([WorkerSpec(url="http://127.0.0.1:9001", model="m1"),
+                 WorkerSpec(url="http://127.0.0.1:9002", model="m1")])
+    SnapshotWriter(snap, os.getpid()).publish(fleet.snapshot(Settings(), {}, 1, 1, os.getpid()))
+    reader = SnapshotReader(Segment.attach(snap.name))
+    return ProxyProcess(loop, 0, reader, board), [snap, board_seg]
+
+
+def one_exchange(proc: ProxyProcess, client: ClientProtocol, upstreams: dict[str, UpstreamConnection]) -> None:
+    """A keep-alive request on an open client connection, answered on a pooled worker socket."""
+    for url, conn in upstreams.items():  # both sockets idle in their pools, as in steady state
+        if conn.exchange is None and conn not in proc.pools.get(url).idle:
+            proc.pools.get(url).put(conn)
+    client.data_received(REQUEST)
+    exchange = client.exchange
+    assert exchange is not None and exchange.conn is not None
+    exchange.conn.data_received(RESPONSE)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    loop = uvloop.new_event_loop()  # the proxies run uvloop (its loop.time() is C, not Python)
+    proc, segments = setup(loop)
+    try:
+        client = ClientProtocol(proc)
+        client.connection_made(FakeTransport(("127.0.0.1", 50000)))
+        upstreams = {}
+        for url in ("http://127.0.0.1:9001", "http://127.0.0.1:9002"):
+            conn = UpstreamConnection(proc.pools.get(url))
+            conn.connection_made(FakeTransport(("127.0.0.1", 9000)))
+            upstreams[url] = conn
+        for _ in range(2000):
+            one_exchange(proc, client, upstreams)
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(args.requests):
+                one_exchange(proc, client, upstreams)
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+            return 0
+        rounds = []
+        for _ in range(7):
+            start = time.perf_counter_ns()
+            for _ in range(args.requests):
+                one_exchange(proc, client, upstreams)
+            rounds.append((time.perf_counter_ns() - start) / args.requests / 1000)
+        print(f"python per proxied request (no syscalls): median {statistics.median(rounds):.2f} us, "
+              f"best {min(rounds):.2f} us over {len(rounds)} rounds of {args.requests}")
+    finally:
+        for seg in segments:
+            seg.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
