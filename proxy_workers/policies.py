@@ -53,6 +53,16 @@ class LoadView:
     def set_proxies(self, proxies: int) -> None:
         self._proxies = max(1, proxies)
 
+    def pair(self, a: int, b: int) -> tuple[int, int]:
+        """Global in-flight of two slots in one call (power_of_two's whole read)."""
+        ints, stride = self._ints, self._stride
+        wa, wb = self._word0 + a * WORKER_FIELDS, self._word0 + b * WORKER_FIELDS
+        la, lb = ints[wa], ints[wb]
+        for p in range(1, self._proxies):
+            la += ints[wa + p * stride]
+            lb += ints[wb + p * stride]
+        return la, lb
+
     def in_flight(self, slot: int) -> int:
         ints, stride = self._ints, self._stride
         word = self._word0 + slot * WORKER_FIELDS
@@ -340,8 +350,7 @@ class PowerOfTwo(Policy):
         a = candidates[i]
         # The second draw skips the first: two equal draws would send to a busy worker unopposed.
         b = candidates[(i + 1 + int(rand() * (n - 1))) % n]
-        in_flight = self.env.load.in_flight
-        la, lb = in_flight(a.slot), in_flight(b.slot)
+        la, lb = self.env.load.pair(a.slot, b.slot)
         if ctx.scores is not None:
             ctx.scores["in_flight"] = {a.url: la, b.url: lb}
         return a if la * b.weight <= lb * a.weight else b

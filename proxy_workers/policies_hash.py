@@ -14,12 +14,13 @@ Invariants:
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from math import ceil
 from typing import TYPE_CHECKING
 
 from proxy_workers.context import RequestContext
-from proxy_workers.policies import Policy
+from proxy_workers.policies import Policy, PolicyEnv
 from shm.schema import Worker
 
 if TYPE_CHECKING:
@@ -51,15 +52,39 @@ def ring_pick(route: ModelRoute, candidates: Sequence[Worker], h: int,
     return None, skipped
 
 
+MEMO_SIZE = 65536
+
+
 class ConsistentHash(Policy):
+    """The key's owner on the ring. Owners found without skipping are memoised per candidate list
+    (a new snapshot brings a new list and an empty memo), since session keys repeat."""
+
     name = "consistent_hash"
 
+    def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
+        super().__init__(env, rng)
+        self._memo: dict[str, Worker] = {}
+        self._memo_for: Sequence[Worker] | None = None
+
     def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
-        h = ctx.key_hash()
-        if h is None:
+        key = ctx.routing_key()
+        if key is None:
             ctx.note("no routing key: random worker", fallback=True)
             return candidates[int(self.rng.random() * len(candidates))]
-        worker, skipped = ring_pick(route, candidates, h)
+        memo = self._memo  # per route, so per model: the key alone identifies the ring position
+        if candidates is route.candidates:
+            if self._memo_for is not candidates:
+                memo.clear()
+                self._memo_for = candidates
+            known = memo.get(key)
+            if known is not None:
+                ctx.reason = "key's worker on the ring"
+                return known
+        worker, skipped = ring_pick(route, candidates, ctx.key_hash())  # type: ignore[arg-type]
+        if worker is not None and not skipped and candidates is route.candidates:
+            if len(memo) >= MEMO_SIZE:
+                memo.clear()
+            memo[key] = worker
         if worker is None:
             ctx.note("no ring for this model: random worker", fallback=True)
             return candidates[int(self.rng.random() * len(candidates))]
