@@ -16,25 +16,12 @@ Invariants:
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
+from proxy_workers.accounting import close_cell, first_byte, open_cell
 from proxy_workers.decision import describe, header_value
 from proxy_workers.errors import BadGateway, NoHealthyWorker, RouterError, UpstreamTimeout, error_body, reason
 from proxy_workers.routing import ModelRoute
-from shm.loadboard import (
-    EWMA_ALPHA,
-    W_CONNECT_ERRORS,
-    W_ERRORS,
-    W_FAILS_IN_ROW,
-    W_IN_FLIGHT,
-    W_LAST_ERROR,
-    W_LATENCY_EWMA,
-    W_REQUESTS,
-    W_STREAMS,
-    W_TTFB_EWMA,
-    WORKER_FIELDS,
-)
 
 if TYPE_CHECKING:
     import asyncio
@@ -132,10 +119,7 @@ class Exchange:
     def _use(self, worker: Worker) -> None:
         proc = self.proc
         self.worker = worker
-        self.cell = cell = proc.cell0 + worker.slot * WORKER_FIELDS
-        ints = proc.ints
-        ints[cell + W_IN_FLIGHT] += 1
-        ints[cell + W_REQUESTS] += 1
+        self.cell = open_cell(proc, worker.slot)
         self.phase, self.phase_started = CONNECT, proc.loop.time()
         pool = proc.pools.get(worker.url)
         conn = None if self._fresh_retry else pool.take()
@@ -209,11 +193,7 @@ class Exchange:
         self.server_error = status >= 500
         now = self.proc.loop.time()
         self.phase, self.last_io = STREAMING, now
-        floats, cell = self.proc.floats, self.cell
-        ttfb = now - self.phase_started
-        floats[cell + W_TTFB_EWMA] += EWMA_ALPHA * (ttfb - floats[cell + W_TTFB_EWMA])
-        if self.sse:
-            self.proc.ints[cell + W_STREAMS] += 1
+        first_byte(self.proc, self.cell, now - self.phase_started, self.sse)
 
     def on_response_body(self, body: bytes) -> None:
         if self.chunked:
@@ -270,22 +250,10 @@ class Exchange:
 
     def _settle(self, ok: bool, count_error: bool = True, connect_error: bool = False) -> None:
         """Close the books of the current attempt on the load board."""
-        cell = self.cell
-        if cell < 0:
+        if self.cell < 0:
             return
-        ints = self.proc.ints
-        ints[cell + W_IN_FLIGHT] -= 1
-        if count_error:
-            ints[cell + W_FAILS_IN_ROW] = 0 if ok else ints[cell + W_FAILS_IN_ROW] + 1
-        if ok:
-            floats = self.proc.floats
-            latency = self.proc.loop.time() - self.started
-            floats[cell + W_LATENCY_EWMA] += EWMA_ALPHA * (latency - floats[cell + W_LATENCY_EWMA])
-        elif count_error:
-            ints[cell + W_ERRORS] += 1
-            if connect_error:
-                ints[cell + W_CONNECT_ERRORS] += 1
-            self.proc.floats[cell + W_LAST_ERROR] = time.time()
+        latency = self.proc.loop.time() - self.started if ok else None
+        close_cell(self.proc, self.cell, ok, latency, count_error, connect_error)
         self.cell = -1
 
     def _complete(self) -> None:

@@ -14,24 +14,11 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from shm.loadboard import (
-    EWMA_ALPHA,
-    W_CONNECT_ERRORS,
-    W_ERRORS,
-    W_FAILS_IN_ROW,
-    W_IN_FLIGHT,
-    W_LAST_ERROR,
-    W_LATENCY_EWMA,
-    W_REQUESTS,
-    W_STREAMS,
-    W_TTFB_EWMA,
-    WORKER_FIELDS,
-)
+from proxy_workers.accounting import close_cell, first_byte, open_cell
 from shm.proto import worker_pb2 as pb
 
 if TYPE_CHECKING:
@@ -51,9 +38,7 @@ class Leg:
         self.worker = worker
         self.rid = rid
         self.call: Any = None
-        self.cell = cell = proc.cell0 + worker.slot * WORKER_FIELDS
-        proc.ints[cell + W_IN_FLIGHT] += 1
-        proc.ints[cell + W_REQUESTS] += 1
+        self.cell = open_cell(proc, worker.slot)
 
     @property
     def open(self) -> bool:
@@ -63,10 +48,7 @@ class Leg:
         """The first message came ``waited`` seconds after the call started (TTFT)."""
         if self.cell < 0:
             return
-        floats, cell = self.proc.floats, self.cell
-        floats[cell + W_TTFB_EWMA] += EWMA_ALPHA * (waited - floats[cell + W_TTFB_EWMA])
-        if stream:
-            self.proc.ints[cell + W_STREAMS] += 1
+        first_byte(self.proc, self.cell, waited, stream)
 
     def settle(self, ok: bool, latency: float, count_error: bool = True, connect_error: bool = False) -> None:
         """Close the books of this leg (once)."""
@@ -74,18 +56,7 @@ class Leg:
         if cell < 0:
             return
         self.cell = -1
-        proc = self.proc
-        ints = proc.ints
-        ints[cell + W_IN_FLIGHT] -= 1
-        if count_error:
-            ints[cell + W_FAILS_IN_ROW] = 0 if ok else ints[cell + W_FAILS_IN_ROW] + 1
-        if ok:
-            proc.floats[cell + W_LATENCY_EWMA] += EWMA_ALPHA * (latency - proc.floats[cell + W_LATENCY_EWMA])
-        elif count_error:
-            ints[cell + W_ERRORS] += 1
-            if connect_error:
-                ints[cell + W_CONNECT_ERRORS] += 1
-            proc.floats[cell + W_LAST_ERROR] = time.time()
+        close_cell(self.proc, cell, ok, latency, count_error, connect_error)
 
     def abort(self) -> None:
         """Cancel the call if it runs, and tell the worker to drop the request (and its KV)."""

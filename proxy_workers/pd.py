@@ -29,24 +29,15 @@ Invariants:
 from __future__ import annotations
 
 import random
-import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import msgspec
 
+from proxy_workers.accounting import close_cell, open_cell
 from proxy_workers.errors import BadGateway, BadRequest, NoHealthyWorker, RouterError, render_response
 from proxy_workers.exchange import Exchange
 from proxy_workers.policy_registry import POLICY_INDEX
-from shm.loadboard import (
-    W_CONNECT_ERRORS,
-    W_ERRORS,
-    W_FAILS_IN_ROW,
-    W_IN_FLIGHT,
-    W_LAST_ERROR,
-    W_REQUESTS,
-    WORKER_FIELDS,
-)
 
 if TYPE_CHECKING:
     import asyncio
@@ -112,10 +103,7 @@ class PrefillLeg:
         self.done = False
         self.reused = False
         self.started = self.sent_at = pd.proc.loop.time()
-        self.cell = pd.proc.cell0 + worker.slot * WORKER_FIELDS
-        ints = pd.proc.ints
-        ints[self.cell + W_IN_FLIGHT] += 1  # held until the whole PD request ends
-        ints[self.cell + W_REQUESTS] += 1
+        self.cell = open_cell(pd.proc, worker.slot)  # held until the whole PD request ends
 
     def start(self) -> None:
         pool = self.pd.proc.pools.get(self.worker.url)
@@ -186,14 +174,7 @@ class PrefillLeg:
         """Release this leg's load-board gauge (once)."""
         if self.cell < 0:
             return
-        ints, cell = self.pd.proc.ints, self.cell
-        ints[cell + W_IN_FLIGHT] -= 1
-        ints[cell + W_FAILS_IN_ROW] = 0 if ok else ints[cell + W_FAILS_IN_ROW] + 1
-        if not ok:
-            ints[cell + W_ERRORS] += 1
-            if connect_error:
-                ints[cell + W_CONNECT_ERRORS] += 1
-            self.pd.proc.floats[cell + W_LAST_ERROR] = time.time()
+        close_cell(self.pd.proc, self.cell, ok, connect_error=connect_error)
         self.cell = -1
 
     def check_deadline(self, now: float) -> None:
