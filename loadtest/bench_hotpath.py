@@ -87,7 +87,8 @@ def setup(loop: asyncio.AbstractEventLoop) -> tuple[ProxyProcess, list[Segment]]
     return ProxyProcess(loop, 0, reader, board), [snap, board_seg]
 
 
-def one_exchange(proc: ProxyProcess, client: ClientProtocol, upstreams: dict[str, UpstreamConnection]) -> None:
+def one_exchange(proc: ProxyProcess, client: ClientProtocol,
+                 upstreams: dict[str, UpstreamConnection]) -> None:
     """A keep-alive request on an open client connection, answered on a pooled worker socket."""
     for url, conn in upstreams.items():  # both sockets idle in their pools, as in steady state
         if conn.exchange is None and conn not in proc.pools.get(url).idle:

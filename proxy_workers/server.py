@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import random
 import re
 from collections import deque
 
@@ -41,15 +39,8 @@ from proxy_workers.errors import (
     render_response,
 )
 from proxy_workers.exchange import Exchange
-from proxy_workers.grpc_channels import GrpcChannels
 from proxy_workers.pd import PDExchange
-from proxy_workers.policies import PolicyEnv
-from proxy_workers.routing import RoutingTable
-from proxy_workers.upstream import Pools
-from shm.affinity import AffinityTable
-from shm.loadboard import P_DISCONNECTS, P_ERRORS, P_REQUESTS, P_RETRIES, LoadBoard
-from shm.schema import Snapshot
-from shm.snapshot import SnapshotReader
+from proxy_workers.state import ProxyProcess, Request
 
 log = logging.getLogger("shardgate.proxy")
 MAX_HEAD_BYTES = 64 * 1024
@@ -58,127 +49,9 @@ REQUEST_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"t
                           b"content-length", b"expect", b"x-forwarded-for", b"x-request-id"})
 # Headers the router reads itself but still forwards.
 ROUTER_READS = frozenset({b"x-shardgate-debug", b"x-shardgate-connection"})
-BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 REFUSED_METHODS = frozenset({b"HEAD", b"CONNECT", b"TRACE"})
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-class Request:
-    __slots__ = ("body", "connection", "error", "explain", "headers", "http11", "keep_alive", "method",
-                 "model", "path", "peer", "request_id", "upstream_head", "upstream_tail", "url")
-
-    def __init__(self, method: bytes, url: bytes, http11: bool, keep_alive: bool) -> None:
-        self.method = method
-        self.url = url
-        q = url.find(b"?")
-        self.path = url if q < 0 else url[:q]
-        self.http11 = http11
-        self.keep_alive = keep_alive
-        self.request_id = b""
-        self.upstream_head = b""  # header lines for the worker, without framing
-        self.upstream_tail = b""  # everything after the request line and Host
-        self.body = b""
-        self.model: str | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.peer = b""
-        self.explain = False  # X-Shardgate-Debug: 1 asks for the decision in a response header
-        self.connection = ""  # X-Shardgate-Connection: http | grpc (router preference)
-        # A refusal found while the request was read, answered when its turn comes (pipelining).
-        self.error: RouterError | None = None
-
-    def set_body(self, body: bytes) -> None:
-        """Set the body the worker gets (and its framing: always Content-Length, never chunked)."""
-        self.body = body
-        if body or self.method in BODY_METHODS:
-            self.upstream_tail = b"%scontent-length: %d\r\n\r\n%s" % (self.upstream_head, len(body), body)
-        else:
-            self.upstream_tail = self.upstream_head + b"\r\n"
-
-    def with_body(self, body: bytes) -> Request:
-        """A copy of this request carrying another body (a PD leg's rewritten JSON)."""
-        copy = Request(self.method, self.url, self.http11, self.keep_alive)
-        for name in ("request_id", "upstream_head", "headers", "peer", "explain", "connection", "model"):
-            setattr(copy, name, getattr(self, name))
-        copy.set_body(body)
-        return copy
-
-
-class ProxyProcess:
-    """State shared by every connection of one proxy process."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, index: int, reader: SnapshotReader,
-                 board: LoadBoard, affinity: AffinityTable | None = None) -> None:
-        self.loop = loop
-        self.index = index
-        self.reader = reader
-        self.board = board
-        self.ints = board.ints
-        self.floats = board.floats
-        self.cell0 = board.cell_word(index, 0)
-        self.decision0 = board.decision_word(index, 0)
-        self.row = board.proxy_word(index, 0)
-        snapshot = reader.current()
-        if snapshot is None:
-            raise RuntimeError("no snapshot published yet")
-        self.settings = snapshot.settings
-        self.env = PolicyEnv(board, index, snapshot.proxies, snapshot.settings, affinity)
-        self.hash_headers = _hash_headers(snapshot.settings.hash_headers)
-        self.rng = random.Random()
-        self.pools = Pools(loop, self.settings.pool_size)
-        self.grpc_channels = GrpcChannels()
-        self._table = RoutingTable(snapshot, self.env, None)
-        self.cell_owner: list[str | None] = []
-        self._claim_cells(snapshot)
-        reader.on_change = self._snapshot_changed
-        self.active: set[Exchange] = set()
-        self.connections: set[ClientProtocol] = set()
-        self.draining = False
-        self.rid_prefix = os.urandom(4).hex().encode()
-        self.rid_counter = 0
-
-    def table(self) -> RoutingTable:
-        self.reader.current()  # one generation compare; rebuilds through on_change when it moved
-        return self._table
-
-    def _claim_cells(self, snapshot: Snapshot) -> None:
-        """Reset this proxy's cells of slots that now belong to a different worker."""
-        owners = self.cell_owner
-        for w in snapshot.workers:
-            slot = w.slot
-            if slot >= len(owners):
-                owners.extend([None] * (slot + 1 - len(owners)))
-            if owners[slot] != w.url:
-                if owners[slot] is not None:
-                    self.board.reset_cell(self.index, slot)
-                owners[slot] = w.url
-
-    def _snapshot_changed(self, snapshot: Snapshot) -> None:
-        self._claim_cells(snapshot)
-        self.settings = snapshot.settings
-        self.env.update(snapshot.proxies, snapshot.settings)
-        self.hash_headers = _hash_headers(snapshot.settings.hash_headers)
-        self.pools.limit = snapshot.settings.pool_size
-        self._table = RoutingTable(snapshot, self.env, self._table)
-        urls = {w.url for w in snapshot.workers}
-        self.pools.retain(urls)
-        self.grpc_channels.retain(urls)
-
-    def next_request_id(self) -> bytes:
-        self.rid_counter += 1
-        return b"%s-%x" % (self.rid_prefix, self.rid_counter)
-
-    def count_request(self, error: bool) -> None:
-        self.ints[self.row + P_REQUESTS] += 1
-        if error:
-            self.ints[self.row + P_ERRORS] += 1
-
-    def count_retry(self) -> None:
-        self.ints[self.row + P_RETRIES] += 1
-
-    def count_disconnect(self) -> None:
-        self.ints[self.row + P_DISCONNECTS] += 1
-        self.ints[self.row + P_REQUESTS] += 1
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -471,7 +344,3 @@ def _for_method(request: Request, response: bytes) -> bytes:
     if request.method == b"HEAD":
         return response[:response.index(b"\r\n\r\n") + 4]
     return response
-
-
-def _hash_headers(setting: str) -> tuple[bytes, ...]:
-    return tuple(h.strip().lower().encode() for h in setting.split(",") if h.strip())
