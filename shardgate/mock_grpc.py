@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import signal
-import sys
 from typing import Any
 
 import grpc
@@ -36,7 +34,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shardgate import mock_payloads as mp
 from shardgate import mock_pd
-from shardgate.mock_worker import SHUTDOWN_TIMEOUT, MockConfig, parse_args, patched, token_gap
+from shardgate.mock_worker import (
+    SHUTDOWN_TIMEOUT,
+    MockConfig,
+    cannot_listen,
+    parse_args,
+    patched,
+    run_until_signalled,
+    token_gap,
+)
 from shm.proto import worker_pb2 as pb
 from shm.proto import worker_pb2_grpc as pbg
 
@@ -276,19 +282,8 @@ async def serve(cfg: MockConfig) -> int:
     try:
         server, _, port = await start(cfg)
     except OSError as exc:
-        print(f"mock-worker: cannot listen on {cfg.host}:{cfg.port}: {exc}", file=sys.stderr, flush=True)
-        return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"mock-worker ready on grpc://{cfg.host}:{port} model={','.join(cfg.models)} role={cfg.role}",
-          flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await server.stop(SHUTDOWN_TIMEOUT)
-    return 0
+        return cannot_listen(cfg, exc)
+    return await run_until_signalled(cfg, "grpc", port, lambda: server.stop(SHUTDOWN_TIMEOUT))
 
 
 def main(argv: list[str]) -> int:

@@ -359,23 +359,33 @@ async def start(cfg: MockConfig) -> tuple[web.AppRunner, int]:
     return runner, port
 
 
-async def serve(cfg: MockConfig) -> int:
-    try:
-        runner, port = await start(cfg)
-    except OSError as exc:
-        print(f"mock-worker: cannot listen on {cfg.host}:{cfg.port}: {exc}", file=sys.stderr, flush=True)
-        return 1
+async def run_until_signalled(cfg: MockConfig, scheme: str, port: int,
+                              shutdown: Callable[[], Awaitable[Any]]) -> int:
+    """Announce readiness (the line shardgate.launch waits for), serve until SIGTERM/SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"mock-worker ready on http://{cfg.host}:{port} model={','.join(cfg.models)} role={cfg.role}",
-          flush=True)
+    print(f"mock-worker ready on {scheme}://{cfg.host}:{port} model={','.join(cfg.models)} "
+          f"role={cfg.role}", flush=True)
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await shutdown()
     return 0
+
+
+def cannot_listen(cfg: MockConfig, exc: OSError) -> int:
+    print(f"mock-worker: cannot listen on {cfg.host}:{cfg.port}: {exc}", file=sys.stderr, flush=True)
+    return 1
+
+
+async def serve(cfg: MockConfig) -> int:
+    try:
+        runner, port = await start(cfg)
+    except OSError as exc:
+        return cannot_listen(cfg, exc)
+    return await run_until_signalled(cfg, "http", port, runner.cleanup)
 
 
 def parse_args(argv: list[str] | None) -> MockConfig:
