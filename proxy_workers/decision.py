@@ -69,19 +69,12 @@ def prepare(proc: ProxyProcess, request: Request,
 def retarget(request: Request, model: str) -> None:
     """Rewrite the body's ``model`` to an alias's target, so the worker is asked for a model it serves.
 
-    The upstream head was built with the original body (``server._prepare``: headers, then
-    ``content-length``, then the body), so its tail is rebuilt with the new length and body.
+    The worker's Content-Length is computed when the request is sent (``Request.wire``), so
+    replacing the body is enough.
     """
-    old = request.body
-    doc = msgspec.json.decode(old)  # already decoded once by routing_fields: valid JSON object
+    doc = msgspec.json.decode(request.body)  # decoded once already by routing_fields: valid JSON
     doc["model"] = model
-    new = _encode(doc)
-    tail = request.upstream_tail
-    suffix = b"content-length: %d\r\n\r\n" % len(old) + old
-    if not tail.endswith(suffix):  # pragma: no cover - server._prepare's layout changed
-        raise AssertionError("upstream request tail does not end with content-length and body")
-    request.upstream_tail = tail[:-len(suffix)] + b"content-length: %d\r\n\r\n" % len(new) + new
-    request.body = new
+    request.body = _encode(doc)
 
 
 def _usable_router(table: RoutingTable, model: str, preference: str) -> tuple[str, str]:

@@ -148,9 +148,7 @@ class Exchange:
         self.conn = conn
         self._fresh_retry = reused  # a reused socket that fails silently earns one fresh try
         self.phase, self.phase_started = WAIT_HEAD, self.proc.loop.time()
-        req = self.request
-        conn.send(self, b"%s %s HTTP/1.1\r\nhost: %s\r\n%s" % (
-            req.method, req.url, conn.pool.authority, req.upstream_tail))
+        conn.send(self, self.request.wire(conn.pool.authority))
 
     # -- receiving (called by UpstreamConnection) ---------------------------------------
 
@@ -187,7 +185,7 @@ class Exchange:
             decision = describe(self.route, self.ctx, self.worker)
             out.append(b"x-shardgate-decision: %s\r\n" % header_value(decision))
         out.append(b"x-request-id: %s\r\n\r\n" % req.request_id)
-        self.out.append(b"".join(out))
+        self.out.extend(out)  # joined once with the body that follows (after_upstream_data)
         self.head_sent = True
         # Relayed as is, but a 5xx counts as a failed attempt for passive health (Envoy's rule).
         self.server_error = status >= 500

@@ -128,9 +128,7 @@ class PrefillLeg:
     def _send(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         self.sent_at = self.pd.proc.loop.time()
-        req = self.request
-        conn.send(self, b"%s %s HTTP/1.1\r\nhost: %s\r\n%s" % (
-            req.method, req.url, conn.pool.authority, req.upstream_tail))
+        conn.send(self, self.request.wire(conn.pool.authority))
 
     # The upstream-callback contract (see proxy_workers.upstream.UpstreamConnection).
     def on_response_head(self, conn: UpstreamConnection) -> None:

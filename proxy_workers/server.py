@@ -235,7 +235,6 @@ class ClientProtocol(asyncio.Protocol):
         request.request_id = rid = supplied_id or self.proc.next_request_id()
         parts.append(b"x-forwarded-for: %s\r\nx-request-id: %s\r\n" % (forwarded_for, rid))
         request.upstream_head = b"".join(parts)
-        request.set_body(request.body)
 
     @staticmethod
     def _router_header(request: Request, name: bytes, value: bytes) -> None:

@@ -35,7 +35,7 @@ BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 class Request:
     __slots__ = ("body", "connection", "error", "explain", "headers", "http11", "keep_alive", "method",
-                 "model", "path", "peer", "request_id", "upstream_head", "upstream_tail", "url")
+                 "model", "path", "peer", "request_id", "upstream_head", "url")
 
     def __init__(self, method: bytes, url: bytes, http11: bool, keep_alive: bool) -> None:
         self.method = method
@@ -46,7 +46,6 @@ class Request:
         self.keep_alive = keep_alive
         self.request_id = b""
         self.upstream_head = b""  # header lines for the worker, without framing
-        self.upstream_tail = b""  # everything after the request line and Host
         self.body = b""
         self.model: str | None = None
         self.headers: list[tuple[bytes, bytes]] = []
@@ -56,20 +55,25 @@ class Request:
         # A refusal found while the request was read, answered when its turn comes (pipelining).
         self.error: RouterError | None = None
 
-    def set_body(self, body: bytes) -> None:
-        """Set the body the worker gets (and its framing: always Content-Length, never chunked)."""
-        self.body = body
+    def wire(self, authority: bytes) -> bytes:
+        """The request as a worker at ``authority`` gets it, built in one step at send time.
+
+        The body is always framed with Content-Length, never chunked (a client's chunked upload
+        was de-chunked while it was read).
+        """
+        body = self.body
         if body or self.method in BODY_METHODS:
-            self.upstream_tail = b"%scontent-length: %d\r\n\r\n%s" % (self.upstream_head, len(body), body)
-        else:
-            self.upstream_tail = self.upstream_head + b"\r\n"
+            return b"%s %s HTTP/1.1\r\nhost: %s\r\n%scontent-length: %d\r\n\r\n%s" % (
+                self.method, self.url, authority, self.upstream_head, len(body), body)
+        return b"%s %s HTTP/1.1\r\nhost: %s\r\n%s\r\n" % (
+            self.method, self.url, authority, self.upstream_head)
 
     def with_body(self, body: bytes) -> Request:
         """A copy of this request carrying another body (a PD leg's rewritten JSON)."""
         copy = Request(self.method, self.url, self.http11, self.keep_alive)
         for name in ("request_id", "upstream_head", "headers", "peer", "explain", "connection", "model"):
             setattr(copy, name, getattr(self, name))
-        copy.set_body(body)
+        copy.body = body
         return copy
 
 
