@@ -37,6 +37,7 @@ RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"
                            b"transfer-encoding", b"upgrade", b"content-length", b"x-request-id",
                            b"proxy-authenticate"})
 CONNECT, WAIT_HEAD, STREAMING, DONE = 0, 1, 2, 3
+_STATUS_LINES: dict[int, bytes] = {}  # status -> "HTTP/1.1 200 OK\r\n", built once per status
 
 
 class Exchange:
@@ -158,7 +159,10 @@ class Exchange:
         # tokens already collected, so one pass does the filtering.
         drop = RESPONSE_DROP if conn.conn_tokens is None else RESPONSE_DROP | conn.conn_tokens
         req = self.request
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status))]
+        line = _STATUS_LINES.get(status)
+        if line is None:
+            line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
+        out = [line]
         length = None
         for name, value in conn.headers:
             if name == b"content-type" and value.startswith(b"text/event-stream"):
