@@ -100,25 +100,28 @@ class Registry:
         self.seen[url] = time.monotonic()
         return web.json_response({"url": url, "ttl": self.ttl})
 
-    async def heartbeat(self, request: web.Request) -> web.Response:
+    async def _registered(self, request: web.Request, missing: str) -> str | web.Response:
+        """The URL of a live registered entry named by the request body, or the error answer."""
         body = await self._body(request)
         if isinstance(body, web.Response):
             return body
         url = self._url(body)
         self.expire()
         if url is None or url not in self.entries:
-            return _error(404, "not registered (or expired): register again", "unknown_service")
+            return _error(404, missing, "unknown_service")
+        return url
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        url = await self._registered(request, "not registered (or expired): register again")
+        if isinstance(url, web.Response):
+            return url
         self.seen[url] = time.monotonic()
         return web.json_response({"url": url, "ttl": self.ttl})
 
     async def unregister(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        if isinstance(body, web.Response):
-            return body
-        url = self._url(body)
-        self.expire()
-        if url is None or url not in self.entries:
-            return _error(404, "not registered", "unknown_service")
+        url = await self._registered(request, "not registered")
+        if isinstance(url, web.Response):
+            return url
         del self.entries[url], self.seen[url]
         return web.json_response({"url": url, "removed": True})
 

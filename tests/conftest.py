@@ -7,7 +7,9 @@ SIGTERM, then SIGKILL) when the test ends, so no test leaves a proxy behind.
 from __future__ import annotations
 
 import json
+import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -64,6 +66,66 @@ def chat(model: str | None = "m1", content: str = "hello", stream: bool = False,
     if model is not None:
         body["model"] = model
     return body
+
+
+
+class Stream(threading.Thread):
+    """A streamed chat completion on its own raw connection, read until the server closes it.
+
+    ``first_event`` is set once the first SSE ``data:`` line arrived; ``data`` holds every byte
+    received; ``error`` the exception that ended the read, if any.
+    """
+
+    def __init__(self, url: str, model: str = "m1", headers: dict[str, str] | None = None) -> None:
+        super().__init__(daemon=True)
+        body = json.dumps(chat(model, stream=True)).encode()
+        host, port = url.split("//", 1)[1].rsplit(":", 1)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self.request = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}:{port}\r\n"
+                        f"content-type: application/json\r\n{extra}content-length: {len(body)}\r\n"
+                        "connection: close\r\n\r\n").encode() + body
+        self.sock = socket.create_connection((host, int(port)), timeout=120)
+        self.data = b""
+        self.error: BaseException | None = None
+        self.first_event = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.sock.sendall(self.request)
+            while chunk := self.sock.recv(65536):
+                self.data += chunk
+                if b"data: " in self.data:
+                    self.first_event.set()
+        except OSError as exc:
+            self.error = exc
+        finally:
+            self.sock.close()
+
+    def wait_first_event(self) -> None:
+        wait_for(lambda: self.first_event.is_set() or not self.is_alive(), what="the first SSE event")
+        assert self.first_event.is_set(), (self.data, self.error)
+
+    def finish(self, timeout: float) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), f"stream still open after {timeout}s: {self.data[-200:]!r}"
+
+    @property
+    def complete(self) -> bool:
+        """The SSE stream ended with [DONE] and a proper end of the chunked body."""
+        return b"data: [DONE]" in self.data and self.data.endswith(b"0\r\n\r\n")
+
+    @property
+    def worker(self) -> str:
+        """The mock worker that answered (its X-Mock-Worker header)."""
+        match = re.search(rb"(?im)^x-mock-worker: *(\S+)", self.data)
+        assert match, self.data
+        return match.group(1).decode()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import urllib.error
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from urllib.parse import urlsplit
 import posix_ipc
 import psutil
 import pytest
-from conftest import DEADLINE, chat, free_port, get_json, http, set_worker, wait_for, worker_stats
+from conftest import DEADLINE, Stream, chat, free_port, get_json, http, set_worker, wait_for, worker_stats
 
 from shardgate import launch
 
@@ -95,56 +94,6 @@ def worker_row(url: str, router: launch.Launched) -> dict[str, Any] | None:
         return None
     rows = [w for w in doc["workers"] if w["url"] == url]
     return rows[0] if rows else None
-
-
-class Stream(threading.Thread):
-    """A streamed chat completion over a raw socket, read until the server closes it.
-
-    ``first_event`` is set once the first SSE ``data:`` line arrived; ``data`` holds every byte
-    received; ``error`` the exception that ended the read, if any.
-    """
-
-    def __init__(self, url: str, model: str = "m1") -> None:
-        super().__init__(daemon=True)
-        body = json.dumps(chat(model, stream=True)).encode()
-        host, port = address(url)
-        self.request = (f"POST {CHAT} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
-                        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
-        self.sock = socket.create_connection((host, port), timeout=120)
-        self.data = b""
-        self.error: BaseException | None = None
-        self.first_event = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self.sock.sendall(self.request)
-            while chunk := self.sock.recv(65536):
-                self.data += chunk
-                if b"data: " in self.data:
-                    self.first_event.set()
-        except OSError as exc:
-            self.error = exc
-        finally:
-            self.sock.close()
-
-    def wait_first_event(self) -> None:
-        wait_for(lambda: self.first_event.is_set() or not self.is_alive(), what="the first SSE event")
-        assert self.first_event.is_set(), (self.data, self.error)
-
-    def finish(self, timeout: float) -> None:
-        self.join(timeout)
-        assert not self.is_alive(), f"stream still open after {timeout}s: {self.data[-200:]!r}"
-
-    @property
-    def complete(self) -> bool:
-        """The SSE stream ended with [DONE] and a proper end of the chunked body."""
-        return b"data: [DONE]" in self.data and self.data.endswith(b"0\r\n\r\n")
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 @pytest.fixture

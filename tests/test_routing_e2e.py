@@ -21,15 +21,13 @@ import json
 import os
 import re
 import signal
-import socket
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import chat, free_port, get_json, http, wait_for, worker_stats
+from conftest import Stream, chat, free_port, get_json, http, wait_for, worker_stats
 
 from proxy_workers import selection
 from shardgate import launch
@@ -102,50 +100,6 @@ def across_proxies(router: launch.Launched, one: Callable[[], Any], each: int = 
 def write_config(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
-
-
-class Stream(threading.Thread):
-    """A streamed chat completion on its own raw connection, read until closed."""
-
-    def __init__(self, url: str, model: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(daemon=True)
-        body = json.dumps(chat(model, stream=True)).encode()
-        host, port = url.split("//", 1)[1].rsplit(":", 1)
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        self.request = (f"POST {CHAT} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
-                        f"{extra}content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
-        self.sock = socket.create_connection((host, int(port)), timeout=120)
-        self.data = b""
-        self.first_event = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self.sock.sendall(self.request)
-            while chunk := self.sock.recv(65536):
-                self.data += chunk
-                if b"data: " in self.data:
-                    self.first_event.set()
-        except OSError:
-            pass
-        finally:
-            self.sock.close()
-
-    def wait_first_event(self) -> None:
-        wait_for(lambda: self.first_event.is_set() or not self.is_alive(), what="the first SSE event")
-        assert self.first_event.is_set(), self.data
-
-    @property
-    def worker(self) -> str:
-        match = re.search(rb"(?im)^x-mock-worker: *(\S+)", self.data)
-        assert match, self.data
-        return match.group(1).decode()
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.join(15)
 
 
 @pytest.fixture
