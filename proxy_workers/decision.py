@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from proxy_workers.context import ROUTING_DECODER, RequestContext, RoutingFields
+from proxy_workers.context import ROUTING_DECODER, RequestContext
 from proxy_workers.errors import BadRequest, RouterError
 from proxy_workers.routing import ModelRoute, PDRoute, RoutingTable
 from proxy_workers.selection import resolve_alias, select_router
@@ -27,22 +27,22 @@ if TYPE_CHECKING:
 _encode = msgspec.json.Encoder().encode
 
 
-def routing_fields(body: bytes) -> RoutingFields | None:
-    if not body:
-        return None
-    try:
-        return ROUTING_DECODER.decode(body)
-    except msgspec.ValidationError as exc:
+def _body_error(exc: msgspec.MsgspecError) -> BadRequest:
+    """A 400 naming the field (a wrong type) or saying the body is not JSON."""
+    if isinstance(exc, msgspec.ValidationError):
         param = str(exc).rpartition("$.")[2].rstrip("`") or None
-        raise BadRequest(f"invalid request body: {exc}", param=param) from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        return BadRequest(f"invalid request body: {exc}", param=param)
+    return BadRequest(f"request body is not valid JSON: {exc}")
 
 
 def prepare(proc: ProxyProcess, request: Request,
             dry_run: bool = False) -> tuple[ModelRoute | PDRoute, RequestContext]:
     """The route and context for ``request``; raises RouterError (404, 503, 400) with a reason."""
-    fields = routing_fields(request.body)
+    body = request.body
+    try:
+        fields = ROUTING_DECODER.decode(body) if body else None
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise _body_error(exc) from None
     model = fields.model if fields is not None else None
     table: RoutingTable = proc.table()
     ctx = RequestContext(model, fields, request.body, request.headers, request.peer,
@@ -60,10 +60,10 @@ def prepare(proc: ProxyProcess, request: Request,
     preference = request.connection or proc.settings.connection_preference
     choice = table.router_choice.get((model, preference))
     if choice is None:
-        choice = _usable_router(table, model, preference)
-        table.router_choice[(model, preference)] = choice
-    ctx.router, ctx.router_reason = choice
-    return table.route_in(ctx.router, model), ctx
+        router, why = _usable_router(table, model, preference)
+        choice = table.router_choice[(model, preference)] = (router, why, table.route_in(router, model))
+    ctx.router, ctx.router_reason, route = choice
+    return route, ctx
 
 
 def retarget(request: Request, model: str) -> None:
@@ -72,7 +72,7 @@ def retarget(request: Request, model: str) -> None:
     The worker's Content-Length is computed when the request is sent (``Request.wire``), so
     replacing the body is enough.
     """
-    doc = msgspec.json.decode(request.body)  # decoded once already by routing_fields: valid JSON
+    doc = msgspec.json.decode(request.body)  # prepare decoded it already: valid JSON
     doc["model"] = model
     request.body = _encode(doc)
 

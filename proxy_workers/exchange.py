@@ -32,10 +32,6 @@ if TYPE_CHECKING:
     from proxy_workers.upstream import UpstreamConnection
     from shm.schema import Worker
 
-# Response headers that describe one hop, or that the proxy sets itself.
-RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                           b"transfer-encoding", b"upgrade", b"content-length", b"x-request-id",
-                           b"proxy-authenticate"})
 CONNECT, WAIT_HEAD, STREAMING, DONE = 0, 1, 2, 3
 _STATUS_LINES: dict[int, bytes] = {}  # status -> "HTTP/1.1 200 OK\r\n", built once per status
 
@@ -84,17 +80,11 @@ class Exchange:
         self.sse = False
         self._fresh_retry = False
         self.connecting: asyncio.Future | None = None
-        now = proc.loop.time()
-        self.started = now
+        self.started = self.phase_started = self.last_io = proc.loop.time()
         self.phase = CONNECT
-        self.phase_started = now
-        self.last_io = now
+        proc.active.add(self)
 
     # -- sending -------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self.proc.active.add(self)
-        self._attempt()
 
     def _attempt(self) -> None:
         ctx = self.ctx
@@ -117,15 +107,18 @@ class Exchange:
         self.tried.append(worker.slot)
         self._use(worker)
 
+    start = _attempt  # the first attempt (the exchange joined ``proc.active`` when it was made)
+
     def _use(self, worker: Worker) -> None:
         proc = self.proc
         self.worker = worker
         self.cell = open_cell(proc, worker.slot)
-        self.phase, self.phase_started = CONNECT, proc.loop.time()
+        now = proc.loop.time()
+        self.phase, self.phase_started = CONNECT, now
         pool = proc.pools.get(worker.url)
         conn = None if self._fresh_retry else pool.take()
         if conn is not None:
-            self._send(conn, reused=True)
+            self._send(conn, True, now)
         else:
             self.connecting = pool.connect(self._connected)
 
@@ -143,37 +136,28 @@ class Exchange:
             self._attempt_failed(f"cannot connect to {self.worker.url}: {exc}",  # type: ignore[union-attr]
                                  connect_error=True)
             return
-        self._send(future.result()[1], reused=False)
+        self._send(future.result()[1], False, self.proc.loop.time())
 
-    def _send(self, conn: UpstreamConnection, reused: bool) -> None:
+    def _send(self, conn: UpstreamConnection, reused: bool, now: float) -> None:
         self.conn = conn
         self._fresh_retry = reused  # a reused socket that fails silently earns one fresh try
-        self.phase, self.phase_started = WAIT_HEAD, self.proc.loop.time()
+        self.phase, self.phase_started = WAIT_HEAD, now
         conn.send(self, self.request.wire(conn.pool.authority))
 
     # -- receiving (called by UpstreamConnection) ---------------------------------------
 
-    def on_response_head(self, conn: UpstreamConnection) -> None:
-        status = conn.status_code()
-        # Header names arrive lowercased (UpstreamConnection.on_header), with Connection's
-        # tokens already collected, so one pass does the filtering.
-        drop = RESPONSE_DROP if conn.conn_tokens is None else RESPONSE_DROP | conn.conn_tokens
+    def on_response_head(self, conn: UpstreamConnection, status: int) -> None:
         req = self.request
         line = _STATUS_LINES.get(status)
         if line is None:
             line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
-        out = [line]
-        length = None
-        for name, value in conn.headers:
-            if name == b"content-type" and value.startswith(b"text/event-stream"):
-                self.sse = True
-            if name in drop:
-                if name == b"content-length":
-                    length = value
-                continue
-            out.append(b"%s: %s\r\n" % (name, value))
-        if length is not None:
-            out.append(b"content-length: %s\r\n" % length)
+        # The worker's header lines arrive built, hop-by-hop fields already left out.
+        out = self.out
+        out.append(line)
+        out += conn.relayed_lines()
+        self.sse = conn.content_type.startswith(b"text/event-stream")
+        if conn.length is not None:
+            out.append(b"content-length: %s\r\n" % conn.length)
         elif status not in (204, 304):
             # Unknown length (chunked or close-delimited upstream): re-chunk for HTTP/1.1
             # clients, close-delimit for HTTP/1.0 ones.
@@ -188,8 +172,7 @@ class Exchange:
         if req.explain:
             decision = describe(self.route, self.ctx, self.worker)
             out.append(b"x-shardgate-decision: %s\r\n" % header_value(decision))
-        out.append(b"x-request-id: %s\r\n\r\n" % req.request_id)
-        self.out.extend(out)  # joined once with the body that follows (after_upstream_data)
+        out.append(b"x-request-id: %s\r\n\r\n" % req.request_id)  # joined with the body that follows
         self.head_sent = True
         # Relayed as is, but a 5xx counts as a failed attempt for passive health (Envoy's rule).
         self.server_error = status >= 500
@@ -260,9 +243,12 @@ class Exchange:
 
     def _complete(self) -> None:
         conn, self.conn = self.conn, None
-        self._settle(ok=not self.server_error)
+        now = self.proc.loop.time()
+        if self.cell >= 0:
+            close_cell(self.proc, self.cell, not self.server_error, now - self.started)
+            self.cell = -1
         if conn is not None:
-            conn.release(self.proc.loop.time())
+            conn.release(now)
         self._end(error=False)
 
     def _fail(self, err: RouterError) -> None:

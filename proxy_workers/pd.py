@@ -131,11 +131,9 @@ class PrefillLeg:
         conn.send(self, self.request.wire(conn.pool.authority))
 
     # The upstream-callback contract (see proxy_workers.upstream.UpstreamConnection).
-    def on_response_head(self, conn: UpstreamConnection) -> None:
-        self.status = conn.status_code()
-        for name, value in conn.headers:
-            if name == b"content-type":  # names arrive lowercased
-                self.content_type = value
+    def on_response_head(self, conn: UpstreamConnection, status: int) -> None:
+        self.status = status
+        self.content_type = conn.content_type or self.content_type
 
     def on_response_body(self, body: bytes) -> None:
         if sum(len(b) for b in self.answer) < MAX_PREFILL_ANSWER:

@@ -157,9 +157,9 @@ class RoutingTable:
         self.any = _route(ANY_MODEL, [w for w in plain if w is not None], len(workers),
                           "round_robin", env, previous_any)
         self.router_of = routers_by_model(snapshot.routers)
-        # (model, connection preference) -> (router, reason): selection depends only on the
-        # snapshot, so each combination is decided once per publish.
-        self.router_choice: dict[tuple[str, str], tuple[str, str]] = {}
+        # (model, connection preference) -> (router, reason, route): selection depends only on
+        # the snapshot, so each combination is decided once per publish.
+        self.router_choice: dict[tuple[str, str], tuple[str, str, ModelRoute | PDRoute]] = {}
         self.aliases = snapshot.aliases
 
     def _special_routes(self, snapshot: Snapshot, env: PolicyEnv, previous: RoutingTable | None,

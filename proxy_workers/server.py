@@ -49,17 +49,21 @@ REQUEST_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"t
                           b"content-length", b"expect", b"x-forwarded-for", b"x-request-id"})
 # Headers the router reads itself but still forwards.
 ROUTER_READS = frozenset({b"x-shardgate-debug", b"x-shardgate-connection"})
+# Fields kept aside while the head is read, handled when the request is complete.
+ROUTER_NOTES = ROUTER_READS | {b"x-forwarded-for", b"x-request-id"}
+SPECIAL_REQUEST_HEADERS = REQUEST_DROP | ROUTER_READS
 REFUSED_METHODS = frozenset({b"HEAD", b"CONNECT", b"TRACE"})
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 class ClientProtocol(asyncio.Protocol):
     """One client connection."""
 
-    __slots__ = ("_body", "_body_len", "_conn_tokens", "_continue_pending", "_head_len", "_headers",
-                 "_noted", "_parts", "_stopped", "_upgrade", "_url", "exchange", "idle_since", "parser",
-                 "peer", "proc", "queue", "reading_since", "transport")
+    __slots__ = ("_body", "_body_len", "_conn_tokens", "_continue_pending", "_expect", "_head_len",
+                 "_headers", "_noted", "_parts", "_stopped", "_upgrade", "_url", "exchange", "idle_since",
+                 "parser", "peer", "proc", "queue", "reading_since", "transport")
 
     def __init__(self, proc: ProxyProcess) -> None:
         self.proc = proc
@@ -78,12 +82,13 @@ class ClientProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._parts: list[bytes] = []  # header lines for the worker, built as headers arrive
-        self._noted: list[tuple[bytes, bytes]] = []  # headers the router itself reads
+        self._noted: list[tuple[bytes, bytes]] = []  # fields in ROUTER_NOTES, rare
         self._body: list[bytes] = []
         self._body_len = 0
         self._head_len = 0
-        self._conn_tokens: frozenset[bytes] = frozenset()
+        self._conn_tokens: frozenset[bytes] = NO_TOKENS
         self._continue_pending = False
+        self._expect = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -149,14 +154,27 @@ class ClientProtocol(asyncio.Protocol):
             raise HeadersTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes")
         low = name.lower()
         self._headers.append((low, value))
-        # Each header is classified once, here: hop-by-hop and router-read fields are noted,
-        # everything else becomes a line for the worker right away.
-        if low in REQUEST_DROP or low in ROUTER_READS:
-            self._noted.append((low, value))
-            if low in ROUTER_READS:
-                self._parts.append(b"%s: %s\r\n" % (low, value))
-        else:
+        # Each field is classified once, here: an ordinary one becomes its line for the worker
+        # right away; hop-by-hop and router-read ones are handled by _special_header.
+        if low not in SPECIAL_REQUEST_HEADERS:
             self._parts.append(b"%s: %s\r\n" % (low, value))
+        elif low != b"host":  # Host is the worker's (set per pool); nothing to note
+            self._special_header(low, value)
+
+    def _special_header(self, name: bytes, value: bytes) -> None:
+        if name == b"content-length":
+            limit = self.proc.settings.max_body_size
+            if int(value) > limit:
+                raise BodyTooLarge(f"request body of {int(value)} bytes exceeds max_body_size={limit}")
+        elif name == b"connection":
+            # Repeated Connection fields form one list: every field's tokens count.
+            self._conn_tokens |= frozenset(t.strip().lower() for t in value.split(b","))
+        elif name == b"expect":
+            self._expect = value.lower() == b"100-continue"
+        elif name in ROUTER_NOTES:
+            self._noted.append((name, value))
+            if name in ROUTER_READS:
+                self._parts.append(b"%s: %s\r\n" % (name, value))
 
     def on_headers_complete(self) -> None:
         if self.parser.should_upgrade():
@@ -166,18 +184,7 @@ class ClientProtocol(asyncio.Protocol):
                    for n, v in self._headers):
                 raise BadRequest("protocol upgrades are not supported")
             self._upgrade = True
-        limit = self.proc.settings.max_body_size
-        expect = False
-        for name, value in self._noted:
-            if name == b"content-length":
-                if int(value) > limit:
-                    raise BodyTooLarge(f"request body of {int(value)} bytes exceeds max_body_size={limit}")
-            elif name == b"connection":
-                # Repeated Connection fields form one list: every field's tokens count.
-                self._conn_tokens |= frozenset(t.strip().lower() for t in value.split(b","))
-            elif name == b"expect":
-                expect = value.lower() == b"100-continue"
-        if expect:
+        if self._expect:
             if self.exchange is None and not self.queue:
                 self.transport.write(CONTINUE)  # type: ignore[union-attr]
             else:
@@ -193,8 +200,11 @@ class ClientProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         parser = self.parser
-        request = Request(parser.get_method(), self._url, parser.get_http_version() == "1.1",
-                          parser.should_keep_alive() and not self._upgrade)
+        keep_alive = parser.should_keep_alive()
+        # HTTP/1.0 keeps a connection only when a Connection header asks for it, so keep-alive
+        # without one means 1.1 (and get_http_version, which builds a string, is skipped).
+        http11 = (keep_alive and not self._conn_tokens) or parser.get_http_version() == "1.1"
+        request = Request(parser.get_method(), self._url, http11, keep_alive and not self._upgrade)
         self._continue_pending = False  # the body came anyway; no interim answer is due
         body = self._body
         request.body = body[0] if len(body) == 1 else b"".join(body)
@@ -210,6 +220,20 @@ class ClientProtocol(asyncio.Protocol):
 
     def _prepare(self, request: Request) -> None:
         """Request id, and the upstream head minus its request line and Host."""
+        supplied_id, forwarded_for = self._apply_notes(request) if self._noted else (b"", self.peer)
+        parts = self._parts
+        if self._conn_tokens:
+            # Rare: the client named headers as hop-by-hop in Connection; rebuild without them.
+            drop = REQUEST_DROP | self._conn_tokens
+            parts = [b"%s: %s\r\n" % (n, v) for n, v in self._headers if n not in drop]
+        request.headers = self._headers
+        request.peer = self.peer
+        request.request_id = rid = supplied_id or self.proc.next_request_id()
+        parts.append(b"x-forwarded-for: %s\r\nx-request-id: %s\r\n" % (forwarded_for, rid))
+        request.upstream_head = b"".join(parts)
+
+    def _apply_notes(self, request: Request) -> tuple[bytes, bytes]:
+        """The fields kept aside (ROUTER_NOTES): (client's request id or b"", X-Forwarded-For)."""
         forwarded: list[bytes] = []
         supplied_id = b""
         for name, value in self._noted:
@@ -218,23 +242,13 @@ class ClientProtocol(asyncio.Protocol):
             elif name == b"x-request-id":
                 if _REQUEST_ID.match(value):
                     supplied_id = value
-            elif name in ROUTER_READS:
+            else:
                 try:
                     self._router_header(request, name, value)
                 except RouterError as err:
                     request.error = err
-        parts = self._parts
-        if self._conn_tokens:
-            # Rare: the client named headers as hop-by-hop in Connection; rebuild without them.
-            drop = REQUEST_DROP | self._conn_tokens
-            parts = [b"%s: %s\r\n" % (n, v) for n, v in self._headers if n not in drop]
-        request.headers = self._headers
-        request.peer = self.peer
         forwarded.append(self.peer)
-        forwarded_for = b", ".join(forwarded)
-        request.request_id = rid = supplied_id or self.proc.next_request_id()
-        parts.append(b"x-forwarded-for: %s\r\nx-request-id: %s\r\n" % (forwarded_for, rid))
-        request.upstream_head = b"".join(parts)
+        return supplied_id, b", ".join(forwarded)
 
     @staticmethod
     def _router_header(request: Request, name: bytes, value: bytes) -> None:
@@ -252,28 +266,28 @@ class ClientProtocol(asyncio.Protocol):
         try:
             if request.error is not None:
                 raise request.error
-            if request.path.startswith(b"/v1/") and not request.path.startswith(b"/v1/models"):
-                self._proxy(request)
-            else:
+            path = request.path
+            if not path.startswith(b"/v1/") or path.startswith(b"/v1/models"):
                 self._answer_locally(request)
+                return
+            if request.method in REFUSED_METHODS:
+                raise MethodNotAllowed(f"{request.method.decode()} is not supported on {path.decode()}")
+            route, ctx = prepare(self.proc, request)
+            router = ctx.router
+            if router == "http_regular":
+                exchange = Exchange(self.proc, self, request, route, ctx)  # type: ignore[arg-type]
+            elif router == "http_pd":
+                exchange = PDExchange(self.proc, self, request, route, ctx)  # type: ignore[assignment,arg-type]
+            else:  # grpc_regular, grpc_pd (grpc is loaded on first use)
+                from proxy_workers.grpc_path import GrpcExchange
+
+                exchange = GrpcExchange(self.proc, self, request, route, ctx)  # type: ignore[assignment]
+            self.exchange = exchange
+            exchange.start()
         except RouterError as err:
             self.proc.count_request(error=True)  # refused before any worker: still a request
             self.send_error(err, request)
             self._next(request)
-
-    def _proxy(self, request: Request) -> None:
-        if request.method in REFUSED_METHODS:
-            raise MethodNotAllowed(f"{request.method.decode()} is not supported on {request.path.decode()}")
-        route, ctx = prepare(self.proc, request)
-        if ctx.router.startswith("grpc"):  # grpc_regular, grpc_pd (grpc is loaded on first use)
-            from proxy_workers.grpc_path import GrpcExchange
-
-            self.exchange = exchange = GrpcExchange(self.proc, self, request, route, ctx)  # type: ignore[assignment]
-        elif ctx.router == "http_pd":
-            self.exchange = exchange = PDExchange(self.proc, self, request, route, ctx)  # type: ignore[arg-type]
-        else:
-            self.exchange = exchange = Exchange(self.proc, self, request, route, ctx)  # type: ignore[arg-type]
-        exchange.start()
 
     def _answer_locally(self, request: Request) -> None:
         status, body, content_type = endpoints.answer(self.proc, request)

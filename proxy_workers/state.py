@@ -62,11 +62,11 @@ class Request:
         was de-chunked while it was read).
         """
         body = self.body
-        if body or self.method in BODY_METHODS:
-            return b"%s %s HTTP/1.1\r\nhost: %s\r\n%scontent-length: %d\r\n\r\n%s" % (
-                self.method, self.url, authority, self.upstream_head, len(body), body)
-        return b"%s %s HTTP/1.1\r\nhost: %s\r\n%s\r\n" % (
-            self.method, self.url, authority, self.upstream_head)
+        if body or self.method in BODY_METHODS:  # join is about twice as fast as %-formatting here
+            return b"".join((self.method, b" ", self.url, b" HTTP/1.1\r\nhost: ", authority, b"\r\n",
+                             self.upstream_head, b"content-length: %d\r\n\r\n" % len(body), body))
+        return b"".join((self.method, b" ", self.url, b" HTTP/1.1\r\nhost: ", authority, b"\r\n",
+                         self.upstream_head, b"\r\n"))
 
     def with_body(self, body: bytes) -> Request:
         """A copy of this request carrying another body (a PD leg's rewritten JSON)."""

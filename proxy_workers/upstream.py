@@ -28,26 +28,28 @@ if TYPE_CHECKING:
     from proxy_workers.exchange import Exchange
 
 
-_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+# Response headers that describe one hop, or that the proxy sets itself: never relayed as they are.
+RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                           b"transfer-encoding", b"upgrade", b"content-length", b"x-request-id",
+                           b"proxy-authenticate"})
 
 
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a worker."""
 
-    __slots__ = ("conn_tokens", "content_length", "exchange", "framed", "headers", "idle_since",
-                 "keep_alive", "parser", "pool", "received", "transport", "until_eof")
+    __slots__ = ("chunked", "conn_tokens", "content_type", "exchange", "idle_since", "keep_alive", "length",
+                 "lines", "parser", "pool", "received", "transport", "until_eof")
 
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.content_length = -1
         self.received = False
         self.keep_alive = False
         self.until_eof = False  # the response body is delimited by the worker closing (RFC 9112 6.3)
         self.idle_since = 0.0
+        self._reset()
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -95,34 +97,47 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _reset(self) -> None:
         """Per-response state, reset when a request is sent (no on_message_begin callback:
-        each httptools callback costs ~0.3 us on the hot path)."""
-        self.headers = []
-        self.content_length = -1
+        each httptools callback costs ~0.1 us on the hot path)."""
+        self.lines: list[bytes] = []  # header lines to relay, hop-by-hop ones already left out
+        self.length: bytes | None = None  # Content-Length, as the worker sent it
+        self.chunked = False
+        self.content_type = b""
         self.until_eof = False
-        self.framed = False
         self.conn_tokens: frozenset[bytes] | None = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Names are lowercased once, here; the exchange relays them as they are (HTTP field
-        # names are case-insensitive) and framing is noted now, not by another pass later.
+        # Each field is classified once, here: a relayed one becomes its client-side line right
+        # away (names lowercased; HTTP field names are case-insensitive), a hop-by-hop one is
+        # only noted for framing.
         low = name.lower()
-        self.headers.append((low, value))
-        if low in _FRAMING:
-            if low == b"content-length":
-                self.framed = True
-            elif low == b"transfer-encoding":
-                # Only a final "chunked" coding frames a body; "gzip" alone does not.
-                if value.rstrip().lower().endswith(b"chunked"):
-                    self.framed = True
-            elif value.lower() not in (b"close", b"keep-alive"):
-                tokens = frozenset(t.strip().lower() for t in value.split(b","))
-                self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens | tokens
+        if low not in RESPONSE_DROP:
+            self.lines.append(b"%s: %s\r\n" % (low, value))
+            if low == b"content-type":
+                self.content_type = value
+        elif low == b"content-length":
+            self.length = value
+        elif low == b"transfer-encoding":
+            # Only a final "chunked" coding frames a body; "gzip" alone does not.
+            if value.rstrip().lower().endswith(b"chunked"):
+                self.chunked = True
+        elif low == b"connection" and value.lower() not in (b"close", b"keep-alive"):
+            tokens = frozenset(t.strip().lower() for t in value.split(b","))
+            self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens | tokens
 
     def on_headers_complete(self) -> None:
-        self.keep_alive = self.parser.should_keep_alive()
-        status = self.parser.get_status_code()
-        self.until_eof = not self.framed and status >= 200 and status not in (204, 304)
-        self.exchange.on_response_head(self)  # type: ignore[union-attr]
+        parser = self.parser
+        self.keep_alive = parser.should_keep_alive()
+        status = parser.get_status_code()
+        self.until_eof = (self.length is None and not self.chunked and status >= 200
+                          and status not in (204, 304))
+        self.exchange.on_response_head(self, status)  # type: ignore[union-attr]
+
+    def relayed_lines(self) -> list[bytes]:
+        """The header lines to relay, minus any the worker named in its Connection header."""
+        tokens = self.conn_tokens
+        if tokens is None:
+            return self.lines
+        return [line for line in self.lines if line[:line.index(b":")] not in tokens]
 
     def on_body(self, body: bytes) -> None:
         self.exchange.on_response_body(body)  # type: ignore[union-attr]
@@ -135,12 +150,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def send(self, exchange: Exchange, data: bytes) -> None:
         self._reset()
-        self.exchange = exchange
         self.received = False
+        self.exchange = exchange
         self.transport.write(data)  # type: ignore[union-attr]
-
-    def status_code(self) -> int:
-        return self.parser.get_status_code()
 
     def release(self, now: float) -> None:
         """Back to the pool if the response allows it, else closed."""
