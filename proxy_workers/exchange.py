@@ -154,7 +154,7 @@ class Exchange:
         # The worker's header lines arrive built, hop-by-hop fields already left out.
         out = self.out
         out.append(line)
-        out += conn.relayed_lines()
+        out += conn.lines if conn.conn_tokens is None else conn.relayed_lines()
         self.sse = conn.content_type.startswith(b"text/event-stream")
         if conn.length is not None:
             out.append(b"content-length: %s\r\n" % conn.length)

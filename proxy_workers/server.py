@@ -41,6 +41,7 @@ from proxy_workers.errors import (
 from proxy_workers.exchange import Exchange
 from proxy_workers.pd import PDExchange
 from proxy_workers.state import ProxyProcess, Request
+from proxy_workers.upstream import without_fields
 
 log = logging.getLogger("shardgate.proxy")
 MAX_HEAD_BYTES = 64 * 1024
@@ -61,9 +62,9 @@ NO_TOKENS: frozenset[bytes] = frozenset()
 class ClientProtocol(asyncio.Protocol):
     """One client connection."""
 
-    __slots__ = ("_body", "_body_len", "_conn_tokens", "_continue_pending", "_expect", "_head_len",
-                 "_headers", "_noted", "_parts", "_stopped", "_upgrade", "_url", "exchange", "idle_since",
-                 "parser", "peer", "proc", "queue", "reading_since", "transport")
+    __slots__ = ("_body", "_body_len", "_conn_tokens", "_continue_pending", "_expect", "_head_done",
+                 "_head_len", "_headers", "_noted", "_parts", "_stopped", "_upgrade", "_url", "exchange",
+                 "idle_since", "parser", "peer", "proc", "queue", "reading_since", "transport")
 
     def __init__(self, proc: ProxyProcess) -> None:
         self.proc = proc
@@ -85,7 +86,8 @@ class ClientProtocol(asyncio.Protocol):
         self._noted: list[tuple[bytes, bytes]] = []  # fields in ROUTER_NOTES, rare
         self._body: list[bytes] = []
         self._body_len = 0
-        self._head_len = 0
+        self._head_len = 0  # bytes received while this request's head was incomplete
+        self._head_done = False
         self._conn_tokens: frozenset[bytes] = NO_TOKENS
         self._continue_pending = False
         self._expect = False
@@ -101,6 +103,8 @@ class ClientProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stopped:
             return
+        if not self._head_done:
+            self._head_len += len(data)  # an upper bound of the head's size (see the check below)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -116,6 +120,11 @@ class ClientProtocol(asyncio.Protocol):
             self.fail_connection(cause)
         except httptools.HttpParserError as exc:
             self.fail_connection(BadRequest(f"malformed HTTP request: {exc}"))
+        else:
+            # A head still incomplete after MAX_HEAD_BYTES of input is refused: what llhttp
+            # buffers stays bounded, at no cost per header.
+            if self._head_len > MAX_HEAD_BYTES and not self._head_done:
+                self.fail_connection(HeadersTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.proc.connections.discard(self)
@@ -144,14 +153,8 @@ class ClientProtocol(asyncio.Protocol):
             self.reading_since = self.proc.loop.time()
             self.idle_since = 0.0  # a request is arriving: header_timeout governs it, not keepalive
         self._url += url
-        self._head_len += len(url)
-        if self._head_len > MAX_HEAD_BYTES:
-            raise HeadersTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_len += len(name) + len(value)
-        if self._head_len > MAX_HEAD_BYTES:
-            raise HeadersTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes")
         low = name.lower()
         self._headers.append((low, value))
         # Each field is classified once, here: an ordinary one becomes its line for the worker
@@ -177,6 +180,7 @@ class ClientProtocol(asyncio.Protocol):
                 self._parts.append(b"%s: %s\r\n" % (name, value))
 
     def on_headers_complete(self) -> None:
+        self._head_done = True
         if self.parser.should_upgrade():
             # llhttp treats everything after an upgrading head as the new protocol, so a body
             # cannot be read: such a request is refused rather than forwarded without its body.
@@ -223,9 +227,8 @@ class ClientProtocol(asyncio.Protocol):
         supplied_id, forwarded_for = self._apply_notes(request) if self._noted else (b"", self.peer)
         parts = self._parts
         if self._conn_tokens:
-            # Rare: the client named headers as hop-by-hop in Connection; rebuild without them.
-            drop = REQUEST_DROP | self._conn_tokens
-            parts = [b"%s: %s\r\n" % (n, v) for n, v in self._headers if n not in drop]
+            # Rare: the client named headers as hop-by-hop in Connection; leave those out too.
+            parts = without_fields(parts, self._conn_tokens)
         request.headers = self._headers
         request.peer = self.peer
         request.request_id = rid = supplied_id or self.proc.next_request_id()

@@ -5,15 +5,18 @@ reader, routing table, load board views, pools, counters); :class:`Request` is o
 request with its upstream head already built. Split from ``server`` (the protocol) to keep each
 module small; ``server`` re-exports both names.
 
-Invariant: the routing table is rebuilt only when the snapshot generation moves
-(``SnapshotReader.on_change``), and this process writes only its own load-board row and cells.
+Invariants: the routing table is rebuilt only when the snapshot generation moves, in steps that
+each take one event-loop iteration (:meth:`ProxyProcess.snapshot_steps`); this process writes only
+its own load-board row and cells.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from proxy_workers.errors import RouterError
@@ -24,12 +27,13 @@ from proxy_workers.upstream import Pools
 from shm.affinity import AffinityTable
 from shm.loadboard import P_DISCONNECTS, P_ERRORS, P_REQUESTS, P_RETRIES, LoadBoard
 from shm.schema import Snapshot
-from shm.snapshot import SnapshotReader
+from shm.snapshot import SnapshotReader, gc_paused
 
 if TYPE_CHECKING:
     from proxy_workers.exchange import Exchange
     from proxy_workers.server import ClientProtocol
 
+log = logging.getLogger("shardgate.proxy")
 BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
@@ -103,7 +107,7 @@ class ProxyProcess:
         self._table = RoutingTable(snapshot, self.env, None)
         self.cell_owner: list[str | None] = []
         self._claim_cells(snapshot)
-        reader.on_change = self._snapshot_changed
+        self._taking = False  # a new snapshot is being taken, step by step
         self.active: set[Exchange] = set()
         self.connections: set[ClientProtocol] = set()
         self.draining = False
@@ -111,8 +115,37 @@ class ProxyProcess:
         self.rid_counter = 0
 
     def table(self) -> RoutingTable:
-        self.reader.current()  # one generation compare; rebuilds through on_change when it moved
+        """The routing table; a newer snapshot is noticed here (one compare) and taken in steps."""
+        if self.reader.moved() and not self._taking:
+            self._taking = True
+            self.loop.call_soon(self._next_step, self.snapshot_steps())
         return self._table
+
+    def _next_step(self, steps: Iterator[str]) -> None:
+        try:
+            more = next(steps, None) is not None
+        except Exception:  # a bug must not leave the process on its old snapshot for good
+            log.exception("taking a new snapshot failed; the previous one stays in use")
+            more = False
+        if more:
+            self.loop.call_soon(self._next_step, steps)
+        else:
+            self._taking = False
+
+    def snapshot_steps(self) -> Iterator[str]:
+        """Taking a new snapshot, one step per event-loop iteration, so that no step blocks the
+        loop for long (at 10,000 workers each is a few ms); requests in between keep using the
+        previous table. Yields each finished step's name (the snapshot bench times them)."""
+        snapshot = self.reader.current()  # copy, CRC and decode
+        if snapshot is None or snapshot is self._table.snapshot:
+            return  # torn or undecodable: the previous snapshot stays, the next compare retries
+        yield "decode"
+        previous = self._table
+        with gc_paused():
+            self._snapshot_changed(snapshot)
+        yield "build"
+        del previous  # the last reference to the old table and snapshot: freeing them is a step too
+        yield "release"
 
     def _claim_cells(self, snapshot: Snapshot) -> None:
         """Reset this proxy's cells of slots that now belong to a different worker."""

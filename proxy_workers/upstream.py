@@ -34,6 +34,11 @@ RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"
                            b"proxy-authenticate"})
 
 
+def without_fields(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """Header lines (``name: value\r\n``, names lowercased) minus those whose name is in ``names``."""
+    return [line for line in lines if line[:line.index(b":")] not in names]
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a worker."""
 
@@ -134,10 +139,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def relayed_lines(self) -> list[bytes]:
         """The header lines to relay, minus any the worker named in its Connection header."""
-        tokens = self.conn_tokens
-        if tokens is None:
-            return self.lines
-        return [line for line in self.lines if line[:line.index(b":")] not in tokens]
+        return without_fields(self.lines, self.conn_tokens or frozenset())
 
     def on_body(self, body: bytes) -> None:
         self.exchange.on_response_body(body)  # type: ignore[union-attr]

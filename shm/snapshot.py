@@ -41,7 +41,8 @@ import gc
 import struct
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import msgspec
 
@@ -128,6 +129,10 @@ class SnapshotReader:
         self.taken_at = 0.0
         self.on_change: Callable[[Snapshot], None] | None = None
 
+    def moved(self) -> bool:
+        """True when a newer generation was published than the one held (one load, one compare)."""
+        return self._words[W_GENERATION] != self.generation
+
     def current(self) -> Snapshot | None:
         """The newest intact snapshot. Decodes only when the generation counter changed."""
         if self._words[W_GENERATION] != self.generation:
@@ -135,15 +140,8 @@ class SnapshotReader:
         return self.snapshot
 
     def _refresh(self) -> None:
-        # Decoding 10,000 workers allocates ~100,000 objects; a collection triggered half-way
-        # would scan them all for nothing, so the collector waits until the swap is done.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             self._refresh_once()
-        finally:
-            if gc_was_enabled:
-                gc.enable()
 
     def _refresh_once(self) -> None:
         for _ in range(MAX_READ_TRIES):
@@ -185,6 +183,20 @@ class SnapshotReader:
 
     def close(self) -> None:
         self._words.release()
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic collection inside: decoding 10,000 workers (or building tables over them)
+    allocates ~100,000 objects, and a collection triggered half-way would scan them all for
+    nothing. The collector resumes when the block ends."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def decode_payload(payload: bytes) -> Snapshot:

@@ -749,6 +749,19 @@ def test_header_timeout_answers_a_slow_request_with_408(solo: Any) -> None:
     assert worker_stats(solo.w)["requests"] == 0
 
 
+def test_a_head_that_keeps_growing_is_refused_with_431(solo: Any) -> None:
+    # 80 KiB of header lines and no end of head: refused once 64 KiB arrived, whatever the
+    # socket reads were; nothing reaches a worker.
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + b"X-Filler: %s\r\n" % (b"a" * 1000) * 80
+    with Raw(solo.fast.url) as c:
+        c.send(head)
+        resp = c.read_response()
+        assert resp.status == 431
+        assert_openai_error(resp.body, "headers_too_large")
+        assert c.closed()
+    assert worker_stats(solo.w)["requests"] == 0
+
+
 def test_idle_keep_alive_connection_is_closed(solo: Any) -> None:
     with Raw(solo.fast.url) as c:
         c.send(request("POST", CHAT, chat("m1")))
