@@ -8,6 +8,11 @@ part our code controls, so a change to the request path can be measured in secon
 Usage::
 
     PYTHONPATH=. python3 loadtest/bench_hotpath.py [--requests 20000] [--profile]
+    PYTHONPATH=. python3 loadtest/bench_hotpath.py --instructions   # needs valgrind
+
+``--instructions`` counts CPU instructions per request under callgrind (the difference of two runs
+of different lengths, so start-up cancels out). On a shared machine, where timings drift by 10-20%
+between runs, that count is the reliable before/after figure for a change to the request path.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ import asyncio
 import cProfile
 import os
 import pstats
+import re
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 
 import uvloop
@@ -99,21 +108,66 @@ def one_exchange(proc: ProxyProcess, client: ClientProtocol,
     exchange.conn.data_received(RESPONSE)
 
 
+def instructions_per_request(short: int = 1000, long: int = 6000) -> float:
+    """Instructions per proxied request: callgrind totals of two loop lengths, differenced."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (Debian: apt-get install -y valgrind)")
+    totals = []
+    for n in (short, long):
+        out = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+             __file__, "--loop-only", str(n)], capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        found = re.search(r"Collected : (\d+)", out.stderr)
+        if found is None:
+            raise SystemExit(f"no callgrind total in its output:\n{out.stderr[-2000:]}")
+        totals.append(int(found.group(1)))
+    return (totals[1] - totals[0]) / (long - short)
+
+
+def run_loop(count: int) -> None:
+    """Just the exchanges (for --instructions): no timing, no output."""
+    loop = uvloop.new_event_loop()
+    proc, segments = setup(loop)
+    try:
+        client, upstreams = connect(proc)
+        for _ in range(count):
+            one_exchange(proc, client, upstreams)
+    finally:
+        for seg in segments:
+            seg.unlink()
+
+
+def connect(proc: ProxyProcess) -> tuple[ClientProtocol, dict[str, UpstreamConnection]]:
+    """A client connection and one pooled connection per worker, on fake transports."""
+    client = ClientProtocol(proc)
+    client.connection_made(FakeTransport(("127.0.0.1", 50000)))
+    upstreams = {}
+    for url in ("http://127.0.0.1:9001", "http://127.0.0.1:9002"):
+        conn = UpstreamConnection(proc.pools.get(url))
+        conn.connection_made(FakeTransport(("127.0.0.1", 9000)))
+        upstreams[url] = conn
+    return client, upstreams
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count instructions per request under callgrind instead of timing")
+    parser.add_argument("--loop-only", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.loop_only:
+        run_loop(args.loop_only)
+        return 0
+    if args.instructions:
+        print(f"instructions per proxied request: {instructions_per_request():,.0f}")
+        return 0
     loop = uvloop.new_event_loop()  # the proxies run uvloop (its loop.time() is C, not Python)
     proc, segments = setup(loop)
     try:
-        client = ClientProtocol(proc)
-        client.connection_made(FakeTransport(("127.0.0.1", 50000)))
-        upstreams = {}
-        for url in ("http://127.0.0.1:9001", "http://127.0.0.1:9002"):
-            conn = UpstreamConnection(proc.pools.get(url))
-            conn.connection_made(FakeTransport(("127.0.0.1", 9000)))
-            upstreams[url] = conn
+        client, upstreams = connect(proc)
         for _ in range(2000):
             one_exchange(proc, client, upstreams)
         if args.profile:

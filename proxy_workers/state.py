@@ -13,6 +13,7 @@ its own load-board row and cells.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from proxy_workers.server import ClientProtocol
 
 log = logging.getLogger("shardgate.proxy")
+# Up to this payload (~2,500 workers) taking a snapshot costs ~3 ms and is done at once; beyond,
+# in steps (decode, build, release, collect), each one event-loop iteration.
+SNAPSHOT_AT_ONCE_BYTES = 256 * 1024
 BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
@@ -115,11 +119,22 @@ class ProxyProcess:
         self.rid_counter = 0
 
     def table(self) -> RoutingTable:
-        """The routing table; a newer snapshot is noticed here (one compare) and taken in steps."""
+        """The routing table; a newer snapshot is noticed here (one compare)."""
         if self.reader.moved() and not self._taking:
-            self._taking = True
-            self.loop.call_soon(self._next_step, self.snapshot_steps())
+            self._take_snapshot()
         return self._table
+
+    def _take_snapshot(self) -> None:
+        """A small snapshot is taken at once, so the request that noticed it is already routed
+        by it (an admin change is seen by the next request); a large one is taken in steps,
+        one per loop iteration, so that no single pause of the event loop grows with the fleet."""
+        steps = self.snapshot_steps()
+        if self.reader.pending_bytes() <= SNAPSHOT_AT_ONCE_BYTES:
+            for _ in steps:
+                pass
+        else:
+            self._taking = True
+            self.loop.call_soon(self._next_step, steps)
 
     def _next_step(self, steps: Iterator[str]) -> None:
         try:
@@ -135,17 +150,23 @@ class ProxyProcess:
     def snapshot_steps(self) -> Iterator[str]:
         """Taking a new snapshot, one step per event-loop iteration, so that no step blocks the
         loop for long (at 10,000 workers each is a few ms); requests in between keep using the
-        previous table. Yields each finished step's name (the snapshot bench times them)."""
-        snapshot = self.reader.current()  # copy, CRC and decode
-        if snapshot is None or snapshot is self._table.snapshot:
-            return  # torn or undecodable: the previous snapshot stays, the next compare retries
-        yield "decode"
-        previous = self._table
+        previous table. Yields each finished step's name (the snapshot bench times them).
+
+        The cyclic collector is paused until the last step, which runs the young-generation
+        collection the ~100,000 new objects call for: otherwise it would start inside whichever
+        step allocated the one object too many, and add ~1.5 ms to it."""
         with gc_paused():
+            snapshot = self.reader.current()  # copy, CRC and decode
+            if snapshot is None or snapshot is self._table.snapshot:
+                return  # torn or undecodable: the previous snapshot stays, the next compare retries
+            yield "decode"
+            previous = self._table
             self._snapshot_changed(snapshot)
-        yield "build"
-        del previous  # the last reference to the old table and snapshot: freeing them is a step too
-        yield "release"
+            yield "build"
+            del previous  # the last reference to the old table and snapshot: freeing them is a step
+            yield "release"
+        gc.collect(0)
+        yield "collect"
 
     def _claim_cells(self, snapshot: Snapshot) -> None:
         """Reset this proxy's cells of slots that now belong to a different worker."""
@@ -185,6 +206,17 @@ class ProxyProcess:
     def count_disconnect(self) -> None:
         self.ints[self.row + P_DISCONNECTS] += 1
         self.ints[self.row + P_REQUESTS] += 1
+
+
+def freeze_startup_heap() -> None:
+    """Hide what exists at start-up (modules, classes, the first snapshot) from the collector.
+
+    It lives as long as the process; out of the collector's sight, a full collection scans a few
+    hundred objects instead of ~23,000 (0.4 ms instead of 4 ms at 10,000 workers), so it is no
+    longer a long pause of the event loop. Called once, when the proxy is ready to serve.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _hash_headers(setting: str) -> tuple[bytes, ...]:

@@ -32,6 +32,7 @@ import posix_ipc
 import uvloop
 
 from proxy_workers.server import ClientProtocol, ProxyProcess
+from proxy_workers.state import freeze_startup_heap
 from shm.affinity import AffinityTable
 from shm.loadboard import (
     P_GENERATION,
@@ -83,6 +84,7 @@ async def _serve(index: int, reader: SnapshotReader, board: LoadBoard, affinity:
     loop = asyncio.get_running_loop()
     proc = ProxyProcess(loop, index, reader, board, affinity)
     _claim_row(board, index)
+    freeze_startup_heap()
     server = await loop.create_server(lambda: ClientProtocol(proc), sock=sock, backlog=LISTEN_BACKLOG)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)

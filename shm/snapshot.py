@@ -133,6 +133,13 @@ class SnapshotReader:
         """True when a newer generation was published than the one held (one load, one compare)."""
         return self._words[W_GENERATION] != self.generation
 
+    def pending_bytes(self) -> int:
+        """Payload size of the newest published generation (one header read; 0 if none yet)."""
+        gen = self._words[W_GENERATION]
+        if gen == 0:
+            return 0
+        return _BUF_HEAD.unpack_from(self._seg.buf, _buffer_offset(gen % 2, self.capacity))[1]
+
     def current(self) -> Snapshot | None:
         """The newest intact snapshot. Decodes only when the generation counter changed."""
         if self._words[W_GENERATION] != self.generation:
