@@ -5,9 +5,10 @@ reader, routing table, load board views, pools, counters); :class:`Request` is o
 request with its upstream head already built. Split from ``server`` (the protocol) to keep each
 module small; ``server`` re-exports both names.
 
-Invariants: the routing table is rebuilt only when the snapshot generation moves, in steps that
-each take one event-loop iteration (:meth:`ProxyProcess.snapshot_steps`); this process writes only
-its own load-board row and cells.
+Invariants: the routing table is rebuilt only when the snapshot generation moves: at once for a
+small snapshot, else in steps of one event-loop iteration each (:meth:`ProxyProcess.snapshot_steps`),
+requests in between using the previous table; this process writes only its own load-board row and
+cells.
 """
 
 from __future__ import annotations
