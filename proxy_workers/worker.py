@@ -88,7 +88,10 @@ async def _serve(index: int, reader: SnapshotReader, board: LoadBoard, affinity:
     server = await loop.create_server(lambda: ClientProtocol(proc), sock=sock, backlog=LISTEN_BACKLOG)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    sweeper = loop.create_task(_sweep_forever(proc, stop, os.getppid()))
+    # The coordinator that spawned us, from its snapshot: os.getppid() here could already name
+    # init if the coordinator died while this process was starting, hiding that it is orphaned.
+    coordinator = proc.table().snapshot.coordinator_pid
+    sweeper = loop.create_task(_sweep_forever(proc, stop, coordinator))
     log.debug("serving with pid %d", os.getpid())
     await stop.wait()
     await _shutdown(proc, server)
