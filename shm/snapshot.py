@@ -114,7 +114,7 @@ class SnapshotReader:
     """One per proxy process. ``current()`` is the per-request call: cheap unless G moved."""
 
     __slots__ = ("_decoder", "_seg", "_words", "capacity", "generation", "on_change", "snapshot",
-                 "taken_at", "torn_reads")
+                 "taken_at", "torn_reads", "undecodable")
 
     def __init__(self, segment: Segment) -> None:
         self._seg = segment
@@ -124,6 +124,7 @@ class SnapshotReader:
         self.capacity = self._words[W_CAPACITY]
         self._decoder = snapshot_decoder()
         self.generation = -1
+        self.undecodable = -1  # a generation whose intact payload failed to decode
         self.snapshot: Snapshot | None = None
         self.torn_reads = 0
         self.taken_at = 0.0
@@ -131,7 +132,8 @@ class SnapshotReader:
 
     def moved(self) -> bool:
         """True when a newer generation was published than the one held (one load, one compare)."""
-        return self._words[W_GENERATION] != self.generation
+        gen = self._words[W_GENERATION]
+        return gen != self.generation and gen != self.undecodable
 
     def pending_bytes(self) -> int:
         """Payload size of the newest published generation (one header read; 0 if none yet)."""
@@ -142,7 +144,8 @@ class SnapshotReader:
 
     def current(self) -> Snapshot | None:
         """The newest intact snapshot. Decodes only when the generation counter changed."""
-        if self._words[W_GENERATION] != self.generation:
+        gen = self._words[W_GENERATION]
+        if gen != self.generation and gen != self.undecodable:
             self._refresh()
         return self.snapshot
 
@@ -159,8 +162,10 @@ class SnapshotReader:
                     snapshot = self._decoder.decode(payload)
                 except (msgspec.DecodeError, UnicodeDecodeError):
                     # Intact bytes that do not decode: a newer, incompatible writer. Keep the
-                    # snapshot we have rather than fail every request.
+                    # snapshot we have rather than fail every request, and do not try this
+                    # generation again (decoding 10,000 workers per request would stall us).
                     self.torn_reads += 1
+                    self.undecodable = gen
                     return
                 self.snapshot, self.generation = snapshot, gen
                 self.taken_at = time.time()

@@ -478,6 +478,26 @@ def test_generation_check_does_not_decode(snap_segment: tuple[Segment, SnapshotW
         reader.close()
 
 
+def test_undecodable_generation_is_tried_once(snap_segment: tuple[Segment, SnapshotWriter]) -> None:
+    # Intact bytes from an incompatible writer: the previous snapshot stays, and the reader does
+    # not decode the same generation again on every request; the next good publish is taken.
+    seg, writer = snap_segment
+    reader = SnapshotReader(seg)
+    try:
+        writer.publish(expected_snapshot(1))
+        first = reader.current()
+        writer.publish_bytes(b"\xc1 not msgpack")
+        for _ in range(5):
+            assert reader.current() is first
+            assert not reader.moved()
+        assert reader.torn_reads == 1
+        writer.publish(expected_snapshot(3))
+        assert reader.moved()
+        assert reader.current().generation == 3  # type: ignore[union-attr]
+    finally:
+        reader.close()
+
+
 # --------------------------------------------------------------------------------------------
 # (b) segments
 
