@@ -1,4 +1,5 @@
-"""Scrape the workers' own load figures (vLLM / SGLang ``GET /metrics``) into the load board.
+"""Fetch the workers' own load figures into the load board: vLLM / SGLang ``GET /metrics`` from
+HTTP workers, ``GetLoad`` from gRPC workers.
 
 Role: feed the ``least_loaded`` policy with what the engines say about themselves: requests
 running, requests waiting, KV-cache usage. The coordinator is the single writer of the board's
@@ -7,19 +8,24 @@ engine rows; proxies read them per request.
 Invariants:
 - Scraping runs only while some model uses ``least_loaded`` (a fleet of 10,000 workers scraped
   every 2 s would be 5,000 requests a second for nothing otherwise).
+- One round covers every discovered worker, HTTP (``GET /metrics``) and gRPC (``GetLoad``, see
+  :mod:`coordinator.grpc_probe`) alike, under one concurrency bound.
 - A failed scrape leaves the previous figures and their timestamp, so readers can tell stale
   figures from fresh ones (``engine_scraped_at``).
 - Values summed over label sets (an engine may report per model or per rank).
+- KV usage is stored as a fraction in 0..1 whatever the worker sent (NaN counts as 0).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import aiohttp
 
-from coordinator.membership import Fleet
+from coordinator.grpc_probe import fetch_grpc_load
+from coordinator.membership import Fleet, WorkerState
 from shm.loadboard import E_KV_USAGE, E_RUNNING, E_SCRAPED_AT, E_WAITING, LoadBoard
 from shm.settings import Settings
 
@@ -27,9 +33,14 @@ RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
 WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
 MAX_CONCURRENT_SCRAPES = 64
+Figures = tuple[int, int, float]  # running, waiting, kv usage 0-1
 
 
-def parse_engine_metrics(text: str) -> tuple[int, int, float] | None:
+def kv_fraction(value: float) -> float:
+    return min(max(value, 0.0), 1.0) if math.isfinite(value) else 0.0
+
+
+def parse_engine_metrics(text: str) -> Figures | None:
     """(running, waiting, kv usage 0-1) from Prometheus text, or None if no known series."""
     sums: dict[str, float] = {}
     for line in text.splitlines():
@@ -53,16 +64,18 @@ def parse_engine_metrics(text: str) -> tuple[int, int, float] | None:
     running = sum(sums.get(n, 0.0) for n in RUNNING if n.startswith(family))
     waiting = sum(sums.get(n, 0.0) for n in WAITING if n.startswith(family))
     kv = max((sums[n] for n in KV_USAGE if n in sums and n.startswith(family)), default=0.0)
-    return int(running), int(waiting), min(max(kv, 0.0), 1.0)
+    return int(running), int(waiting), kv_fraction(kv)
 
 
 def wanted(settings: Settings, model_policies: dict) -> bool:
+    """True while some model routes by least_loaded, on either side of a PD pair too."""
     return settings.policy == "least_loaded" or any(
-        getattr(p, "policy", None) == "least_loaded" for p in model_policies.values())
+        "least_loaded" in (getattr(p, "policy", None), getattr(p, "prefill_policy", None),
+                           getattr(p, "decode_policy", None))
+        for p in model_policies.values())
 
 
-async def scrape_one(session: aiohttp.ClientSession, url: str,
-                     timeout: float) -> tuple[int, int, float] | None:
+async def scrape_one(session: aiohttp.ClientSession, url: str, timeout: float) -> Figures | None:
     try:
         async with session.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             if resp.status != 200:
@@ -72,24 +85,36 @@ async def scrape_one(session: aiohttp.ClientSession, url: str,
         return None
 
 
+async def fetch_figures(session: aiohttp.ClientSession, state: WorkerState, timeout: float) -> Figures | None:
+    """One worker's figures over its own connection; None when it did not give any."""
+    if state.spec.connection == "grpc":
+        return await fetch_grpc_load(state.spec.url, timeout)
+    return await scrape_one(session, state.spec.url, timeout)
+
+
+def write_figures(board: LoadBoard, slot: int, figures: Figures) -> None:
+    running, waiting, kv = figures
+    base = board.engine_word(slot)
+    board.ints[base + E_RUNNING] = running
+    board.ints[base + E_WAITING] = waiting
+    board.floats[base + E_KV_USAGE] = kv_fraction(kv)
+    # The timestamp last: it is what marks the row fresh to the proxies.
+    board.floats[base + E_SCRAPED_AT] = time.time()
+
+
 async def scrape_all(session: aiohttp.ClientSession, fleet: Fleet, board: LoadBoard,
                      settings: Settings) -> int:
-    """Scrape every HTTP worker once; returns how many answered with engine figures."""
-    states = [s for s in fleet.states.values() if s.spec.connection == "http" and s.discovered]
+    """Fetch every discovered worker's figures once; returns how many answered with them."""
+    states = [s for s in fleet.states.values() if s.discovered]
     limit = asyncio.Semaphore(MAX_CONCURRENT_SCRAPES)
 
-    async def one(url: str, slot: int) -> bool:
+    async def one(state: WorkerState) -> bool:
         async with limit:
-            figures = await scrape_one(session, url, settings.health_timeout)
+            figures = await fetch_figures(session, state, settings.health_timeout)
         if figures is None:
             return False
-        running, waiting, kv = figures
-        base = board.engine_word(slot)
-        board.ints[base + E_RUNNING] = running
-        board.ints[base + E_WAITING] = waiting
-        board.floats[base + E_KV_USAGE] = kv
-        board.floats[base + E_SCRAPED_AT] = time.time()
+        write_figures(board, state.slot, figures)
         return True
 
-    results = await asyncio.gather(*(one(s.spec.url, s.slot) for s in states))
+    results = await asyncio.gather(*(one(s) for s in states))
     return sum(results)

@@ -1,13 +1,15 @@
-"""Active checks of gRPC workers: health (``grpc.health.v1``) and model discovery (``GetModelInfo``).
+"""Active checks of gRPC workers: health (``grpc.health.v1``), model discovery (``GetModelInfo``)
+and engine load (``GetLoad``).
 
-Role: the gRPC counterparts of :func:`coordinator.health.check_health` and
-:func:`coordinator.health.discover_models`, with the same contracts, for workers whose
-``connection`` is ``grpc`` (``grpc://`` or ``grpcs://`` URLs).
+Role: the gRPC counterparts of :func:`coordinator.health.check_health`,
+:func:`coordinator.health.discover_models` and :func:`coordinator.engine_metrics.scrape_one`, with
+the same contracts, for workers whose ``connection`` is ``grpc`` (``grpc://`` or ``grpcs://`` URLs).
 
 Invariants:
 - :func:`check_grpc_health` never raises: it returns "" when the worker's overall health (service
   name "") is SERVING, else a one-line reason. :func:`discover_grpc_models` raises ValueError with
-  a reason, never anything else.
+  a reason, never anything else. :func:`fetch_grpc_load` never raises: None when the worker did not
+  answer (the caller keeps the previous figures).
 - Each probe opens its own channel and closes it before returning: a probe leaves no connection
   and no background reconnect behind (checks are seconds apart; a channel costs one handshake).
 - grpc is imported on first use, so a coordinator of an HTTP-only fleet never loads it.
@@ -71,3 +73,20 @@ async def discover_grpc_models(url: str, timeout: float) -> tuple[str, ...]:
     if not models:
         raise ValueError("GetModelInfo lists no model")
     return models
+
+
+async def fetch_grpc_load(url: str, timeout: float) -> tuple[int, int, float] | None:
+    """(running, waiting, kv usage) as the worker's ``GetLoad`` reports them, or None."""
+    from shm.proto import worker_pb2, worker_pb2_grpc
+
+    try:
+        channel = _channel(url)
+    except ValueError:  # a malformed target: no figures, as for a worker that does not answer
+        return None
+    try:
+        load = await worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.LoadRequest(), timeout=timeout)
+    except Exception:  # an RPC error (UNIMPLEMENTED from a worker without GetLoad included)
+        return None
+    finally:
+        await channel.close()
+    return load.running, load.waiting, load.kv_usage

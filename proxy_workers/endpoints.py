@@ -121,7 +121,9 @@ def _worker_view(proc: ProxyProcess, w: Worker, proxies: int) -> dict[str, Any]:
     return {"url": w.url, "slot": w.slot, "models": list(w.models), "type": w.type,
             "connection": w.connection, "weight": w.weight, "labels": w.labels, "shard": w.shard,
             "healthy": w.healthy, "draining": w.draining, "health_reason": w.health_reason,
-            "ejected": w.ejected, **totals}
+            "ejected": w.ejected, **totals,
+            # What the engine says of itself (least_loaded); engine_scraped_at 0: never scraped.
+            **proc.board.engine(w.slot)}
 
 
 def _workers(proc: ProxyProcess) -> tuple[int, bytes, bytes]:

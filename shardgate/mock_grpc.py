@@ -18,6 +18,8 @@ Invariants:
   handle is the HTTP mock's (``shardgate.mock_pd``: an HMAC of the prompt under a secret all mocks
   share). A decode worker refuses a request without a handle (FAILED_PRECONDITION) or with one
   that no prefill worker issued for this prompt (INVALID_ARGUMENT): it has no KV to decode from.
+- GetLoad reports what the HTTP mock's ``/metrics`` does: running = ``in_flight``, waiting 0 (the
+  mock never queues), KV usage ``in_flight / KV_CAPACITY`` (capped at 1).
 - Health is NOT_SERVING exactly while ``fail_health`` is set (flag or ``Configure``).
 """
 

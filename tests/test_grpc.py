@@ -532,3 +532,94 @@ def test_pd_legs_and_error_mapping() -> None:
     assert worker_error("NOT_FOUND", "x").status == 404
     assert worker_error("RESOURCE_EXHAUSTED", "x").status == 429
     assert worker_error("PERMISSION_DENIED", "x").status == 502
+
+
+# -- least_loaded on gRPC workers' own figures (GetLoad) -------------------------------------------
+
+
+def engine_rows(router: launch.Launched, *workers: launch.Launched) -> list[dict[str, float]]:
+    """The engine figures ``/workers`` shows for these workers (what least_loaded reads)."""
+    keys = ("engine_running", "engine_waiting", "engine_kv_usage", "engine_scraped_at")
+    return [{k: worker_row(router, w.url)[k] for k in keys} for w in workers]
+
+
+def test_least_loaded_follows_grpc_workers_getload(start_worker, start_router, tmp_path: Path) -> None:
+    busy = start_worker(["gl"], "--grpc", *SLOW)
+    idle = start_worker(["gl"], "--grpc", *SLOW)
+    config = tmp_path / "ll.yaml"
+    rows = "".join(f'  - {{url: "{w.url}", model: gl, connection: grpc}}\n' for w in (busy, idle))
+    config.write_text("models:\n  gl: {policy: least_loaded}\nworkers:\n" + rows)
+    router = start_router([], "--metrics-interval", "0.2", *NO_PASSIVE, config=str(config))
+    # A stream sent to the busy worker directly: the router's own counters know nothing of it, so
+    # only the worker's GetLoad can tell the two apart.
+    with grpc.insecure_channel(_target(busy)) as channel:
+        held = pbg.WorkerStub(channel).Generate(chat_request("hold", model="gl"), timeout=120)
+        try:
+            assert next(held).HasField("chunk")
+            with grpc.insecure_channel(_target(busy)) as direct:
+                load = pbg.WorkerStub(direct).GetLoad(pb.LoadRequest(), timeout=DEADLINE)
+            assert (load.running, load.waiting) == (1, 0) and load.kv_usage > 0.0
+            assert worker_row(router, busy.url)["in_flight"] == 0
+
+            def scraped() -> list[dict[str, float]] | None:
+                rows = engine_rows(router, busy, idle)
+                fresh = all(r["engine_scraped_at"] > 0 for r in rows) and rows[0]["engine_running"] == 1
+                return rows if fresh else None
+
+            hot, cold = wait_for(scraped, what="the coordinator to fetch both workers' GetLoad")
+            assert (hot["engine_waiting"], hot["engine_kv_usage"]) == (0, pytest.approx(load.kv_usage))
+            assert (cold["engine_running"], cold["engine_waiting"], cold["engine_kv_usage"]) == (0, 0, 0.0)
+            for i in range(4):
+                status, headers, raw = post(router, chat("gl", content=f"l{i}", max_tokens=1),
+                                            {"X-Shardgate-Debug": "1"})
+                assert status == 200, raw
+                decision = json.loads(headers["x-shardgate-decision"])
+                assert headers["x-mock-worker"] == _target(idle), decision
+                assert decision["reason"] == "fewest running + waiting requests (engine metrics)"
+                assert not decision["fallback"]
+        finally:
+            held.cancel()
+    wait_for(lambda: stats(busy)["aborted"] == 1, what="the held stream cancelled")
+    assert stats(busy)["requests"] == 1 and stats(idle)["completed"] == 4
+
+
+def test_a_failed_getload_keeps_the_previous_figures(start_worker) -> None:
+    """One scrape round over a live and a dead gRPC worker, then another after the live one died."""
+    import aiohttp
+
+    from coordinator import engine_metrics, membership
+    from shm.loadboard import LoadBoard, board_size
+    from shm.schema import WorkerSpec
+    from shm.segment import Segment, new_instance_id, segment_name
+    from shm.settings import Settings
+
+    worker = start_worker(["gl"], "--grpc", *SLOW)
+    dead = f"grpc://127.0.0.1:{free_port()}"
+    fleet = membership.Fleet(4)
+    fleet.apply([WorkerSpec(url=u, model="gl", connection="grpc") for u in (worker.url, dead)])
+    slots = {s.spec.url: s.slot for s in fleet.states.values()}
+    seg = Segment.create(segment_name(new_instance_id(), "board"), board_size(1, 4))
+    board = LoadBoard.create(seg, 1, 4)
+
+    async def round_() -> int:
+        async with aiohttp.ClientSession() as session:
+            return await engine_metrics.scrape_all(session, fleet, board, Settings(health_timeout=DEADLINE))
+
+    try:
+        with grpc.insecure_channel(_target(worker)) as channel:
+            held = pbg.WorkerStub(channel).Generate(chat_request("hold", model="gl"), timeout=120)
+            try:
+                assert next(held).HasField("chunk")
+                assert asyncio.run(round_()) == 1
+            finally:
+                held.cancel()
+        first = board.engine(slots[worker.url])
+        assert first["engine_running"] == 1 and first["engine_waiting"] == 0
+        assert first["engine_kv_usage"] > 0 and first["engine_scraped_at"] > 0
+        assert board.engine(slots[dead])["engine_scraped_at"] == 0.0
+        worker.stop()
+        assert asyncio.run(round_()) == 0
+        assert board.engine(slots[worker.url]) == first
+    finally:
+        board.close()
+        seg.unlink()

@@ -701,3 +701,15 @@ def test_every_decision_says_why(shared: Shared, clock: list[float]) -> None:
         assert ctx.reason, name
         assert route.policy.name == name
 
+
+
+def test_engine_scraping_is_wanted_for_least_loaded_on_either_pd_side() -> None:
+    from coordinator.engine_metrics import wanted
+    from shm.schema import ModelPolicy
+    from shm.settings import Settings
+
+    assert not wanted(Settings(), {"m": ModelPolicy(policy="round_robin")})
+    assert wanted(Settings(policy="least_loaded"), {})
+    assert wanted(Settings(), {"m": ModelPolicy(policy="least_loaded")})
+    assert wanted(Settings(), {"m": ModelPolicy(prefill_policy="least_loaded")})
+    assert wanted(Settings(), {"m": ModelPolicy(decode_policy="least_loaded")})
