@@ -30,7 +30,10 @@ MAX_RECONNECT_BACKOFF_MS = 2000
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a request carries the whole prompt (max_body_size is 32 MiB)
 CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
+    # gRPC also uses this as the deadline of each connection attempt: 200 ms cut slow (remote,
+    # TLS) handshakes short; gRPC's default (20 s) would keep a dead worker "connecting", every
+    # call to it waiting for the router's connect_timeout instead of failing over at once.
+    ("grpc.min_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -284,7 +284,9 @@ class GrpcExchange:
             raise expired from None
         except grpc.aio.AioRpcError as exc:
             code, details = exc.code().name, exc.details() or ""
-            if code == "DEADLINE_EXCEEDED" and not self.head_sent:  # the call's total_timeout deadline
+            if code == "DEADLINE_EXCEEDED":  # the call's total_timeout deadline
+                # Mid-stream too: the SSE error event names total_timeout, as the HTTP path's does,
+                # rather than a bare "DEADLINE_EXCEEDED" that names no setting (_give_up truncates).
                 self._settle(leg, ok=False)
                 raise UpstreamTimeout(f"request exceeded total_timeout={self.proc.settings.total_timeout}s "
                                       f"({details})") from None
