@@ -274,12 +274,11 @@ class Exchange:
 
     def _end(self, error: bool) -> None:
         self.phase = DONE
-        self.proc.active.discard(self)
         if self.pd is not None:
+            self.proc.active.discard(self)
             self.pd.exchange_done(self, error)
             return
-        self.proc.count_request(error)
-        self.client.exchange_done(self)
+        self.client.exchange_done(self, error)
 
     # -- called from outside ---------------------------------------------------------------
 

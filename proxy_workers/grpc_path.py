@@ -2,8 +2,8 @@
 
 Role: :class:`GrpcExchange` is what :class:`proxy_workers.exchange.Exchange` is to HTTP workers,
 with the same contract towards :class:`proxy_workers.server.ClientProtocol` (``request``,
-``head_sent``, ``conn``, ``start``, ``client_gone``, ``check_deadline``; it reports back through
-``client.exchange_done``, ``proc.active`` and ``proc.count_request``). It translates the request
+``head_sent``, ``conn``, ``start``, ``client_gone``, ``check_deadline``; it joins ``proc.active``
+and reports its end through ``client.exchange_done``, which counts it). It translates the request
 (:mod:`proxy_workers.grpc_translate`), calls ``Worker.Generate`` on a cached channel
 (:mod:`proxy_workers.grpc_channels`) and writes the answer as the HTTP routers would: SSE chunks,
 or one JSON object. One asyncio task per request: gRPC's API is coroutines, and a gRPC call
@@ -414,6 +414,4 @@ class GrpcExchange:
     def _finish(self, error: bool) -> None:
         self.phase = DONE
         self.current = None
-        self.proc.active.discard(self)
-        self.proc.count_request(error)
-        self.client.exchange_done(self)
+        self.client.exchange_done(self, error)

@@ -379,9 +379,7 @@ class PDExchange:
             return
         self.ended = True
         self._settle_legs(ok=True)
-        self.proc.active.discard(self)
-        self.proc.count_request(error)
-        self.client.exchange_done(self)
+        self.client.exchange_done(self, error)
 
     def _fail(self, err: RouterError) -> None:
         if self.ended:

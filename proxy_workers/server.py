@@ -299,7 +299,11 @@ class ClientProtocol(asyncio.Protocol):
                                                         close=not request.keep_alive)))
         self._next(request)
 
-    def exchange_done(self, exchange: Exchange) -> None:
+    def exchange_done(self, exchange: Exchange, error: bool) -> None:
+        """Any kind of exchange ended: it leaves the active set and counts once as a request."""
+        proc = self.proc
+        proc.active.discard(exchange)
+        proc.count_request(error)
         if self.exchange is exchange:
             self.exchange = None
         self._next(exchange.request)
