@@ -33,6 +33,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 
 import aiohttp
 
@@ -40,6 +41,7 @@ from coordinator import engine_metrics, health
 from coordinator.admin import AdminAPI
 from coordinator.config import Config, ConfigError
 from coordinator.discovery import Discovery, dynamic_sources
+from coordinator.grpc_probe import LoadChannels
 from coordinator.membership import Fleet, FleetFull
 from coordinator.sources import merge
 from coordinator.supervisor import HaltServer, Supervisor
@@ -69,6 +71,7 @@ class Coordinator:
         self.on_ready: Callable[[], None] | None = None
         self.scraping: asyncio.Task[int] | None = None
         self.scraped_at = 0.0
+        self.load_channels = LoadChannels()  # the scraper's gRPC channels, closed with its session
         self.discovery: Discovery | None = None
         self.admin: AdminAPI | None = None
         self.dirty = False  # a discovery change waits for the next tick's publish
@@ -136,7 +139,7 @@ class Coordinator:
         self.discovery = Discovery(self.config, self.fleet, self.board, self.proxies, self.request_publish,
                                    self.publish)
         self.file_signature = _file_signature(self.config.config_file)
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession() as session, aclosing(self.load_channels):
             self.session = session
             await self.discovery.start(session)
             if self.settings.admin_port:
@@ -233,7 +236,8 @@ class Coordinator:
             return
         self.scraped_at = now
         self.scraping = asyncio.ensure_future(
-            engine_metrics.scrape_all(self.session, self.fleet, self.board, self.settings))
+            engine_metrics.scrape_all(self.session, self.load_channels, self.fleet, self.board,
+                                      self.settings))
 
     async def _handle_signal(self, sig: signal.Signals) -> int | None:
         if sig == signal.SIGHUP:

@@ -9,7 +9,8 @@ Invariants:
 - Scraping runs only while some model uses ``least_loaded`` (a fleet of 10,000 workers scraped
   every 2 s would be 5,000 requests a second for nothing otherwise).
 - One round covers every discovered worker, HTTP (``GET /metrics``) and gRPC (``GetLoad``, see
-  :mod:`coordinator.grpc_probe`) alike, under one concurrency bound.
+  :mod:`coordinator.grpc_probe`) alike, under one concurrency bound. gRPC workers are asked over
+  channels kept across rounds; each round first closes those of workers no longer in the fleet.
 - A failed scrape leaves the previous figures and their timestamp, so readers can tell stale
   figures from fresh ones (``engine_scraped_at``).
 - Values summed over label sets (an engine may report per model or per rank).
@@ -24,7 +25,7 @@ import time
 
 import aiohttp
 
-from coordinator.grpc_probe import fetch_grpc_load
+from coordinator.grpc_probe import LoadChannels
 from coordinator.membership import Fleet, WorkerState
 from shm.loadboard import E_KV_USAGE, E_RUNNING, E_SCRAPED_AT, E_WAITING, LoadBoard
 from shm.settings import Settings
@@ -85,10 +86,11 @@ async def scrape_one(session: aiohttp.ClientSession, url: str, timeout: float) -
         return None
 
 
-async def fetch_figures(session: aiohttp.ClientSession, state: WorkerState, timeout: float) -> Figures | None:
+async def fetch_figures(session: aiohttp.ClientSession, channels: LoadChannels, state: WorkerState,
+                        timeout: float) -> Figures | None:
     """One worker's figures over its own connection; None when it did not give any."""
     if state.spec.connection == "grpc":
-        return await fetch_grpc_load(state.spec.url, timeout)
+        return await channels.get_load(state.spec.url, timeout)
     return await scrape_one(session, state.spec.url, timeout)
 
 
@@ -102,15 +104,18 @@ def write_figures(board: LoadBoard, slot: int, figures: Figures) -> None:
     board.floats[base + E_SCRAPED_AT] = time.time()
 
 
-async def scrape_all(session: aiohttp.ClientSession, fleet: Fleet, board: LoadBoard,
+async def scrape_all(session: aiohttp.ClientSession, channels: LoadChannels, fleet: Fleet, board: LoadBoard,
                      settings: Settings) -> int:
     """Fetch every discovered worker's figures once; returns how many answered with them."""
+    # Every gRPC worker still in the fleet keeps its channel, an undiscovered one included (it is
+    # fetched again once discovered); a worker that left has its channel closed.
+    await channels.retain({s.spec.url for s in fleet.states.values() if s.spec.connection == "grpc"})
     states = [s for s in fleet.states.values() if s.discovered]
     limit = asyncio.Semaphore(MAX_CONCURRENT_SCRAPES)
 
     async def one(state: WorkerState) -> bool:
         async with limit:
-            figures = await fetch_figures(session, state, settings.health_timeout)
+            figures = await fetch_figures(session, channels, state, settings.health_timeout)
         if figures is None:
             return False
         write_figures(board, state.slot, figures)

@@ -8,15 +8,22 @@ the same contracts, for workers whose ``connection`` is ``grpc`` (``grpc://`` or
 Invariants:
 - :func:`check_grpc_health` never raises: it returns "" when the worker's overall health (service
   name "") is SERVING, else a one-line reason. :func:`discover_grpc_models` raises ValueError with
-  a reason, never anything else. :func:`fetch_grpc_load` never raises: None when the worker did not
-  answer (the caller keeps the previous figures).
-- Each probe opens its own channel and closes it before returning: a probe leaves no connection
-  and no background reconnect behind (checks are seconds apart; a channel costs one handshake).
+  a reason, never anything else. :meth:`LoadChannels.get_load` never raises: None when the worker
+  did not answer (the caller keeps the previous figures).
+- Each health or discovery probe opens its own channel and closes it before returning: it leaves
+  no connection and no background reconnect behind (checks are seconds apart).
+- ``GetLoad`` runs every ``metrics_interval`` for every gRPC worker, so it goes over one channel
+  per worker URL kept in :class:`LoadChannels` (the coordinator's, made in its loop): channels of
+  workers that left are closed at the next round (:meth:`LoadChannels.retain`), all of them when
+  the coordinator stops (:meth:`LoadChannels.aclose`). A broken channel reconnects by itself
+  (backoff capped at ``LOAD_RECONNECT_BACKOFF_MS``); until it does, each call fails within its
+  timeout.
 - grpc is imported on first use, so a coordinator of an HTTP-only fleet never loads it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from shm.proto import grpc_target
@@ -24,14 +31,26 @@ from shm.proto import grpc_target
 if TYPE_CHECKING:
     import grpc
 
+    from shm.proto.worker_pb2_grpc import WorkerStub
 
-def _channel(url: str) -> grpc.aio.Channel:
+LOAD_RECONNECT_BACKOFF_MS = 2000
+LOAD_CHANNEL_OPTIONS = (
+    # gRPC's default backoff grows to 2 minutes: a worker back from a restart would keep stale
+    # figures that long. Capped, its channel is usable again within a scrape round or two.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    # Also the deadline of each connection attempt: shorter would cut slow (remote, TLS) handshakes.
+    ("grpc.min_reconnect_backoff_ms", LOAD_RECONNECT_BACKOFF_MS),
+    ("grpc.max_reconnect_backoff_ms", LOAD_RECONNECT_BACKOFF_MS),
+)
+
+
+def _channel(url: str, options: tuple[tuple[str, Any], ...] = ()) -> grpc.aio.Channel:
     import grpc
 
     target, tls = grpc_target(url)
     if tls:
-        return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials())
-    return grpc.aio.insecure_channel(target)
+        return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
+    return grpc.aio.insecure_channel(target, options=options)
 
 
 def _reason(exc: Any) -> str:
@@ -75,18 +94,56 @@ async def discover_grpc_models(url: str, timeout: float) -> tuple[str, ...]:
     return models
 
 
-async def fetch_grpc_load(url: str, timeout: float) -> tuple[int, int, float] | None:
-    """(running, waiting, kv usage) as the worker's ``GetLoad`` reports them, or None."""
-    from shm.proto import worker_pb2, worker_pb2_grpc
+class LoadChannels:
+    """The coordinator's ``GetLoad`` channels and stubs, one per gRPC worker URL, reused across rounds.
 
-    try:
-        channel = _channel(url)
-    except ValueError:  # a malformed target: no figures, as for a worker that does not answer
-        return None
-    try:
-        load = await worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.LoadRequest(), timeout=timeout)
-    except Exception:  # an RPC error (UNIMPLEMENTED from a worker without GetLoad included)
-        return None
-    finally:
-        await channel.close()
-    return load.running, load.waiting, load.kv_usage
+    Invariant: every channel it opened is either in :attr:`stubs` or closed (or being closed by
+    :meth:`retain` / :meth:`aclose`); once closed, it opens none (a round still running at shutdown
+    gets None).
+    """
+
+    __slots__ = ("channels", "closed", "stubs")
+
+    def __init__(self) -> None:
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.stubs: dict[str, WorkerStub] = {}
+        self.closed = False
+
+    def stub(self, url: str) -> WorkerStub:
+        """The cached stub for ``url``, its channel opened on first use; ValueError for a bad URL."""
+        stub = self.stubs.get(url)
+        if stub is None:
+            from shm.proto.worker_pb2_grpc import WorkerStub
+
+            channel = self.channels[url] = _channel(url, LOAD_CHANNEL_OPTIONS)
+            stub = self.stubs[url] = WorkerStub(channel)
+        return stub
+
+    async def get_load(self, url: str, timeout: float) -> tuple[int, int, float] | None:
+        """(running, waiting, kv usage) as the worker's ``GetLoad`` reports them, or None."""
+        from shm.proto import worker_pb2
+
+        if self.closed:
+            return None
+        try:
+            stub = self.stub(url)
+        except ValueError:  # a malformed target: no figures, as for a worker that does not answer
+            return None
+        try:
+            load = await stub.GetLoad(worker_pb2.LoadRequest(), timeout=timeout)
+        except Exception:  # an RPC error (UNIMPLEMENTED from a worker without GetLoad included)
+            return None
+        return load.running, load.waiting, load.kv_usage
+
+    async def retain(self, urls: set[str]) -> None:
+        """Close the channels of workers not in ``urls`` (those that left the fleet)."""
+        gone = [u for u in self.channels if u not in urls]
+        for url in gone:
+            self.stubs.pop(url, None)
+        # Popped before awaiting: a fetch meanwhile opens a fresh channel, never uses a closing one.
+        await asyncio.gather(*(self.channels.pop(u).close() for u in gone))
+
+    async def aclose(self) -> None:
+        """Close every channel; used as ``contextlib.aclosing(channels)`` next to the HTTP session."""
+        self.closed = True
+        await self.retain(set())

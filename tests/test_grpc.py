@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -583,34 +584,54 @@ def test_least_loaded_follows_grpc_workers_getload(start_worker, start_router, t
     assert stats(busy)["requests"] == 1 and stats(idle)["completed"] == 4
 
 
-def test_a_failed_getload_keeps_the_previous_figures(start_worker) -> None:
-    """One scrape round over a live and a dead gRPC worker, then another after the live one died."""
+@contextlib.contextmanager
+def scrape_rounds(specs: list[Any]) -> Iterator[tuple[Any, Any, Any, Callable[[], int]]]:
+    """(fleet, board, channels, round): scrape rounds run as the coordinator runs them, in one loop
+    with one :class:`LoadChannels`, over a fleet and a board of their own; closed after."""
     import aiohttp
 
     from coordinator import engine_metrics, membership
+    from coordinator.grpc_probe import LoadChannels
     from shm.loadboard import LoadBoard, board_size
-    from shm.schema import WorkerSpec
     from shm.segment import Segment, new_instance_id, segment_name
     from shm.settings import Settings
 
-    worker = start_worker(["gl"], "--grpc", *SLOW)
-    dead = f"grpc://127.0.0.1:{free_port()}"
     fleet = membership.Fleet(4)
-    fleet.apply([WorkerSpec(url=u, model="gl", connection="grpc") for u in (worker.url, dead)])
-    slots = {s.spec.url: s.slot for s in fleet.states.values()}
+    fleet.apply(specs)
     seg = Segment.create(segment_name(new_instance_id(), "board"), board_size(1, 4))
     board = LoadBoard.create(seg, 1, 4)
+    channels = LoadChannels()
 
     async def round_() -> int:
         async with aiohttp.ClientSession() as session:
-            return await engine_metrics.scrape_all(session, fleet, board, Settings(health_timeout=DEADLINE))
+            return await engine_metrics.scrape_all(session, channels, fleet, board,
+                                                   Settings(health_timeout=DEADLINE))
 
     try:
+        with asyncio.Runner() as runner:  # grpc.aio channels belong to the loop that made them
+            try:
+                yield fleet, board, channels, lambda: runner.run(round_())
+            finally:
+                runner.run(channels.aclose())
+    finally:
+        board.close()
+        seg.unlink()
+
+
+def test_a_failed_getload_keeps_the_previous_figures(start_worker) -> None:
+    """One scrape round over a live and a dead gRPC worker, then another after the live one died."""
+    from shm.schema import WorkerSpec
+
+    worker = start_worker(["gl"], "--grpc", *SLOW)
+    dead = f"grpc://127.0.0.1:{free_port()}"
+    specs = [WorkerSpec(url=u, model="gl", connection="grpc") for u in (worker.url, dead)]
+    with scrape_rounds(specs) as (fleet, board, _, round_):
+        slots = {s.spec.url: s.slot for s in fleet.states.values()}
         with grpc.insecure_channel(_target(worker)) as channel:
             held = pbg.WorkerStub(channel).Generate(chat_request("hold", model="gl"), timeout=120)
             try:
                 assert next(held).HasField("chunk")
-                assert asyncio.run(round_()) == 1
+                assert round_() == 1
             finally:
                 held.cancel()
         first = board.engine(slots[worker.url])
@@ -618,8 +639,29 @@ def test_a_failed_getload_keeps_the_previous_figures(start_worker) -> None:
         assert first["engine_kv_usage"] > 0 and first["engine_scraped_at"] > 0
         assert board.engine(slots[dead])["engine_scraped_at"] == 0.0
         worker.stop()
-        assert asyncio.run(round_()) == 0
+        assert round_() == 0  # over the channel kept from the first round, now broken
         assert board.engine(slots[worker.url]) == first
-    finally:
-        board.close()
-        seg.unlink()
+
+
+def test_getload_channels_are_kept_across_rounds_and_closed_when_a_worker_leaves(start_worker) -> None:
+    """One channel per gRPC worker URL, the same one round after round; a worker that left the
+    fleet has its channel closed at the next round (though it still runs); all close at the end."""
+    from shm.schema import WorkerSpec
+
+    shut = grpc.ChannelConnectivity.SHUTDOWN
+    stays, leaves = start_worker(["gc"], "--grpc"), start_worker(["gc"], "--grpc")
+    specs = [WorkerSpec(url=w.url, model="gc", connection="grpc") for w in (stays, leaves)]
+    with scrape_rounds(specs) as (fleet, _, channels, round_):
+        assert round_() == 2
+        first = dict(channels.channels)
+        assert set(first) == {stays.url, leaves.url}
+        assert round_() == 2
+        assert channels.channels == first and all(channels.channels[u] is c for u, c in first.items())
+        fleet.apply(specs[:1])
+        assert round_() == 1
+        assert list(channels.channels) == [stays.url] and channels.channels[stays.url] is first[stays.url]
+        assert list(channels.stubs) == [stays.url]
+        assert first[leaves.url].get_state() == shut  # closed, not merely idle
+        assert first[stays.url].get_state() != shut
+    assert first[stays.url].get_state() == shut  # and all of them when the coordinator stops
+    assert not channels.channels and not channels.stubs
