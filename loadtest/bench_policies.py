@@ -50,6 +50,7 @@ from typing import Any
 import msgspec
 
 from coordinator.membership import Fleet
+from loadtest.scratch_shm import Shm
 from proxy_workers.context import ROUTING_DECODER, RequestContext, RoutingFields
 from proxy_workers.decision import prepare
 from proxy_workers.policies import PolicyEnv
@@ -74,10 +75,9 @@ from shm.loadboard import (
     W_REQUESTS,
     W_TTFB_EWMA,
     LoadBoard,
-    board_size,
 )
 from shm.schema import ModelPolicy, Quota, Snapshot, WorkerSpec
-from shm.segment import Segment, new_instance_id, segment_name
+from shm.segment import Segment
 from shm.settings import POLICY_NAMES, Settings
 
 MODEL = "meta-llama/Llama-3.1-70B-Instruct"
@@ -98,23 +98,6 @@ PROBE = 20  # decisions timed once to size the warm-up and the batches
 
 # --------------------------------------------------------------------------------------------
 # shared memory
-
-
-class Shm:
-    """Segments created by the bench; all unlinked on exit."""
-
-    def __init__(self) -> None:
-        self.segments: list[Segment] = []
-
-    def create(self, kind: str, size: int) -> Segment:
-        seg = Segment.create(segment_name(new_instance_id(), kind), size)
-        self.segments.append(seg)
-        return seg
-
-    def cleanup(self) -> None:
-        for seg in self.segments:
-            seg.close()
-            seg.unlink()
 
 
 def max_proxies_for(proxies: int) -> int:
@@ -492,8 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_before = os.getloadavg()
     try:
-        board_seg = shm.create("board", board_size(max_proxies, settings.max_workers))
-        board = LoadBoard.create(board_seg, max_proxies, settings.max_workers)
+        _, board = shm.board(settings.max_workers, max_proxies)
         aff_seg = shm.create("affinity", table_size(max_proxies, settings.affinity_capacity))
         affinity = AffinityTable.create(aff_seg, max_proxies, settings.affinity_capacity)
         try:

@@ -45,10 +45,11 @@ from typing import Any
 
 import msgspec
 
+from loadtest.scratch_shm import Shm
 from proxy_workers.state import ProxyProcess, freeze_startup_heap
-from shm.loadboard import LoadBoard, board_size
+from shm.loadboard import LoadBoard
 from shm.schema import Snapshot, Worker, encode_snapshot
-from shm.segment import Segment, new_instance_id, segment_name
+from shm.segment import Segment
 from shm.settings import Settings
 from shm.snapshot import SnapshotReader, SnapshotWriter, segment_size
 
@@ -256,28 +257,6 @@ def _recv(conn: Connection, what: str) -> Any:
 
 # --------------------------------------------------------------------------------------------
 # measurements
-
-
-class Shm:
-    """Segments created by the bench; all unlinked on exit."""
-
-    def __init__(self) -> None:
-        self.segments: list[Segment] = []
-
-    def create(self, kind: str, size: int) -> Segment:
-        seg = Segment.create(segment_name(new_instance_id(), kind), size)
-        self.segments.append(seg)
-        return seg
-
-    def board(self, n_workers: int) -> tuple[Segment, LoadBoard]:
-        """A load board for 1 proxy and ``n_workers`` slots."""
-        seg = self.create("load", board_size(1, max(1, n_workers)))
-        return seg, LoadBoard.create(seg, 1, max(1, n_workers))
-
-    def cleanup(self) -> None:
-        for seg in self.segments:
-            seg.close()
-            seg.unlink()
 
 
 def start_reader_process(seg: Segment, board_seg: Segment) -> tuple[mp.process.BaseProcess, Connection]:

@@ -178,14 +178,21 @@ class GrpcExchange:
             try:
                 await self._relay(leg)
             except _Failed as failed:
-                self._settle(leg, ok=False, connect_error=failed.connect)
-                if self.head_sent:
-                    self._truncate(failed.why)
+                if self._leg_failed(leg, failed):
                     return
                 self._may_retry(failed, tried)
                 continue
             await self._done(leg)
             return
+
+    def _leg_failed(self, leg: Leg, failed: _Failed) -> bool:
+        """Close a failed leg's books; True when its answer had started (the stream is then
+        truncated: no retry after the first byte)."""
+        self._settle(leg, ok=False, connect_error=failed.connect)
+        if self.head_sent:
+            self._truncate(failed.why)
+            return True
+        return False
 
     async def _pd(self, route: PDRoute, req: pb.GenerateRequest) -> None:
         tried_prefill: list[int] = []
@@ -198,9 +205,7 @@ class GrpcExchange:
             try:
                 await self._relay(leg)
             except _Failed as failed:
-                self._settle(leg, ok=False, connect_error=failed.connect)
-                if self.head_sent:
-                    self._truncate(failed.why)
+                if self._leg_failed(leg, failed):
                     return
                 # The pair failed on its decode side: release the prefill's KV, form a new pair
                 # (the prefill worker did its part: it may be picked again).

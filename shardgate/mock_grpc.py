@@ -42,6 +42,7 @@ from shardgate.mock_worker import (
     cannot_listen,
     parse_args,
     patched,
+    run,
     run_until_signalled,
     token_gap,
 )
@@ -290,10 +291,4 @@ async def serve(cfg: MockConfig) -> int:
 
 def main(argv: list[str]) -> int:
     """``argv``: the HTTP mock's flags, ``--grpc`` among them."""
-    cfg = parse_args(argv)
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(serve(cfg))
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(cfg))
+    return run(serve(parse_args(argv)))

@@ -24,7 +24,7 @@ import asyncio
 import signal
 import sys
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -420,13 +420,17 @@ def main(argv: list[str] | None = None) -> int:
         from shardgate import mock_grpc  # the same mock over gRPC (shm/proto/worker.proto)
 
         return mock_grpc.main(sys.argv[1:] if argv is None else list(argv))
-    cfg = parse_args(argv)
+    return run(serve(parse_args(argv)))
+
+
+def run(main: Coroutine[Any, Any, int]) -> int:
+    """Run a mock's main coroutine on uvloop (plain asyncio where uvloop is missing)."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(cfg))
+        return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(cfg))
+        return runner.run(main)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,26 @@ def get_json(url: str) -> Any:
     return json.loads(body)
 
 
+def worker_row(router: launch.Launched, url: str) -> dict[str, Any]:
+    """The router's ``/workers`` row of the worker at ``url``."""
+    rows = [w for w in get_json(router.url + "/workers")["workers"] if w["url"] == url]
+    assert rows, url
+    return rows[0]
+
+
+def assert_openai_error(body: bytes, code: str | None = None) -> dict:
+    """``body`` is OpenAI's error shape (with ``code`` if given); returns the error object."""
+    doc = json.loads(body)
+    assert set(doc) == {"error"}, doc
+    err = doc["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"], err
+    assert isinstance(err["type"], str) and err["type"], err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy, or fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

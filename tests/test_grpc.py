@@ -25,7 +25,8 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import DEADLINE, chat, free_port, get_json, http, wait_for
+from conftest import DEADLINE, chat, free_port, get_json, http, wait_for, worker_row
+from grpc_support import GrpcFleet, control, fresh_mocks, settled, stats, target
 
 from proxy_workers.errors import BadRequest, NotFound
 from proxy_workers.grpc_translate import (
@@ -38,7 +39,6 @@ from proxy_workers.grpc_translate import (
 )
 from shardgate import launch, mock_grpc
 from shardgate.mock_payloads import expected_text, prompt_text_of
-from shardgate.mock_worker import RUNTIME_KEYS
 from shm.proto import worker_pb2 as pb
 from shm.proto import worker_pb2_grpc as pbg
 
@@ -51,24 +51,9 @@ SLOW = ("--tps", "20", "--output-tokens", "2000")  # a stream on this worker las
 # -- talking to the mocks directly -----------------------------------------------------------------
 
 
-def _target(worker: launch.Launched) -> str:
-    return worker.url.split("//", 1)[1]
-
-
-def control(worker: launch.Launched, method: str, doc: dict[str, Any] | None = None) -> dict[str, Any]:
-    with grpc.insecure_channel(_target(worker)) as channel:
-        reply = getattr(pbg.MockControlStub(channel), method)(pb.Json(json=json.dumps(doc or {})),
-                                                             timeout=DEADLINE)
-    return json.loads(reply.json)
-
-
-def stats(worker: launch.Launched) -> dict[str, Any]:
-    return control(worker, "GetStats")
-
-
 def generate(worker: launch.Launched, req: pb.GenerateRequest) -> tuple[str, pb.Complete]:
     """Call Generate directly; (text, Complete) or the RpcError raised."""
-    with grpc.insecure_channel(_target(worker)) as channel:
+    with grpc.insecure_channel(target(worker)) as channel:
         text, done = [], pb.Complete()
         for msg in pbg.WorkerStub(channel).Generate(req, timeout=DEADLINE):
             if msg.HasField("chunk"):
@@ -108,7 +93,7 @@ class Raw:
     """One raw HTTP/1.1 connection: send a request, read the head and the first bytes, hang up."""
 
     def __init__(self, router: launch.Launched, body: dict[str, Any]) -> None:
-        host, port = _target(router).rsplit(":", 1)
+        host, port = target(router).rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=DEADLINE)
         data = json.dumps(body).encode()
         self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
@@ -126,21 +111,12 @@ class Raw:
         self.sock.close()
 
 
-def worker_row(router: launch.Launched, url: str) -> dict[str, Any]:
-    return next(w for w in get_json(router.url + "/workers")["workers"] if w["url"] == url)
-
-
-def settled(router: launch.Launched, *workers: launch.Launched) -> bool:
-    """No request in flight on these workers, as the router's load board and the mocks see it."""
-    return all(worker_row(router, w.url)["in_flight"] == 0 and stats(w)["in_flight"] == 0 for w in workers)
-
-
 # -- the fleet -------------------------------------------------------------------------------------
 
 
-class Fleet:
+class Fleet(GrpcFleet):
     def __init__(self, tmp: Path) -> None:
-        self.started: list[launch.Launched] = []
+        super().__init__()
         w = self.worker
         self.r1, self.r2 = w("g1"), w("g1")                                  # content, truncation
         self.r3 = w("gfail")                                                # + a dead worker
@@ -164,15 +140,6 @@ class Fleet:
                                     config=str(config))
         self.started.append(self.router)
 
-    def worker(self, model: str, *extra: str) -> launch.Launched:
-        worker = launch.mock_worker([model], "--grpc", *extra)
-        self.started.append(worker)
-        return worker
-
-    def stop(self) -> None:
-        for process in self.started:
-            process.stop()
-
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
@@ -186,17 +153,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 @pytest.fixture
 def fresh(fleet: Fleet) -> Iterator[Fleet]:
     """The fleet with every mock's counters zeroed and its config restored afterwards."""
-    mocks = [p for p in fleet.started if p is not fleet.router]
-    configs = []
-    for mock in mocks:
-        control(mock, "Reset")
-        current = control(mock, "Configure")  # an empty patch answers the whole config
-        configs.append({k: current[k] for k in RUNTIME_KEYS})
-    try:
+    with fresh_mocks(fleet):
         yield fleet
-    finally:
-        for mock, config in zip(mocks, configs, strict=True):
-            control(mock, "Configure", config)
 
 
 # -- grpc_regular ----------------------------------------------------------------------------------
@@ -220,7 +178,7 @@ def test_routers_and_non_streamed_answers(fresh: Fleet) -> None:
         decision = json.loads(headers["x-shardgate-decision"])
         assert decision["router"] == "grpc_regular" and decision["worker"] in (fresh.r1.url, fresh.r2.url)
         seen.add(headers["x-mock-worker"])
-    assert seen == {_target(fresh.r1), _target(fresh.r2)}  # round robin over both workers
+    assert seen == {target(fresh.r1), target(fresh.r2)}  # round robin over both workers
     status, _, raw = post(fresh.router, {"model": "g1", "prompt": ["a b", "c"]}, path=COMPLETIONS)
     body = json.loads(raw)
     assert status == 200 and body["object"] == "text_completion"
@@ -266,7 +224,7 @@ def test_failover_when_a_worker_is_down(fresh: Fleet) -> None:
         stream = i % 2 == 1
         status, headers, raw = post(fresh.router, chat("gfail", content=f"f{i}", stream=stream))
         assert status == 200, raw
-        assert headers["x-mock-worker"] == _target(fresh.r3)
+        assert headers["x-mock-worker"] == target(fresh.r3)
         text = stream_text(raw) if stream else json.loads(raw)["choices"][0]["message"]["content"]
         assert text == expected_text(f"f{i}", 16)
     dead = worker_row(fresh.router, fresh.dead)
@@ -278,7 +236,7 @@ def test_worker_failure_before_any_byte_is_retried_after_it_truncates(fresh: Fle
     control(fresh.r1, "Configure", {"fail_status": 503})
     for _ in range(4):  # whichever worker round robin starts with, r2 answers
         status, headers, _ = post(fresh.router, chat("g1"))
-        assert status == 200 and headers["x-mock-worker"] == _target(fresh.r2)
+        assert status == 200 and headers["x-mock-worker"] == target(fresh.r2)
     control(fresh.r1, "Configure", {"fail_status": 0, "drop_after": 3})
     control(fresh.r2, "Configure", {"drop_after": 3})
     status, _, raw = post(fresh.router, chat("g1"))  # non-streamed: nothing was sent yet
@@ -331,7 +289,7 @@ def test_pd_end_to_end(fresh: Fleet, stream: bool) -> None:
     asked = json.loads(_b64(prefill["last_request"]["kv_transfer_params"]))
     assert asked == {"do_remote_decode": True, "do_remote_prefill": False}
     handle = json.loads(_b64(decode["last_request"]["kv_transfer_params"]))
-    assert handle["do_remote_prefill"] is True and handle["remote_engine_id"] == _target(fresh.p1)
+    assert handle["do_remote_prefill"] is True and handle["remote_engine_id"] == target(fresh.p1)
     assert wait_for(lambda: settled(fresh.router, fresh.p1, fresh.d1), what="both legs settled")
 
 
@@ -427,7 +385,7 @@ def test_grpc_probes(start_worker) -> None:
     assert "UNAVAILABLE" in asyncio.run(check_grpc_health(dead, DEADLINE))
     with pytest.raises(ValueError, match="GetModelInfo failed"):
         asyncio.run(discover_grpc_models(dead, DEADLINE))
-    with grpc.insecure_channel(_target(worker)) as channel:
+    with grpc.insecure_channel(target(worker)) as channel:
         load = pbg.WorkerStub(channel).GetLoad(pb.LoadRequest(), timeout=DEADLINE)
     assert load.running == 0 and load.kv_usage == 0.0
 
@@ -553,11 +511,11 @@ def test_least_loaded_follows_grpc_workers_getload(start_worker, start_router, t
     router = start_router([], "--metrics-interval", "0.2", *NO_PASSIVE, config=str(config))
     # A stream sent to the busy worker directly: the router's own counters know nothing of it, so
     # only the worker's GetLoad can tell the two apart.
-    with grpc.insecure_channel(_target(busy)) as channel:
+    with grpc.insecure_channel(target(busy)) as channel:
         held = pbg.WorkerStub(channel).Generate(chat_request("hold", model="gl"), timeout=120)
         try:
             assert next(held).HasField("chunk")
-            with grpc.insecure_channel(_target(busy)) as direct:
+            with grpc.insecure_channel(target(busy)) as direct:
                 load = pbg.WorkerStub(direct).GetLoad(pb.LoadRequest(), timeout=DEADLINE)
             assert (load.running, load.waiting) == (1, 0) and load.kv_usage > 0.0
             assert worker_row(router, busy.url)["in_flight"] == 0
@@ -575,7 +533,7 @@ def test_least_loaded_follows_grpc_workers_getload(start_worker, start_router, t
                                             {"X-Shardgate-Debug": "1"})
                 assert status == 200, raw
                 decision = json.loads(headers["x-shardgate-decision"])
-                assert headers["x-mock-worker"] == _target(idle), decision
+                assert headers["x-mock-worker"] == target(idle), decision
                 assert decision["reason"] == "fewest running + waiting requests (engine metrics)"
                 assert not decision["fallback"]
         finally:
@@ -627,7 +585,7 @@ def test_a_failed_getload_keeps_the_previous_figures(start_worker) -> None:
     specs = [WorkerSpec(url=u, model="gl", connection="grpc") for u in (worker.url, dead)]
     with scrape_rounds(specs) as (fleet, board, _, round_):
         slots = {s.spec.url: s.slot for s in fleet.states.values()}
-        with grpc.insecure_channel(_target(worker)) as channel:
+        with grpc.insecure_channel(target(worker)) as channel:
             held = pbg.WorkerStub(channel).Generate(chat_request("hold", model="gl"), timeout=120)
             try:
                 assert next(held).HasField("chunk")

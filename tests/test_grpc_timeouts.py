@@ -27,15 +27,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-from conftest import DEADLINE, Stream, chat, free_port, get_json, http, wait_for
+from conftest import (
+    DEADLINE,
+    Stream,
+    assert_openai_error,
+    chat,
+    free_port,
+    get_json,
+    http,
+    wait_for,
+    worker_row,
+)
+from grpc_support import GrpcFleet, control, fresh_mocks, settled, stats
 
 from shardgate import launch
 from shardgate.mock_payloads import expected_text
-from shardgate.mock_worker import RUNTIME_KEYS
-from shm.proto import worker_pb2 as pb
-from shm.proto import worker_pb2_grpc as pbg
 
 CHAT = "/v1/chat/completions"
 # Passive health off (a test's injected failures must not eject a worker for the next test) and
@@ -47,17 +54,6 @@ SILENT_AFTER_ONE = {"tps": 0.1}  # the first token at once, then 10 s of silence
 
 
 # -- the mocks, through MockControl ----------------------------------------------------------------
-
-
-def control(worker: launch.Launched, method: str, doc: dict[str, Any] | None = None) -> dict[str, Any]:
-    with grpc.insecure_channel(worker.url.split("//", 1)[1]) as channel:
-        reply = getattr(pbg.MockControlStub(channel), method)(pb.Json(json=json.dumps(doc or {})),
-                                                             timeout=DEADLINE)
-    return json.loads(reply.json)
-
-
-def stats(worker: launch.Launched) -> dict[str, Any]:
-    return control(worker, "GetStats")
 
 
 def total(workers: list[launch.Launched], key: str) -> int:
@@ -72,15 +68,6 @@ def saw_abort(worker: launch.Launched, rpc: bool = True) -> dict[str, Any] | Non
 
 
 # -- the router's answers ----------------------------------------------------------------------
-
-
-def assert_openai_error(body: bytes, code: str) -> dict[str, Any]:
-    doc = json.loads(body)
-    assert set(doc) == {"error"}, doc
-    err = doc["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["code"] == code, err
-    assert isinstance(err["message"], str) and err["message"], err
-    return err
 
 
 def streamed(router: launch.Launched, model: str) -> tuple[bytes, bytes]:
@@ -119,14 +106,6 @@ def assert_truncated(head: bytes, body: bytes, setting: str) -> None:
     assert last.startswith(b"event: error\ndata: "), body
     err = assert_openai_error(last.split(b"data: ", 1)[1], "bad_gateway")
     assert "stream interrupted" in err["message"] and setting in err["message"], err
-
-
-def worker_row(router: launch.Launched, url: str) -> dict[str, Any]:
-    return next(w for w in get_json(router.url + "/workers")["workers"] if w["url"] == url)
-
-
-def settled(router: launch.Launched, *workers: launch.Launched) -> bool:
-    return all(worker_row(router, w.url)["in_flight"] == 0 and stats(w)["in_flight"] == 0 for w in workers)
 
 
 def retries(router: launch.Launched) -> int:
@@ -172,11 +151,11 @@ class Blackhole:
 # -- the fleet -------------------------------------------------------------------------------------
 
 
-class Fleet:
+class Fleet(GrpcFleet):
     """One router with 1 s connect/first-message/idle timeouts in front of gRPC mocks, one model per case."""
 
     def __init__(self, tmp: Path) -> None:
-        self.started: list[launch.Launched] = []
+        super().__init__()
         self.holes: list[Blackhole] = []
         w = self.worker
         self.stalled = [w("gfirst", "--stall"), w("gfirst", "--stall")]  # two: a timeout is not retried
@@ -197,23 +176,13 @@ class Fleet:
                                     config=str(config))
         self.started.append(self.router)
 
-    def worker(self, model: str, *extra: str) -> launch.Launched:
-        worker = launch.mock_worker([model], "--grpc", *extra)
-        self.started.append(worker)
-        return worker
-
     def blackhole(self) -> Blackhole:
         hole = Blackhole()
         self.holes.append(hole)
         return hole
 
-    @property
-    def mocks(self) -> list[launch.Launched]:
-        return [p for p in self.started if p is not self.router]
-
     def stop(self) -> None:
-        for process in self.started:
-            process.stop()
+        super().stop()
         for hole in self.holes:
             hole.close()
 
@@ -230,16 +199,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 @pytest.fixture
 def fresh(fleet: Fleet) -> Iterator[Fleet]:
     """The fleet with every mock's counters zeroed and its config restored afterwards."""
-    configs = []
-    for mock in fleet.mocks:
-        control(mock, "Reset")
-        current = control(mock, "Configure")  # an empty patch answers the whole config
-        configs.append({k: current[k] for k in RUNTIME_KEYS})
-    try:
+    with fresh_mocks(fleet):
         yield fleet
-    finally:
-        for mock, config in zip(fleet.mocks, configs, strict=True):
-            control(mock, "Configure", config)
 
 
 # -- first message ---------------------------------------------------------------------------------

@@ -22,7 +22,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, chat, free_port, get_json, http, set_worker, wait_for, worker_stats
+from conftest import (
+    DEADLINE,
+    assert_openai_error,
+    chat,
+    free_port,
+    get_json,
+    http,
+    set_worker,
+    wait_for,
+    worker_stats,
+)
 
 from shardgate import launch
 from shardgate.mock_payloads import expected_text, usage
@@ -176,18 +186,6 @@ def normalized(body: bytes) -> bytes:
     """A stream with its per-response fields (id, created) blanked; everything else byte-exact."""
     body = re.sub(rb'"id":"chatcmpl-[0-9a-f]+"', b'"id":"X"', body)
     return re.sub(rb'"created":\d+', b'"created":0', body)
-
-
-def assert_openai_error(body: bytes, code: str | None = None) -> dict:
-    doc = json.loads(body)
-    assert set(doc) == {"error"}, doc
-    err = doc["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    assert isinstance(err["message"], str) and err["message"], err
-    assert isinstance(err["type"], str) and err["type"], err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 def chat_text(body: bytes) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Stream, chat, free_port, get_json, http, wait_for, worker_stats
+from conftest import Stream, chat, free_port, get_json, http, wait_for, worker_row, worker_stats
 
 from proxy_workers import selection
 from shardgate import launch
@@ -74,12 +74,6 @@ def explain(router: launch.Launched, model: str, session: str | None = None) -> 
 
 def proxy_column(router: launch.Launched, key: str) -> list[int]:
     return [int(p[key]) for p in get_json(router.url + "/stats")["proxies"]]
-
-
-def worker_row(router: launch.Launched, url: str) -> dict[str, Any]:
-    rows = [w for w in get_json(router.url + "/workers")["workers"] if w["url"] == url]
-    assert rows, url
-    return rows[0]
 
 
 def across_proxies(router: launch.Launched, one: Callable[[], Any], each: int = 3,
