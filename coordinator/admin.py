@@ -21,7 +21,7 @@ Invariants:
 - Auth: ``Authorization: Bearer <token>``, compared with :func:`hmac.compare_digest`. The token
   comes from ``admin_token_file`` or ``SHARDGATE_ADMIN_TOKEN``, never from argv. Without a token
   configured every request is refused (403) with the reason; a missing or wrong token is 401.
-- URLs are validated against SSRF (:mod:`coordinator.urlcheck`) before anything changes.
+- URLs are validated against SSRF (:mod:`coordinator.discovery.urlcheck`) before anything changes.
 - Errors use the router's shape ``{"error": {"message", "type", "code"}}`` with an HTTP status:
   400 bad input, 401/403 auth, 404 no such worker, 507 fleet full (``max_workers``).
 """
@@ -38,11 +38,11 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from coordinator import topology
 from coordinator.config import ConfigError, check_worker
-from coordinator.discovery import Discovery
-from coordinator.membership import Key, WorkerState
-from coordinator.urlcheck import shape_problem
+from coordinator.discovery.core import Discovery
+from coordinator.discovery.urlcheck import shape_problem
+from coordinator.fleet import topology
+from coordinator.fleet.membership import Key, WorkerState
 from shm.schema import WorkerSpec
 from shm.settings import Settings
 

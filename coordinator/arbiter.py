@@ -37,13 +37,14 @@ from contextlib import aclosing
 
 import aiohttp
 
-from coordinator import engine_metrics, health
 from coordinator.admin import AdminAPI
 from coordinator.config import Config, ConfigError
-from coordinator.discovery import Discovery, dynamic_sources
-from coordinator.grpc_probe import LoadChannels
-from coordinator.membership import Fleet, FleetFull
-from coordinator.sources import merge
+from coordinator.discovery.core import Discovery, dynamic_sources
+from coordinator.discovery.sources import merge
+from coordinator.fleet.membership import Fleet, FleetFull
+from coordinator.health import active as health
+from coordinator.health import engine_metrics
+from coordinator.health.grpc_probe import LoadChannels
 from coordinator.supervisor import HaltServer, Supervisor
 from shm.affinity import AffinityTable, table_size
 from shm.loadboard import LoadBoard, board_size

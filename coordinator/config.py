@@ -223,7 +223,7 @@ def _aliases(raw: Any, path: str | None) -> dict[str, dict[str, float]]:
 
 def _check_discovery(settings: Settings) -> None:
     """Discovery settings that can be wrong in shape fail here, at start or on reload."""
-    from coordinator.urlcheck import parse_cidrs
+    from coordinator.discovery.urlcheck import parse_cidrs
 
     try:
         parse_cidrs(settings.worker_cidrs)

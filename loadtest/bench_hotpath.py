@@ -31,9 +31,9 @@ import time
 
 import uvloop
 
-from coordinator.membership import Fleet
-from proxy_workers.server import ClientProtocol, ProxyProcess
-from proxy_workers.upstream import UpstreamConnection
+from coordinator.fleet.membership import Fleet
+from proxy_workers.http.upstream import UpstreamConnection
+from proxy_workers.serving.protocol import ClientProtocol, ProxyProcess
 from shm.loadboard import LoadBoard, board_size
 from shm.schema import WorkerSpec
 from shm.segment import Segment, new_instance_id, segment_name

@@ -41,8 +41,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from shardgate import launch, mock_pd
-from shardgate.mock_payloads import expected_text
+from shardgate import launch
+from shardgate.mocks import pd_worker as mock_pd
+from shardgate.mocks.payloads import expected_text
 
 SCENARIOS = {"regular": "regular", "two_phase": "pd-two-phase", "bootstrap": "pd-bootstrap"}
 EXPECTED_ROUTER = {"regular": "http_regular", "two_phase": "http_pd", "bootstrap": "http_pd"}

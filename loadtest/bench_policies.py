@@ -49,15 +49,15 @@ from typing import Any
 
 import msgspec
 
-from coordinator.membership import Fleet
+from coordinator.fleet.membership import Fleet
 from loadtest.scratch_shm import Shm
-from proxy_workers.context import ROUTING_DECODER, RequestContext, RoutingFields
-from proxy_workers.decision import prepare
-from proxy_workers.policies import PolicyEnv
-from proxy_workers.policies_affinity import prefix_keys
-from proxy_workers.policy_registry import POLICIES, POLICY_INDEX
-from proxy_workers.routing import ModelRoute, RoutingTable
-from proxy_workers.server import Request
+from proxy_workers.policies.affinity import prefix_keys
+from proxy_workers.policies.base import PolicyEnv
+from proxy_workers.policies.registry import POLICIES, POLICY_INDEX
+from proxy_workers.routing.context import ROUTING_DECODER, RequestContext, RoutingFields
+from proxy_workers.routing.decision import prepare
+from proxy_workers.routing.table import ModelRoute, RoutingTable
+from proxy_workers.serving.protocol import Request
 from shm.affinity import AffinityTable, table_size
 from shm.hashing import key_hash
 from shm.loadboard import (

@@ -46,7 +46,7 @@ from typing import Any
 import msgspec
 
 from loadtest.scratch_shm import Shm
-from proxy_workers.state import ProxyProcess, freeze_startup_heap
+from proxy_workers.serving.state import ProxyProcess, freeze_startup_heap
 from shm.loadboard import LoadBoard
 from shm.schema import Snapshot, Worker, encode_snapshot
 from shm.segment import Segment
@@ -116,7 +116,7 @@ class ProxyHarness:
         collections inside them as (step, generation, ns)."""
         if self.proc is None:
             self.proc = ProxyProcess(self.loop, 0, self.reader, self.board, None)
-            freeze_startup_heap()  # as proxy_workers.worker does before serving
+            freeze_startup_heap()  # as proxy_workers.serving.process does before serving
             steps: list[int] = []
             collections: list[tuple[str, int, int]] = []
         else:

@@ -2,6 +2,6 @@
 
 import sys
 
-from proxy_workers.worker import main
+from proxy_workers.serving.process import main
 
 sys.exit(main())

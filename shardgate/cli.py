@@ -19,7 +19,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from coordinator.arbiter import Coordinator
-    from coordinator.discovery import dynamic_sources
+    from coordinator.discovery.core import dynamic_sources
 
     config = load_config(args)
     if not config.workers and not dynamic_sources(config.settings):
@@ -42,7 +42,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _mock_worker(args: argparse.Namespace) -> int:
-    from shardgate import mock_worker
+    from shardgate.mocks import worker as mock_worker
 
     return mock_worker.main(args.rest)
 

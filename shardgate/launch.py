@@ -93,7 +93,7 @@ class Launched:
 
 
 def mock_worker(models: Sequence[str] = ("mock-model",), *extra: str) -> Launched:
-    argv = [sys.executable, "-m", "shardgate.mock_worker", "--port", "0"]
+    argv = [sys.executable, "-m", "shardgate.mocks.worker", "--port", "0"]
     for model in models:
         argv += ["--model", model]
     return Launched(argv + list(extra), READY_WORKER)

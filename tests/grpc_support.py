@@ -16,7 +16,7 @@ import grpc
 from conftest import DEADLINE, worker_row
 
 from shardgate import launch
-from shardgate.mock_worker import RUNTIME_KEYS
+from shardgate.mocks.worker import RUNTIME_KEYS
 from shm.proto import worker_pb2 as pb
 from shm.proto import worker_pb2_grpc as pbg
 

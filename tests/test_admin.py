@@ -16,7 +16,7 @@ import pytest
 from conftest import free_port, get_json, http, wait_for, worker_stats
 from discovery_support import AUTH, TOKEN, Stream, routable, send_chats, wait_until, workers_of
 
-from coordinator.urlcheck import address_problem, parse_cidrs, shape_problem
+from coordinator.discovery.urlcheck import address_problem, parse_cidrs, shape_problem
 
 
 def admin_router(start_router, workers: list[str], *extra: str, token: str | None = TOKEN,

@@ -29,10 +29,10 @@ from discovery_support import (
     workers_of,
 )
 
-from coordinator.etcd import EtcdSource, WatchBroken, prefix_end
-from coordinator.registry_source import RegistrySource
-from coordinator.sources import Overrides, Source, merge, spec_from_entry
-from coordinator.urlcheck import UrlChecker
+from coordinator.discovery.etcd import EtcdSource, WatchBroken, prefix_end
+from coordinator.discovery.registry import RegistrySource
+from coordinator.discovery.sources import Overrides, Source, merge, spec_from_entry
+from coordinator.discovery.urlcheck import UrlChecker
 from shm.schema import WorkerSpec
 from shm.settings import Settings
 

@@ -29,7 +29,7 @@ from conftest import DEADLINE, chat, free_port, get_json, http, wait_for, worker
 from grpc_support import GrpcFleet, control, fresh_mocks, settled, stats, target
 
 from proxy_workers.errors import BadRequest, NotFound
-from proxy_workers.grpc_translate import (
+from proxy_workers.grpc.translate import (
     Plan,
     Renderer,
     decode_request,
@@ -37,8 +37,9 @@ from proxy_workers.grpc_translate import (
     to_request,
     worker_error,
 )
-from shardgate import launch, mock_grpc
-from shardgate.mock_payloads import expected_text, prompt_text_of
+from shardgate import launch
+from shardgate.mocks import grpc_worker as mock_grpc
+from shardgate.mocks.payloads import expected_text, prompt_text_of
 from shm.proto import worker_pb2 as pb
 from shm.proto import worker_pb2_grpc as pbg
 
@@ -374,7 +375,7 @@ def test_first_byte_timeout_answers_504_and_aborts(start_worker, start_router, t
 
 
 def test_grpc_probes(start_worker) -> None:
-    from coordinator.grpc_probe import check_grpc_health, discover_grpc_models
+    from coordinator.health.grpc_probe import check_grpc_health, discover_grpc_models
 
     worker = start_worker(["a", "b"], "--grpc", "--role", "prefill")
     assert asyncio.run(check_grpc_health(worker.url, DEADLINE)) == ""
@@ -548,8 +549,9 @@ def scrape_rounds(specs: list[Any]) -> Iterator[tuple[Any, Any, Any, Callable[[]
     with one :class:`LoadChannels`, over a fleet and a board of their own; closed after."""
     import aiohttp
 
-    from coordinator import engine_metrics, membership
-    from coordinator.grpc_probe import LoadChannels
+    from coordinator.fleet import membership
+    from coordinator.health import engine_metrics
+    from coordinator.health.grpc_probe import LoadChannels
     from shm.loadboard import LoadBoard, board_size
     from shm.segment import Segment, new_instance_id, segment_name
     from shm.settings import Settings

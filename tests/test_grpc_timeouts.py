@@ -1,7 +1,7 @@
 """The router's timeouts for gRPC workers, end to end: connect, first message, idle stream, total.
 
 The HTTP path's timeouts are tested in ``test_proxy_e2e``; these tests hold the gRPC path
-(``proxy_workers/grpc_path.py``) to the same contract: a timeout before anything reached the
+(``proxy_workers/grpc/exchange.py``) to the same contract: a timeout before anything reached the
 client is a 504 in OpenAI's error shape and is not retried; after the head it truncates the SSE
 stream with an ``event: error``; either way the worker is told to stop (the mock counts the call
 ``aborted``; the router also sends an ``Abort`` RPC, which a real engine needs to free the KV).
@@ -11,7 +11,7 @@ the reason.
 A connect that never completes is produced on loopback by :class:`Blackhole`: a listener whose
 accept queue is full, so the kernel drops every SYN as a dead host would; with the tests' 1 s
 ``connect_timeout`` the router's own timeout ends the attempt before gRPC's per-attempt connect
-deadline (2 s, see ``proxy_workers/grpc_channels.py``).
+deadline (2 s, see ``proxy_workers/grpc/channels.py``).
 
 Every router and mock worker is a real process (``shardgate.launch``); the mocks are
 ``shardgate mock-worker --grpc`` observed and reconfigured through their ``MockControl`` service.
@@ -42,7 +42,7 @@ from conftest import (
 from grpc_support import GrpcFleet, control, fresh_mocks, settled, stats
 
 from shardgate import launch
-from shardgate.mock_payloads import expected_text
+from shardgate.mocks.payloads import expected_text
 
 CHAT = "/v1/chat/completions"
 # Passive health off (a test's injected failures must not eject a worker for the next test) and

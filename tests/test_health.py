@@ -13,8 +13,8 @@ import pytest
 from conftest import get_json, set_worker, wait_for, worker_stats
 from discovery_support import routable, send_chats, wait_until, workers_of
 
-from coordinator.membership import Fleet
-from coordinator.passive import PassiveHealth, allowed_ejections
+from coordinator.fleet.membership import Fleet
+from coordinator.health.passive import PassiveHealth, allowed_ejections
 from shm.schema import WorkerSpec
 from shm.settings import Settings
 

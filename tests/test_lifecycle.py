@@ -540,7 +540,7 @@ def test_worker_started_after_the_router_is_discovered(start_router, extra_proce
     status, _, body = http("POST", router.url + CHAT, chat("late"))
     assert status == 404, body
 
-    late = launch.Launched([sys.executable, "-m", "shardgate.mock_worker", "--port", str(port),
+    late = launch.Launched([sys.executable, "-m", "shardgate.mocks.worker", "--port", str(port),
                             "--model", "late"], launch.READY_WORKER)
     extra_processes.append(late)
     assert late.url == url

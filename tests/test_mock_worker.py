@@ -1,6 +1,6 @@
 """End-to-end tests of the mock worker: a real subprocess, real sockets, no sleeps-as-synchronisation.
 
-Every test gets its own ``python -m shardgate.mock_worker`` on a free port; waits poll a condition
+Every test gets its own ``python -m shardgate.mocks.worker`` on a free port; waits poll a condition
 against a deadline, and nothing asserts on elapsed time.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from shardgate.mock_payloads import expected_text, prompt_text_of
+from shardgate.mocks.payloads import expected_text, prompt_text_of
 
 ROOT = Path(__file__).resolve().parents[1]
 READY = re.compile(r"^mock-worker ready on http://(?P<host>[\d.]+):(?P<port>\d+) model=(\S+) role=(\w+)$")
@@ -80,7 +80,7 @@ def _launch(*args: str) -> Worker:
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
     stderr = tempfile.TemporaryFile(mode="w+")
-    cmd = [sys.executable, "-m", "shardgate.mock_worker", *args]
+    cmd = [sys.executable, "-m", "shardgate.mocks.worker", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=ROOT)
     line = _read_ready_line(proc)
     match = READY.match(line)

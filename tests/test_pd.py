@@ -1,7 +1,7 @@
 """End-to-end tests of the HTTP prefill/decode (PD) router, both dialects, through the real CLI.
 
 Every router and mock worker is a real process (``shardgate.launch``); the mocks play their PD
-roles honestly (``shardgate.mock_pd``): in two-phase mode a decode worker refuses a KV handle no
+roles honestly (``shardgate.mocks.pd_worker``): in two-phase mode a decode worker refuses a KV handle no
 prefill worker issued for that prompt (400), in bootstrap mode it waits for its room's prefill
 (504 after a timeout). So a request that succeeds proves the handoff happened as the dialect says.
 
@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 from conftest import DEADLINE, chat, free_port, get_json, http, set_worker, wait_for, worker_stats
 
-from shardgate import launch, mock_pd
-from shardgate.mock_payloads import expected_text
+from shardgate import launch
+from shardgate.mocks import pd_worker as mock_pd
+from shardgate.mocks.payloads import expected_text
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

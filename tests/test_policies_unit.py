@@ -23,14 +23,16 @@ from typing import Any
 
 import pytest
 
-from coordinator import topology
-from proxy_workers import policies_affinity, policies_load, selection
-from proxy_workers.context import ROUTING_DECODER, RequestContext
+from coordinator.fleet import topology
 from proxy_workers.errors import ModelNotFound, NoHealthyWorker, QuotaExceeded
-from proxy_workers.policies import PolicyEnv
-from proxy_workers.policy_registry import POLICIES, make_policy
-from proxy_workers.routing import RoutingTable
-from proxy_workers.selection import resolve_alias, routers_by_model, select_router
+from proxy_workers.policies import affinity as policies_affinity
+from proxy_workers.policies import load as policies_load
+from proxy_workers.policies.base import PolicyEnv
+from proxy_workers.policies.registry import POLICIES, make_policy
+from proxy_workers.routing import selection
+from proxy_workers.routing.context import ROUTING_DECODER, RequestContext
+from proxy_workers.routing.selection import resolve_alias, routers_by_model, select_router
+from proxy_workers.routing.table import RoutingTable
 from shm.affinity import PROBES, AffinityTable, table_size
 from shm.hashing import RingView, build_ring, key_hash, vnodes_for
 from shm.loadboard import (
@@ -704,7 +706,7 @@ def test_every_decision_says_why(shared: Shared, clock: list[float]) -> None:
 
 
 def test_engine_scraping_is_wanted_for_least_loaded_on_either_pd_side() -> None:
-    from coordinator.engine_metrics import wanted
+    from coordinator.health.engine_metrics import wanted
     from shm.schema import ModelPolicy
     from shm.settings import Settings
 

@@ -35,7 +35,7 @@ from conftest import (
 )
 
 from shardgate import launch
-from shardgate.mock_payloads import expected_text, usage
+from shardgate.mocks.payloads import expected_text, usage
 
 CHAT = "/v1/chat/completions"
 DEFAULTS = {"ttft": 0.0, "tps": 0.0, "output_tokens": 16, "fail_status": 0, "stall": False,

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from conftest import Stream, chat, free_port, get_json, http, wait_for, worker_row, worker_stats
 
-from proxy_workers import selection
+from proxy_workers.routing import selection
 from shardgate import launch
 from shm.hashing import RingView, build_ring, key_hash
 from shm.settings import POLICY_NAMES

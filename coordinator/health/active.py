@@ -1,0 +1,134 @@
+"""Active health checks and model discovery, run by the coordinator with aiohttp.
+
+Role: probe each worker (``GET /v1/models`` until its models are known, then ``health_path``)
+and record the results in its :class:`coordinator.membership.WorkerState`.
+
+Invariants:
+- A worker flips to unhealthy after ``health_fall`` consecutive failures and back after
+  ``health_rise`` consecutive passes (defaults 3 and 2; the seed design checks every 30 s with 3
+  errors, sglang-router every 60 s with 3 failures / 2 successes).
+- A worker whose models are unknown is re-probed every ``DISCOVERY_RETRY`` seconds, so a router
+  started before its workers picks them up quickly; it routes nothing meanwhile.
+- gRPC workers (``connection: grpc``) are checked with ``grpc.health.v1`` and discovered with
+  ``GetModelInfo`` (:mod:`coordinator.health.grpc_probe`), at the same times and with the same rules.
+- ``health_target``: checks go to the worker's own URL, or to the seed's babysitter, which
+  listens on the worker's port + 1 (same host and scheme); the path is ``health_path`` either way.
+  Model discovery always asks the worker itself.
+- Probes run concurrently, bounded by ``MAX_CONCURRENT_PROBES``, and never raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from urllib.parse import urlsplit
+
+import aiohttp
+import msgspec
+
+from coordinator.fleet.membership import Fleet, WorkerState
+from coordinator.health.grpc_probe import check_grpc_health, discover_grpc_models
+from shm.settings import Settings
+
+DISCOVERY_RETRY = 2.0
+MAX_CONCURRENT_PROBES = 64
+
+
+class _ModelList(msgspec.Struct):
+    class _Model(msgspec.Struct):
+        id: str
+
+    data: list[_Model]
+
+
+_decode_models = msgspec.json.Decoder(_ModelList).decode
+
+
+async def discover_models(session: aiohttp.ClientSession, url: str, timeout: float) -> tuple[str, ...]:
+    """The model ids a worker lists at ``GET /v1/models``; raises ValueError with a reason."""
+    try:
+        async with session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                raise ValueError(f"GET /v1/models answered {resp.status}")
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise ValueError(f"GET /v1/models failed: {exc.__class__.__name__} {exc}".strip()) from None
+    try:
+        models = tuple(dict.fromkeys(m.id for m in _decode_models(body).data))
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"GET /v1/models returned an unexpected body: {exc}") from None
+    if not models:
+        raise ValueError("GET /v1/models lists no model")
+    return models
+
+
+async def check_health(session: aiohttp.ClientSession, url: str, path: str, timeout: float) -> str:
+    """Empty string when healthy, else the reason."""
+    try:
+        # No redirects: a check must not be steered to another host (SSRF hygiene); 3xx fails it.
+        async with session.get(url + path, timeout=aiohttp.ClientTimeout(total=timeout),
+                               allow_redirects=False) as resp:
+            await resp.read()
+            return "" if 200 <= resp.status < 300 else f"GET {path} answered {resp.status}"
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        return f"GET {path} failed: {exc.__class__.__name__} {exc}".strip()
+
+
+def health_base(url: str, settings: Settings) -> str:
+    """Base URL active checks go to (the worker, or its babysitter on port + 1)."""
+    if settings.health_target != "babysitter":
+        return url
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}:{port + 1}"
+
+
+async def check_worker_health(session: aiohttp.ClientSession, state: WorkerState, settings: Settings) -> str:
+    """One active check of one worker at its health target; empty string when it passes."""
+    if state.spec.connection == "grpc":
+        return await check_grpc_health(state.spec.url, settings.health_timeout)
+    return await check_health(session, health_base(state.spec.url, settings), settings.health_path,
+                              settings.health_timeout)
+
+
+def due(state: WorkerState, settings: Settings, now: float) -> bool:
+    interval = DISCOVERY_RETRY if not state.discovered else settings.health_interval
+    return now - state.last_check >= interval
+
+
+async def probe(session: aiohttp.ClientSession, state: WorkerState, settings: Settings) -> bool:
+    """One probe of one worker; True when anything routing-relevant changed."""
+    state.last_check = time.monotonic()
+    url = state.spec.url
+    if not state.discovered:
+        try:
+            state.models = await (discover_grpc_models(url, settings.health_timeout)
+                                  if state.spec.connection == "grpc"
+                                  else discover_models(session, url, settings.health_timeout))
+        except ValueError as exc:
+            changed = state.reason != str(exc)
+            state.reason = str(exc)
+            return changed
+        state.discovered, state.reason = True, ""
+        return True
+    reason = await check_worker_health(session, state, settings)
+    return state.record(not reason, reason, settings.health_fall, settings.health_rise)
+
+
+async def probe_due(session: aiohttp.ClientSession, fleet: Fleet, settings: Settings,
+                    force: bool = False) -> bool:
+    """Probe every worker whose turn it is (all of them with ``force``); True if any changed."""
+    now = time.monotonic()
+    states = [s for s in fleet.states.values() if force or due(s, settings, now)]
+    if not states:
+        return False
+    limit = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
+
+    async def bounded(state: WorkerState) -> bool:
+        async with limit:
+            return await probe(session, state, settings)
+
+    results = await asyncio.gather(*(bounded(s) for s in states))
+    return any(results)

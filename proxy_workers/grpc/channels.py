@@ -1,0 +1,94 @@
+"""gRPC channels to workers: one grpc.aio channel per worker URL per proxy process, cached.
+
+Role: what :mod:`proxy_workers.http.upstream`'s pools are to HTTP workers. A channel multiplexes every
+call to its worker over one HTTP/2 connection, so there is nothing to pool beyond the channel.
+
+Invariants:
+- ``grpc`` and the generated stubs are imported on first use only: a proxy whose fleet has no
+  gRPC worker never loads them (they cost memory in every proxy process).
+- Channels are made inside the proxy's running loop (grpc.aio binds to it; uvloop works).
+- A worker that leaves the fleet has its channel closed (:meth:`GrpcChannels.retain`, called on
+  every snapshot change); calls still running on it are cancelled by the close, as a client
+  disconnect would.
+- Reconnect backoff is capped at ``MAX_RECONNECT_BACKOFF_MS``: a worker that comes back is
+  usable within seconds, not after gRPC's default two minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from shm.proto import grpc_target
+
+if TYPE_CHECKING:
+    import grpc
+
+    from shm.proto.worker_pb2_grpc import WorkerStub
+
+MAX_RECONNECT_BACKOFF_MS = 2000
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a request carries the whole prompt (max_body_size is 32 MiB)
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    # gRPC also uses this as the deadline of each connection attempt: 200 ms cut slow (remote,
+    # TLS) handshakes short; gRPC's default (20 s) would keep a dead worker "connecting", every
+    # call to it waiting for the router's connect_timeout instead of failing over at once.
+    ("grpc.min_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),  # finds a dead worker under a silent stream
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+)
+
+
+def open_channel(url: str) -> grpc.aio.Channel:
+    """A new channel to a worker URL (the caller owns it)."""
+    import grpc
+
+    target, tls = grpc_target(url)
+    if tls:
+        return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+class GrpcChannels:
+    """The channels and stubs of one proxy process, keyed by worker URL."""
+
+    __slots__ = ("_closing", "channels", "stubs")
+
+    def __init__(self) -> None:
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.stubs: dict[str, WorkerStub] = {}
+        self._closing: set[asyncio.Task[Any]] = set()
+
+    def stub(self, url: str) -> WorkerStub:
+        stub = self.stubs.get(url)
+        if stub is None:
+            from shm.proto.worker_pb2_grpc import WorkerStub
+
+            channel = self.channels[url] = open_channel(url)
+            stub = self.stubs[url] = WorkerStub(channel)
+        return stub
+
+    def channel(self, url: str) -> grpc.aio.Channel | None:
+        return self.channels.get(url)
+
+    def retain(self, urls: set[str]) -> None:
+        """Close the channels of workers that left the fleet."""
+        for url in [u for u in self.channels if u not in urls]:
+            self.stubs.pop(url, None)
+            self._close(self.channels.pop(url))
+
+    def close_all(self) -> None:
+        self.retain(set())
+
+    def _close(self, channel: grpc.aio.Channel) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (process teardown): the channel goes with the process
+            return
+        task = loop.create_task(channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)

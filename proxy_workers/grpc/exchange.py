@@ -1,0 +1,422 @@
+"""The grpc_regular and grpc_pd routers' data path: one OpenAI HTTP request served over gRPC.
+
+Role: :class:`GrpcExchange` is what :class:`proxy_workers.exchange.Exchange` is to HTTP workers,
+with the same contract towards :class:`proxy_workers.server.ClientProtocol` (``request``,
+``head_sent``, ``conn``, ``start``, ``client_gone``, ``check_deadline``; it joins ``proc.active``
+and reports its end through ``client.exchange_done``, which counts it). It translates the request
+(:mod:`proxy_workers.grpc.translate`), calls ``Worker.Generate`` on a cached channel
+(:mod:`proxy_workers.grpc.channels`) and writes the answer as the HTTP routers would: SSE chunks,
+or one JSON object. One asyncio task per request: gRPC's API is coroutines, and a gRPC call
+costs far more than the task.
+
+Invariants:
+- Retry only while nothing reached the client: a worker whose call fails (connection refused,
+  reset, a worker-side error status) is replaced by another, never one already tried, up to
+  ``max_tries``. A worker's answer about the request itself (INVALID_ARGUMENT, NOT_FOUND...) is
+  relayed, not retried. After the head is out a failure truncates the response (SSE: an
+  ``event: error`` first) and the connection closes.
+- Timeouts as the HTTP path: ``connect_timeout`` (channel not connected), ``first_byte_timeout``
+  (to the first message), ``idle_timeout`` (between messages), ``total_timeout`` (also sent as
+  the call's gRPC deadline, so the worker stops too). Only a connect timeout is retried.
+- gRPC PD (vLLM's two-phase handoff): prefill (one token, ``do_remote_decode``) -> its opaque
+  ``kv_transfer_params`` -> the decode request, unread. A failed prefill is replaced before decode
+  starts; a decode that fails before the first byte gets a new pair; nothing is retried after.
+- Every leg (a call to one worker) is counted in flight on the load board from its start until
+  the request ends: a prefill leg stays counted until the decode stream ends. Each leg is
+  settled exactly once.
+- A client that goes away cancels every running call and sends ``Abort`` to every leg's worker,
+  so no GPU keeps generating (or holding KV) for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from proxy_workers.errors import (
+    BadGateway,
+    InternalError,
+    NoHealthyWorker,
+    RouterError,
+    UpstreamTimeout,
+    error_body,
+)
+from proxy_workers.grpc.legs import Leg, worker_headers
+from proxy_workers.grpc.translate import (
+    RETRYABLE,
+    Renderer,
+    decode_request,
+    prefill_request,
+    to_request,
+    worker_error,
+)
+from proxy_workers.policies.registry import POLICY_INDEX
+from proxy_workers.routing.decision import describe, header_value
+from proxy_workers.routing.table import ModelRoute, PDRoute
+from shm.proto import worker_pb2 as pb
+
+if TYPE_CHECKING:
+    from proxy_workers.routing.context import RequestContext
+    from proxy_workers.serving.protocol import ClientProtocol, ProxyProcess, Request
+    from shm.schema import Worker
+
+log = logging.getLogger("shardgate.proxy")
+WAIT_FIRST, STREAMING, DONE = 1, 2, 3
+
+
+class _Failed(Exception):
+    """A worker failed; another may serve the request if nothing reached the client yet."""
+
+    def __init__(self, why: str, connect: bool = False) -> None:
+        super().__init__(why)
+        self.why = why
+        self.connect = connect
+
+
+class GrpcExchange:
+    conn = None  # HTTP backpressure hooks look for an upstream connection; a gRPC call has none
+
+    __slots__ = ("client", "ctx", "current", "expired", "gone", "head_route", "head_sent", "head_worker",
+                 "last_io", "last_why", "legs", "phase", "phase_started", "prefill_worker", "proc",
+                 "render", "request", "route", "sse", "started", "task")
+
+    def __init__(self, proc: ProxyProcess, client: ClientProtocol, request: Request,
+                 route: ModelRoute | PDRoute, ctx: RequestContext) -> None:
+        self.proc = proc
+        self.client = client
+        self.request = request
+        self.route = route
+        self.ctx = ctx
+        self.head_sent = False
+        self.sse = False
+        self.gone = False
+        self.legs: list[Leg] = []
+        self.current: Leg | None = None
+        self.expired: BaseException | None = None  # set by check_deadline, raised by _read
+        self.last_why = ""
+        self.head_route: ModelRoute | None = None
+        self.head_worker: Worker | None = None
+        self.prefill_worker: Worker | None = None
+        self.render: Renderer | None = None
+        self.task: asyncio.Task[None] | None = None
+        now = proc.loop.time()
+        self.started = self.phase_started = self.last_io = now
+        self.phase = WAIT_FIRST
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.proc.active.add(self)
+        self.task = self.proc.loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            req, plan = to_request(self.request.path, self.request.body, self.ctx.model or "",
+                                   self.request.request_id.decode())
+            self.render = Renderer(plan)
+            if isinstance(self.route, PDRoute):
+                await self._pd(self.route, req)
+            else:
+                await self._regular(self.route, req)
+        except asyncio.CancelledError:
+            if not self.gone:  # the proxy is shutting down: nothing can be answered any more
+                self._release(abort=True, ok=False, count_error=False)
+        except RouterError as err:
+            self._give_up(err)
+        except Exception:
+            log.exception("gRPC exchange failed")
+            self._give_up(InternalError("internal router error; see the router's log"))
+
+    def client_gone(self) -> None:
+        """The client disconnected: cancel every call and Abort every leg."""
+        if self.phase == DONE:
+            return
+        self.phase = DONE
+        self.gone = True
+        self._release(abort=True, ok=False, count_error=False)
+        self.proc.active.discard(self)
+        self.proc.count_disconnect()
+        if self.task is not None:
+            self.task.cancel()
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the periodic sweep: connect, first-message, idle and total timeouts."""
+        leg = self.current
+        if self.phase == DONE or self.expired is not None or leg is None or leg.call is None:
+            return
+        settings = self.proc.settings
+        waited = now - self.phase_started
+        if now - self.started > settings.total_timeout:
+            self._expire(leg, UpstreamTimeout(f"request exceeded total_timeout={settings.total_timeout}s"))
+        elif self.phase == WAIT_FIRST and waited > settings.connect_timeout and not self._connected(leg):
+            self._expire(leg, _Failed(f"connect to {leg.worker.url} timed out", connect=True))
+        elif self.phase == WAIT_FIRST and waited > settings.first_byte_timeout:
+            self._expire(leg, UpstreamTimeout(
+                f"worker sent nothing within first_byte_timeout={settings.first_byte_timeout}s"))
+        elif self.phase == STREAMING and now - self.last_io > settings.idle_timeout:
+            self._expire(leg, UpstreamTimeout(f"worker was silent for idle_timeout={settings.idle_timeout}s"))
+
+    def _expire(self, leg: Leg, exc: BaseException) -> None:
+        if not leg.call.done():
+            self.expired = exc
+            leg.call.cancel()  # the pending read raises CancelledError; _read turns it into exc
+
+    def _connected(self, leg: Leg) -> bool:
+        channel = self.proc.grpc_channels.channel(leg.worker.url)
+        return channel is not None and channel.get_state() == grpc.ChannelConnectivity.READY
+
+    # -- the two routers -----------------------------------------------------------------
+
+    async def _regular(self, route: ModelRoute, req: pb.GenerateRequest) -> None:
+        tried: list[int] = []
+        while True:
+            leg = self._open(self._pick(route, tried), req)
+            self.head_route, self.head_worker = route, leg.worker
+            try:
+                await self._relay(leg)
+            except _Failed as failed:
+                if self._leg_failed(leg, failed):
+                    return
+                self._may_retry(failed, tried)
+                continue
+            await self._done(leg)
+            return
+
+    def _leg_failed(self, leg: Leg, failed: _Failed) -> bool:
+        """Close a failed leg's books; True when its answer had started (the stream is then
+        truncated: no retry after the first byte)."""
+        self._settle(leg, ok=False, connect_error=failed.connect)
+        if self.head_sent:
+            self._truncate(failed.why)
+            return True
+        return False
+
+    async def _pd(self, route: PDRoute, req: pb.GenerateRequest) -> None:
+        tried_prefill: list[int] = []
+        tried_decode: list[int] = []
+        ask = prefill_request(req)
+        while True:
+            prefill, handle = await self._prefill(route.prefill, ask, tried_prefill)
+            leg = self._open(self._pick(route.decode, tried_decode), decode_request(req, handle))
+            self.head_route, self.head_worker, self.prefill_worker = route.decode, leg.worker, prefill.worker
+            try:
+                await self._relay(leg)
+            except _Failed as failed:
+                if self._leg_failed(leg, failed):
+                    return
+                # The pair failed on its decode side: release the prefill's KV, form a new pair
+                # (the prefill worker did its part: it may be picked again).
+                prefill.abort()
+                self._settle(prefill, ok=True)
+                tried_prefill.remove(prefill.worker.slot)
+                self._may_retry(failed, tried_decode)
+                continue
+            await self._done(leg)
+            return
+
+    async def _prefill(self, route: ModelRoute, ask: pb.GenerateRequest,
+                       tried: list[int]) -> tuple[Leg, bytes]:
+        """A prefill leg that answered with a KV handle (kept open: it holds the KV)."""
+        while True:
+            leg = self._open(self._pick(route, tried), ask)
+            try:
+                handle = b""
+                while (msg := await self._read(leg)) is not grpc.aio.EOF:
+                    if self.phase == WAIT_FIRST:
+                        self._first_message(leg)
+                    if msg.HasField("complete"):
+                        handle = msg.complete.kv_transfer_params
+                if not handle:
+                    raise _Failed(f"prefill worker {leg.worker.url} returned no kv_transfer_params")
+                return leg, handle
+            except _Failed as failed:
+                self._settle(leg, ok=False, connect_error=failed.connect)
+                self._may_retry(failed, tried)
+
+    # -- one leg ---------------------------------------------------------------------------
+
+    def _pick(self, route: ModelRoute, tried: list[int]) -> Worker:
+        try:
+            worker = route.pick(self.ctx, tried)
+        except NoHealthyWorker as err:
+            if tried:
+                raise BadGateway(f"{err.message}; last error: {self.last_why}") from None
+            raise
+        proc = self.proc
+        proc.ints[proc.decision0 + POLICY_INDEX[route.policy.name] * 2 + self.ctx.fallback] += 1
+        tried.append(worker.slot)
+        return worker
+
+    def _may_retry(self, failed: _Failed, tried: list[int]) -> None:
+        """Count a retry, or raise when ``max_tries`` workers failed."""
+        self.last_why = failed.why
+        if len(tried) >= self.proc.settings.max_tries:
+            raise BadGateway(f"{failed.why} (tried {len(tried)} worker(s))")
+        self.proc.count_retry()
+
+    def _open(self, worker: Worker, req: pb.GenerateRequest) -> Leg:
+        """Start a Generate call on ``worker``; it counts in flight from now."""
+        proc = self.proc
+        rid = f"{self.request.request_id.decode()}.{proc.next_request_id().decode()}"
+        leg = Leg(proc, worker, rid)
+        self.legs.append(leg)
+        ask = pb.GenerateRequest()
+        ask.CopyFrom(req)  # the call serializes later: each leg owns its message
+        ask.request_id = rid
+        now = proc.loop.time()
+        left = max(proc.settings.total_timeout - (now - self.started), 0.001)
+        leg.call = proc.grpc_channels.stub(worker.url).Generate(
+            ask, timeout=left, metadata=(("x-request-id", self.request.request_id.decode()),))
+        self.current, self.expired = leg, None
+        self.phase, self.phase_started, self.last_io = WAIT_FIRST, now, now
+        return leg
+
+    async def _read(self, leg: Leg) -> Any:
+        """The leg's next message (or EOF); failures become _Failed, RouterError or a timeout."""
+        try:
+            msg = await leg.call.read()
+        except asyncio.CancelledError:
+            expired, self.expired = self.expired, None
+            task = asyncio.current_task()
+            if expired is None or (task is not None and task.cancelling()):
+                raise
+            if isinstance(expired, RouterError):  # a timeout: the worker counts it as a failure
+                leg.abort()  # it may still be generating
+                self._settle(leg, ok=False)
+            raise expired from None
+        except grpc.aio.AioRpcError as exc:
+            code, details = exc.code().name, exc.details() or ""
+            if code == "DEADLINE_EXCEEDED":  # the call's total_timeout deadline
+                # Mid-stream too: the SSE error event names total_timeout, as the HTTP path's does,
+                # rather than a bare "DEADLINE_EXCEEDED" that names no setting (_give_up truncates).
+                self._settle(leg, ok=False)
+                raise UpstreamTimeout(f"request exceeded total_timeout={self.proc.settings.total_timeout}s "
+                                      f"({details})") from None
+            if self.head_sent or code in RETRYABLE:
+                raise _Failed(f"{leg.worker.url}: {code} {details}".strip(),
+                              connect=code == "UNAVAILABLE" and "connect" in details.lower()) from None
+            self._settle(leg, ok=True)  # the worker answered; it was the request it refused
+            raise worker_error(code, details) from None
+        self.last_io = self.proc.loop.time()
+        return msg
+
+    def _first_message(self, leg: Leg, stream: bool = False) -> None:
+        leg.first_message(self.proc.loop.time() - self.phase_started, stream)
+        self.phase = STREAMING
+
+    async def _relay(self, leg: Leg) -> None:
+        """Write the leg's answer to the client, whole; raises _Failed on a worker failure."""
+        render = self.render
+        assert render is not None
+        stream = render.plan.stream
+        text: list[str] = []
+        msg = await self._read(leg)
+        if msg is grpc.aio.EOF:
+            raise _Failed(f"{leg.worker.url} ended the stream without an answer")
+        self._first_message(leg, stream)
+        headers = worker_headers(await leg.call.initial_metadata())
+        if stream:
+            self._write_head(headers, b"text/event-stream", None)
+        while msg is not grpc.aio.EOF:
+            if msg.HasField("chunk"):
+                if stream:
+                    self._out(render.delta(msg.chunk.text))
+                else:
+                    text.append(msg.chunk.text)
+            elif msg.HasField("complete"):
+                done = msg.complete
+                if stream:
+                    self._out(render.end(done.finish_reason, done.usage), last=True)
+                else:
+                    body = render.whole("".join(text), done.finish_reason, done.usage)
+                    self._write_head(headers, b"application/json", len(body))
+                    self.client.write(body)
+                return
+            msg = await self._read(leg)
+        raise _Failed(f"{leg.worker.url} ended the stream without a Complete message")
+
+    async def _done(self, leg: Leg) -> None:
+        """The answer is out, whole: end the exchange, then let the call end (status, trailers).
+
+        The exchange ends first: a client that hangs up on the complete answer must not turn the
+        worker's last moments into an abort.
+        """
+        self._release(abort=False, ok=True)
+        self._finish(error=False)
+        try:
+            while await leg.call.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError:
+            pass
+
+    # -- output ------------------------------------------------------------------------------
+
+    def _write_head(self, worker_headers: bytes, content_type: bytes, length: int | None) -> None:
+        req = self.request
+        out = [b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\n" % content_type, worker_headers]
+        if length is not None:
+            out.append(b"content-length: %d\r\n" % length)
+        else:
+            self.sse = True
+            out.append(b"cache-control: no-cache\r\n")
+            if req.http11:
+                out.append(b"transfer-encoding: chunked\r\n")
+            else:
+                req.keep_alive = False  # close-delimited for an HTTP/1.0 client
+        if not req.keep_alive or self.proc.draining:
+            req.keep_alive = False
+            out.append(b"connection: close\r\n")
+        if req.explain and self.head_route is not None:
+            if self.prefill_worker is not None and self.ctx.scores is not None:
+                self.ctx.scores["prefill_worker"] = self.prefill_worker.url  # as the http_pd router
+            decision = describe(self.head_route, self.ctx, self.head_worker)
+            out.append(b"x-shardgate-decision: %s\r\n" % header_value(decision))
+        out.append(b"x-request-id: %s\r\n\r\n" % req.request_id)
+        self.client.write(b"".join(out))
+        self.head_sent = True
+
+    def _out(self, data: bytes, last: bool = False) -> None:
+        if self.request.http11:
+            data = b"%x\r\n%s\r\n" % (len(data), data) + (b"0\r\n\r\n" if last else b"")
+        self.client.write(data)
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def _settle(self, leg: Leg, ok: bool, count_error: bool = True, connect_error: bool = False) -> None:
+        leg.settle(ok, self.proc.loop.time() - self.started, count_error, connect_error)
+        if leg in self.legs:
+            self.legs.remove(leg)
+
+    def _release(self, abort: bool, ok: bool, count_error: bool = True) -> None:
+        for leg in list(self.legs):
+            if abort:
+                leg.abort()
+            self._settle(leg, ok=ok, count_error=count_error)
+
+    def _give_up(self, err: RouterError) -> None:
+        if self.phase == DONE:
+            return
+        self._release(abort=True, ok=False, count_error=False)
+        if self.head_sent:
+            self._truncate(err.message)
+        else:
+            self.phase = DONE
+            self.client.send_error(err, self.request)
+            self._finish(error=True)
+
+    def _truncate(self, why: str) -> None:
+        """The head is out: tell an SSE client why, then close the connection."""
+        self._release(abort=True, ok=False, count_error=False)
+        if self.sse:
+            event = b"event: error\ndata: %s\n\n" % error_body(BadGateway(f"stream interrupted: {why}"))
+            self._out(event)
+        self.request.keep_alive = False
+        self._finish(error=True)
+
+    def _finish(self, error: bool) -> None:
+        self.phase = DONE
+        self.current = None
+        self.client.exchange_done(self, error)

@@ -1,0 +1,89 @@
+"""One Generate call to one gRPC worker ("a leg"), with its load-board books and its Abort.
+
+Role: the part of :mod:`proxy_workers.grpc.exchange` that touches the load board and the worker's
+``Abort`` RPC, so the exchange's control flow stays readable. A regular request has one leg per
+attempt; a PD request has a prefill leg and a decode leg at once.
+
+Invariants:
+- A leg counts in flight on its worker's cell from construction until :meth:`Leg.settle`, which
+  runs at most once (later calls do nothing), like ``Exchange._settle`` for HTTP attempts.
+- :meth:`Leg.abort` cancels the call if it still runs and sends ``Abort(request_id)`` in the
+  background (bounded by ``connect_timeout``); a worker that is gone or has finished is fine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from proxy_workers.forwarding.attempts import close_cell, first_byte, open_cell
+from shm.proto import worker_pb2 as pb
+
+if TYPE_CHECKING:
+    from proxy_workers.serving.protocol import ProxyProcess
+    from shm.schema import Worker
+
+_background: set[asyncio.Task[Any]] = set()  # Abort RPCs in flight (kept from the GC)
+
+
+class Leg:
+    """One call; ``call`` is the grpc.aio UnaryStreamCall once started."""
+
+    __slots__ = ("call", "cell", "proc", "rid", "worker")
+
+    def __init__(self, proc: ProxyProcess, worker: Worker, rid: str) -> None:
+        self.proc = proc
+        self.worker = worker
+        self.rid = rid
+        self.call: Any = None
+        self.cell = open_cell(proc, worker.slot)
+
+    @property
+    def open(self) -> bool:
+        return self.cell >= 0
+
+    def first_message(self, waited: float, stream: bool) -> None:
+        """The first message came ``waited`` seconds after the call started (TTFT)."""
+        if self.cell < 0:
+            return
+        first_byte(self.proc, self.cell, waited, stream)
+
+    def settle(self, ok: bool, latency: float, count_error: bool = True, connect_error: bool = False) -> None:
+        """Close the books of this leg (once)."""
+        cell = self.cell
+        if cell < 0:
+            return
+        self.cell = -1
+        close_cell(self.proc, cell, ok, latency, count_error, connect_error)
+
+    def abort(self) -> None:
+        """Cancel the call if it runs, and tell the worker to drop the request (and its KV)."""
+        call = self.call
+        if call is None:
+            return
+        if not call.done():
+            call.cancel()
+        proc = self.proc
+        stub = proc.grpc_channels.stub(self.worker.url)
+        task = proc.loop.create_task(_send_abort(stub, self.rid, proc.settings.connect_timeout))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+async def _send_abort(stub: Any, rid: str, timeout: float) -> None:
+    try:
+        await stub.Abort(pb.AbortRequest(request_id=rid, reason="client went away"), timeout=timeout)
+    except grpc.aio.AioRpcError:
+        pass  # the worker is gone or the call already ended: nothing left to stop
+
+
+def worker_headers(metadata: Any) -> bytes:
+    """The worker's ``x-*`` initial metadata as response header lines (as HTTP workers' headers pass)."""
+    out = []
+    for key, value in metadata or ():
+        if (isinstance(value, str) and key.startswith("x-") and key != "x-request-id"
+                and not key.startswith("x-shardgate-") and value.isprintable()):
+            out.append(b"%s: %s\r\n" % (key.encode("ascii"), value.encode("latin-1", "replace")))
+    return b"".join(out)

@@ -1,0 +1,332 @@
+"""One proxied request: pick a worker, send, stream the answer back, retry or fail cleanly.
+
+Role: the per-request state machine between a :class:`proxy_workers.server.ClientProtocol` and an
+:class:`proxy_workers.upstream.UpstreamConnection`. Callback driven (no task per request) because
+a task costs more than the whole routing decision.
+
+Invariants:
+- Retry only while nothing has reached the client: a refused or failed connection, or a worker
+  that closed before sending a response head, moves the request to another worker (never one
+  already tried), up to ``max_tries``. Once the response head is written, a failure truncates the
+  response instead (an SSE stream gets an error event first); it is never retried.
+- A time-to-first-byte timeout is not retried: the worker may still be generating.
+- Every path ends in :meth:`Exchange._end` exactly once, which settles the load-board gauges.
+- A client that goes away aborts the worker connection at once so the GPU stops generating.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from proxy_workers.errors import BadGateway, NoHealthyWorker, RouterError, UpstreamTimeout, error_body, reason
+from proxy_workers.forwarding.attempts import close_cell, first_byte, open_cell
+from proxy_workers.routing.decision import describe, header_value
+from proxy_workers.routing.table import ModelRoute
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from proxy_workers.http.pd import PDExchange
+    from proxy_workers.http.upstream import UpstreamConnection
+    from proxy_workers.routing.context import RequestContext
+    from proxy_workers.serving.protocol import ClientProtocol, ProxyProcess, Request
+    from shm.schema import Worker
+
+CONNECT, WAIT_HEAD, STREAMING, DONE = 0, 1, 2, 3
+_STATUS_LINES: dict[int, bytes] = {}  # status -> "HTTP/1.1 200 OK\r\n", built once per status
+
+
+class Exchange:
+    __slots__ = (
+        "_fresh_retry",
+        "cell",
+        "chunked",
+        "client",
+        "conn",
+        "connecting",
+        "ctx",
+        "head_sent",
+        "last_io",
+        "out",
+        "pd",
+        "phase",
+        "phase_started",
+        "proc",
+        "request",
+        "route",
+        "server_error",
+        "sse",
+        "started",
+        "tried",
+        "worker",
+    )
+
+    def __init__(self, proc: ProxyProcess, client: ClientProtocol, request: Request,
+                 route: ModelRoute, ctx: RequestContext) -> None:
+        self.proc = proc
+        self.client = client
+        self.request = request
+        self.route = route
+        self.ctx = ctx
+        self.server_error = False
+        self.pd: PDExchange | None = None  # set when this is the decode leg of a PD request
+        self.tried: list[int] = []
+        self.worker: Worker | None = None
+        self.conn: UpstreamConnection | None = None
+        self.cell = -1
+        self.out: list[bytes] = []
+        self.head_sent = False
+        self.chunked = False
+        self.sse = False
+        self._fresh_retry = False
+        self.connecting: asyncio.Future | None = None
+        self.started = self.phase_started = self.last_io = proc.loop.time()
+        self.phase = CONNECT
+        proc.active.add(self)
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _attempt(self) -> None:
+        ctx = self.ctx
+        try:
+            worker = self.route.pick(ctx, self.tried)
+        except NoHealthyWorker as err:
+            if self.tried:
+                last = f"; last worker: {self.worker.url}" if self.worker is not None else ""
+                err = BadGateway(err.message + last)
+            self._fail(err)
+            return
+        except RouterError as err:  # a policy's refusal, e.g. 429 from quota_aware
+            self._fail(err)
+            return
+        proc = self.proc
+        word = proc.decision0 + self.route.policy.index * 2
+        proc.ints[word] += 1  # every decision counts; a fallback counts once more, as a fallback
+        if ctx.fallback:
+            proc.ints[word + 1] += 1
+        self.tried.append(worker.slot)
+        self._use(worker)
+
+    start = _attempt  # the first attempt (the exchange joined ``proc.active`` when it was made)
+
+    def _use(self, worker: Worker) -> None:
+        proc = self.proc
+        self.worker = worker
+        self.cell = open_cell(proc, worker.slot)
+        now = proc.loop.time()
+        self.phase, self.phase_started = CONNECT, now
+        pool = proc.pools.get(worker.url)
+        conn = None if self._fresh_retry else pool.take()
+        if conn is not None:
+            self._send(conn, True, now)
+        else:
+            self.connecting = pool.connect(self._connected)
+
+    def _connected(self, future: asyncio.Future) -> None:
+        ok = not future.cancelled() and future.exception() is None
+        if future is not self.connecting:
+            if ok:  # an attempt that was given up on: keep the socket for the next request
+                conn = future.result()[1]
+                conn.idle_since = self.proc.loop.time()
+                conn.pool.put(conn)
+            return
+        self.connecting = None
+        if not ok:
+            exc = "timed out" if future.cancelled() else future.exception()
+            self._attempt_failed(f"cannot connect to {self.worker.url}: {exc}",  # type: ignore[union-attr]
+                                 connect_error=True)
+            return
+        self._send(future.result()[1], False, self.proc.loop.time())
+
+    def _send(self, conn: UpstreamConnection, reused: bool, now: float) -> None:
+        self.conn = conn
+        self._fresh_retry = reused  # a reused socket that fails silently earns one fresh try
+        self.phase, self.phase_started = WAIT_HEAD, now
+        conn.send(self, self.request.wire(conn.pool.authority))
+
+    # -- receiving (called by UpstreamConnection) ---------------------------------------
+
+    def on_response_head(self, conn: UpstreamConnection, status: int) -> None:
+        req = self.request
+        line = _STATUS_LINES.get(status)
+        if line is None:
+            line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
+        # The worker's header lines arrive built, hop-by-hop fields already left out.
+        out = self.out
+        out.append(line)
+        out += conn.lines if conn.conn_tokens is None else conn.relayed_lines()
+        self.sse = conn.content_type.startswith(b"text/event-stream")
+        if conn.length is not None:
+            out.append(b"content-length: %s\r\n" % conn.length)
+        elif status not in (204, 304):
+            # Unknown length (chunked or close-delimited upstream): re-chunk for HTTP/1.1
+            # clients, close-delimit for HTTP/1.0 ones.
+            self.chunked = req.http11
+            if req.http11:
+                out.append(b"transfer-encoding: chunked\r\n")
+            else:
+                req.keep_alive = False
+        if not req.keep_alive or self.proc.draining:
+            req.keep_alive = False
+            out.append(b"connection: close\r\n")
+        if req.explain:
+            decision = describe(self.route, self.ctx, self.worker)
+            out.append(b"x-shardgate-decision: %s\r\n" % header_value(decision))
+        out.append(b"x-request-id: %s\r\n\r\n" % req.request_id)  # joined with the body that follows
+        self.head_sent = True
+        # Relayed as is, but a 5xx counts as a failed attempt for passive health (Envoy's rule).
+        self.server_error = status >= 500
+        now = self.proc.loop.time()
+        self.phase, self.last_io = STREAMING, now
+        first_byte(self.proc, self.cell, now - self.phase_started, self.sse)
+
+    def on_response_body(self, body: bytes) -> None:
+        if self.chunked:
+            self.out.append(b"%x\r\n%s\r\n" % (len(body), body))
+        else:
+            self.out.append(body)
+
+    def on_response_complete(self, conn: UpstreamConnection) -> None:
+        if self.chunked:
+            self.out.append(b"0\r\n\r\n")
+        self.phase = DONE
+
+    def after_upstream_data(self) -> None:
+        """After each packet from the worker: one write to the client, then finish if complete."""
+        out = self.out
+        if out:
+            self.client.write(b"".join(out) if len(out) > 1 else out[0])
+            out.clear()
+        if self.phase == DONE:
+            self._complete()
+        else:
+            self.last_io = self.proc.loop.time()
+
+    def upstream_failed(self, conn: UpstreamConnection, why: str) -> None:
+        if conn is not self.conn or self.phase == DONE:
+            return
+        self.conn = None
+        if self.head_sent:
+            self._truncate(why)
+        elif self._fresh_retry and not conn.received:
+            # A pooled keep-alive socket the worker had already closed: same worker, new socket.
+            self._settle(ok=False, count_error=False)
+            self._use(self.worker)  # type: ignore[arg-type]
+        else:
+            self._attempt_failed(why, connect_error=False)
+
+    # -- endings ---------------------------------------------------------------------------
+
+    def _attempt_failed(self, why: str, connect_error: bool) -> None:
+        self._fresh_retry = False
+        self._settle(ok=False, connect_error=connect_error)
+        if self.pd is not None:
+            # A PD decode leg does not retry alone: its prefill's KV went to this worker, so the
+            # PD exchange starts a new pair.
+            self.phase = DONE
+            self.proc.active.discard(self)
+            self.pd.decode_failed(self, why)
+            return
+        if len(self.tried) < self.proc.settings.max_tries:
+            self.proc.count_retry()
+            self._attempt()
+        else:
+            self._fail(BadGateway(f"{why} (tried {len(self.tried)} worker(s))"))
+
+    def _settle(self, ok: bool, count_error: bool = True, connect_error: bool = False) -> None:
+        """Close the books of the current attempt on the load board."""
+        if self.cell < 0:
+            return
+        latency = self.proc.loop.time() - self.started if ok else None
+        close_cell(self.proc, self.cell, ok, latency, count_error, connect_error)
+        self.cell = -1
+
+    def _complete(self) -> None:
+        conn, self.conn = self.conn, None
+        now = self.proc.loop.time()
+        if self.cell >= 0:
+            close_cell(self.proc, self.cell, not self.server_error, now - self.started)
+            self.cell = -1
+        if conn is not None:
+            conn.release(now)
+        self._end(error=False)
+
+    def _fail(self, err: RouterError) -> None:
+        self.phase = DONE
+        self.client.send_error(err, self.request)
+        self._end(error=True)
+
+    def _truncate(self, why: str) -> None:
+        """The head is out: tell an SSE client why, then close the connection."""
+        self.phase = DONE
+        if self.sse:
+            event = b"event: error\ndata: %s\n\n" % error_body(BadGateway(f"stream interrupted: {why}"))
+            self.out.append(b"%x\r\n%s\r\n" % (len(event), event) if self.chunked else event)
+        self._flush()
+        self._settle(ok=False)
+        self.request.keep_alive = False
+        self._end(error=True)
+
+    def _flush(self) -> None:
+        if self.out:
+            self.client.write(b"".join(self.out))
+            self.out.clear()
+
+    def _end(self, error: bool) -> None:
+        self.phase = DONE
+        if self.pd is not None:
+            self.proc.active.discard(self)
+            self.pd.exchange_done(self, error)
+            return
+        self.client.exchange_done(self, error)
+
+    # -- called from outside ---------------------------------------------------------------
+
+    def client_gone(self) -> None:
+        """The client disconnected: abort the worker connection so generation stops."""
+        if self.cancel():
+            self.proc.count_disconnect()
+
+    def cancel(self) -> bool:
+        """Abort the worker connection and end silently; False if already ended."""
+        if self.phase == DONE:
+            return False
+        self._abandon_connect()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        self.phase = DONE
+        self._settle(ok=False, count_error=False)
+        self.proc.active.discard(self)
+        return True
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the periodic sweep; enforces connect, first-byte, idle and total timeouts."""
+        settings = self.proc.settings
+        phase = self.phase
+        if now - self.started > settings.total_timeout:
+            self._time_out(f"request exceeded total_timeout={settings.total_timeout}s")
+        elif phase == CONNECT and now - self.phase_started > settings.connect_timeout:
+            self._abandon_connect()
+            self._attempt_failed(f"connect to {self.worker.url} timed out", connect_error=True)  # type: ignore[union-attr]
+        elif phase == WAIT_HEAD and now - self.phase_started > settings.first_byte_timeout:
+            self._time_out("worker sent no response within "
+                           f"first_byte_timeout={settings.first_byte_timeout}s")
+        elif phase == STREAMING and now - self.last_io > settings.idle_timeout:
+            self._time_out(f"worker was silent for idle_timeout={settings.idle_timeout}s")
+
+    def _abandon_connect(self) -> None:
+        connecting, self.connecting = self.connecting, None
+        if connecting is not None:
+            connecting.cancel()
+
+    def _time_out(self, why: str) -> None:
+        self._abandon_connect()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        if self.head_sent:
+            self._truncate(why)
+        else:
+            self._settle(ok=False)
+            self._fail(UpstreamTimeout(why))

@@ -1,0 +1,403 @@
+"""Prefill/decode disaggregation over HTTP: both dialects real engines speak.
+
+Role: :class:`PDExchange` serves one request of a model routed to ``http_pd``. It owns the prefill
+leg(s) (:class:`PrefillLeg`) and hands the decode leg to an ordinary
+:class:`proxy_workers.exchange.Exchange`, which streams the answer to the client unchanged.
+
+- ``two_phase`` (vLLM): the prefill worker gets a copy of the request with ``max_tokens`` and
+  ``max_completion_tokens`` 1, ``stream`` false, no ``stream_options``, and
+  ``kv_transfer_params = {"do_remote_decode": true, "do_remote_prefill": false, ...}``; the opaque
+  ``kv_transfer_params`` of its JSON answer go into the original request, sent to decode.
+- ``bootstrap`` (SGLang): ``bootstrap_host`` (the prefill worker's host), ``bootstrap_port`` (its
+  configured bootstrap port, may be null) and ``bootstrap_room`` (random 63-bit; one per item for
+  batched inputs) are added to the body; prefill and decode get it at the same time.
+
+Invariants:
+- The router never looks inside a KV handle; it copies ``kv_transfer_params`` verbatim.
+- Failures: prefill fails -> another prefill worker, before decode starts (two_phase); decode
+  fails before its first byte -> a new pair (never the failed decode worker; a prefill worker is
+  passed over only if it failed, so a model with one prefill worker survives a decode failure);
+  after the first byte -> no retry. In bootstrap mode a failure of either leg before the decode
+  answer starts cancels the other and tries a new pair; a leg that was only cancelled did not
+  fail, so its worker may serve the new pair. At most ``max_tries`` pairs.
+- A prefill worker's client-error answer (4xx other than 408/429: the request itself is wrong) is
+  the answer: passed to the client as is, not retried, and not counted against the worker.
+- Load accounting covers both legs until the decode stream ends; a client disconnect cancels
+  both legs.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+from proxy_workers.errors import BadGateway, BadRequest, NoHealthyWorker, RouterError, render_response
+from proxy_workers.forwarding.attempts import close_cell, open_cell
+from proxy_workers.http.exchange import Exchange
+from proxy_workers.policies.registry import POLICY_INDEX
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from proxy_workers.http.upstream import UpstreamConnection
+    from proxy_workers.routing.context import RequestContext
+    from proxy_workers.routing.table import PDRoute
+    from proxy_workers.serving.protocol import ClientProtocol, ProxyProcess, Request
+    from shm.schema import Worker
+
+MAX_PREFILL_ANSWER = 1 << 20
+# 4xx answers that say "not now" rather than "this request is wrong": another worker may take it.
+RETRYABLE_4XX = frozenset({408, 429})
+PREFILL_KV = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+              "remote_block_ids": None, "remote_host": None, "remote_port": None}
+_decode_json = msgspec.json.decode
+_encode_json = msgspec.json.encode
+
+
+def prefill_body(doc: dict[str, Any]) -> dict[str, Any]:
+    """The two-phase prefill copy of a request body."""
+    out = dict(doc)
+    out["max_tokens"] = 1
+    out["max_completion_tokens"] = 1
+    out["stream"] = False
+    out.pop("stream_options", None)
+    out["kv_transfer_params"] = dict(PREFILL_KV)
+    return out
+
+
+def bootstrap_body(doc: dict[str, Any], prefill: Worker, rng: random.Random) -> dict[str, Any]:
+    """The body both legs get in bootstrap mode: one room per item of a batched input."""
+    host = urlsplit(prefill.url).hostname
+    batch = next((len(doc[k]) for k in ("text", "input_ids", "prompt")
+                  if isinstance(doc.get(k), list) and doc[k] and not isinstance(doc[k][0], int)), 0)
+    out = dict(doc)
+    if batch:
+        out["bootstrap_host"] = [host] * batch
+        out["bootstrap_port"] = [prefill.bootstrap_port] * batch
+        out["bootstrap_room"] = [rng.getrandbits(63) for _ in range(batch)]
+    else:
+        out["bootstrap_host"] = host
+        out["bootstrap_port"] = prefill.bootstrap_port
+        out["bootstrap_room"] = rng.getrandbits(63)
+    return out
+
+
+class PrefillLeg:
+    """One request to a prefill worker; its answer is small and buffered (never streamed)."""
+
+    __slots__ = ("answer", "cell", "conn", "connecting", "content_type", "done", "pd", "request", "reused",
+                 "sent_at", "started", "status", "worker")
+
+    def __init__(self, pd: PDExchange, worker: Worker, request: Request) -> None:
+        self.pd = pd
+        self.worker = worker
+        self.request = request
+        self.conn: UpstreamConnection | None = None
+        self.connecting: asyncio.Future | None = None
+        self.answer: list[bytes] = []
+        self.status = 0
+        self.content_type = b"application/json"
+        self.done = False
+        self.reused = False
+        self.started = self.sent_at = pd.proc.loop.time()
+        self.cell = open_cell(pd.proc, worker.slot)  # held until the whole PD request ends
+
+    def start(self) -> None:
+        pool = self.pd.proc.pools.get(self.worker.url)
+        conn = pool.take()
+        if conn is not None:
+            self.reused = True
+            self._send(conn)
+        else:
+            self.connecting = pool.connect(self._connected)
+
+    def _connected(self, future: asyncio.Future) -> None:
+        if future is not self.connecting:
+            if not future.cancelled() and future.exception() is None:
+                future.result()[1].close()
+            return
+        self.connecting = None
+        if future.cancelled() or future.exception() is not None:
+            self.pd.prefill_failed(self, f"cannot connect to {self.worker.url}", connect_error=True)
+            return
+        self._send(future.result()[1])
+
+    def _send(self, conn: UpstreamConnection) -> None:
+        self.conn = conn
+        self.sent_at = self.pd.proc.loop.time()
+        conn.send(self, self.request.wire(conn.pool.authority))
+
+    # The upstream-callback contract (see proxy_workers.upstream.UpstreamConnection).
+    def on_response_head(self, conn: UpstreamConnection, status: int) -> None:
+        self.status = status
+        self.content_type = conn.content_type or self.content_type
+
+    def on_response_body(self, body: bytes) -> None:
+        if sum(len(b) for b in self.answer) < MAX_PREFILL_ANSWER:
+            self.answer.append(body)
+
+    def on_response_complete(self, conn: UpstreamConnection) -> None:
+        self.done = True
+
+    def after_upstream_data(self) -> None:
+        if self.done and self.conn is not None:
+            conn, self.conn = self.conn, None
+            conn.release(self.pd.proc.loop.time())
+            self.pd.prefill_done(self)
+
+    def upstream_failed(self, conn: UpstreamConnection, why: str) -> None:
+        if conn is self.conn and not self.done:
+            self.conn = None
+            if self.reused and not conn.received:
+                # A keep-alive socket the worker had already closed: same worker, new socket.
+                self.reused = False
+                self.connecting = self.pd.proc.pools.get(self.worker.url).connect(self._connected)
+                return
+            self.pd.prefill_failed(self, why)
+
+    def cancel(self) -> None:
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()  # the engine frees the prefill it was computing
+
+    def settle(self, ok: bool, connect_error: bool = False) -> None:
+        """Release this leg's load-board gauge (once)."""
+        if self.cell < 0:
+            return
+        close_cell(self.pd.proc, self.cell, ok, connect_error=connect_error)
+        self.cell = -1
+
+    def check_deadline(self, now: float) -> None:
+        settings = self.pd.proc.settings
+        if self.done:
+            return
+        if self.conn is None and now - self.started > settings.connect_timeout:
+            self.cancel()
+            self.pd.prefill_failed(self, f"connect to {self.worker.url} timed out", connect_error=True)
+        elif self.conn is not None and now - self.sent_at > settings.first_byte_timeout:
+            self.cancel()
+            self.pd.prefill_failed(self, f"prefill worker {self.worker.url} did not answer in time")
+
+
+class PDExchange:
+    """One PD request; presents the Exchange contract to the ClientProtocol."""
+
+    __slots__ = ("client", "ctx", "decode", "doc", "ended", "failed_prefill", "legs", "pairs", "proc",
+                 "request", "route", "tried_decode", "tried_prefill")
+
+    def __init__(self, proc: ProxyProcess, client: ClientProtocol, request: Request, route: PDRoute,
+                 ctx: RequestContext) -> None:
+        self.proc = proc
+        self.client = client
+        self.request = request
+        self.route = route
+        self.ctx = ctx
+        self.legs: list[PrefillLeg] = []
+        self.decode: Exchange | None = None
+        self.tried_prefill: list[int] = []  # every prefill attempt (bounded by max_tries)
+        self.failed_prefill: list[int] = []  # the prefill workers a new pick must avoid
+        self.tried_decode: list[int] = []
+        self.pairs = 0
+        self.ended = False
+        try:
+            doc = _decode_json(request.body) if request.body else {}
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise BadRequest("the request body must be a JSON object")
+        self.doc: dict[str, Any] = doc
+
+    @property
+    def head_sent(self) -> bool:
+        return self.decode is not None and self.decode.head_sent
+
+    @property
+    def conn(self) -> UpstreamConnection | None:
+        return self.decode.conn if self.decode is not None else None
+
+    def start(self) -> None:
+        self.proc.active.add(self)
+        self._new_pair()
+
+    # -- pairs -----------------------------------------------------------------------------
+
+    def _new_pair(self) -> None:
+        if self.pairs >= self.proc.settings.max_tries:
+            self._fail(BadGateway(f"prefill/decode failed on {self.pairs} pair(s) of workers"))
+            return
+        if not self._decode_left():
+            # Checked before any prefill work: the route is pinned for the request, so a pair is
+            # possible only with an untried decode worker.
+            model = self.route.model
+            if self.tried_decode:
+                self._fail(BadGateway(f"every healthy decode worker for model '{model}' failed this request"))
+            else:
+                self._fail(NoHealthyWorker(f"no healthy decode worker for model '{model}'"))
+            return
+        self.pairs += 1
+        if self.pairs > 1:
+            self.proc.count_retry()
+        prefill = self._pick_prefill()
+        if prefill is None:
+            return
+        if self.route.dialect == "bootstrap":
+            body = _encode_json(bootstrap_body(self.doc, prefill, self.proc.rng))
+            self._start_decode(body)
+            if self.ended:
+                return  # the decode leg was refused at once (e.g. a policy's 429): no prefill
+            self._start_prefill(prefill, body)
+        else:
+            self._start_prefill(prefill, _encode_json(prefill_body(self.doc)))
+
+    def _decode_left(self) -> bool:
+        """Whether a decode worker this request has not tried yet is available."""
+        tried = self.tried_decode
+        return any(w.slot not in tried for w in self.route.decode.candidates)
+
+    def _pick_prefill(self) -> Worker | None:
+        route = self.route.prefill
+        try:
+            worker = route.pick(self.ctx, self.failed_prefill)
+        except NoHealthyWorker as err:
+            self._fail(err if not self.tried_prefill else BadGateway(err.message))
+            return None
+        except RouterError as err:
+            self._fail(err)
+            return None
+        self.proc.ints[self.proc.decision0 + POLICY_INDEX[route.policy.name] * 2] += 1
+        self.tried_prefill.append(worker.slot)
+        if self.ctx.scores is not None:
+            self.ctx.scores["prefill_worker"] = worker.url
+        return worker
+
+    def _start_prefill(self, worker: Worker, body: bytes) -> None:
+        leg = PrefillLeg(self, worker, self.request.with_body(body))
+        self.legs.append(leg)
+        leg.start()
+
+    def _start_decode(self, body: bytes) -> None:
+        exchange = Exchange(self.proc, self.client, self.request.with_body(body), self.route.decode, self.ctx)
+        exchange.pd = self
+        exchange.tried = self.tried_decode  # shared: a new pair never reuses a failed decode worker
+        self.decode = exchange
+        exchange.start()
+
+    # -- leg events ------------------------------------------------------------------------
+
+    def prefill_done(self, leg: PrefillLeg) -> None:
+        if self.ended:
+            return
+        if 400 <= leg.status < 500 and leg.status not in RETRYABLE_4XX:
+            self._refused(leg)
+            return
+        if not 200 <= leg.status < 300:
+            self.prefill_failed(leg, f"prefill worker {leg.worker.url} answered {leg.status}")
+            return
+        if self.route.dialect == "bootstrap":
+            return  # the decode leg is already under way; this leg's gauge waits for it
+        try:
+            answer = _decode_json(b"".join(leg.answer))
+            handle = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+        except msgspec.DecodeError:
+            handle = None
+        if not isinstance(handle, dict):
+            self.prefill_failed(leg, f"prefill worker {leg.worker.url} returned no kv_transfer_params")
+            return
+        body = dict(self.doc)
+        body["kv_transfer_params"] = handle  # opaque: copied, never read
+        self._start_decode(_encode_json(body))
+
+    def _refused(self, leg: PrefillLeg) -> None:
+        """The prefill worker found the request itself wrong: that is the client's answer."""
+        if self.head_sent:
+            return  # bootstrap: the decode worker's own answer is already on its way
+        self._cancel_decode()
+        request = self.request
+        request.keep_alive = request.keep_alive and not self.proc.draining
+        self.client.write(render_response(leg.status, b"".join(leg.answer), leg.content_type,
+                                          request.request_id.decode(), close=not request.keep_alive))
+        self._finish(error=False)
+
+    def prefill_failed(self, leg: PrefillLeg, why: str, connect_error: bool = False) -> None:
+        if self.ended:
+            return
+        leg.settle(ok=False, connect_error=connect_error)
+        self.failed_prefill.append(leg.worker.slot)
+        if self.route.dialect == "bootstrap":
+            if self.head_sent:
+                return  # decode is answering; its KV already arrived
+            decode = self.decode
+            self._cancel_decode()
+            if decode is not None and decode.worker is not None and self.tried_decode \
+                    and self.tried_decode[-1] == decode.worker.slot:
+                self.tried_decode.pop()  # cancelled, not failed: the new pair may use it again
+            self._new_pair()
+            return
+        if len(self.tried_prefill) < self.proc.settings.max_tries:
+            worker = self._pick_prefill()
+            if worker is not None:
+                self.proc.count_retry()
+                self._start_prefill(worker, _encode_json(prefill_body(self.doc)))
+            return
+        self._fail(BadGateway(f"{why} (tried {len(self.tried_prefill)} prefill worker(s))"))
+
+    def decode_failed(self, exchange: Exchange, why: str) -> None:
+        """The decode leg failed before its first byte: a new pair."""
+        self.decode = None
+        for leg in self.legs:
+            leg.cancel()
+            leg.settle(ok=True)  # the prefill itself did not fail
+        self.legs.clear()
+        self._new_pair()
+
+    def exchange_done(self, exchange: Exchange, error: bool) -> None:
+        """The decode leg ended (answer complete, error written, or truncated)."""
+        self.request.keep_alive = exchange.request.keep_alive
+        self._finish(error)
+
+    # -- endings ---------------------------------------------------------------------------
+
+    def _cancel_decode(self) -> None:
+        decode, self.decode = self.decode, None
+        if decode is not None:
+            decode.cancel()
+
+    def _settle_legs(self, ok: bool) -> None:
+        for leg in self.legs:
+            leg.cancel()
+            leg.settle(ok=ok)
+        self.legs.clear()
+
+    def _finish(self, error: bool) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self._settle_legs(ok=True)
+        self.client.exchange_done(self, error)
+
+    def _fail(self, err: RouterError) -> None:
+        if self.ended:
+            return
+        self._cancel_decode()
+        self.client.send_error(err, self.request)
+        self._finish(error=True)
+
+    def client_gone(self) -> None:
+        """Cancel both legs: nobody is waiting for either."""
+        if self.ended:
+            return
+        self.ended = True
+        self._cancel_decode()
+        self._settle_legs(ok=True)
+        self.proc.active.discard(self)
+        self.proc.count_disconnect()
+
+    def check_deadline(self, now: float) -> None:
+        for leg in list(self.legs):
+            leg.check_deadline(now)

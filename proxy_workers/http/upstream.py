@@ -1,0 +1,265 @@
+"""Connections to workers: an asyncio Protocol parsing responses with httptools, and keep-alive pools.
+
+Role: carry one request at a time to a worker and feed the parsed response back to the
+:class:`proxy_workers.exchange.Exchange` that owns the connection.
+
+Invariants:
+- A connection belongs to at most one exchange; it returns to its pool only after a complete
+  response that allows keep-alive, and never after an abort (a client disconnect closes it, which
+  is how the worker learns to stop generating).
+- Pools are LIFO (the most recently used socket is the least likely to have been closed by the
+  worker) and bounded by the ``pool_size`` setting; idle sockets older than ``keepalive_timeout``
+  are closed by the proxy's periodic sweep.
+- A parse error from a worker never escapes: it becomes a 502 (before the head reached the
+  client) or a truncated response (after).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import httptools
+
+if TYPE_CHECKING:
+    from proxy_workers.http.exchange import Exchange
+
+
+# Response headers that describe one hop, or that the proxy sets itself: never relayed as they are.
+RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                           b"transfer-encoding", b"upgrade", b"content-length", b"x-request-id",
+                           b"proxy-authenticate"})
+
+
+def without_fields(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """Header lines (``name: value\r\n``, names lowercased) minus those whose name is in ``names``."""
+    return [line for line in lines if line[:line.index(b":")] not in names]
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP connection to a worker."""
+
+    __slots__ = ("chunked", "conn_tokens", "content_type", "exchange", "idle_since", "keep_alive", "length",
+                 "lines", "parser", "pool", "received", "transport", "until_eof")
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.received = False
+        self.keep_alive = False
+        self.until_eof = False  # the response body is delimited by the worker closing (RFC 9112 6.3)
+        self.idle_since = 0.0
+        self._reset()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            # A worker talking on an idle keep-alive connection: it is out of sync; drop it.
+            self.close()
+            return
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.exchange = None
+            self.close()
+            exchange.upstream_failed(self, f"malformed response from worker: {exc}")
+            return
+        exchange.after_upstream_data()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.forget(self)
+        exchange, self.exchange = self.exchange, None
+        self.transport = None
+        if exchange is None:
+            return
+        if exc is None and self.until_eof:
+            # A body without Content-Length or chunking ends with the connection: that is its
+            # complete end (llhttp has no EOF callback, so the message is completed here).
+            self.until_eof = False
+            exchange.on_response_complete(self)
+            exchange.after_upstream_data()
+            return
+        exchange.upstream_failed(self, "worker closed the connection" if exc is None else str(exc))
+
+    def pause_writing(self) -> None:  # the request body is small; nothing to pause
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def _reset(self) -> None:
+        """Per-response state, reset when a request is sent (no on_message_begin callback:
+        each httptools callback costs ~0.1 us on the hot path)."""
+        self.lines: list[bytes] = []  # header lines to relay, hop-by-hop ones already left out
+        self.length: bytes | None = None  # Content-Length, as the worker sent it
+        self.chunked = False
+        self.content_type = b""
+        self.until_eof = False
+        self.conn_tokens: frozenset[bytes] | None = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Each field is classified once, here: a relayed one becomes its client-side line right
+        # away (names lowercased; HTTP field names are case-insensitive), a hop-by-hop one is
+        # only noted for framing.
+        low = name.lower()
+        if low not in RESPONSE_DROP:
+            self.lines.append(b"%s: %s\r\n" % (low, value))
+            if low == b"content-type":
+                self.content_type = value
+        elif low == b"content-length":
+            self.length = value
+        elif low == b"transfer-encoding":
+            # Only a final "chunked" coding frames a body; "gzip" alone does not.
+            if value.rstrip().lower().endswith(b"chunked"):
+                self.chunked = True
+        elif low == b"connection" and value.lower() not in (b"close", b"keep-alive"):
+            tokens = frozenset(t.strip().lower() for t in value.split(b","))
+            self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens | tokens
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        self.keep_alive = parser.should_keep_alive()
+        status = parser.get_status_code()
+        self.until_eof = (self.length is None and not self.chunked and status >= 200
+                          and status not in (204, 304))
+        self.exchange.on_response_head(self, status)  # type: ignore[union-attr]
+
+    def relayed_lines(self) -> list[bytes]:
+        """The header lines to relay, minus any the worker named in its Connection header."""
+        return without_fields(self.lines, self.conn_tokens or frozenset())
+
+    def on_body(self, body: bytes) -> None:
+        self.exchange.on_response_body(body)  # type: ignore[union-attr]
+
+    def on_message_complete(self) -> None:
+        self.until_eof = False
+        self.exchange.on_response_complete(self)  # type: ignore[union-attr]
+
+    # -- used by the exchange ------------------------------------------------------------
+
+    def send(self, exchange: Exchange, data: bytes) -> None:
+        self._reset()
+        self.received = False
+        self.exchange = exchange
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def release(self, now: float) -> None:
+        """Back to the pool if the response allows it, else closed."""
+        self.exchange = None
+        if self.keep_alive and self.transport is not None and not self.transport.is_closing():
+            # A slow client may have paused reading (backpressure) just as the response ended;
+            # the exchange that would have resumed it is gone, so a pooled socket must read.
+            self.transport.resume_reading()
+            self.idle_since = now
+            self.pool.put(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once (RST): the worker sees the client is gone and stops generating."""
+        self.exchange = None
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class WorkerPool:
+    """Idle keep-alive connections to one worker, plus what is needed to open new ones."""
+
+    __slots__ = ("authority", "host", "idle", "limit", "loop", "port", "ssl", "url")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, url: str, limit: int) -> None:
+        parts = urlsplit(url)
+        self.loop = loop
+        self.url = url
+        self.host = parts.hostname or "127.0.0.1"
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
+        self.port = parts.port or (443 if self.ssl else 80)
+        self.authority = parts.netloc.encode()
+        self.limit = limit
+        self.idle: list[UpstreamConnection] = []
+
+    def take(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    def put(self, conn: UpstreamConnection) -> None:
+        if len(self.idle) < self.limit:
+            self.idle.append(conn)
+        else:
+            conn.close()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def connect(self, done: Callable[[asyncio.Future[Any]], None]) -> asyncio.Future[Any]:
+        """Open a new connection; ``done`` gets the future of (transport, protocol)."""
+        future = asyncio.ensure_future(self.loop.create_connection(
+            lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl))
+        future.add_done_callback(done)
+        return future
+
+    def close_idle(self, older_than: float) -> None:
+        keep = []
+        for conn in self.idle:
+            if conn.idle_since < older_than:
+                conn.close()
+            else:
+                keep.append(conn)
+        self.idle[:] = keep
+
+    def close_all(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+class Pools:
+    """All worker pools of one proxy process, keyed by worker URL."""
+
+    __slots__ = ("limit", "loop", "pools")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        self.loop = loop
+        self.limit = limit
+        self.pools: dict[str, WorkerPool] = {}
+
+    def get(self, url: str) -> WorkerPool:
+        pool = self.pools.get(url)
+        if pool is None:
+            pool = self.pools[url] = WorkerPool(self.loop, url, self.limit)
+        return pool
+
+    def retain(self, urls: set[str]) -> None:
+        """Drop pools of workers that left the fleet (their idle sockets are closed)."""
+        for url in list(self.pools):
+            if url not in urls:
+                self.pools.pop(url).close_all()
+
+    def sweep(self, older_than: float) -> None:
+        for pool in self.pools.values():
+            if pool.idle:
+                pool.close_idle(older_than)

@@ -1,0 +1,356 @@
+"""Load-balancing policies: one small class each, behind one interface.
+
+Role: given a model's routable workers, pick one. Policies run inside a proxy process on every
+request, so ``pick`` must be O(1) or O(candidates) with tiny constants and must never block.
+This module holds the interface, the environment every policy sees, and the simple policies;
+the hashing, affinity and measured-load families live in ``policies_hash``, ``policies_affinity``
+and ``policies_load``, and ``policy_registry`` maps names to classes.
+
+Interface: ``pick(route, candidates, ctx) -> Worker``. ``route`` is the model's
+:class:`proxy_workers.routing.ModelRoute` (its ring and full candidate list); ``candidates`` is
+what may be chosen now (``route.candidates``, or fewer on a retry); ``ctx`` is the request's
+:class:`proxy_workers.context.RequestContext`, where a policy notes its reason and scores.
+
+Invariants:
+- ``candidates`` is non-empty and holds only healthy, non-draining workers; the caller filters.
+- Load figures come from the shared-memory board summed over all proxies, so "least
+  connections" is least across the whole router, not within one process.
+- A policy object lives across snapshot changes (round-robin position and smooth-weight credits
+  survive a publish); state about a worker is keyed by its stable slot.
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from itertools import accumulate
+from math import gcd
+from operator import add, itemgetter, truediv
+from typing import TYPE_CHECKING, Any
+
+from shm.loadboard import E_RUNNING, E_WAITING, W_IN_FLIGHT, W_TTFB_EWMA, WORKER_FIELDS, LoadBoard
+from shm.settings import Settings
+
+if TYPE_CHECKING:
+    from proxy_workers.routing.context import RequestContext
+    from proxy_workers.routing.table import ModelRoute
+    from shm.affinity import AffinityTable
+    from shm.schema import Worker
+
+
+class LoadView:
+    """Read-only view of the load board for policies: global in-flight per worker slot."""
+
+    __slots__ = ("_ints", "_proxies", "_stride", "_word0")
+
+    def __init__(self, board: LoadBoard, proxies: int) -> None:
+        self._ints = board.ints
+        self._word0 = board.cell_word(0, 0, W_IN_FLIGHT)
+        self._stride = board.worker_stride()
+        self._proxies = max(1, proxies)
+
+    def set_proxies(self, proxies: int) -> None:
+        self._proxies = max(1, proxies)
+
+    def pair(self, a: int, b: int) -> tuple[int, int]:
+        """Global in-flight of two slots in one call (power_of_two's whole read)."""
+        ints, stride = self._ints, self._stride
+        wa, wb = self._word0 + a * WORKER_FIELDS, self._word0 + b * WORKER_FIELDS
+        la, lb = ints[wa], ints[wb]
+        for p in range(1, self._proxies):
+            la += ints[wa + p * stride]
+            lb += ints[wb + p * stride]
+        return la, lb
+
+    def in_flight(self, slot: int) -> int:
+        ints, stride = self._ints, self._stride
+        word = self._word0 + slot * WORKER_FIELDS
+        total = 0
+        for p in range(self._proxies):
+            total += ints[word + p * stride]
+        return total
+
+
+def _getter(words: list[int]) -> Callable[[Any], tuple]:
+    """An itemgetter that always returns a tuple (itemgetter of one index returns the item)."""
+    if len(words) == 1:
+        one = words[0]
+        return lambda seq: (seq[one],)
+    return itemgetter(*words)
+
+
+class Columns:
+    """Board columns over one candidate list, read with one C-level call per proxy and field.
+
+    Scanning policies would otherwise call ``in_flight`` once per worker per request (a Python
+    call, a loop over proxies, two memory reads: ~230 ns each); a column read costs a few tens
+    of ns per worker.
+    """
+
+    __slots__ = ("_engine", "candidates", "floats", "in_flight", "ints", "ttfb", "weights")
+
+    def __init__(self, env: PolicyEnv, candidates: Sequence[Worker]) -> None:
+        board = env.board
+        stride = board.worker_stride()
+        base = [board.cell_word(0, w.slot) for w in candidates]
+        self.candidates = candidates
+        self.ints, self.floats = board.ints, board.floats
+        self.in_flight = [_getter([b + p * stride + W_IN_FLIGHT for b in base]) for p in range(env.proxies)]
+        self.ttfb = [_getter([b + p * stride + W_TTFB_EWMA for b in base]) for p in range(env.proxies)]
+        self.weights = [w.weight for w in candidates]
+        engine = [board.engine_word(w.slot) for w in candidates]
+        self._engine = tuple(_getter([e + f for e in engine]) for f in (E_RUNNING, E_WAITING))
+
+    def loads(self) -> list[int]:
+        """Global in-flight per candidate (summed over proxies)."""
+        ints = self.ints
+        getters = self.in_flight
+        total: Any = getters[0](ints)
+        for g in getters[1:]:
+            total = map(add, total, g(ints))
+        return list(total)
+
+    def weighted_loads(self) -> list[float]:
+        return list(map(truediv, self.loads(), self.weights))
+
+    def ttfb_sums(self) -> list[float]:
+        """Time-to-first-byte EWMAs summed over proxies (0.0 where nobody measured yet).
+
+        Summing instead of averaging keeps this to one C-level read per proxy; once every
+        proxy has measured every worker the order is the same as the mean's.
+        """
+        floats = self.floats
+        total: Any = self.ttfb[0](floats)
+        for g in self.ttfb[1:]:
+            total = map(add, total, g(floats))
+        return list(total)
+
+    def engine_queue(self) -> list[int]:
+        """Engine running + waiting + router in-flight per candidate (the last two correct for
+        requests sent since the last scrape)."""
+        running, waiting = self._engine
+        ints = self.ints
+        return list(map(add, map(add, running(ints), waiting(ints)), self.loads()))
+
+
+def index_of_min(scores: list[float], rng: random.Random | None = None) -> int:
+    """Index of the smallest score; a tie goes to the first from a random start with ``rng``."""
+    low = min(scores)
+    if rng is None or len(scores) < 2:
+        return scores.index(low)
+    start = int(rng.random() * len(scores))
+    try:
+        return scores.index(low, start)
+    except ValueError:
+        return scores.index(low)
+
+
+class PolicyEnv:
+    """What every policy of one proxy process shares; refreshed on each snapshot."""
+
+    __slots__ = ("_columns", "affinity", "board", "load", "proxies", "proxy", "settings")
+
+    def __init__(self, board: LoadBoard, proxy: int, proxies: int, settings: Settings,
+                 affinity: AffinityTable | None = None) -> None:
+        self.board = board
+        self.proxy = proxy
+        self.proxies = max(1, proxies)
+        self.settings = settings
+        self.affinity = affinity
+        self.load = LoadView(board, proxies)
+        self._columns: dict[int, Columns] = {}
+
+    def update(self, proxies: int, settings: Settings) -> None:
+        self.proxies = max(1, proxies)
+        self.settings = settings
+        self.load.set_proxies(proxies)
+        self._columns.clear()  # candidate lists are rebuilt with every snapshot
+
+    def columns(self, candidates: Sequence[Worker]) -> Columns:
+        """Columns for a candidate list, built once per list (per snapshot for route lists)."""
+        cols = self._columns.get(id(candidates))
+        if cols is None or cols.candidates is not candidates:
+            if len(self._columns) > 4096:  # retries make throwaway lists; keep the cache bounded
+                self._columns.clear()
+            cols = self._columns[id(candidates)] = Columns(self, candidates)
+        return cols
+
+
+def least_loaded_of(candidates: Sequence[Worker], env: PolicyEnv,
+                    rng: random.Random | None = None) -> Worker:
+    """Fewest global in-flight requests per unit of weight.
+
+    A tie goes to the first candidate, or, with ``rng``, to the first from a random starting
+    point: new sessions and cold prompts on an idle fleet then spread instead of all landing on
+    the first worker.
+    """
+    return candidates[index_of_min(env.columns(candidates).weighted_loads(), rng)]
+
+
+class Policy:
+    """Base class. Subclasses set ``name`` and implement ``pick``."""
+
+    name = ""
+    index = 0  # column of the decision counters (policy_registry.POLICY_INDEX)
+    needs_prompt = False  # True: the context decodes the prompt text for this policy
+
+    def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
+        self.env = env
+        self.rng = rng or random.Random()
+
+    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        raise NotImplementedError
+
+
+class RoundRobin(Policy):
+    name = "round_robin"
+
+    def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
+        super().__init__(env, rng)
+        # Start each process at a different place so N proxies don't move in lockstep.
+        self._next = self.rng.randrange(1 << 16)
+
+    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        self._next += 1
+        ctx.reason = ctx.reason or "next worker in turn"
+        return candidates[self._next % len(candidates)]
+
+
+SCHEDULE_EXACT_LIMIT = 200_000
+
+
+def smooth_schedule(weights: Sequence[int]) -> list[int]:
+    """Indexes in smooth weighted round-robin order, one full cycle.
+
+    The exact nginx sequence costs O(n x total weight) to build, so it is used while that stays
+    under ``SCHEDULE_EXACT_LIMIT``; larger fleets get rounds (round r lists every worker whose
+    weight exceeds r), which gives every worker the same share with coarser interleaving.
+    """
+    divisor = 0
+    for w in weights:
+        divisor = gcd(divisor, w)
+    ws = [w // (divisor or 1) for w in weights]
+    total = sum(ws)
+    if len(ws) * total <= SCHEDULE_EXACT_LIMIT:
+        current = [0] * len(ws)
+        order = []
+        for _ in range(total):
+            for i, w in enumerate(ws):
+                current[i] += w
+            best = current.index(max(current))
+            current[best] -= total
+            order.append(best)
+        return order
+    return [i for r in range(max(ws)) for i, w in enumerate(ws) if w > r]
+
+
+class WeightedRoundRobin(RoundRobin):
+    """Smooth weighted round-robin (nginx): spreads a heavy worker's turns evenly.
+
+    The cycle is built once per candidate list (once per publish), so a pick is O(1) whatever
+    the weights; with equal weights it is plain round-robin.
+    """
+
+    name = "weighted_round_robin"
+
+    def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
+        super().__init__(env, rng)
+        # id(list) -> (list, cycle): the route's list and, for sharded models, each shard's.
+        self._orders: dict[int, tuple[Sequence[Worker], list[Worker]]] = {}
+
+    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        ctx.reason = ctx.reason or "smooth weighted round-robin"
+        self._next += 1
+        cached = self._orders.get(id(candidates))
+        if cached is None or cached[0] is not candidates:
+            if not _stable(route, candidates):
+                # A retry's shortened list: a weighted draw, leaving the cycles alone.
+                return self.rng.choices(candidates, weights=[w.weight for w in candidates])[0]
+            if len(self._orders) > 256:
+                self._orders.clear()
+            cached = self._orders[id(candidates)] = (candidates, _cycle(candidates))
+        order = cached[1]
+        return order[self._next % len(order)]
+
+
+def _stable(route: ModelRoute, candidates: Sequence[Worker]) -> bool:
+    """True for lists that live as long as the snapshot: the route's, or one of its shards'."""
+    return candidates is route.candidates or any(candidates is s for s in route.shard_workers)
+
+
+def _cycle(candidates: Sequence[Worker]) -> list[Worker]:
+    first = candidates[0].weight
+    if all(w.weight == first for w in candidates):
+        return list(candidates)
+    return [candidates[i] for i in smooth_schedule([w.weight for w in candidates])]
+
+
+class Random(Policy):
+    name = "random"
+
+    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        ctx.reason = "uniformly random"
+        return candidates[int(self.rng.random() * len(candidates))]
+
+
+class WeightedRandom(Policy):
+    name = "weighted_random"
+
+    def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
+        super().__init__(env, rng)
+        self._seen: Sequence[Worker] | None = None
+        self._cumulative: list[int] = []
+
+    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        ctx.reason = "random in proportion to weight"
+        if candidates is not self._seen:
+            self._cumulative = list(accumulate(w.weight for w in candidates))
+            self._seen = candidates
+        cumulative = self._cumulative
+        return candidates[bisect_right(cumulative, self.rng.random() * cumulative[-1])]
+
+
+class LeastConnections(Policy):
+    """Fewest in-flight requests across all proxies (÷ weight); ties rotate."""
+
+    name = "least_connections"
+
+    def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
+        super().__init__(env, rng)
+        self._start = 0
+
+    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        n = len(candidates)
+        self._start = (self._start + 1) % n
+        scores = self.env.columns(candidates).weighted_loads()
+        low = min(scores)
+        try:
+            best = scores.index(low, self._start)  # ties rotate with the start
+        except ValueError:
+            best = scores.index(low)
+        if ctx.scores is not None:
+            ctx.scores["in_flight"] = {w.url: self.env.load.in_flight(w.slot) for w in candidates[:64]}
+        ctx.reason = "fewest in-flight requests across all proxies"
+        return candidates[best]
+
+
+class PowerOfTwo(Policy):
+    """Two distinct random candidates; the one with fewer in-flight requests (÷ weight) wins."""
+
+    name = "power_of_two"
+
+    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        n = len(candidates)
+        ctx.reason = "less loaded of two random workers"
+        if n == 1:
+            return candidates[0]
+        rand = self.rng.random
+        i = int(rand() * n)
+        a = candidates[i]
+        # The second draw skips the first: two equal draws would send to a busy worker unopposed.
+        b = candidates[(i + 1 + int(rand() * (n - 1))) % n]
+        la, lb = self.env.load.pair(a.slot, b.slot)
+        if ctx.scores is not None:
+            ctx.scores["in_flight"] = {a.url: la, b.url: lb}
+        return a if la * b.weight <= lb * a.weight else b

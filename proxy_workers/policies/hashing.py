@@ -1,0 +1,123 @@
+"""Key-affinity policies over the coordinator's consistent-hash ring.
+
+Role: ``consistent_hash`` (a key always lands on the same worker while it is healthy; removing a
+worker moves only its keys) and ``consistent_hash_bounded`` (the same, but a worker whose global
+in-flight load exceeds the mean times ``bounded_load_factor`` is passed over, clockwise).
+
+Invariants:
+- The ring is the coordinator's (published in the snapshot, keyed by worker URL), so every proxy
+  and every router instance watching the same fleet maps a key to the same worker.
+- Unusable owners (unhealthy, draining, already tried) are skipped clockwise: the next owner is
+  the natural backup, and keys of healthy workers never move.
+- A request without a routing key gets a random worker (reported as a fallback).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from math import ceil
+from typing import TYPE_CHECKING
+
+from proxy_workers.policies.base import Policy, PolicyEnv
+from proxy_workers.routing.context import RequestContext
+from shm.schema import Worker
+
+if TYPE_CHECKING:
+    from proxy_workers.routing.table import ModelRoute
+
+
+def ring_pick(route: ModelRoute, candidates: Sequence[Worker], h: int,
+              accept: object = None) -> tuple[Worker | None, int]:
+    """First usable worker clockwise from ``h``; (worker, owners skipped)."""
+    ring = route.ring
+    if ring is None or not ring.points:
+        return None, 0
+    owners = route.ring_workers
+    allowed = None if candidates is route.candidates else {w.slot for w in candidates}
+    i = ring.index(h)
+    first = owners[ring.owners[i if i < len(ring.points) else 0]]
+    if first is not None and (allowed is None or first.slot in allowed) and (
+            accept is None or accept(first)):  # type: ignore[operator]
+        return first, 0
+    skipped = 0
+    for owner in ring.walk(h):
+        w = owners[owner]
+        if w is None or (allowed is not None and w.slot not in allowed):
+            skipped += 1
+            continue
+        if accept is None or accept(w):  # type: ignore[operator]
+            return w, skipped
+        skipped += 1
+    return None, skipped
+
+
+MEMO_SIZE = 65536
+
+
+class ConsistentHash(Policy):
+    """The key's owner on the ring. Owners found without skipping are memoised per candidate list
+    (a new snapshot brings a new list and an empty memo), since session keys repeat."""
+
+    name = "consistent_hash"
+
+    def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
+        super().__init__(env, rng)
+        self._memo: dict[str, Worker] = {}
+        self._memo_for: Sequence[Worker] | None = None
+
+    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        key = ctx.routing_key()
+        if key is None:
+            ctx.note("no routing key: random worker", fallback=True)
+            return candidates[int(self.rng.random() * len(candidates))]
+        memo = self._memo  # per route, so per model: the key alone identifies the ring position
+        if candidates is route.candidates:
+            if self._memo_for is not candidates:
+                memo.clear()
+                self._memo_for = candidates
+            known = memo.get(key)
+            if known is not None:
+                ctx.reason = "key's worker on the ring"
+                return known
+        worker, skipped = ring_pick(route, candidates, ctx.key_hash())  # type: ignore[arg-type]
+        if worker is not None and not skipped and candidates is route.candidates:
+            if len(memo) >= MEMO_SIZE:
+                memo.clear()
+            memo[key] = worker
+        if worker is None:
+            ctx.note("no ring for this model: random worker", fallback=True)
+            return candidates[int(self.rng.random() * len(candidates))]
+        if skipped:
+            ctx.note(f"key's worker unavailable: next on the ring ({skipped} skipped)", fallback=True,
+                     skipped=skipped)
+        else:
+            ctx.reason = "key's worker on the ring"
+        return worker
+
+
+class ConsistentHashBounded(Policy):
+    name = "consistent_hash_bounded"
+
+    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        h = ctx.key_hash()
+        in_flight = self.env.load.in_flight
+        if h is None:
+            ctx.note("no routing key: random worker", fallback=True)
+            return candidates[int(self.rng.random() * len(candidates))]
+        total = sum(self.env.columns(candidates).loads())
+        # Capacity per worker, rounded up as in the bounded-loads paper (Mirrokni et al.): the +1
+        # counts the request being placed, and the ceiling lets an idle fleet keep every key on
+        # its owner (1 / n * factor alone is below one request for n > factor).
+        limit = ceil((total + 1) / len(candidates) * self.env.settings.bounded_load_factor)
+        worker, skipped = ring_pick(route, candidates, h, lambda w: in_flight(w.slot) + 1 <= limit)
+        if worker is None:
+            worker, _ = ring_pick(route, candidates, h)
+            ctx.note("every worker above the load bound: the key's worker anyway", fallback=True)
+            return worker or candidates[0]
+        if skipped:
+            ctx.note(f"spilled past {skipped} worker(s) above the load bound", fallback=True,
+                     load_limit=limit)
+        else:
+            ctx.reason = "key's worker on the ring (within the load bound)"
+        return worker

@@ -1,0 +1,155 @@
+"""Policies driven by measured figures: latency, the engines' own load, and per-minute quotas.
+
+Role: ``least_latency`` (lowest moving average of time to the response head, which for streams is
+the time to first token), ``least_loaded`` (the workers' own running + waiting requests, scraped by
+the coordinator from vLLM/SGLang metrics), ``quota_aware`` (stay inside each worker's
+requests-per-minute and tokens-per-minute budget; 429 when nobody can take the request).
+
+Invariants:
+- Every figure is global: EWMAs and quota windows are summed or averaged over all proxies' cells
+  of the load board; engine figures are the coordinator's single copy.
+- Engine figures older than ``STALE_INTERVALS`` scrape intervals are ignored (least_loaded then
+  falls back to the router's own in-flight counts and says so).
+- Quota windows are per minute with a sliding estimate: used = this minute + last minute times the
+  share of it still inside a 60 s window. Usage is counted when a worker is picked, from an
+  estimate of the request's tokens (prompt bytes / 4 + max_tokens).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from operator import truediv
+from typing import TYPE_CHECKING
+
+from proxy_workers.errors import QuotaExceeded
+from proxy_workers.policies.base import Policy, index_of_min, least_loaded_of
+from proxy_workers.routing.context import RequestContext
+from shm.loadboard import (
+    E_SCRAPED_AT,
+    W_Q_MINUTE,
+    W_Q_PREV_REQUESTS,
+    W_Q_PREV_TOKENS,
+    W_Q_REQUESTS,
+    W_Q_TOKENS,
+)
+from shm.schema import Worker
+
+if TYPE_CHECKING:
+    from proxy_workers.routing.table import ModelRoute
+
+STALE_INTERVALS = 3
+
+
+class LeastLatency(Policy):
+    name = "least_latency"
+
+    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        # A worker nobody has measured yet scores 0: it gets tried, and so measured.
+        scores = self.env.columns(candidates).ttfb_sums()
+        best = index_of_min(scores, self.rng)
+        ctx.note("lowest time to first byte (EWMA)", ttfb_seconds=round(scores[best], 6))
+        return candidates[best]
+
+
+class LeastLoaded(Policy):
+    name = "least_loaded"
+
+    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        env = self.env
+        cols = env.columns(candidates)
+        # One scrape round covers every worker, so one worker's timestamp tells if it is stale.
+        board = env.board
+        scraped = board.floats[board.engine_word(candidates[0].slot) + E_SCRAPED_AT]
+        if scraped < time.time() - STALE_INTERVALS * env.settings.metrics_interval:
+            ctx.note("no fresh engine metrics: least in-flight", fallback=True)
+            return least_loaded_of(candidates, env, self.rng)
+        queue = cols.engine_queue()
+        scores = list(map(truediv, queue, cols.weights))
+        best = index_of_min(scores, self.rng)
+        ctx.note("fewest running + waiting requests (engine metrics)", queue=queue[best])
+        return candidates[best]
+
+
+class QuotaAware(Policy):
+    """Most budget left among two random workers; a full scan only when both are near their limit.
+
+    Two random choices keep a pick O(1) at any fleet size (a full scan reads six board words per
+    worker and proxy) while still steering away from workers close to their quota.
+    """
+
+    name = "quota_aware"
+
+    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+        env = self.env
+        minute, into = divmod(time.time(), 60.0)
+        window = (int(minute), 1.0 - into / 60.0)
+        tokens = ctx.estimated_tokens()
+        headroom = env.settings.quota_headroom
+        n = len(candidates)
+        sample = candidates
+        if n > 2:
+            i = int(self.rng.random() * n)
+            sample = [candidates[i], candidates[(i + 1 + int(self.rng.random() * (n - 1))) % n]]
+        best, best_ratio = self._best(sample, window, tokens, headroom)
+        if best is None and sample is not candidates:
+            best, best_ratio = self._best(candidates, window, tokens, headroom)
+        if best is None:
+            retry = max(1, int(60 - into) + 1)
+            raise QuotaExceeded(f"every worker for model '{route.model}' is at its per-minute quota",
+                                retry_after=retry)
+        if not ctx.dry_run:
+            self._count(best.slot, window[0], tokens)
+        ctx.note("most quota left", quota_used=round(best_ratio, 3))
+        return best
+
+    def _best(self, workers: Sequence[Worker], window: tuple[int, float], tokens: int,
+              headroom: float) -> tuple[Worker | None, float]:
+        in_flight = self.env.load.in_flight
+        best, best_ratio = None, float("inf")
+        for w in workers:
+            ratio = self._ratio(w, window, tokens)
+            if ratio > headroom:
+                continue
+            key = ratio + in_flight(w.slot) * 1e-6  # equal budgets: fewer in flight wins
+            if key < best_ratio:
+                best, best_ratio = w, key
+        return best, best_ratio
+
+    def _ratio(self, w: Worker, window: tuple[int, float], tokens: int) -> float:
+        """Share of the worker's budget used once this request is counted (0: unlimited)."""
+        if not w.quota_rpm and not w.quota_tpm:
+            return 0.0
+        used_req, used_tok = self._used(w.slot, *window)
+        r = (used_req + 1) / w.quota_rpm if w.quota_rpm else 0.0
+        t = (used_tok + tokens) / w.quota_tpm if w.quota_tpm else 0.0
+        return max(r, t)
+
+    def _used(self, slot: int, minute: int, weight_prev: float) -> tuple[float, float]:
+        board, ints = self.env.board, self.env.board.ints
+        stride, word = board.worker_stride(), board.cell_word(0, slot)
+        req = tok = 0.0
+        for p in range(self.env.proxies):
+            cell = word + p * stride
+            at = ints[cell + W_Q_MINUTE]
+            if at == minute:
+                req += ints[cell + W_Q_REQUESTS] + ints[cell + W_Q_PREV_REQUESTS] * weight_prev
+                tok += ints[cell + W_Q_TOKENS] + ints[cell + W_Q_PREV_TOKENS] * weight_prev
+            elif at == minute - 1:
+                req += ints[cell + W_Q_REQUESTS] * weight_prev
+                tok += ints[cell + W_Q_TOKENS] * weight_prev
+        return req, tok
+
+    def _count(self, slot: int, minute: int, tokens: int) -> None:
+        board = self.env.board
+        ints, cell = board.ints, board.cell_word(self.env.proxy, slot)
+        at = ints[cell + W_Q_MINUTE]
+        if at != minute:
+            last = at == minute - 1
+            ints[cell + W_Q_PREV_REQUESTS] = ints[cell + W_Q_REQUESTS] if last else 0
+            ints[cell + W_Q_PREV_TOKENS] = ints[cell + W_Q_TOKENS] if last else 0
+            ints[cell + W_Q_REQUESTS] = 0
+            ints[cell + W_Q_TOKENS] = 0
+            ints[cell + W_Q_MINUTE] = minute
+        ints[cell + W_Q_REQUESTS] += 1
+        ints[cell + W_Q_TOKENS] += tokens

@@ -1,0 +1,107 @@
+"""From a parsed request to a route and a context: the routing steps, in one place.
+
+Role: used by the proxy path (every ``/v1/*`` request) and by ``POST /route/explain`` (the same
+steps, nothing sent), so an explanation always describes what routing would really do.
+
+Steps: decode the routing fields of the body -> resolve an alias (traffic split) -> select the
+router (connection preference, PD first, regular fallback) -> the model's route -> a
+:class:`RequestContext` for the policy. The decision (router, policy, worker, reason, scores,
+shard, fallback) is rendered by :func:`describe`, the seed's RoutingDecision.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from proxy_workers.errors import BadRequest, RouterError
+from proxy_workers.routing.context import ROUTING_DECODER, RequestContext
+from proxy_workers.routing.selection import resolve_alias, select_router
+from proxy_workers.routing.table import ModelRoute, PDRoute, RoutingTable
+
+if TYPE_CHECKING:
+    from proxy_workers.serving.protocol import ProxyProcess, Request
+    from shm.schema import Worker
+
+_encode = msgspec.json.Encoder().encode
+
+
+def _body_error(exc: msgspec.MsgspecError) -> BadRequest:
+    """A 400 naming the field (a wrong type) or saying the body is not JSON."""
+    if isinstance(exc, msgspec.ValidationError):
+        param = str(exc).rpartition("$.")[2].rstrip("`") or None
+        return BadRequest(f"invalid request body: {exc}", param=param)
+    return BadRequest(f"request body is not valid JSON: {exc}")
+
+
+def prepare(proc: ProxyProcess, request: Request,
+            dry_run: bool = False) -> tuple[ModelRoute | PDRoute, RequestContext]:
+    """The route and context for ``request``; raises RouterError (404, 503, 400) with a reason."""
+    body = request.body
+    try:
+        fields = ROUTING_DECODER.decode(body) if body else None
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise _body_error(exc) from None
+    model = fields.model if fields is not None else None
+    table: RoutingTable = proc.table()
+    ctx = RequestContext(model, fields, request.body, request.headers, request.peer,
+                         proc.hash_headers, proc.settings.hash_fallback, explain=request.explain)
+    ctx.dry_run = dry_run
+    if model is None:
+        ctx.router, ctx.reason = "http_regular", "no model field: round-robin over all workers"
+        return table.any, ctx
+    if model in table.aliases:
+        ctx.alias = model
+        model = ctx.model = resolve_alias(model, table.aliases, table.routes, proc.rng)
+        if not dry_run:
+            retarget(request, model)
+            ctx.body = request.body
+    preference = request.connection or proc.settings.connection_preference
+    choice = table.router_choice.get((model, preference))
+    if choice is None:
+        router, why = _usable_router(table, model, preference)
+        choice = table.router_choice[(model, preference)] = (router, why, table.route_in(router, model))
+    ctx.router, ctx.router_reason, route = choice
+    return route, ctx
+
+
+def retarget(request: Request, model: str) -> None:
+    """Rewrite the body's ``model`` to an alias's target, so the worker is asked for a model it serves.
+
+    The worker's Content-Length is computed when the request is sent (``Request.wire``), so
+    replacing the body is enough.
+    """
+    doc = msgspec.json.decode(request.body)  # prepare decoded it already: valid JSON
+    doc["model"] = model
+    request.body = _encode(doc)
+
+
+def _usable_router(table: RoutingTable, model: str, preference: str) -> tuple[str, str]:
+    """The selected router, unless it is a PD router without a healthy pair and a regular router
+    of the model can serve: then the regular one (a PD model stays served while a side is down)."""
+    available = table.router_of.get(model, ())
+    name, reason = select_router(model, available, preference)
+    if name.endswith("_pd") and not table.route_in(name, model).candidates:
+        rest = tuple(r for r in available if not r.endswith("_pd"))
+        if rest:
+            try:
+                regular, _ = select_router(model, rest, preference)
+            except RouterError:
+                return name, reason
+            if table.route_in(regular, model).candidates:
+                return regular, f"{name} has no healthy prefill/decode pair: fell back to {regular}"
+    return name, reason
+
+
+def describe(route: ModelRoute, ctx: RequestContext, worker: Worker | None) -> dict[str, Any]:
+    """The decision as the seed's RoutingDecision: router, policy, worker, reason, scores."""
+    return {"router": ctx.router, "router_reason": ctx.router_reason, "model": ctx.model,
+            "alias": ctx.alias, "policy": route.policy.name, "shard": ctx.shard,
+            "worker": worker.url if worker is not None else None, "reason": ctx.reason,
+            "fallback": ctx.fallback, "scores": ctx.scores or {}}
+
+
+def header_value(decision: dict[str, Any]) -> bytes:
+    """The decision as one response-header value (compact JSON, ASCII only)."""
+    return _encode(decision).decode().encode("ascii", "backslashreplace")

@@ -1,0 +1,186 @@
+"""The router's own endpoints, answered by whichever proxy process receives them.
+
+Role: ``/health``, ``/readiness``, ``/v1/models``, ``/stats``, ``/workers`` and ``/metrics``. Figures
+are totals across all proxy processes, read from the shared-memory load board, so the answer does
+not depend on which process the kernel handed the connection to.
+
+Invariant: nothing here is on the proxied request path; clarity beats microseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import psutil
+
+from proxy_workers.errors import MethodNotAllowed, NotFound
+from proxy_workers.policies.registry import POLICY_INDEX
+from proxy_workers.routing.decision import describe, prepare
+from proxy_workers.routing.table import PDRoute, routable
+from proxy_workers.serving.metrics import render_metrics
+from shm.loadboard import P_PID
+from shm.schema import Snapshot, Worker
+
+if TYPE_CHECKING:
+    from proxy_workers.serving.protocol import ProxyProcess, Request
+
+VERSION = "0.1.0"
+_JSON = b"application/json"
+_encode = msgspec.json.Encoder().encode
+_processes: dict[int, psutil.Process] = {}
+
+
+def answer(proc: ProxyProcess, request: Request) -> tuple[int, bytes, bytes]:
+    """(status, body, content type) for a router endpoint; raises RouterError otherwise."""
+    path = request.path.decode("latin-1")
+    if path == "/route/explain":
+        if request.method != b"POST":
+            raise MethodNotAllowed("/route/explain accepts POST only (the request body to explain)")
+        return _explain(proc, request)
+    handler = _GET.get(path)
+    if handler is None and path.startswith("/v1/models/"):
+        return _model(proc, path[len("/v1/models/"):])
+    if handler is None:
+        raise NotFound(f"no route for {path}; the router proxies /v1/* and serves /health, "
+                       "/readiness, /v1/models, /stats, /workers, /routers, /metrics, "
+                       "POST /route/explain")
+    if request.method not in (b"GET", b"HEAD"):
+        raise MethodNotAllowed(f"{path} accepts GET only")
+    return handler(proc)
+
+
+def _explain(proc: ProxyProcess, request: Request) -> tuple[int, bytes, bytes]:
+    """The routing decision for a request body, without sending it anywhere."""
+    request.explain = True
+    route, ctx = prepare(proc, request, dry_run=True)
+    if isinstance(route, PDRoute):
+        prefill = route.prefill.pick(ctx)
+        worker = route.decode.pick(ctx)
+        decision = describe(route.decode, ctx, worker)
+        decision["prefill_worker"] = prefill.url
+        decision["pd_dialect"] = route.dialect
+        return 200, _encode(decision), _JSON
+    worker = route.pick(ctx)
+    return 200, _encode(describe(route, ctx, worker)), _JSON
+
+
+def _routers(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    """The four routers and their models, in the seed's form; a router with no model is absent."""
+    routers = _snapshot(proc).routers
+    body = {"routers": [{name: list(models)} for name, models in routers.items()]}
+    return 200, _encode(body), _JSON
+
+
+def _snapshot(proc: ProxyProcess) -> Snapshot:
+    return proc.table().snapshot
+
+
+def _health(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    snap = _snapshot(proc)
+    healthy = sum(1 for w in snap.workers if routable(w))
+    return 200, _encode({"status": "ok", "healthy_workers": healthy, "workers": len(snap.workers)}), _JSON
+
+
+def _readiness(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    table = proc.table()
+    unready = sorted(m for m in table.routes if not table.serving(m)[0])
+    ready = bool(table.routes) and not unready
+    body = {"status": "ready" if ready else "not ready", "unready_models": unready}
+    return (200 if ready else 503), _encode(body), _JSON
+
+
+def _model_entry(model: str, healthy: int, total: int) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": 0, "owned_by": "shardgate",
+            "healthy_workers": healthy, "workers": total}
+
+
+def _models(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    table = proc.table()
+    served = {m: table.serving(m) for m in sorted(table.routes)}
+    data = [_model_entry(m, healthy, total) for m, (healthy, total) in served.items() if healthy]
+    for alias, targets in sorted(table.aliases.items()):
+        live = [m for m in targets if served.get(m, (0, 0))[0]]
+        if live:
+            entry = _model_entry(alias, sum(served[m][0] for m in live), sum(served[m][1] for m in live))
+            entry["alias_of"] = dict(targets)
+            data.append(entry)
+    return 200, _encode({"object": "list", "data": data}), _JSON
+
+
+def _model(proc: ProxyProcess, name: str) -> tuple[int, bytes, bytes]:
+    healthy, total = proc.table().serving(name)
+    if not healthy:
+        raise NotFound(f"The model '{name}' does not exist or is not served here.")
+    return 200, _encode(_model_entry(name, healthy, total)), _JSON
+
+
+def _worker_view(proc: ProxyProcess, w: Worker, proxies: int) -> dict[str, Any]:
+    totals = proc.board.worker_totals(w.slot, proxies)
+    return {"url": w.url, "slot": w.slot, "models": list(w.models), "type": w.type,
+            "connection": w.connection, "weight": w.weight, "labels": w.labels, "shard": w.shard,
+            "healthy": w.healthy, "draining": w.draining, "health_reason": w.health_reason,
+            "ejected": w.ejected, **totals,
+            # What the engine says of itself (least_loaded); engine_scraped_at 0: never scraped.
+            **proc.board.engine(w.slot)}
+
+
+def _workers(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    snap = _snapshot(proc)
+    workers = [_worker_view(proc, w, snap.proxies) for w in snap.workers]
+    return 200, _encode({"workers": workers, "notices": list(snap.notices), "sources": snap.sources}), _JSON
+
+
+def _proxy_rows(proc: ProxyProcess, proxies: int) -> list[dict[str, Any]]:
+    rows = []
+    for index in range(proxies):
+        row = proc.board.proxy_row(index)
+        pid = int(row["pid"])
+        row["index"] = index
+        row.update(_process_figures(pid))
+        rows.append(row)
+    return rows
+
+
+def _process_figures(pid: int) -> dict[str, Any]:
+    if not pid:
+        return {"alive": False}
+    try:
+        process = _processes.get(pid)
+        if process is None:
+            process = _processes[pid] = psutil.Process(pid)
+        cpu = process.cpu_times()
+        return {"alive": True, "rss_bytes": process.memory_info().rss,
+                "cpu_seconds": round(cpu.user + cpu.system, 3),
+                "cpu_percent": process.cpu_percent(None)}
+    except psutil.Error:
+        _processes.pop(pid, None)
+        return {"alive": False}
+
+
+def _stats(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    snap = _snapshot(proc)
+    proxies = _proxy_rows(proc, snap.proxies)
+    keys = ("requests", "errors", "in_flight", "client_disconnects", "retries")
+    totals = {k: sum(int(p[k]) for p in proxies) for k in keys}
+    workers = [_worker_view(proc, w, snap.proxies) for w in snap.workers]
+    body = {"totals": totals, "proxies": proxies, "workers": workers,
+            "snapshot": {"generation": snap.generation,
+                         "age_seconds": round(time.time() - snap.created_at, 3),
+                         "coordinator_pid": snap.coordinator_pid},
+            "answered_by": {"index": proc.index, "pid": int(proc.ints[proc.row + P_PID])}}
+    return 200, _encode(body), _JSON
+
+
+def _metrics(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    snap = _snapshot(proc)
+    proxies = _proxy_rows(proc, snap.proxies)
+    workers = [_worker_view(proc, w, snap.proxies) for w in snap.workers]
+    decisions = {name: proc.board.decisions(index, snap.proxies) for name, index in POLICY_INDEX.items()}
+    text = render_metrics(snap, proxies, workers, VERSION, decisions)
+    return 200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8"
+
+
+_GET = {"/routers": _routers, "/health": _health, "/readiness": _readiness, "/v1/models": _models,
+        "/stats": _stats, "/workers": _workers, "/metrics": _metrics}

@@ -1,0 +1,163 @@
+"""Lifecycle of one proxy process: attach, bind, serve, sweep, drain.
+
+Role: start a uvloop event loop, attach the shared-memory segments, bind the SO_REUSEPORT
+listener, serve until SIGTERM, then shut down gracefully.
+
+Signals (handled here only): SIGTERM drains and exits 0. SIGINT and SIGHUP are ignored: a Ctrl-C
+in a terminal reaches the whole process group, and the coordinator decides what it means
+(first: graceful stop; second: immediate exit); configuration reaches proxies through snapshots.
+
+Graceful shutdown, in order:
+  1. stop accepting (close the listener);
+  2. close idle keep-alive connections; busy ones get ``Connection: close`` on their response;
+  3. wait for in-flight requests and streams, up to ``grace_period``;
+  4. abort what remains (the workers see the disconnect and stop generating);
+  5. close pooled worker connections, zero this row's gauges, exit 0.
+
+The periodic sweep (every ``SWEEP_SECONDS``) enforces every timeout (one timer for all requests
+is cheaper than a timer per request), writes the heartbeat and closes idle pooled sockets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+import posix_ipc
+import uvloop
+
+from proxy_workers.serving.protocol import ClientProtocol, ProxyProcess
+from proxy_workers.serving.state import freeze_startup_heap
+from shm.affinity import AffinityTable
+from shm.loadboard import (
+    P_GENERATION,
+    P_HEARTBEAT,
+    P_IN_FLIGHT,
+    P_PID,
+    P_RESTARTS,
+    P_STARTED,
+    P_TORN_READS,
+    LoadBoard,
+)
+from shm.process import EXIT_BOOT_ERROR, EXIT_OK, LISTEN_BACKLOG, listen_socket
+from shm.segment import Segment, segment_name
+from shm.snapshot import SnapshotReader
+
+SWEEP_SECONDS = 0.25
+log = logging.getLogger("shardgate.proxy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m proxy_workers")
+    parser.add_argument("--instance", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        reader = SnapshotReader(Segment.attach(segment_name(args.instance, "snap")))
+        board = LoadBoard(Segment.attach(segment_name(args.instance, "board")))
+        affinity = AffinityTable(Segment.attach(segment_name(args.instance, "affinity")))
+        snapshot = reader.current()
+        if snapshot is None:
+            raise ValueError("the coordinator has not published a snapshot")
+        settings = snapshot.settings
+        logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                            format=f"%(asctime)s proxy[{args.index}] %(levelname)s %(message)s")
+        if not 0 <= args.index < board.max_proxies:
+            raise ValueError(f"proxy index {args.index} outside the load board")
+        sock = listen_socket(settings.host, settings.port)
+    except (OSError, ValueError, posix_ipc.Error) as exc:
+        print(f"shardgate proxy {args.index}: cannot start: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BOOT_ERROR
+    uvloop.run(_serve(args.index, reader, board, affinity, sock))
+    return EXIT_OK
+
+
+async def _serve(index: int, reader: SnapshotReader, board: LoadBoard, affinity: AffinityTable,
+                 sock: object) -> None:
+    loop = asyncio.get_running_loop()
+    proc = ProxyProcess(loop, index, reader, board, affinity)
+    _claim_row(board, index)
+    freeze_startup_heap()
+    server = await loop.create_server(lambda: ClientProtocol(proc), sock=sock, backlog=LISTEN_BACKLOG)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # The coordinator that spawned us, from its snapshot: os.getppid() here could already name
+    # init if the coordinator died while this process was starting, hiding that it is orphaned.
+    coordinator = proc.table().snapshot.coordinator_pid
+    sweeper = loop.create_task(_sweep_forever(proc, stop, coordinator))
+    log.debug("serving with pid %d", os.getpid())
+    await stop.wait()
+    await _shutdown(proc, server)
+    sweeper.cancel()
+
+
+def _claim_row(board: LoadBoard, index: int) -> None:
+    """Take over this process's row: the previous owner's in-flight requests died with it."""
+    ints, floats = board.ints, board.floats
+    if ints[board.proxy_word(index, P_PID)]:
+        ints[board.proxy_word(index, P_RESTARTS)] += 1
+    board.reset_gauges(index)
+    ints[board.proxy_word(index, P_PID)] = os.getpid()
+    floats[board.proxy_word(index, P_STARTED)] = time.time()
+    floats[board.proxy_word(index, P_HEARTBEAT)] = time.time()
+
+
+def _sweep(proc: ProxyProcess) -> None:
+    loop_now = proc.loop.time()
+    proc.table()  # take a new snapshot even when no request arrives
+    settings = proc.settings
+    for exchange in list(proc.active):
+        exchange.check_deadline(loop_now)
+    for conn in list(proc.connections):
+        conn.check_deadline(loop_now, settings.header_timeout, settings.keepalive_timeout)
+    proc.pools.sweep(loop_now - settings.keepalive_timeout)
+    board, index = proc.board, proc.index
+    board.floats[board.proxy_word(index, P_HEARTBEAT)] = time.time()
+    board.ints[board.proxy_word(index, P_IN_FLIGHT)] = len(proc.active)
+    board.ints[board.proxy_word(index, P_GENERATION)] = proc.reader.generation
+    board.ints[board.proxy_word(index, P_TORN_READS)] = proc.reader.torn_reads
+
+
+async def _sweep_forever(proc: ProxyProcess, stop: asyncio.Event, parent: int) -> None:
+    orphaned_at = 0.0
+    while True:
+        await asyncio.sleep(SWEEP_SECONDS)
+        try:
+            _sweep(proc)
+        except Exception:  # the sweep must survive anything one connection does
+            log.exception("sweep failed")
+        if os.getppid() != parent and not stop.is_set():
+            # The coordinator died: keep serving the last snapshot for a while (a supervisor may
+            # be restarting it), then drain and leave rather than hold the port forever.
+            now = time.monotonic()
+            if not orphaned_at:
+                orphaned_at = now
+                log.warning("coordinator gone; serving the last snapshot for %.0fs",
+                            proc.settings.orphan_timeout)
+            if now - orphaned_at >= proc.settings.orphan_timeout:
+                stop.set()
+
+
+async def _shutdown(proc: ProxyProcess, server: asyncio.AbstractServer) -> None:
+    server.close()
+    proc.draining = True
+    for conn in list(proc.connections):
+        if conn.exchange is None and not conn.queue and not conn.reading_since:
+            conn.transport.close()  # type: ignore[union-attr]
+    deadline = proc.loop.time() + proc.settings.grace_period
+    while proc.active and proc.loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    for conn in list(proc.connections):
+        if conn.transport is not None:
+            conn.transport.abort()
+    for pool in proc.pools.pools.values():
+        pool.close_all()
+    proc.board.reset_gauges(proc.index)
+    await asyncio.sleep(0)  # let transports deliver their close

@@ -1,0 +1,366 @@
+"""The client side of a proxy process: HTTP/1.1 parsing with httptools, dispatch, responses.
+
+Role: :class:`ClientProtocol` reads requests from one client connection, answers the router's own
+endpoints, and hands ``/v1/*`` requests to an :class:`proxy_workers.exchange.Exchange`.
+:class:`ProxyProcess` holds what all connections of the process share.
+
+Invariants:
+- llhttp does the framing and rejects what it rejects (smuggling attempts, bad chunking): any
+  parser error is a 400 and the connection is closed. Upgrades are refused: the Upgrade header of
+  a request without a body is ignored (RFC 9110 7.8), the request answered over HTTP/1.1 and the
+  connection closed after it; one with a body gets 400 (llhttp cannot read that body).
+- The request body is buffered up to ``max_body_size`` (the router must read ``model`` before it
+  can pick a worker); a larger declared or actual body gets 413 before more is read.
+- Hop-by-hop headers, and any header the client names in ``Connection``, are dropped before the
+  router adds its own (``X-Forwarded-For``, ``X-Request-ID``), so a client cannot strip those.
+- Responses go out in request order (pipelined requests wait their turn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import deque
+
+import httptools
+
+from proxy_workers.errors import (
+    BadRequest,
+    BodyTooLarge,
+    HeadersTooLarge,
+    InternalError,
+    MethodNotAllowed,
+    RequestTimeout,
+    RouterError,
+    render,
+    render_response,
+)
+from proxy_workers.http.exchange import Exchange
+from proxy_workers.http.pd import PDExchange
+from proxy_workers.http.upstream import without_fields
+from proxy_workers.routing.decision import prepare
+from proxy_workers.serving import endpoints
+from proxy_workers.serving.state import ProxyProcess, Request
+
+log = logging.getLogger("shardgate.proxy")
+MAX_HEAD_BYTES = 64 * 1024
+REQUEST_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                          b"transfer-encoding", b"upgrade", b"proxy-authorization", b"host",
+                          b"content-length", b"expect", b"x-forwarded-for", b"x-request-id"})
+# Headers the router reads itself but still forwards.
+ROUTER_READS = frozenset({b"x-shardgate-debug", b"x-shardgate-connection"})
+# Fields kept aside while the head is read, handled when the request is complete.
+ROUTER_NOTES = ROUTER_READS | {b"x-forwarded-for", b"x-request-id"}
+SPECIAL_REQUEST_HEADERS = REQUEST_DROP | ROUTER_READS
+REFUSED_METHODS = frozenset({b"HEAD", b"CONNECT", b"TRACE"})
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+NO_TOKENS: frozenset[bytes] = frozenset()
+
+
+class ClientProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    __slots__ = ("_body", "_body_len", "_conn_tokens", "_continue_pending", "_expect", "_head_done",
+                 "_head_len", "_headers", "_noted", "_parts", "_stopped", "_upgrade", "_url", "exchange",
+                 "idle_since", "parser", "peer", "proc", "queue", "reading_since", "transport")
+
+    def __init__(self, proc: ProxyProcess) -> None:
+        self.proc = proc
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.queue: deque[Request] = deque()
+        self.peer = b""
+        self.idle_since = proc.loop.time()
+        self.reading_since = 0.0
+        self._upgrade = False  # a request asked to upgrade: it is answered, then the connection closed
+        self._stopped = False  # llhttp stopped after that request: later bytes are not HTTP/1.1
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._parts: list[bytes] = []  # header lines for the worker, built as headers arrive
+        self._noted: list[tuple[bytes, bytes]] = []  # fields in ROUTER_NOTES, rare
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._head_len = 0  # bytes received while this request's head was incomplete
+        self._head_done = False
+        self._conn_tokens: frozenset[bytes] = NO_TOKENS
+        self._continue_pending = False
+        self._expect = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = (peer[0] if peer else "unknown").encode()
+        self.proc.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        if not self._head_done:
+            self._head_len += len(data)  # an upper bound of the head's size (see the check below)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # llhttp stops after a request that asks to upgrade (it is already complete and
+            # dispatched, with keep-alive off); what follows would be the other protocol.
+            self._stopped = True
+        except httptools.HttpParserCallbackError as exc:
+            # Our own callbacks raised: a RouterError is an answer, anything else is a bug.
+            cause = exc.__context__
+            if not isinstance(cause, RouterError):
+                log.error("internal error while handling a request", exc_info=cause)
+                cause = InternalError("internal router error; see the router's log")
+            self.fail_connection(cause)
+        except httptools.HttpParserError as exc:
+            self.fail_connection(BadRequest(f"malformed HTTP request: {exc}"))
+        else:
+            # A head still incomplete after MAX_HEAD_BYTES of input is refused: what llhttp
+            # buffers stays bounded, at no cost per header.
+            if self._head_len > MAX_HEAD_BYTES and not self._head_done:
+                self.fail_connection(HeadersTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proc.connections.discard(self)
+        self.queue.clear()
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.client_gone()
+
+    def pause_writing(self) -> None:
+        conn = self.exchange.conn if self.exchange is not None else None
+        if conn is not None and conn.transport is not None:
+            conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        conn = self.exchange.conn if self.exchange is not None else None
+        if conn is not None and conn.transport is not None:
+            conn.transport.resume_reading()
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    # No on_message_begin: each httptools callback costs ~0.3 us, so per-message state is reset
+    # at the end of the previous message and a new message is noticed by its first URL bytes.
+
+    def on_url(self, url: bytes) -> None:
+        if not self._url:
+            self.reading_since = self.proc.loop.time()
+            self.idle_since = 0.0  # a request is arriving: header_timeout governs it, not keepalive
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        low = name.lower()
+        self._headers.append((low, value))
+        # Each field is classified once, here: an ordinary one becomes its line for the worker
+        # right away; hop-by-hop and router-read ones are handled by _special_header.
+        if low not in SPECIAL_REQUEST_HEADERS:
+            self._parts.append(b"%s: %s\r\n" % (low, value))
+        elif low != b"host":  # Host is the worker's (set per pool); nothing to note
+            self._special_header(low, value)
+
+    def _special_header(self, name: bytes, value: bytes) -> None:
+        if name == b"content-length":
+            limit = self.proc.settings.max_body_size
+            if int(value) > limit:
+                raise BodyTooLarge(f"request body of {int(value)} bytes exceeds max_body_size={limit}")
+        elif name == b"connection":
+            # Repeated Connection fields form one list: every field's tokens count.
+            self._conn_tokens |= frozenset(t.strip().lower() for t in value.split(b","))
+        elif name == b"expect":
+            self._expect = value.lower() == b"100-continue"
+        elif name in ROUTER_NOTES:
+            self._noted.append((name, value))
+            if name in ROUTER_READS:
+                self._parts.append(b"%s: %s\r\n" % (name, value))
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+        if self.parser.should_upgrade():
+            # llhttp treats everything after an upgrading head as the new protocol, so a body
+            # cannot be read: such a request is refused rather than forwarded without its body.
+            if any(n == b"transfer-encoding" or (n == b"content-length" and int(v) > 0)
+                   for n, v in self._headers):
+                raise BadRequest("protocol upgrades are not supported")
+            self._upgrade = True
+        if self._expect:
+            if self.exchange is None and not self.queue:
+                self.transport.write(CONTINUE)  # type: ignore[union-attr]
+            else:
+                # A pipelined request: its interim answer must not land inside an earlier
+                # response; it goes out when the connection's earlier requests are answered.
+                self._continue_pending = True
+
+    def on_body(self, body: bytes) -> None:
+        self._body_len += len(body)
+        if self._body_len > self.proc.settings.max_body_size:
+            raise BodyTooLarge(f"request body exceeds max_body_size={self.proc.settings.max_body_size}")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        keep_alive = parser.should_keep_alive()
+        # HTTP/1.0 keeps a connection only when a Connection header asks for it, so keep-alive
+        # without one means 1.1 (and get_http_version, which builds a string, is skipped).
+        http11 = (keep_alive and not self._conn_tokens) or parser.get_http_version() == "1.1"
+        request = Request(parser.get_method(), self._url, http11, keep_alive and not self._upgrade)
+        self._continue_pending = False  # the body came anyway; no interim answer is due
+        body = self._body
+        request.body = body[0] if len(body) == 1 else b"".join(body)
+        self._prepare(request)
+        self._reset()
+        self.reading_since = 0.0
+        if self.exchange is None and not self.queue:
+            self.dispatch(request)
+        else:
+            self.queue.append(request)
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _prepare(self, request: Request) -> None:
+        """Request id, and the upstream head minus its request line and Host."""
+        supplied_id, forwarded_for = self._apply_notes(request) if self._noted else (b"", self.peer)
+        parts = self._parts
+        if self._conn_tokens:
+            # Rare: the client named headers as hop-by-hop in Connection; leave those out too.
+            parts = without_fields(parts, self._conn_tokens)
+        request.headers = self._headers
+        request.peer = self.peer
+        request.request_id = rid = supplied_id or self.proc.next_request_id()
+        parts.append(b"x-forwarded-for: %s\r\nx-request-id: %s\r\n" % (forwarded_for, rid))
+        request.upstream_head = b"".join(parts)
+
+    def _apply_notes(self, request: Request) -> tuple[bytes, bytes]:
+        """The fields kept aside (ROUTER_NOTES): (client's request id or b"", X-Forwarded-For)."""
+        forwarded: list[bytes] = []
+        supplied_id = b""
+        for name, value in self._noted:
+            if name == b"x-forwarded-for":
+                forwarded.append(value)  # repeated fields form one list; keep every hop
+            elif name == b"x-request-id":
+                if _REQUEST_ID.match(value):
+                    supplied_id = value
+            else:
+                try:
+                    self._router_header(request, name, value)
+                except RouterError as err:
+                    request.error = err
+        forwarded.append(self.peer)
+        return supplied_id, b", ".join(forwarded)
+
+    @staticmethod
+    def _router_header(request: Request, name: bytes, value: bytes) -> None:
+        if name == b"x-shardgate-debug":
+            request.explain = value.strip() in (b"1", b"true")
+        elif name == b"x-shardgate-connection":
+            wanted = value.strip().lower().decode("latin-1")
+            if wanted not in ("http", "grpc", "any"):
+                raise BadRequest("X-Shardgate-Connection must be http, grpc or any",
+                                 param="X-Shardgate-Connection")
+            request.connection = wanted
+
+    def dispatch(self, request: Request) -> None:
+        self.idle_since = 0.0
+        try:
+            if request.error is not None:
+                raise request.error
+            path = request.path
+            if not path.startswith(b"/v1/") or path.startswith(b"/v1/models"):
+                self._answer_locally(request)
+                return
+            if request.method in REFUSED_METHODS:
+                raise MethodNotAllowed(f"{request.method.decode()} is not supported on {path.decode()}")
+            route, ctx = prepare(self.proc, request)
+            router = ctx.router
+            if router == "http_regular":
+                exchange = Exchange(self.proc, self, request, route, ctx)  # type: ignore[arg-type]
+            elif router == "http_pd":
+                exchange = PDExchange(self.proc, self, request, route, ctx)  # type: ignore[assignment,arg-type]
+            else:  # grpc_regular, grpc_pd (grpc is loaded on first use)
+                from proxy_workers.grpc.exchange import GrpcExchange
+
+                exchange = GrpcExchange(self.proc, self, request, route, ctx)  # type: ignore[assignment]
+            self.exchange = exchange
+            exchange.start()
+        except RouterError as err:
+            self.proc.count_request(error=True)  # refused before any worker: still a request
+            self.send_error(err, request)
+            self._next(request)
+
+    def _answer_locally(self, request: Request) -> None:
+        status, body, content_type = endpoints.answer(self.proc, request)
+        self.write(_for_method(request, render_response(status, body, content_type,
+                                                        request.request_id.decode(),
+                                                        close=not request.keep_alive)))
+        self._next(request)
+
+    def exchange_done(self, exchange: Exchange, error: bool) -> None:
+        """Any kind of exchange ended: it leaves the active set and counts once as a request."""
+        proc = self.proc
+        proc.active.discard(exchange)
+        proc.count_request(error)
+        if self.exchange is exchange:
+            self.exchange = None
+        self._next(exchange.request)
+
+    def _next(self, request: Request) -> None:
+        if not request.keep_alive or self.proc.draining:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self.queue:
+            self.dispatch(self.queue.popleft())
+        else:
+            self.idle_since = self.proc.loop.time()
+            if self._continue_pending:  # a request's head waits for its 100 Continue
+                self._continue_pending = False
+                self.write(CONTINUE)
+
+    # -- output ----------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def send_error(self, err: RouterError, request: Request) -> None:
+        close = not request.keep_alive or self.proc.draining
+        self.write(_for_method(request, render(err, request.request_id.decode(), close=close)))
+
+    def fail_connection(self, err: RouterError) -> None:
+        """A request that cannot be parsed or is refused before its body: answer and close."""
+        exchange = self.exchange
+        if exchange is not None:
+            if exchange.head_sent:
+                # Mid-response garbage (a pipelined request): drop the connection; the response
+                # in progress cannot be followed by an error answer.
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            # Nothing reached the client yet (e.g. an internal error while dispatching): release
+            # the worker and answer.
+            self.exchange = None
+            exchange.client_gone()
+        self.write(render(err, close=True))
+        if self.transport is not None:
+            self.transport.close()
+
+    def check_deadline(self, now: float, settings_header: float, keepalive: float) -> None:
+        if self.reading_since and now - self.reading_since > settings_header:
+            self.reading_since = 0.0
+            self.fail_connection(
+                RequestTimeout(f"request not received within header_timeout={settings_header}s"))
+        elif self.idle_since and not self.exchange and now - self.idle_since > keepalive:
+            if self.transport is not None:
+                self.transport.close()
+
+
+def _for_method(request: Request, response: bytes) -> bytes:
+    """A response to HEAD carries no content (RFC 9110 9.3.2): the head alone, Content-Length kept."""
+    if request.method == b"HEAD":
+        return response[:response.index(b"\r\n\r\n") + 4]
+    return response
