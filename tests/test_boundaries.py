@@ -10,7 +10,6 @@ module of one package.
 from __future__ import annotations
 
 import json
-import pkgutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +59,7 @@ def loaded_after_importing(package: str) -> tuple[list[str], list[str]]:
 @pytest.mark.parametrize("package", PACKAGES)
 def test_package_does_not_load_the_other_side(package: str) -> None:
     imported, loaded = loaded_after_importing(package)
-    assert imported == [package] + modules_of(package)
+    assert imported == [package, *modules_of(package)]
     assert len(imported) > 1, f"no module found in {package}"
     for other in FORBIDDEN[package]:
         leaked = [m for m in loaded if m == other or m.startswith(other + ".")]

@@ -16,7 +16,7 @@ Invariants:
   per worker URL kept in :class:`LoadChannels` (the coordinator's, made in its loop): channels of
   workers that left are closed at the next round (:meth:`LoadChannels.retain`), all of them when
   the coordinator stops (:meth:`LoadChannels.aclose`). A broken channel reconnects by itself
-  (backoff capped at ``LOAD_RECONNECT_BACKOFF_MS``); until it does, each call fails within its
+  (backoff capped at ``shm.proto.MAX_RECONNECT_BACKOFF_MS``); until it does, each call fails within its
   timeout.
 - grpc is imported on first use, so a coordinator of an HTTP-only fleet never loads it.
 """
@@ -26,31 +26,15 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from shm.proto import grpc_target
+from shm.proto import RECONNECT_OPTIONS, open_channel
 
 if TYPE_CHECKING:
     import grpc
 
     from shm.proto.worker_pb2_grpc import WorkerStub
 
-LOAD_RECONNECT_BACKOFF_MS = 2000
-LOAD_CHANNEL_OPTIONS = (
-    # gRPC's default backoff grows to 2 minutes: a worker back from a restart would keep stale
-    # figures that long. Capped, its channel is usable again within a scrape round or two.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    # Also the deadline of each connection attempt: shorter would cut slow (remote, TLS) handshakes.
-    ("grpc.min_reconnect_backoff_ms", LOAD_RECONNECT_BACKOFF_MS),
-    ("grpc.max_reconnect_backoff_ms", LOAD_RECONNECT_BACKOFF_MS),
-)
-
-
-def _channel(url: str, options: tuple[tuple[str, Any], ...] = ()) -> grpc.aio.Channel:
-    import grpc
-
-    target, tls = grpc_target(url)
-    if tls:
-        return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=options)
-    return grpc.aio.insecure_channel(target, options=options)
+# A worker back from a restart gets fresh figures within a scrape round or two (capped backoff).
+LOAD_CHANNEL_OPTIONS = RECONNECT_OPTIONS
 
 
 def _reason(exc: Any) -> str:
@@ -63,7 +47,7 @@ async def check_grpc_health(url: str, timeout: float) -> str:
     """Empty string when the worker reports SERVING, else the reason."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    channel = _channel(url)
+    channel = open_channel(url)
     try:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
                                                                timeout=timeout)
@@ -80,7 +64,7 @@ async def discover_grpc_models(url: str, timeout: float) -> tuple[str, ...]:
     """The models a worker lists in ``GetModelInfo``; raises ValueError with a reason."""
     from shm.proto import worker_pb2, worker_pb2_grpc
 
-    channel = _channel(url)
+    channel = open_channel(url)
     try:
         info = await worker_pb2_grpc.WorkerStub(channel).GetModelInfo(worker_pb2.ModelInfoRequest(),
                                                                       timeout=timeout)
@@ -115,7 +99,7 @@ class LoadChannels:
         if stub is None:
             from shm.proto.worker_pb2_grpc import WorkerStub
 
-            channel = self.channels[url] = _channel(url, LOAD_CHANNEL_OPTIONS)
+            channel = self.channels[url] = open_channel(url, LOAD_CHANNEL_OPTIONS)
             stub = self.stubs[url] = WorkerStub(channel)
         return stub
 

@@ -10,7 +10,7 @@ Invariants:
 - A worker that leaves the fleet has its channel closed (:meth:`GrpcChannels.retain`, called on
   every snapshot change); calls still running on it are cancelled by the close, as a client
   disconnect would.
-- Reconnect backoff is capped at ``MAX_RECONNECT_BACKOFF_MS``: a worker that comes back is
+- Reconnect backoff is capped at ``shm.proto.MAX_RECONNECT_BACKOFF_MS``: a worker that comes back is
   usable within seconds, not after gRPC's default two minutes.
 """
 
@@ -19,38 +19,22 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from shm.proto import grpc_target
+from shm.proto import RECONNECT_OPTIONS, open_channel
 
 if TYPE_CHECKING:
     import grpc
 
     from shm.proto.worker_pb2_grpc import WorkerStub
 
-MAX_RECONNECT_BACKOFF_MS = 2000
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a request carries the whole prompt (max_body_size is 32 MiB)
 CHANNEL_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    # gRPC also uses this as the deadline of each connection attempt: 200 ms cut slow (remote,
-    # TLS) handshakes short; gRPC's default (20 s) would keep a dead worker "connecting", every
-    # call to it waiting for the router's connect_timeout instead of failing over at once.
-    ("grpc.min_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
-    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    *RECONNECT_OPTIONS,
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),  # finds a dead worker under a silent stream
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 0),
 )
-
-
-def open_channel(url: str) -> grpc.aio.Channel:
-    """A new channel to a worker URL (the caller owns it)."""
-    import grpc
-
-    target, tls = grpc_target(url)
-    if tls:
-        return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options=CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
 
 
 class GrpcChannels:
@@ -68,7 +52,7 @@ class GrpcChannels:
         if stub is None:
             from shm.proto.worker_pb2_grpc import WorkerStub
 
-            channel = self.channels[url] = open_channel(url)
+            channel = self.channels[url] = open_channel(url, CHANNEL_OPTIONS)
             stub = self.stubs[url] = WorkerStub(channel)
         return stub
 

@@ -417,7 +417,9 @@ def parse_args(argv: list[str] | None) -> MockConfig:
 
 def main(argv: list[str] | None = None) -> int:
     if "--grpc" in (sys.argv[1:] if argv is None else argv):
-        from shardgate.mocks import grpc_worker as mock_grpc  # the same mock over gRPC (shm/proto/worker.proto)
+        from shardgate.mocks import (
+            grpc_worker as mock_grpc,  # the same mock over gRPC (shm/proto/worker.proto)
+        )
 
         return mock_grpc.main(sys.argv[1:] if argv is None else list(argv))
     return run(serve(parse_args(argv)))
