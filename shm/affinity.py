@@ -35,7 +35,9 @@ LAYOUT_VERSION = 1
 HEADER_WORDS = 8
 ENTRY_WORDS = 4
 PROBES = 8
-E_KEY, E_SLOT, E_CREATED, E_SEEN = 0, 1, 2, 3
+# Entry fields (A_: affinity entry; the load board's E_ constants are engine figures). The key
+# is word 0, so the hot loops read it as words[e].
+A_KEY, A_SLOT, A_CREATED, A_SEEN = 0, 1, 2, 3
 
 
 def table_size(max_proxies: int, capacity: int) -> int:
@@ -84,8 +86,8 @@ class AffinityTable:
                 e = base + ((home + i) % cap) * ENTRY_WORDS
                 if words[e] != key:
                     continue
-                slot = words[e + E_SLOT] - 1
-                created, seen = floats[e + E_CREATED], floats[e + E_SEEN]
+                slot = words[e + A_SLOT] - 1
+                created, seen = floats[e + A_CREATED], floats[e + A_SEEN]
                 better = best is None or (created > best[1] if latest else created < best[1])
                 if slot >= 0 and now - seen <= ttl and better and (usable is None or usable(slot)):
                     best = (slot, created)
@@ -108,21 +110,21 @@ class AffinityTable:
             e = base + ((home + i) % cap) * ENTRY_WORDS
             k = words[e]
             if k == key:
-                if words[e + E_SLOT] == slot + 1:
-                    floats[e + E_SEEN] = now  # the common case: refresh only
+                if words[e + A_SLOT] == slot + 1:
+                    floats[e + A_SEEN] = now  # the common case: refresh only
                     return
                 victim = e
                 break
             if k == 0:
                 victim = e
                 break
-            seen = floats[e + E_SEEN]
+            seen = floats[e + A_SEEN]
             if seen < victim_seen:
                 victim, victim_seen = e, seen
         words[victim] = 0
-        words[victim + E_SLOT] = slot + 1
-        floats[victim + E_CREATED] = now if created is None else created
-        floats[victim + E_SEEN] = now
+        words[victim + A_SLOT] = slot + 1
+        floats[victim + A_CREATED] = now if created is None else created
+        floats[victim + A_SEEN] = now
         words[victim] = key
 
     def forget(self, proxy: int, key: int) -> None:
@@ -138,7 +140,7 @@ class AffinityTable:
         for i in range(PROBES):
             e = base + ((key % cap + i) % cap) * ENTRY_WORDS
             if self.words[e] == key:
-                self.floats[e + E_SEEN] = float("-inf")
+                self.floats[e + A_SEEN] = float("-inf")
                 return
 
     def close(self) -> None:
