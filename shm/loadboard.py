@@ -150,7 +150,9 @@ class LoadBoard:
     def worker_totals(self, slot: int, proxies: int) -> dict[str, float]:
         """All counters of one worker summed over proxies; EWMAs averaged over proxies with data."""
         ints, floats = self.ints, self.floats
-        out = {"in_flight": 0, "requests": 0, "errors": 0, "connect_errors": 0, "streams": 0}
+        # Counters stay ints (JSON shows 3, not 3.0); the EWMAs added below are floats.
+        out: dict[str, float] = {"in_flight": 0, "requests": 0, "errors": 0, "connect_errors": 0,
+                                 "streams": 0}
         lat: list[float] = []
         ttfb: list[float] = []
         last_error = 0.0
@@ -175,7 +177,7 @@ class LoadBoard:
                  P_ERRORS: "errors", P_IN_FLIGHT: "in_flight", P_DISCONNECTS: "client_disconnects",
                  P_RETRIES: "retries", P_GENERATION: "snapshot_generation", P_TORN_READS: "torn_reads",
                  P_RESTARTS: "restarts", P_REJECTED: "rejected"}
-        row = {}
+        row: dict[str, float] = {}
         for field, name in names.items():
             word = self.proxy_word(proxy, field)
             row[name] = self.floats[word] if field in PROXY_FLOAT_FIELDS else self.ints[word]

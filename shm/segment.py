@@ -86,7 +86,7 @@ class Segment:
 
 def remove_stale() -> list[str]:
     """Remove segments whose creating process no longer exists. Returns the names removed."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(SHM_DIR.iterdir())
     except OSError:
