@@ -7,6 +7,10 @@ the generation counter moved.
 Invariants:
 - ``SCHEMA_VERSION`` changes only when a change is not backward compatible; every field added later
   has a default, so an older proxy can read a newer snapshot during a rolling restart.
+- ``Snapshot.schema`` is the compatibility rule: a reader takes a snapshot only when its ``schema``
+  equals the reader's ``SCHEMA_VERSION`` (``shm.snapshot``). So that any reader can tell which
+  version it was handed, the field keeps its name, its type (int) and its place (first) in every
+  version, whatever else changes; :func:`schema_of` reads it alone.
 - A worker's ``slot`` is stable for the life of the coordinator: it indexes the worker's column in
   the load board (``shm.loadboard``). Slots are reused only after a worker is gone.
 - ``models`` maps a model name to the slots of the workers that serve it, healthy or not; proxies
@@ -87,6 +91,7 @@ class ModelPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a proxy needs to route, published as one unit."""
 
+    # First, an int, named "schema", in every version (see the module invariants).
     schema: int = SCHEMA_VERSION
     generation: int = 0
     created_at: float = 0.0
@@ -120,3 +125,25 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
 def snapshot_decoder() -> msgspec.msgpack.Decoder[Snapshot]:
     """A decoder for one reader; build once per process (msgspec caches the type plan)."""
     return msgspec.msgpack.Decoder(Snapshot)
+
+
+class _SchemaOnly(msgspec.Struct):
+    """The one field every snapshot version shares; the decoder skips all the others unread."""
+
+    schema: int | None = None
+
+
+_SCHEMA_ONLY_DECODER = msgspec.msgpack.Decoder(_SchemaOnly)
+
+
+def schema_of(payload: bytes) -> int | None:
+    """The schema version an encoded snapshot declares, however its other fields look.
+
+    None when the payload declares none or is not a msgpack map at all (not a snapshot of any
+    version). Costs a pass over the bytes (about a seventh of a full decode), so readers call it
+    only to explain a payload they could not take, never on the way to taking one.
+    """
+    try:
+        return _SCHEMA_ONLY_DECODER.decode(payload).schema
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None

@@ -33,11 +33,22 @@ no lock). Only when it changed:
   5. decode; the snapshot is pinned by reference for the rest of each request.
 A reader that keeps losing the race gives up after a few tries and keeps its previous snapshot
 until the next request: the writer never waits for readers, and readers never block the writer.
+
+Compatibility rule: a reader takes only snapshots of its own schema version
+(``Snapshot.schema == shm.schema.SCHEMA_VERSION``). The layout version above covers this segment's
+framing; the schema version covers what the payload means. An intact payload that does not decode,
+or decodes with another schema version (a newer or older coordinator), is *refused*: the reader
+keeps the snapshot it has (``current()`` goes on returning it), logs one error naming the version
+found and the version expected, and remembers the generation so that the per-request compare skips
+it; the next generation the writer publishes is tried afresh. The version check costs nothing on
+the way to taking a snapshot (one compare on the decoded struct); only a refused payload is read a
+second time, for its ``schema`` field alone (``shm.schema.schema_of``), to say which version it is.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import struct
 import time
 import zlib
@@ -46,7 +57,7 @@ from contextlib import contextmanager
 
 import msgspec
 
-from shm.schema import Snapshot, encode_snapshot, snapshot_decoder
+from shm.schema import SCHEMA_VERSION, Snapshot, encode_snapshot, schema_of, snapshot_decoder
 from shm.segment import Segment
 
 MAGIC = int.from_bytes(b"SGSNAP01", "little")
@@ -56,6 +67,8 @@ BUF_HEADER = 32
 W_MAGIC, W_LAYOUT, W_GENERATION, W_CAPACITY, W_PID = 0, 1, 2, 3, 4
 _BUF_HEAD = struct.Struct("<qqqq")
 MAX_READ_TRIES = 8
+
+log = logging.getLogger(__name__)
 
 
 class SnapshotTooLarge(ValueError):
@@ -113,8 +126,8 @@ class SnapshotWriter:
 class SnapshotReader:
     """One per proxy process. ``current()`` is the per-request call: cheap unless G moved."""
 
-    __slots__ = ("_decoder", "_seg", "_words", "capacity", "generation", "on_change", "snapshot",
-                 "taken_at", "torn_reads", "undecodable")
+    __slots__ = ("_decoder", "_seg", "_words", "capacity", "generation", "on_change", "refusal",
+                 "refused", "snapshot", "taken_at", "torn_reads")
 
     def __init__(self, segment: Segment) -> None:
         self._seg = segment
@@ -124,7 +137,11 @@ class SnapshotReader:
         self.capacity = self._words[W_CAPACITY]
         self._decoder = snapshot_decoder()
         self.generation = -1
-        self.undecodable = -1  # a generation whose intact payload failed to decode
+        # The last generation refused (intact but undecodable, or another schema version): the
+        # per-request compare skips it, so each refused generation is tried once. ``refusal``
+        # says why while that generation is the newest ("" once a newer one is taken).
+        self.refused = -1
+        self.refusal = ""
         self.snapshot: Snapshot | None = None
         self.torn_reads = 0
         self.taken_at = 0.0
@@ -133,7 +150,7 @@ class SnapshotReader:
     def moved(self) -> bool:
         """True when a newer generation was published than the one held (one load, one compare)."""
         gen = self._words[W_GENERATION]
-        return gen != self.generation and gen != self.undecodable
+        return gen != self.generation and gen != self.refused
 
     def pending_bytes(self) -> int:
         """Payload size of the newest published generation (one header read; 0 if none yet)."""
@@ -145,7 +162,7 @@ class SnapshotReader:
     def current(self) -> Snapshot | None:
         """The newest intact snapshot. Decodes only when the generation counter changed."""
         gen = self._words[W_GENERATION]
-        if gen != self.generation and gen != self.undecodable:
+        if gen != self.generation and gen != self.refused:
             self._refresh()
         return self.snapshot
 
@@ -160,19 +177,37 @@ class SnapshotReader:
                 gen, payload = got
                 try:
                     snapshot = self._decoder.decode(payload)
-                except (msgspec.DecodeError, UnicodeDecodeError):
-                    # Intact bytes that do not decode: a newer, incompatible writer. Keep the
-                    # snapshot we have rather than fail every request, and do not try this
-                    # generation again (decoding 10,000 workers per request would stall us).
+                except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                     self.torn_reads += 1
-                    self.undecodable = gen
+                    self._refuse(gen, schema_of(payload), f"does not decode ({exc})")
+                    return
+                if snapshot.schema != SCHEMA_VERSION:
+                    # It decoded, but its fields may mean something else in that version.
+                    self._refuse(gen, snapshot.schema, "")
                     return
                 self.snapshot, self.generation = snapshot, gen
                 self.taken_at = time.time()
+                self.refusal = ""
                 if self.on_change is not None:
                     self.on_change(snapshot)
                 return
             self.torn_reads += 1
+
+    def _refuse(self, gen: int, found: int | None, problem: str) -> None:
+        """Keep the snapshot we have rather than fail every request, and do not try ``gen``
+        again: decoding 10,000 workers on every request would stall the proxy, and one log line
+        per generation is enough to be seen (the writer's next generation gets a fresh try)."""
+        self.refused = gen
+        if found is None:
+            why = f"it declares no schema version and {problem}"
+        elif found != SCHEMA_VERSION:
+            why = f"its schema version is {found}, this reader expects {SCHEMA_VERSION}"
+        else:
+            why = f"its schema version is {found} as expected, but it {problem}"
+        kept = (f"the previous snapshot (generation {self.generation}) stays in use"
+                if self.snapshot is not None else "no snapshot is in use yet")
+        self.refusal = f"snapshot generation {gen} refused: {why}; {kept}"
+        log.error("%s", self.refusal)
 
     def _try_read(self) -> tuple[int, bytes] | None:
         gen = self._words[W_GENERATION]
