@@ -18,9 +18,9 @@ Signals (handled here and only here; handlers just queue the signal, the loop ac
 Invariants:
 - Shared memory is created before any proxy starts and removed only when the coordinator
   stops; a proxy's exit never removes it. Segments left by a crashed run are removed at start.
-- A snapshot is published whole, after :func:`coordinator.membership.check_consistent`.
+- A snapshot is published whole, after :func:`coordinator.fleet.membership.check_consistent`.
 - The loop never blocks: probes run in a background task and publish when they change something.
-- Membership comes from :class:`coordinator.discovery.Discovery` (file, registry, etcd, admin
+- Membership comes from :class:`coordinator.discovery.core.Discovery` (file, registry, etcd, admin
   API); changes it reports are published at the next tick (``TICK_SECONDS``), coalesced.
 """
 
@@ -58,10 +58,12 @@ log = logging.getLogger("shardgate.coordinator")
 
 
 class Coordinator:
-    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None) -> None:
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         # Re-reads the same sources (file, environment, flags) on SIGHUP.
         self.reload_config = reload_config or (lambda: self.config)
+        self.clock = clock  # monotonic; injected by unit tests
         self.settings = config.settings
         self.proxies = self.settings.proxies or os.cpu_count() or 1
         self.fleet = Fleet(self.settings.max_workers)
@@ -149,7 +151,7 @@ class Coordinator:
             await self._initial_probe()
             self.publish()
             self.supervisor = Supervisor(self.instance, self.proxies, self.board,
-                                         self.settings.restart_backoff_max)
+                                         self.settings.restart_backoff_max, self.settings.watchdog_timeout)
             self.supervisor.start_all()
             await self._wait_until_up()
             self._announce()
@@ -205,7 +207,7 @@ class Coordinator:
     def _maybe_reread_file(self) -> None:
         """Reload when the config file changed on disk (the same as SIGHUP)."""
         interval = self.settings.config_watch_interval
-        now = time.monotonic()
+        now = self.clock()
         if not interval or not self.config.config_file or now - self.file_checked_at < interval:
             return
         self.file_checked_at = now
@@ -276,6 +278,9 @@ class Coordinator:
         if fixed:
             log.warning("reload: %s changed; that takes a restart (kept the running value)", ", ".join(fixed))
         self.config, self.settings = config, config.settings
+        # Reloads run from the main loop only, so the supervisor exists by then.
+        self.supervisor.backoff_max = self.settings.restart_backoff_max
+        self.supervisor.watchdog_timeout = self.settings.watchdog_timeout
         self.discovery.reconfigure(config)
         self.discovery.apply()
         generation = self.publish()

@@ -85,6 +85,7 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     aliases = _aliases(raw.get("aliases") or {}, args.config)
     _check_unique(workers)
     _check_discovery(settings)
+    _check_watchdog(settings)
     if len(workers) > settings.max_workers:
         raise ConfigError(f"max_workers: {len(workers)} workers are listed but max_workers is "
                           f"{settings.max_workers}")
@@ -235,6 +236,18 @@ def _check_discovery(settings: Settings) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{name}: '{url}' must be an http:// or https:// URL")
+
+
+# Proxies rewrite their heartbeat every 0.25 s (proxy_workers.serving.process.SWEEP_SECONDS); a
+# shorter timeout would kill healthy proxies between two sweeps.
+WATCHDOG_MIN = 1.0
+
+
+def _check_watchdog(settings: Settings) -> None:
+    timeout = settings.watchdog_timeout
+    if 0 < timeout < WATCHDOG_MIN:
+        raise ConfigError(f"watchdog_timeout: must be 0 (off) or at least {WATCHDOG_MIN:g} seconds "
+                          f"(proxies write a heartbeat every 0.25 s), got {timeout:g}")
 
 
 def _check_unique(workers: Sequence[WorkerSpec]) -> None:

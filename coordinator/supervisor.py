@@ -1,8 +1,8 @@
 """Supervision of the proxy processes: start, watch, restart with backoff, stop.
 
-Role: keep ``N`` proxies running. Each is a fresh interpreter (``shm.process.proxy_argv``), in the
-coordinator's process group (so a Ctrl-C or a group signal reaches everyone) with inherited
-stdout/stderr.
+Role: keep ``N`` proxies running, as gunicorn's arbiter keeps its workers. Each proxy is a fresh
+interpreter (``shm.process.proxy_argv``), in the coordinator's process group (so a Ctrl-C or a
+group signal reaches everyone) with inherited stdout/stderr.
 
 Invariants:
 - A proxy that exits with ``EXIT_BOOT_ERROR`` (bind or configuration failure) stops the service
@@ -12,6 +12,14 @@ Invariants:
   ``STABLE_SECONDS``.
 - A proxy counts as up once it has written its pid into its load-board row, which it does only
   after its listener accepts connections.
+- Watchdog: a proxy that is up and whose heartbeat (``P_HEARTBEAT``, rewritten every sweep) has
+  not moved for ``watchdog_timeout`` seconds is wedged (a blocked event loop, SIGSTOP): it is
+  killed with SIGKILL and goes through the ordinary restart path above, so its share of the
+  port's connections goes to a live process. Never while stopping (a draining proxy may be slow
+  on purpose), never before the proxy has claimed its row, and at most one kill per process.
+- The watchdog measures how long the heartbeat has *stood still* on the coordinator's monotonic
+  clock rather than comparing the proxy's wall-clock stamp with ours: a wall-clock step (NTP, a
+  resumed VM) would otherwise make every proxy look stale at once and kill them all.
 """
 
 from __future__ import annotations
@@ -20,12 +28,34 @@ import logging
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from typing import Protocol
 
-from shm.loadboard import P_PID, LoadBoard
+from shm.loadboard import P_HEARTBEAT, P_PID, LoadBoard
 from shm.process import EXIT_BOOT_ERROR, proxy_argv
 
 STABLE_SECONDS = 10.0
+FIRST_BACKOFF = 0.1
 log = logging.getLogger("shardgate.coordinator")
+
+
+class ProxyProcess(Protocol):
+    """What the supervisor needs of a started proxy (``subprocess.Popen`` has it)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+
+Spawn = Callable[[list[str]], ProxyProcess]
+
+
+def spawn_proxy(argv: list[str]) -> ProxyProcess:
+    """The production spawn: a child in our process group, with our stdout and stderr."""
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
 
 
 class HaltServer(BaseException):
@@ -38,59 +68,96 @@ class HaltServer(BaseException):
 
 
 class ProxyHandle:
-    __slots__ = ("failures", "index", "popen", "restart_at", "started_at")
+    """One proxy slot: the process in it (None between an exit and its restart) and its history."""
+
+    __slots__ = ("beat", "beat_seen_at", "failures", "index", "kill_reason", "popen", "restart_at",
+                 "started_at")
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.popen: subprocess.Popen[bytes] | None = None
+        self.popen: ProxyProcess | None = None
         self.started_at = 0.0
         self.failures = 0
         self.restart_at = 0.0
+        # Watchdog: the heartbeat value last read and when (monotonic) it was seen to change.
+        self.beat = 0.0
+        self.beat_seen_at: float | None = None
+        self.kill_reason = ""  # set when the watchdog killed this process; reported at its exit
 
 
 class Supervisor:
-    def __init__(self, instance: str, count: int, board: LoadBoard, backoff_max: float) -> None:
+    def __init__(self, instance: str, count: int, board: LoadBoard, backoff_max: float,
+                 watchdog_timeout: float = 0.0, *, spawn: Spawn = spawn_proxy,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.instance = instance
         self.board = board
         self.backoff_max = backoff_max
+        self.watchdog_timeout = watchdog_timeout  # 0: off; both may change on reload
+        self.spawn = spawn
+        self.clock = clock
         self.handles = [ProxyHandle(i) for i in range(count)]
         self.stopping = False
-        self.restarts = 0
+        self.restarts = 0        # every restart, whatever ended the previous process
+        self.watchdog_kills = 0  # of which the watchdog caused this many
 
     def start_all(self) -> None:
         for handle in self.handles:
             self._start(handle)
 
     def _start(self, handle: ProxyHandle) -> None:
-        handle.popen = subprocess.Popen(proxy_argv(self.instance, handle.index), stdin=subprocess.DEVNULL)
-        handle.started_at = time.monotonic()
+        handle.popen = self.spawn(proxy_argv(self.instance, handle.index))
+        handle.started_at = self.clock()
         handle.restart_at = 0.0
+        handle.beat, handle.beat_seen_at, handle.kill_reason = 0.0, None, ""
 
     def pids(self) -> list[int]:
         return [h.popen.pid for h in self.handles if h.popen is not None and h.popen.poll() is None]
 
+    def claimed(self, h: ProxyHandle) -> bool:
+        """The running process of ``h`` has written its pid into its board row (it is serving)."""
+        return h.popen is not None and self.board.ints[self.board.proxy_word(h.index, P_PID)] == h.popen.pid
+
     def all_up(self) -> bool:
         """Every proxy is running and has announced itself on the load board."""
-        for h in self.handles:
-            if h.popen is None or h.popen.poll() is not None:
-                return False
-            if self.board.ints[self.board.proxy_word(h.index, P_PID)] != h.popen.pid:
-                return False
-        return True
+        return all(h.popen is not None and h.popen.poll() is None and self.claimed(h) for h in self.handles)
 
     def poll(self) -> None:
-        """Reap exited proxies and restart them when their backoff has passed."""
-        now = time.monotonic()
+        """Reap exited proxies, kill wedged ones, restart them when their backoff has passed."""
+        now = self.clock()
         for h in self.handles:
             if h.popen is not None:
                 code = h.popen.poll()
                 if code is None:
+                    self._watch(h, now)
                     continue
                 self._exited(h, code, now)
             if h.popen is None and not self.stopping and now >= h.restart_at:
                 log.info("restarting proxy %d", h.index)
                 self.restarts += 1
                 self._start(h)
+
+    def _watch(self, h: ProxyHandle, now: float) -> None:
+        """The watchdog's look at one running proxy."""
+        timeout = self.watchdog_timeout
+        if timeout <= 0 or self.stopping or h.kill_reason or not self.claimed(h):
+            return
+        assert h.popen is not None
+        beat = self.board.floats[self.board.proxy_word(h.index, P_HEARTBEAT)]
+        if beat != h.beat or h.beat_seen_at is None:
+            # Any change counts as alive (even a step back of the proxy's wall clock).
+            h.beat, h.beat_seen_at = beat, now
+            return
+        silent = now - h.beat_seen_at
+        if silent <= timeout:
+            return
+        h.kill_reason = f"no heartbeat for {silent:.1f}s (watchdog_timeout {timeout:g}s)"
+        log.error("proxy %d (pid %d) is not responding: %s; killing it with SIGKILL", h.index,
+                  h.popen.pid, h.kill_reason)
+        self.watchdog_kills += 1
+        try:
+            h.popen.send_signal(signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it exited meanwhile; the next poll reaps it like any exit
 
     def _exited(self, h: ProxyHandle, code: int, now: float) -> None:
         h.popen = None
@@ -100,10 +167,12 @@ class Supervisor:
             raise HaltServer(f"proxy {h.index} could not start (its error is above); stopping")
         lived = now - h.started_at
         h.failures = 0 if lived >= STABLE_SECONDS else h.failures + 1
-        delay = min(0.1 * 2 ** h.failures, self.backoff_max)
+        delay = min(FIRST_BACKOFF * 2 ** h.failures, self.backoff_max)
         h.restart_at = now + delay
         how = f"signal {-code}" if code < 0 else f"code {code}"
-        log.warning("proxy %d exited with %s after %.1fs; restarting in %.1fs", h.index, how, lived, delay)
+        why = f" (killed by the watchdog: {h.kill_reason})" if h.kill_reason else ""
+        log.warning("proxy %d exited with %s after %.1fs%s; restarting in %.1fs", h.index, how, lived,
+                    why, delay)
 
     def signal_all(self, sig: signal.Signals) -> None:
         for h in self.handles:

@@ -151,6 +151,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     restart_backoff_max: Annotated[
         Seconds, _d("Longest wait in seconds before restarting a proxy that died.")
     ] = 10.0
+    watchdog_timeout: Annotated[
+        float, Meta(ge=0), _d("Seconds a running proxy may go without updating its heartbeat (it writes one "
+                              "every 0.25 s) before the coordinator kills it with SIGKILL and starts a "
+                              "new one; 0 turns the watchdog off, otherwise at least 1.")
+    ] = 10.0
     log_level: Annotated[
         Literal["debug", "info", "warning", "error"], _d("Log level of all processes.")
     ] = "info"
