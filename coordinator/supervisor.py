@@ -139,7 +139,10 @@ class Supervisor:
     def _watch(self, h: ProxyHandle, now: float) -> None:
         """The watchdog's look at one running proxy."""
         timeout = self.watchdog_timeout
-        if timeout <= 0 or self.stopping or h.kill_reason or not self.claimed(h):
+        if timeout <= 0:
+            h.beat_seen_at = None  # turned on again by a reload: silence counts from then, not before
+            return
+        if self.stopping or h.kill_reason or not self.claimed(h):
             return
         assert h.popen is not None
         beat = self.board.floats[self.board.proxy_word(h.index, P_HEARTBEAT)]
