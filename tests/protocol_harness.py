@@ -273,6 +273,10 @@ class HarnessLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         super().__init__()
         self.dials: list[Dial] = []
+        self.offset = 0.0  # seconds the test moved the clock forward (Harness.advance)
+
+    def time(self) -> float:
+        return super().time() + self.offset
 
     def create_connection(self, protocol_factory: Callable[[], asyncio.Protocol],  # type: ignore[override]
                           host: str | None = None, port: int | None = None,
@@ -571,6 +575,15 @@ class Harness:
         upstream = self.accept()
         upstream.respond(raw_response, pieces)
         return upstream
+
+    def advance(self, seconds: float) -> None:
+        """Move the loop's clock ``seconds`` forward, then run the proxy's periodic sweep once
+        (the one place timeouts are enforced). No real time passes."""
+        from proxy_workers.serving.process import _sweep  # the sweep is private; imported on use
+
+        self.loop.offset += seconds
+        _sweep(self.proc)
+        self.pump()
 
     # -- load board --
 

@@ -554,6 +554,22 @@ def test_no_worker_is_tried_twice_and_after_max_tries_the_client_gets_502(h: Har
     assert h.in_flight() == 0
 
 
+@pytest.mark.parametrize("policy", ["round_robin", "weighted_round_robin", "random", "least_connections",
+                                    "least_latency", "power_of_two", "consistent_hash",
+                                    "consistent_hash_bounded"])
+def test_no_policy_retries_on_a_worker_already_tried(policy: str) -> None:
+    # A fixed session key sends consistent_hash back to the same worker unless tried ones are excluded.
+    with harness(workers=3, policy=policy) as h:
+        c = h.client()
+        c.send(request(headers=[("X-Session-ID", "user-7")]))
+        h.refuse()
+        h.accept().close()
+        h.refuse()
+        assert len({d.url for d in h.dials}) == 3
+        openai_error(c.response, 502, "bad_gateway")
+        assert h.proxy_row()["retries"] == 2
+
+
 def test_max_tries_bounds_the_workers_tried() -> None:
     with harness(workers=3, max_tries=2) as h:
         c = h.client()
@@ -700,6 +716,140 @@ def test_a_client_that_stops_reading_pauses_the_worker_connection(h: Harness) ->
     assert not up.transport.is_reading()
     c.resume_writing()
     assert up.transport.is_reading()
+
+
+def test_a_worker_connection_paused_for_a_slow_client_reads_again_once_pooled(solo: Harness) -> None:
+    c = solo.client()
+    c.send(request(body=chat_body(stream=True)))
+    up = solo.accept()
+    up.respond(sse_head() + sse_chunk("a"))
+    c.pause_writing()
+    up.respond(b"0\r\n\r\n")  # the stream ends while the client still is not reading
+    assert c.response.complete
+    assert up.transport.is_reading(), "a pooled connection left paused would never see the worker close"
+    c.send(request())
+    assert solo.pending_dials() == [] and len(up.requests) == 2
+
+
+# -- timeouts (the loop's clock is moved forward; the proxy's periodic sweep enforces them) ---------------
+
+
+def test_a_worker_silent_past_first_byte_timeout_gets_504_and_is_not_retried() -> None:
+    with harness(workers=2, first_byte_timeout=10.0) as h:
+        c = h.client()
+        c.send(request())
+        up = h.accept()
+        h.advance(5.0)
+        assert c.received == b"" and not up.aborted
+        h.advance(6.0)
+        openai_error(c.response, 504, "upstream_timeout")
+        assert up.aborted
+        assert h.pending_dials() == [] and len(h.dials) == 1
+        assert h.cell(up.url)["errors"] == 1
+        assert h.in_flight() == 0
+
+
+def test_a_connect_that_takes_longer_than_connect_timeout_moves_to_another_worker() -> None:
+    with harness(workers=2, connect_timeout=2.0) as h:
+        c = h.client()
+        c.send(request())
+        slow = h.next_dial()
+        h.advance(3.0)
+        assert slow.cancelled
+        up = h.accept()
+        assert up.url != slow.url
+        up.respond(worker_response(body=BODY))
+        assert c.response.body == BODY
+        assert h.cell(slow.url)["connect_errors"] == 1
+        assert h.proxy_row()["retries"] == 1
+
+
+def test_a_stream_silent_past_idle_timeout_ends_with_an_error_event() -> None:
+    with harness(workers=1, idle_timeout=5.0) as h:
+        c = h.client()
+        c.send(request(body=chat_body(stream=True)))
+        up = h.accept()
+        up.respond(sse_head() + sse_chunk("a"))
+        h.advance(6.0)
+        assert up.aborted
+        assert c.response.body.endswith(b"\n\n") and b"event: error" in c.response.body
+        assert c.closed
+
+
+def test_a_request_head_not_complete_within_header_timeout_gets_408() -> None:
+    with harness(workers=1, header_timeout=3.0) as h:
+        c = h.client()
+        c.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+        h.advance(4.0)
+        openai_error(c.response, 408, "request_timeout")
+        assert c.closed
+        assert h.dials == []
+
+
+def test_an_idle_keep_alive_client_is_closed_silently_after_keepalive_timeout() -> None:
+    with harness(workers=1, keepalive_timeout=4.0) as h:
+        c = h.client()
+        h.exchange(c, request(), worker_response(body=BODY))
+        h.advance(2.0)
+        assert not c.closed
+        h.advance(3.0)
+        assert c.closed
+        assert len(c.final_responses()) == 1  # nothing written at close
+
+
+def test_a_client_waiting_on_a_slow_worker_is_not_closed_by_keepalive_timeout() -> None:
+    with harness(workers=1, keepalive_timeout=4.0, first_byte_timeout=60.0) as h:
+        c = h.client()
+        c.send(request())
+        up = h.accept()
+        h.advance(10.0)
+        assert not c.closed and not up.aborted
+        up.respond(worker_response(body=BODY))
+        assert c.response.body == BODY
+
+
+# -- router fields in responses ------------------------------------------------------------------------
+
+
+def test_x_shardgate_debug_adds_the_routing_decision_and_is_forwarded(h: Harness) -> None:
+    c = h.client()
+    c.send(request(headers=[("X-Shardgate-Debug", "1")]))
+    up = h.accept()
+    assert up.request.header("x-shardgate-debug") == "1"
+    up.respond(worker_response(body=BODY))
+    decision = c.response.header("x-shardgate-decision")
+    assert decision is not None and up.url in decision
+
+
+def test_an_invalid_x_shardgate_connection_gets_400_naming_the_field(h: Harness) -> None:
+    c = h.client()
+    c.send(request(headers=[("X-Shardgate-Connection", "carrier-pigeon")]))
+    err = openai_error(c.response, 400, "invalid_request")
+    assert err["param"] == "X-Shardgate-Connection"
+    assert h.dials == []
+    assert not c.closed
+
+
+def test_a_204_from_the_worker_has_no_body_and_keeps_both_connections(solo: Harness) -> None:
+    c = solo.client()
+    c.send(request())
+    up = solo.accept()
+    up.respond(b"HTTP/1.1 204 No Content\r\nX-Kept: 1\r\n\r\n")
+    resp = c.response
+    assert resp.status == 204 and resp.header("x-kept") == "1"
+    assert not resp.names & {"transfer-encoding", "content-length"}
+    assert c.received.endswith(b"\r\n\r\n")
+    c.send(request())
+    assert solo.pending_dials() == [] and len(up.requests) == 2
+
+
+def test_a_request_without_a_model_goes_to_some_worker(h: Harness) -> None:
+    c = h.client()
+    c.send(request(body=chat_body(model=None)))
+    up = h.accept()
+    assert up.url in h.urls
+    up.respond(worker_response(body=BODY))
+    assert c.response.body == BODY
 
 
 # -- keep-alive to workers ---------------------------------------------------------------------------
