@@ -33,7 +33,8 @@ import uvloop
 
 from coordinator.fleet.membership import Fleet
 from proxy_workers.http.upstream import UpstreamConnection
-from proxy_workers.serving.protocol import ClientProtocol, ProxyProcess
+from proxy_workers.serving.protocol import ClientProtocol
+from proxy_workers.serving.state import ProxyProcess
 from shm.loadboard import LoadBoard, board_size
 from shm.schema import WorkerSpec
 from shm.segment import Segment, new_instance_id, segment_name

@@ -3,7 +3,7 @@
 Role: measure what a proxy pays per request to choose a worker, for each of the 13 policies of
 ``shm.settings.POLICY_NAMES``, with one model served by 100 and by 10,000 workers:
 
-- the fleet is built the way the coordinator builds it (``coordinator.membership.Fleet``: slots,
+- the fleet is built the way the coordinator builds it (``coordinator.fleet.membership.Fleet``: slots,
   the consistent-hash ring of worker URLs, routers), regular HTTP workers with weights mixed 1 and
   2 and large per-minute quotas (quota_aware never refuses; it does record its usage, as in
   production);
@@ -51,13 +51,13 @@ import msgspec
 
 from coordinator.fleet.membership import Fleet
 from loadtest.scratch_shm import Shm
+from proxy_workers.forwarding.request import Request
 from proxy_workers.policies.affinity import prefix_keys
 from proxy_workers.policies.base import PolicyEnv
 from proxy_workers.policies.registry import POLICIES, POLICY_INDEX
 from proxy_workers.routing.context import ROUTING_DECODER, RequestContext, RoutingFields
 from proxy_workers.routing.decision import prepare
 from proxy_workers.routing.table import ModelRoute, RoutingTable
-from proxy_workers.serving.protocol import Request
 from shm.affinity import AffinityTable, table_size
 from shm.hashing import key_hash
 from shm.loadboard import (
@@ -231,7 +231,7 @@ class Contexts:
 
 
 def hash_headers_of(settings: Settings) -> tuple[bytes, ...]:
-    """As ``proxy_workers.server._hash_headers``."""
+    """As ``proxy_workers.serving.protocol._hash_headers``."""
     return tuple(h.strip().lower().encode() for h in settings.hash_headers.split(",") if h.strip())
 
 

@@ -4,7 +4,7 @@ Role: measure what the seqlock snapshot (``shm.snapshot``) costs the coordinator
 with a realistic fleet (default 10,000 workers over ~50 models):
 
 1. publish: ``encode_snapshot`` + ``SnapshotWriter.publish_bytes`` (coordinator side);
-2. pause: a real ``proxy_workers.state.ProxyProcess`` takes each new generation through
+2. pause: a real ``proxy_workers.serving.state.ProxyProcess`` takes each new generation through
    ``snapshot_steps()``, which the proxy runs one step per event-loop iteration: "decode"
    (``reader.current()``: copy + CRC + decode), "build" (claim load-board cells + build the
    ``RoutingTable``, GC paused) and "release" (dropping the last reference to the previous table
@@ -15,7 +15,7 @@ with a realistic fleet (default 10,000 workers over ~50 models):
    see it). Round 0 is the warm-up: the snapshot the ProxyProcess constructor takes. Measured in
    this process and in a separate reader process (spawned, its own address space and caches, as a
    real proxy); the reader process's figure is the one judged against the target;
-3. check: ``ProxyProcess.table()`` with an unchanged generation (the per-request call: one
+3. check: ``ProxyProcess.latest_table()`` with an unchanged generation (the per-request call: one
    shared-memory load and a compare in ``reader.moved()``), and ``reader.moved()`` alone, per call,
    for 10, 1,000 and 10,000 workers, to show it does not grow with the fleet.
 
@@ -144,9 +144,10 @@ class ProxyHarness:
 
     def _verify(self, gen: int) -> None:
         assert self.proc is not None
-        if self.proc.reader.generation != gen or self.proc.table().generation != gen:
+        if self.proc.reader.generation != gen or self.proc.latest_table().generation != gen:
+            table_generation = self.proc.latest_table().generation
             raise RuntimeError(f"proxy did not take generation {gen}: reader at "
-                               f"{self.proc.reader.generation}, table at {self.proc.table().generation}")
+                               f"{self.proc.reader.generation}, table at {table_generation}")
 
     def close(self) -> None:
         if self.gc in gc.callbacks:
@@ -351,7 +352,7 @@ def per_call_ns(fn: Callable[[], object], calls: int, rounds: int) -> dict[str, 
 
 
 def measure_check(shm: Shm, n_workers: int, n_models: int, calls: int, rounds: int) -> dict[str, Any]:
-    """Per-call cost of ``ProxyProcess.table()`` (and ``reader.moved()``) with an unchanged generation."""
+    """Per-call cost of ``ProxyProcess.latest_table()`` (and ``reader.moved()``), generation unchanged."""
     payload = encode_snapshot(msgspec.structs.replace(make_fleet(n_workers, n_models), generation=1))
     seg = shm.create("snap", segment_size(max(1 << 16, 2 * len(payload))))
     _, board = shm.board(n_workers)
@@ -362,10 +363,10 @@ def measure_check(shm: Shm, n_workers: int, n_models: int, calls: int, rounds: i
     try:
         harness.take(gen)
         assert harness.proc is not None
-        first = harness.proc.table()
+        first = harness.proc.latest_table()
         table = per_call_ns(harness.proc.table, calls, rounds)
         moved = per_call_ns(reader.moved, calls, rounds)
-        if harness.proc.table() is not first or reader.moved():
+        if harness.proc.latest_table() is not first or reader.moved():
             raise SystemExit("snapshot changed during the check measurement")
     except RuntimeError as exc:
         raise SystemExit(f"check proxy: {exc}") from exc

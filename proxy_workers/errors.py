@@ -6,7 +6,12 @@ Invariant: every response the router writes on its own behalf (not a worker's) g
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import msgspec
+
+if TYPE_CHECKING:
+    from proxy_workers.contract import Refusal
 
 _REASONS = {
     200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
@@ -97,13 +102,13 @@ class UpstreamTimeout(RouterError):
 _ENCODER = msgspec.json.Encoder()
 
 
-def error_body(err: RouterError) -> bytes:
+def error_body(err: Refusal) -> bytes:
     return _ENCODER.encode(
         {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
     )
 
 
-def render(err: RouterError, request_id: str = "", close: bool = False) -> bytes:
+def render(err: Refusal, request_id: str = "", close: bool = False) -> bytes:
     """A complete HTTP/1.1 response for ``err``."""
     return render_response(err.status, error_body(err), request_id=request_id, close=close,
                            extra=err.headers())

@@ -29,6 +29,7 @@ from conftest import DEADLINE, chat, free_port, get_json, http, wait_for, worker
 from grpc_support import GrpcFleet, control, fresh_mocks, settled, stats, target
 
 from proxy_workers.errors import BadRequest, NotFound
+from proxy_workers.forwarding.handoff import PREFILL_KV
 from proxy_workers.grpc.translate import (
     Plan,
     Renderer,
@@ -288,7 +289,7 @@ def test_pd_end_to_end(fresh: Fleet, stream: bool) -> None:
     assert decode["refused"] == 0
     assert prefill["last_request"]["sampling"]["max_tokens"] == 1
     asked = json.loads(_b64(prefill["last_request"]["kv_transfer_params"]))
-    assert asked == {"do_remote_decode": True, "do_remote_prefill": False}
+    assert asked == PREFILL_KV  # the same ask as HTTP PD's two-phase prefill
     handle = json.loads(_b64(decode["last_request"]["kv_transfer_params"]))
     assert handle["do_remote_prefill"] is True and handle["remote_engine_id"] == target(fresh.p1)
     assert wait_for(lambda: settled(fresh.router, fresh.p1, fresh.d1), what="both legs settled")
@@ -485,7 +486,7 @@ def test_pd_legs_and_error_mapping() -> None:
     req, _ = _req({"model": "m", "messages": [{"role": "user", "content": "q"}], "max_tokens": 50})
     ask = prefill_request(req)
     assert ask.sampling.max_tokens == 1 and req.sampling.max_tokens == 50
-    assert json.loads(ask.kv_transfer_params) == {"do_remote_decode": True, "do_remote_prefill": False}
+    assert json.loads(ask.kv_transfer_params) == PREFILL_KV
     handle = b'{"opaque": [1, 2], "remote_engine_id": "p"}'
     leg = decode_request(req, handle)
     assert leg.kv_transfer_params == handle and leg.sampling.max_tokens == 50 and leg.messages == req.messages

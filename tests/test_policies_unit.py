@@ -3,8 +3,8 @@
 Role: prove each policy's defining behaviour without processes or sockets, on a real
 :class:`shm.loadboard.LoadBoard` and a real :class:`shm.affinity.AffinityTable` in real POSIX
 shared-memory segments (created here, unlinked at teardown). "Two proxies" are two
-:class:`proxy_workers.policies.PolicyEnv` objects with different proxy indexes over the same
-segments, each with its own :class:`proxy_workers.routing.RoutingTable`, exactly as two proxy
+:class:`proxy_workers.policies.base.PolicyEnv` objects with different proxy indexes over the same
+segments, each with its own :class:`proxy_workers.routing.table.RoutingTable`, exactly as two proxy
 processes would hold them.
 
 Time-dependent policies (session TTL, quota minutes) read ``time.time`` through their module; the

@@ -1,19 +1,29 @@
-"""Load-board accounting of one attempt on one worker, shared by every kind of leg.
+"""One attempt on one worker, for every path: the pick, its counting, and the worker cell's books.
 
-Role: the single place that opens and closes a worker cell's books for an attempt (HTTP
-exchange, PD prefill leg, gRPC leg), so "in flight", error counts, consecutive failures and the
-moving averages mean the same thing whichever router sent the request.
+Role: the single place that (1) picks a worker for an attempt and counts the decision, and (2)
+opens and closes a worker cell's books for the attempt, so "decisions", "fallbacks", "in flight",
+error counts, consecutive failures and the moving averages mean the same thing whichever path sent
+the request (HTTP exchange, PD prefill and decode legs, gRPC legs).
 
-Invariants: a cell is opened once (in-flight + 1, requests + 1) and closed once (in-flight - 1);
-callers keep the returned cell index and set it to -1 after closing. Writes go only to this proxy's
-own cells (the load board's single-writer rule).
+Invariants:
+- Every pick that returns a worker counts one decision for the route's policy; a pick the policy
+  marked as a fallback counts once more, as a fallback (``decisions >= fallbacks`` always).
+  Whether a pick is a fallback is decided per pick: the context's mark is cleared first.
+- A pick never returns a worker in ``exclude`` (the workers this request must not try again);
+  the caller records the one it gets. With nothing left after a failure the answer is 502 naming
+  the last failure; with nothing at all, 503.
+- A cell is opened once (in-flight + 1, requests + 1) and closed once (in-flight - 1):
+  :func:`settle` closes an open cell and returns the closed marker (-1), which callers store, so a
+  second settle does nothing. Writes go only to this proxy's own cells (the single-writer rule).
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
+from proxy_workers.errors import BadGateway, NoHealthyWorker
 from shm.loadboard import (
     EWMA_ALPHA,
     W_CONNECT_ERRORS,
@@ -29,10 +39,50 @@ from shm.loadboard import (
 )
 
 if TYPE_CHECKING:
-    from proxy_workers.serving.protocol import ProxyProcess
+    from proxy_workers.contract import ProcessView
+    from proxy_workers.policies.base import Policy
+    from proxy_workers.routing.context import RequestContext
+    from shm.schema import Worker
+
+CLOSED = -1  # a settled attempt's cell
 
 
-def open_cell(proc: ProxyProcess, slot: int) -> int:
+class Pickable(Protocol):
+    """A route a worker can be picked from (:class:`proxy_workers.routing.table.ModelRoute`)."""
+
+    policy: Policy
+
+    def pick(self, ctx: RequestContext, exclude: Sequence[int] = ()) -> Worker: ...
+
+
+def pick_worker(proc: ProcessView, route: Pickable, ctx: RequestContext, exclude: Sequence[int],
+                last_failure: str = "") -> Worker:
+    """A worker for the next attempt, not one in ``exclude``; the decision is counted.
+
+    Raises NoHealthyWorker (503) when the route has no usable worker at all, BadGateway (502)
+    when the workers left were all tried, or a policy's own refusal (e.g. 429 from quota_aware).
+    """
+    ctx.fallback = False
+    try:
+        worker = route.pick(ctx, exclude)
+    except NoHealthyWorker as err:
+        if exclude:
+            raise BadGateway(f"{err.message}; last failure: {last_failure}" if last_failure
+                             else err.message) from None
+        raise
+    count_decision(proc, route.policy.index, ctx.fallback)
+    return worker
+
+
+def count_decision(proc: ProcessView, policy_index: int, fallback: bool) -> None:
+    word = proc.decision0 + policy_index * 2
+    ints = proc.ints
+    ints[word] += 1
+    if fallback:
+        ints[word + 1] += 1
+
+
+def open_cell(proc: ProcessView, slot: int) -> int:
     """Count an attempt starting on worker ``slot``; returns its cell index."""
     cell = proc.cell0 + slot * WORKER_FIELDS
     ints = proc.ints
@@ -41,21 +91,26 @@ def open_cell(proc: ProxyProcess, slot: int) -> int:
     return cell
 
 
-def first_byte(proc: ProxyProcess, cell: int, waited: float, stream: bool) -> None:
+def first_byte(proc: ProcessView, cell: int, waited: float, stream: bool) -> None:
     """The worker's answer started ``waited`` seconds after the attempt was sent."""
+    if cell < 0:
+        return
     floats = proc.floats
     floats[cell + W_TTFB_EWMA] += EWMA_ALPHA * (waited - floats[cell + W_TTFB_EWMA])
     if stream:
         proc.ints[cell + W_STREAMS] += 1
 
 
-def close_cell(proc: ProxyProcess, cell: int, ok: bool, latency: float | None = None,
-               count_error: bool = True, connect_error: bool = False) -> None:
-    """Close an attempt: in-flight back down; success or failure recorded for passive health.
+def settle(proc: ProcessView, cell: int, ok: bool, latency: float | None = None,
+           count_error: bool = True, connect_error: bool = False) -> int:
+    """Close an attempt's books if ``cell`` is still open; returns :data:`CLOSED` to store.
 
-    ``count_error=False`` is for attempts that neither succeeded nor failed (cancelled, or a
-    stale pooled socket retried on the same worker).
+    In-flight goes back down; success or failure is recorded for passive health.
+    ``count_error=False`` is for attempts that neither succeeded nor failed (cancelled, or a stale
+    pooled socket retried on the same worker).
     """
+    if cell < 0:
+        return CLOSED
     ints = proc.ints
     ints[cell + W_IN_FLIGHT] -= 1
     if count_error:
@@ -69,3 +124,4 @@ def close_cell(proc: ProxyProcess, cell: int, ok: bool, latency: float | None = 
         if connect_error:
             ints[cell + W_CONNECT_ERRORS] += 1
         proc.floats[cell + W_LAST_ERROR] = time.time()
+    return CLOSED

@@ -1,7 +1,7 @@
 """The grpc_regular and grpc_pd routers' data path: one OpenAI HTTP request served over gRPC.
 
-Role: :class:`GrpcExchange` is what :class:`proxy_workers.exchange.Exchange` is to HTTP workers,
-with the same contract towards :class:`proxy_workers.server.ClientProtocol` (``request``,
+Role: :class:`GrpcExchange` is what :class:`proxy_workers.http.exchange.Exchange` is to HTTP workers,
+with the same contract towards :class:`proxy_workers.serving.protocol.ClientProtocol` (``request``,
 ``head_sent``, ``conn``, ``start``, ``client_gone``, ``check_deadline``; it joins ``proc.active``
 and reports its end through ``client.exchange_done``, which counts it). It translates the request
 (:mod:`proxy_workers.grpc.translate`), calls ``Worker.Generate`` on a cached channel
@@ -39,28 +39,29 @@ import grpc
 from proxy_workers.errors import (
     BadGateway,
     InternalError,
-    NoHealthyWorker,
     RouterError,
     UpstreamTimeout,
     error_body,
 )
-from proxy_workers.grpc.legs import Leg, worker_headers
+from proxy_workers.forwarding.attempts import pick_worker
+from proxy_workers.forwarding.headers import relayed_metadata, worker_metadata
+from proxy_workers.forwarding.retry import RETRYABLE_GRPC, retry_or_give_up
+from proxy_workers.grpc.legs import Leg
 from proxy_workers.grpc.translate import (
-    RETRYABLE,
     Renderer,
     decode_request,
     prefill_request,
     to_request,
     worker_error,
 )
-from proxy_workers.policies.registry import POLICY_INDEX
 from proxy_workers.routing.decision import describe, header_value
 from proxy_workers.routing.table import ModelRoute, PDRoute
 from shm.proto import worker_pb2 as pb
 
 if TYPE_CHECKING:
+    from proxy_workers.contract import ClientRequest, ClientSink
+    from proxy_workers.grpc.channels import GrpcProcess
     from proxy_workers.routing.context import RequestContext
-    from proxy_workers.serving.protocol import ClientProtocol, ProxyProcess, Request
     from shm.schema import Worker
 
 log = logging.getLogger("shardgate.proxy")
@@ -77,13 +78,11 @@ class _Failed(Exception):
 
 
 class GrpcExchange:
-    conn = None  # HTTP backpressure hooks look for an upstream connection; a gRPC call has none
-
     __slots__ = ("client", "ctx", "current", "expired", "gone", "head_route", "head_sent", "head_worker",
                  "last_io", "last_why", "legs", "phase", "phase_started", "prefill_worker", "proc",
                  "render", "request", "route", "sse", "started", "task")
 
-    def __init__(self, proc: ProxyProcess, client: ClientProtocol, request: Request,
+    def __init__(self, proc: GrpcProcess, client: ClientSink, request: ClientRequest,
                  route: ModelRoute | PDRoute, ctx: RequestContext) -> None:
         self.proc = proc
         self.client = client
@@ -141,6 +140,12 @@ class GrpcExchange:
         self.proc.count_disconnect()
         if self.task is not None:
             self.task.cancel()
+
+    def pause_upstream(self) -> None:
+        """Nothing to pause: the answer is written as it is read, one message at a time."""
+
+    def resume_upstream(self) -> None:
+        pass
 
     def check_deadline(self, now: float) -> None:
         """Called by the periodic sweep: connect, first-message, idle and total timeouts."""
@@ -239,23 +244,16 @@ class GrpcExchange:
     # -- one leg ---------------------------------------------------------------------------
 
     def _pick(self, route: ModelRoute, tried: list[int]) -> Worker:
-        try:
-            worker = route.pick(self.ctx, tried)
-        except NoHealthyWorker as err:
-            if tried:
-                raise BadGateway(f"{err.message}; last error: {self.last_why}") from None
-            raise
-        proc = self.proc
-        proc.ints[proc.decision0 + POLICY_INDEX[route.policy.name] * 2 + self.ctx.fallback] += 1
+        worker = pick_worker(self.proc, route, self.ctx, tried, self.last_why)
         tried.append(worker.slot)
         return worker
 
     def _may_retry(self, failed: _Failed, tried: list[int]) -> None:
-        """Count a retry, or raise when ``max_tries`` workers failed."""
+        """Count a retry, or raise the 502 when the retry rule allows no more."""
         self.last_why = failed.why
-        if len(tried) >= self.proc.settings.max_tries:
-            raise BadGateway(f"{failed.why} (tried {len(tried)} worker(s))")
-        self.proc.count_retry()
+        give_up = retry_or_give_up(self.proc, len(tried), failed.why)
+        if give_up is not None:
+            raise give_up
 
     def _open(self, worker: Worker, req: pb.GenerateRequest) -> Leg:
         """Start a Generate call on ``worker``; it counts in flight from now."""
@@ -269,7 +267,7 @@ class GrpcExchange:
         now = proc.loop.time()
         left = max(proc.settings.total_timeout - (now - self.started), 0.001)
         leg.call = proc.grpc_channels.stub(worker.url).Generate(
-            ask, timeout=left, metadata=(("x-request-id", self.request.request_id.decode()),))
+            ask, timeout=left, metadata=worker_metadata(self.request.request_id))
         self.current, self.expired = leg, None
         self.phase, self.phase_started, self.last_io = WAIT_FIRST, now, now
         return leg
@@ -295,7 +293,7 @@ class GrpcExchange:
                 self._settle(leg, ok=False)
                 raise UpstreamTimeout(f"request exceeded total_timeout={self.proc.settings.total_timeout}s "
                                       f"({details})") from None
-            if self.head_sent or code in RETRYABLE:
+            if self.head_sent or code in RETRYABLE_GRPC:
                 raise _Failed(f"{leg.worker.url}: {code} {details}".strip(),
                               connect=code == "UNAVAILABLE" and "connect" in details.lower()) from None
             self._settle(leg, ok=True)  # the worker answered; it was the request it refused
@@ -317,7 +315,7 @@ class GrpcExchange:
         if msg is grpc.aio.EOF:
             raise _Failed(f"{leg.worker.url} ended the stream without an answer")
         self._first_message(leg, stream)
-        headers = worker_headers(await leg.call.initial_metadata())
+        headers = relayed_metadata(await leg.call.initial_metadata())
         if stream:
             self._write_head(headers, b"text/event-stream", None)
         while msg is not grpc.aio.EOF:

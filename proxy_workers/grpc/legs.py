@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from proxy_workers.forwarding.attempts import close_cell, first_byte, open_cell
+from proxy_workers.forwarding.attempts import first_byte, open_cell, settle
 from shm.proto import worker_pb2 as pb
 
 if TYPE_CHECKING:
-    from proxy_workers.serving.protocol import ProxyProcess
+    from proxy_workers.grpc.channels import GrpcProcess
     from shm.schema import Worker
 
 _background: set[asyncio.Task[Any]] = set()  # Abort RPCs in flight (kept from the GC)
@@ -33,7 +33,7 @@ class Leg:
 
     __slots__ = ("call", "cell", "proc", "rid", "worker")
 
-    def __init__(self, proc: ProxyProcess, worker: Worker, rid: str) -> None:
+    def __init__(self, proc: GrpcProcess, worker: Worker, rid: str) -> None:
         self.proc = proc
         self.worker = worker
         self.rid = rid
@@ -46,17 +46,11 @@ class Leg:
 
     def first_message(self, waited: float, stream: bool) -> None:
         """The first message came ``waited`` seconds after the call started (TTFT)."""
-        if self.cell < 0:
-            return
         first_byte(self.proc, self.cell, waited, stream)
 
     def settle(self, ok: bool, latency: float, count_error: bool = True, connect_error: bool = False) -> None:
         """Close the books of this leg (once)."""
-        cell = self.cell
-        if cell < 0:
-            return
-        self.cell = -1
-        close_cell(self.proc, cell, ok, latency, count_error, connect_error)
+        self.cell = settle(self.proc, self.cell, ok, latency, count_error, connect_error)
 
     def abort(self) -> None:
         """Cancel the call if it runs, and tell the worker to drop the request (and its KV)."""
@@ -78,12 +72,3 @@ async def _send_abort(stub: Any, rid: str, timeout: float) -> None:
     except grpc.aio.AioRpcError:
         pass  # the worker is gone or the call already ended: nothing left to stop
 
-
-def worker_headers(metadata: Any) -> bytes:
-    """The worker's ``x-*`` initial metadata as response header lines (as HTTP workers' headers pass)."""
-    out = []
-    for key, value in metadata or ():
-        if (isinstance(value, str) and key.startswith("x-") and key != "x-request-id"
-                and not key.startswith("x-shardgate-") and value.isprintable()):
-            out.append(b"%s: %s\r\n" % (key.encode("ascii"), value.encode("latin-1", "replace")))
-    return b"".join(out)

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 
 from proxy_workers.errors import BadRequest, NotFound, RouterError
+from proxy_workers.forwarding.handoff import PREFILL_KV_JSON
 from shm.proto import worker_pb2 as pb
 
 CHAT_PATH = b"/v1/chat/completions"
@@ -34,9 +35,7 @@ DONE_EVENT = b"data: [DONE]\n\n"
 _encode = msgspec.json.Encoder().encode
 _FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 
-# Worker statuses that mean "this worker failed" (another worker may succeed): retried while
-# nothing reached the client. The others are the worker's answer about the request itself.
-RETRYABLE = frozenset({"UNAVAILABLE", "UNKNOWN", "INTERNAL", "ABORTED", "DATA_LOSS", "CANCELLED"})
+# Which worker statuses are retried is the retry rule's (proxy_workers.forwarding.retry).
 # Non-retryable worker statuses as (HTTP status, OpenAI type, code); anything else is a 502.
 STATUS_MAP = {
     "INVALID_ARGUMENT": (400, "invalid_request_error", "invalid_request"),
@@ -240,7 +239,7 @@ def prefill_request(req: pb.GenerateRequest) -> pb.GenerateRequest:
     leg = pb.GenerateRequest()
     leg.CopyFrom(req)
     leg.sampling.max_tokens = 1
-    leg.kv_transfer_params = b'{"do_remote_decode":true,"do_remote_prefill":false}'
+    leg.kv_transfer_params = PREFILL_KV_JSON  # the same ask as HTTP PD's two-phase prefill
     return leg
 
 

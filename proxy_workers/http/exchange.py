@@ -1,36 +1,56 @@
-"""One proxied request: pick a worker, send, stream the answer back, retry or fail cleanly.
+"""One proxied request over HTTP: pick a worker, send, stream the answer back, retry or fail cleanly.
 
-Role: the per-request state machine between a :class:`proxy_workers.server.ClientProtocol` and an
-:class:`proxy_workers.upstream.UpstreamConnection`. Callback driven (no task per request) because
-a task costs more than the whole routing decision.
+Role: the per-request state machine between a client connection
+(:class:`proxy_workers.contract.ClientSink`) and an :class:`proxy_workers.http.upstream.UpstreamConnection`;
+it is a :class:`proxy_workers.contract.ClientExchange` towards the client and an
+:class:`proxy_workers.contract.UpstreamOwner` towards the worker. It also carries the decode leg of
+an HTTP PD request, reporting to its :class:`PairOwner` instead of the client. Callback driven (no
+task per request) because a task costs more than the whole routing decision.
 
 Invariants:
-- Retry only while nothing has reached the client: a refused or failed connection, or a worker
-  that closed before sending a response head, moves the request to another worker (never one
-  already tried), up to ``max_tries``. Once the response head is written, a failure truncates the
-  response instead (an SSE stream gets an error event first); it is never retried.
-- A time-to-first-byte timeout is not retried: the worker may still be generating.
+- Picks, their counting and the worker cell's books go through :mod:`proxy_workers.forwarding.attempts`;
+  whether to retry is :func:`proxy_workers.forwarding.retry.retry_or_give_up`'s answer (retry only
+  while nothing reached the client, never the same worker, at most ``max_tries``; a
+  time-to-first-byte timeout is not retried). Once the response head is written, a failure
+  truncates the response instead (an SSE stream gets an error event first).
 - Every path ends in :meth:`Exchange._end` exactly once, which settles the load-board gauges.
 - A client that goes away aborts the worker connection at once so the GPU stops generating.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from proxy_workers.errors import BadGateway, NoHealthyWorker, RouterError, UpstreamTimeout, error_body, reason
-from proxy_workers.forwarding.attempts import close_cell, first_byte, open_cell
+from proxy_workers.contract import ProcessView
+from proxy_workers.errors import BadGateway, RouterError, UpstreamTimeout, error_body, reason
+from proxy_workers.forwarding.attempts import CLOSED, first_byte, open_cell, pick_worker, settle
+from proxy_workers.forwarding.retry import retry_or_give_up
 from proxy_workers.routing.decision import describe, header_value
-from proxy_workers.routing.table import ModelRoute
 
 if TYPE_CHECKING:
     import asyncio
 
-    from proxy_workers.http.pd import PDExchange
-    from proxy_workers.http.upstream import UpstreamConnection
+    from proxy_workers.contract import ClientRequest, ClientSink, UpstreamConnectionView
+    from proxy_workers.http.upstream import Pools, UpstreamConnection
     from proxy_workers.routing.context import RequestContext
-    from proxy_workers.serving.protocol import ClientProtocol, ProxyProcess, Request
+    from proxy_workers.routing.table import ModelRoute
     from shm.schema import Worker
+
+
+class HttpProcess(ProcessView, Protocol):
+    """A proxy process as the HTTP paths use it: the common view plus the worker pools."""
+
+    pools: Pools
+
+
+class PairOwner(Protocol):
+    """The PD request a decode leg belongs to (:class:`proxy_workers.http.pd.PDExchange`)."""
+
+    def decode_failed(self, exchange: Exchange, why: str) -> None:
+        """The decode leg failed before its first byte: the pair is replaced, not the decode alone."""
+        ...
+
+    def exchange_done(self, exchange: Exchange, error: bool) -> None: ...
 
 CONNECT, WAIT_HEAD, STREAMING, DONE = 0, 1, 2, 3
 _STATUS_LINES: dict[int, bytes] = {}  # status -> "HTTP/1.1 200 OK\r\n", built once per status
@@ -61,7 +81,7 @@ class Exchange:
         "worker",
     )
 
-    def __init__(self, proc: ProxyProcess, client: ClientProtocol, request: Request,
+    def __init__(self, proc: HttpProcess, client: ClientSink, request: ClientRequest,
                  route: ModelRoute, ctx: RequestContext) -> None:
         self.proc = proc
         self.client = client
@@ -69,11 +89,11 @@ class Exchange:
         self.route = route
         self.ctx = ctx
         self.server_error = False
-        self.pd: PDExchange | None = None  # set when this is the decode leg of a PD request
+        self.pd: PairOwner | None = None  # set when this is the decode leg of a PD request
         self.tried: list[int] = []
         self.worker: Worker | None = None
         self.conn: UpstreamConnection | None = None
-        self.cell = -1
+        self.cell = CLOSED
         self.out: list[bytes] = []
         self.head_sent = False
         self.chunked = False
@@ -86,24 +106,12 @@ class Exchange:
 
     # -- sending -------------------------------------------------------------------------
 
-    def _attempt(self) -> None:
-        ctx = self.ctx
+    def _attempt(self, last_failure: str = "") -> None:
         try:
-            worker = self.route.pick(ctx, self.tried)
-        except NoHealthyWorker as err:
-            if self.tried:
-                last = f"; last worker: {self.worker.url}" if self.worker is not None else ""
-                err = BadGateway(err.message + last)
+            worker = pick_worker(self.proc, self.route, self.ctx, self.tried, last_failure)
+        except RouterError as err:  # none left, or a policy's refusal (e.g. 429 from quota_aware)
             self._fail(err)
             return
-        except RouterError as err:  # a policy's refusal, e.g. 429 from quota_aware
-            self._fail(err)
-            return
-        proc = self.proc
-        word = proc.decision0 + self.route.policy.index * 2
-        proc.ints[word] += 1  # every decision counts; a fallback counts once more, as a fallback
-        if ctx.fallback:
-            proc.ints[word + 1] += 1
         self.tried.append(worker.slot)
         self._use(worker)
 
@@ -122,7 +130,7 @@ class Exchange:
         else:
             self.connecting = pool.connect(self._connected)
 
-    def _connected(self, future: asyncio.Future) -> None:
+    def _connected(self, future: asyncio.Future[tuple[asyncio.BaseTransport, UpstreamConnection]]) -> None:
         ok = not future.cancelled() and future.exception() is None
         if future is not self.connecting:
             if ok:  # an attempt that was given up on: keep the socket for the next request
@@ -133,8 +141,7 @@ class Exchange:
         self.connecting = None
         if not ok:
             exc = "timed out" if future.cancelled() else future.exception()
-            self._attempt_failed(f"cannot connect to {self.worker.url}: {exc}",  # type: ignore[union-attr]
-                                 connect_error=True)
+            self._attempt_failed(f"cannot connect to {self._url()}: {exc}", connect_error=True)
             return
         self._send(future.result()[1], False, self.proc.loop.time())
 
@@ -146,7 +153,7 @@ class Exchange:
 
     # -- receiving (called by UpstreamConnection) ---------------------------------------
 
-    def on_response_head(self, conn: UpstreamConnection, status: int) -> None:
+    def on_response_head(self, conn: UpstreamConnectionView, status: int) -> None:
         req = self.request
         line = _STATUS_LINES.get(status)
         if line is None:
@@ -186,7 +193,7 @@ class Exchange:
         else:
             self.out.append(body)
 
-    def on_response_complete(self, conn: UpstreamConnection) -> None:
+    def on_response_complete(self, conn: UpstreamConnectionView) -> None:
         if self.chunked:
             self.out.append(b"0\r\n\r\n")
         self.phase = DONE
@@ -202,7 +209,7 @@ class Exchange:
         else:
             self.last_io = self.proc.loop.time()
 
-    def upstream_failed(self, conn: UpstreamConnection, why: str) -> None:
+    def upstream_failed(self, conn: UpstreamConnectionView, why: str) -> None:
         if conn is not self.conn or self.phase == DONE:
             return
         self.conn = None
@@ -210,8 +217,9 @@ class Exchange:
             self._truncate(why)
         elif self._fresh_retry and not conn.received:
             # A pooled keep-alive socket the worker had already closed: same worker, new socket.
-            self._settle(ok=False, count_error=False)
-            self._use(self.worker)  # type: ignore[arg-type]
+            self.cell = settle(self.proc, self.cell, ok=False, count_error=False)
+            assert self.worker is not None  # a connection was in use: a worker was picked
+            self._use(self.worker)
         else:
             self._attempt_failed(why, connect_error=False)
 
@@ -219,7 +227,7 @@ class Exchange:
 
     def _attempt_failed(self, why: str, connect_error: bool) -> None:
         self._fresh_retry = False
-        self._settle(ok=False, connect_error=connect_error)
+        self.cell = settle(self.proc, self.cell, ok=False, connect_error=connect_error)
         if self.pd is not None:
             # A PD decode leg does not retry alone: its prefill's KV went to this worker, so the
             # PD exchange starts a new pair.
@@ -227,26 +235,19 @@ class Exchange:
             self.proc.active.discard(self)
             self.pd.decode_failed(self, why)
             return
-        if len(self.tried) < self.proc.settings.max_tries:
-            self.proc.count_retry()
-            self._attempt()
+        give_up = retry_or_give_up(self.proc, len(self.tried), why)
+        if give_up is None:
+            self._attempt(why)
         else:
-            self._fail(BadGateway(f"{why} (tried {len(self.tried)} worker(s))"))
+            self._fail(give_up)
 
-    def _settle(self, ok: bool, count_error: bool = True, connect_error: bool = False) -> None:
-        """Close the books of the current attempt on the load board."""
-        if self.cell < 0:
-            return
-        latency = self.proc.loop.time() - self.started if ok else None
-        close_cell(self.proc, self.cell, ok, latency, count_error, connect_error)
-        self.cell = -1
+    def _url(self) -> str:
+        return self.worker.url if self.worker is not None else "?"
 
     def _complete(self) -> None:
         conn, self.conn = self.conn, None
         now = self.proc.loop.time()
-        if self.cell >= 0:
-            close_cell(self.proc, self.cell, not self.server_error, now - self.started)
-            self.cell = -1
+        self.cell = settle(self.proc, self.cell, not self.server_error, now - self.started)
         if conn is not None:
             conn.release(now)
         self._end(error=False)
@@ -263,7 +264,7 @@ class Exchange:
             event = b"event: error\ndata: %s\n\n" % error_body(BadGateway(f"stream interrupted: {why}"))
             self.out.append(b"%x\r\n%s\r\n" % (len(event), event) if self.chunked else event)
         self._flush()
-        self._settle(ok=False)
+        self.cell = settle(self.proc, self.cell, ok=False)
         self.request.keep_alive = False
         self._end(error=True)
 
@@ -296,9 +297,19 @@ class Exchange:
         if conn is not None:
             conn.abort()
         self.phase = DONE
-        self._settle(ok=False, count_error=False)
+        self.cell = settle(self.proc, self.cell, ok=False, count_error=False)
         self.proc.active.discard(self)
         return True
+
+    def pause_upstream(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.pause_reading()
+
+    def resume_upstream(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.resume_reading()
 
     def check_deadline(self, now: float) -> None:
         """Called by the periodic sweep; enforces connect, first-byte, idle and total timeouts."""
@@ -308,7 +319,7 @@ class Exchange:
             self._time_out(f"request exceeded total_timeout={settings.total_timeout}s")
         elif phase == CONNECT and now - self.phase_started > settings.connect_timeout:
             self._abandon_connect()
-            self._attempt_failed(f"connect to {self.worker.url} timed out", connect_error=True)  # type: ignore[union-attr]
+            self._attempt_failed(f"connect to {self._url()} timed out", connect_error=True)
         elif phase == WAIT_HEAD and now - self.phase_started > settings.first_byte_timeout:
             self._time_out("worker sent no response within "
                            f"first_byte_timeout={settings.first_byte_timeout}s")
@@ -328,5 +339,5 @@ class Exchange:
         if self.head_sent:
             self._truncate(why)
         else:
-            self._settle(ok=False)
+            self.cell = settle(self.proc, self.cell, ok=False)
             self._fail(UpstreamTimeout(why))

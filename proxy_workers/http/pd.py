@@ -2,7 +2,9 @@
 
 Role: :class:`PDExchange` serves one request of a model routed to ``http_pd``. It owns the prefill
 leg(s) (:class:`PrefillLeg`) and hands the decode leg to an ordinary
-:class:`proxy_workers.exchange.Exchange`, which streams the answer to the client unchanged.
+:class:`proxy_workers.http.exchange.Exchange`, which streams the answer to the client unchanged.
+It is a :class:`proxy_workers.contract.ClientExchange` towards the client; the handoff bodies are
+:mod:`proxy_workers.forwarding.handoff`'s, shared with gRPC PD.
 
 - ``two_phase`` (vLLM): the prefill worker gets a copy of the request with ``max_tokens`` and
   ``max_completion_tokens`` 1, ``stream`` false, no ``stream_options``, and
@@ -28,61 +30,34 @@ Invariants:
 
 from __future__ import annotations
 
-import random
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import msgspec
 
 from proxy_workers.errors import BadGateway, BadRequest, NoHealthyWorker, RouterError, render_response
-from proxy_workers.forwarding.attempts import close_cell, open_cell
+from proxy_workers.forwarding.attempts import open_cell, pick_worker, settle
+from proxy_workers.forwarding.handoff import (
+    MAX_PREFILL_ANSWER,
+    bootstrap_body,
+    decode_body,
+    kv_handle,
+    prefill_body,
+)
+from proxy_workers.forwarding.retry import refused_by_worker, retry_or_give_up
 from proxy_workers.http.exchange import Exchange
-from proxy_workers.policies.registry import POLICY_INDEX
 
 if TYPE_CHECKING:
     import asyncio
 
+    from proxy_workers.contract import ClientRequest, ClientSink, UpstreamConnectionView
+    from proxy_workers.http.exchange import HttpProcess
     from proxy_workers.http.upstream import UpstreamConnection
     from proxy_workers.routing.context import RequestContext
     from proxy_workers.routing.table import PDRoute
-    from proxy_workers.serving.protocol import ClientProtocol, ProxyProcess, Request
     from shm.schema import Worker
 
-MAX_PREFILL_ANSWER = 1 << 20
-# 4xx answers that say "not now" rather than "this request is wrong": another worker may take it.
-RETRYABLE_4XX = frozenset({408, 429})
-PREFILL_KV = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-              "remote_block_ids": None, "remote_host": None, "remote_port": None}
 _decode_json = msgspec.json.decode
 _encode_json = msgspec.json.encode
-
-
-def prefill_body(doc: dict[str, Any]) -> dict[str, Any]:
-    """The two-phase prefill copy of a request body."""
-    out = dict(doc)
-    out["max_tokens"] = 1
-    out["max_completion_tokens"] = 1
-    out["stream"] = False
-    out.pop("stream_options", None)
-    out["kv_transfer_params"] = dict(PREFILL_KV)
-    return out
-
-
-def bootstrap_body(doc: dict[str, Any], prefill: Worker, rng: random.Random) -> dict[str, Any]:
-    """The body both legs get in bootstrap mode: one room per item of a batched input."""
-    host = urlsplit(prefill.url).hostname
-    batch = next((len(doc[k]) for k in ("text", "input_ids", "prompt")
-                  if isinstance(doc.get(k), list) and doc[k] and not isinstance(doc[k][0], int)), 0)
-    out = dict(doc)
-    if batch:
-        out["bootstrap_host"] = [host] * batch
-        out["bootstrap_port"] = [prefill.bootstrap_port] * batch
-        out["bootstrap_room"] = [rng.getrandbits(63) for _ in range(batch)]
-    else:
-        out["bootstrap_host"] = host
-        out["bootstrap_port"] = prefill.bootstrap_port
-        out["bootstrap_room"] = rng.getrandbits(63)
-    return out
 
 
 class PrefillLeg:
@@ -91,7 +66,7 @@ class PrefillLeg:
     __slots__ = ("answer", "cell", "conn", "connecting", "content_type", "done", "pd", "request", "reused",
                  "sent_at", "started", "status", "worker")
 
-    def __init__(self, pd: PDExchange, worker: Worker, request: Request) -> None:
+    def __init__(self, pd: PDExchange, worker: Worker, request: ClientRequest) -> None:
         self.pd = pd
         self.worker = worker
         self.request = request
@@ -114,7 +89,7 @@ class PrefillLeg:
         else:
             self.connecting = pool.connect(self._connected)
 
-    def _connected(self, future: asyncio.Future) -> None:
+    def _connected(self, future: asyncio.Future[tuple[asyncio.BaseTransport, UpstreamConnection]]) -> None:
         if future is not self.connecting:
             if not future.cancelled() and future.exception() is None:
                 future.result()[1].close()
@@ -130,8 +105,8 @@ class PrefillLeg:
         self.sent_at = self.pd.proc.loop.time()
         conn.send(self, self.request.wire(conn.pool.authority))
 
-    # The upstream-callback contract (see proxy_workers.upstream.UpstreamConnection).
-    def on_response_head(self, conn: UpstreamConnection, status: int) -> None:
+    # The upstream-callback contract (see proxy_workers.http.upstream.UpstreamConnection).
+    def on_response_head(self, conn: UpstreamConnectionView, status: int) -> None:
         self.status = status
         self.content_type = conn.content_type or self.content_type
 
@@ -139,7 +114,7 @@ class PrefillLeg:
         if sum(len(b) for b in self.answer) < MAX_PREFILL_ANSWER:
             self.answer.append(body)
 
-    def on_response_complete(self, conn: UpstreamConnection) -> None:
+    def on_response_complete(self, conn: UpstreamConnectionView) -> None:
         self.done = True
 
     def after_upstream_data(self) -> None:
@@ -148,7 +123,7 @@ class PrefillLeg:
             conn.release(self.pd.proc.loop.time())
             self.pd.prefill_done(self)
 
-    def upstream_failed(self, conn: UpstreamConnection, why: str) -> None:
+    def upstream_failed(self, conn: UpstreamConnectionView, why: str) -> None:
         if conn is self.conn and not self.done:
             self.conn = None
             if self.reused and not conn.received:
@@ -168,10 +143,7 @@ class PrefillLeg:
 
     def settle(self, ok: bool, connect_error: bool = False) -> None:
         """Release this leg's load-board gauge (once)."""
-        if self.cell < 0:
-            return
-        close_cell(self.pd.proc, self.cell, ok, connect_error=connect_error)
-        self.cell = -1
+        self.cell = settle(self.pd.proc, self.cell, ok, connect_error=connect_error)
 
     def check_deadline(self, now: float) -> None:
         settings = self.pd.proc.settings
@@ -191,7 +163,7 @@ class PDExchange:
     __slots__ = ("client", "ctx", "decode", "doc", "ended", "failed_prefill", "legs", "pairs", "proc",
                  "request", "route", "tried_decode", "tried_prefill")
 
-    def __init__(self, proc: ProxyProcess, client: ClientProtocol, request: Request, route: PDRoute,
+    def __init__(self, proc: HttpProcess, client: ClientSink, request: ClientRequest, route: PDRoute,
                  ctx: RequestContext) -> None:
         self.proc = proc
         self.client = client
@@ -217,9 +189,13 @@ class PDExchange:
     def head_sent(self) -> bool:
         return self.decode is not None and self.decode.head_sent
 
-    @property
-    def conn(self) -> UpstreamConnection | None:
-        return self.decode.conn if self.decode is not None else None
+    def pause_upstream(self) -> None:
+        if self.decode is not None:
+            self.decode.pause_upstream()
+
+    def resume_upstream(self) -> None:
+        if self.decode is not None:
+            self.decode.resume_upstream()
 
     def start(self) -> None:
         self.proc.active.add(self)
@@ -227,10 +203,16 @@ class PDExchange:
 
     # -- pairs -----------------------------------------------------------------------------
 
-    def _new_pair(self) -> None:
-        if self.pairs >= self.proc.settings.max_tries:
-            self._fail(BadGateway(f"prefill/decode failed on {self.pairs} pair(s) of workers"))
-            return
+    def _retry_pair(self, why: str) -> None:
+        """A pair failed before the answer started: another pair, if the retry rule allows one."""
+        give_up = retry_or_give_up(self.proc, self.pairs, f"prefill/decode pair failed: {why}",
+                                   "pair(s) of workers")
+        if give_up is not None:
+            self._fail(give_up)
+        else:
+            self._new_pair(why)
+
+    def _new_pair(self, last_failure: str = "") -> None:
         if not self._decode_left():
             # Checked before any prefill work: the route is pinned for the request, so a pair is
             # possible only with an untried decode worker.
@@ -241,9 +223,7 @@ class PDExchange:
                 self._fail(NoHealthyWorker(f"no healthy decode worker for model '{model}'"))
             return
         self.pairs += 1
-        if self.pairs > 1:
-            self.proc.count_retry()
-        prefill = self._pick_prefill()
+        prefill = self._pick_prefill(last_failure)
         if prefill is None:
             return
         if self.route.dialect == "bootstrap":
@@ -260,17 +240,12 @@ class PDExchange:
         tried = self.tried_decode
         return any(w.slot not in tried for w in self.route.decode.candidates)
 
-    def _pick_prefill(self) -> Worker | None:
-        route = self.route.prefill
+    def _pick_prefill(self, last_failure: str = "") -> Worker | None:
         try:
-            worker = route.pick(self.ctx, self.failed_prefill)
-        except NoHealthyWorker as err:
-            self._fail(err if not self.tried_prefill else BadGateway(err.message))
-            return None
-        except RouterError as err:
+            worker = pick_worker(self.proc, self.route.prefill, self.ctx, self.failed_prefill, last_failure)
+        except RouterError as err:  # none left, or a policy's refusal
             self._fail(err)
             return None
-        self.proc.ints[self.proc.decision0 + POLICY_INDEX[route.policy.name] * 2] += 1
         self.tried_prefill.append(worker.slot)
         if self.ctx.scores is not None:
             self.ctx.scores["prefill_worker"] = worker.url
@@ -293,7 +268,7 @@ class PDExchange:
     def prefill_done(self, leg: PrefillLeg) -> None:
         if self.ended:
             return
-        if 400 <= leg.status < 500 and leg.status not in RETRYABLE_4XX:
+        if refused_by_worker(leg.status):
             self._refused(leg)
             return
         if not 200 <= leg.status < 300:
@@ -301,17 +276,11 @@ class PDExchange:
             return
         if self.route.dialect == "bootstrap":
             return  # the decode leg is already under way; this leg's gauge waits for it
-        try:
-            answer = _decode_json(b"".join(leg.answer))
-            handle = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
-        except msgspec.DecodeError:
-            handle = None
-        if not isinstance(handle, dict):
+        handle = kv_handle(b"".join(leg.answer))
+        if handle is None:
             self.prefill_failed(leg, f"prefill worker {leg.worker.url} returned no kv_transfer_params")
             return
-        body = dict(self.doc)
-        body["kv_transfer_params"] = handle  # opaque: copied, never read
-        self._start_decode(_encode_json(body))
+        self._start_decode(_encode_json(decode_body(self.doc, handle)))
 
     def _refused(self, leg: PrefillLeg) -> None:
         """The prefill worker found the request itself wrong: that is the client's answer."""
@@ -337,15 +306,15 @@ class PDExchange:
             if decode is not None and decode.worker is not None and self.tried_decode \
                     and self.tried_decode[-1] == decode.worker.slot:
                 self.tried_decode.pop()  # cancelled, not failed: the new pair may use it again
-            self._new_pair()
+            self._retry_pair(why)
             return
-        if len(self.tried_prefill) < self.proc.settings.max_tries:
-            worker = self._pick_prefill()
-            if worker is not None:
-                self.proc.count_retry()
-                self._start_prefill(worker, _encode_json(prefill_body(self.doc)))
+        give_up = retry_or_give_up(self.proc, len(self.tried_prefill), why, "prefill worker")
+        if give_up is not None:
+            self._fail(give_up)
             return
-        self._fail(BadGateway(f"{why} (tried {len(self.tried_prefill)} prefill worker(s))"))
+        worker = self._pick_prefill(why)
+        if worker is not None:
+            self._start_prefill(worker, _encode_json(prefill_body(self.doc)))
 
     def decode_failed(self, exchange: Exchange, why: str) -> None:
         """The decode leg failed before its first byte: a new pair."""
@@ -354,7 +323,7 @@ class PDExchange:
             leg.cancel()
             leg.settle(ok=True)  # the prefill itself did not fail
         self.legs.clear()
-        self._new_pair()
+        self._retry_pair(why)
 
     def exchange_done(self, exchange: Exchange, error: bool) -> None:
         """The decode leg ended (answer complete, error written, or truncated)."""

@@ -1,7 +1,8 @@
 """Connections to workers: an asyncio Protocol parsing responses with httptools, and keep-alive pools.
 
-Role: carry one request at a time to a worker and feed the parsed response back to the
-:class:`proxy_workers.exchange.Exchange` that owns the connection.
+Role: carry one request at a time to a worker and feed the parsed response back to the attempt
+that owns the connection (a :class:`proxy_workers.contract.UpstreamOwner`: an HTTP exchange, a PD
+decode leg or a PD prefill leg).
 
 Invariants:
 - A connection belongs to at most one exchange; it returns to its pool only after a complete
@@ -12,6 +13,8 @@ Invariants:
   are closed by the proxy's periodic sweep.
 - A parse error from a worker never escapes: it becomes a 502 (before the head reached the
   client) or a truncated response (after).
+- Response header rules (what is relayed, what is hop-by-hop) are
+  :mod:`proxy_workers.forwarding.headers`'; fields are classified once, as they arrive.
 """
 
 from __future__ import annotations
@@ -19,24 +22,15 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import httptools
 
+from proxy_workers.forwarding.headers import NO_TOKENS, RESPONSE_DROP, connection_tokens, without_fields
+
 if TYPE_CHECKING:
-    from proxy_workers.http.exchange import Exchange
-
-
-# Response headers that describe one hop, or that the proxy sets itself: never relayed as they are.
-RESPONSE_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                           b"transfer-encoding", b"upgrade", b"content-length", b"x-request-id",
-                           b"proxy-authenticate"})
-
-
-def without_fields(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
-    """Header lines (``name: value\r\n``, names lowercased) minus those whose name is in ``names``."""
-    return [line for line in lines if line[:line.index(b":")] not in names]
+    from proxy_workers.contract import UpstreamOwner
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -48,7 +42,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.exchange: Exchange | None = None
+        self.exchange: UpstreamOwner | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.received = False
         self.keep_alive = False
@@ -59,7 +53,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream transport (TCP)
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
@@ -126,7 +120,7 @@ class UpstreamConnection(asyncio.Protocol):
             if value.rstrip().lower().endswith(b"chunked"):
                 self.chunked = True
         elif low == b"connection" and value.lower() not in (b"close", b"keep-alive"):
-            tokens = frozenset(t.strip().lower() for t in value.split(b","))
+            tokens = connection_tokens(value)
             self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens | tokens
 
     def on_headers_complete(self) -> None:
@@ -135,26 +129,34 @@ class UpstreamConnection(asyncio.Protocol):
         status = parser.get_status_code()
         self.until_eof = (self.length is None and not self.chunked and status >= 200
                           and status not in (204, 304))
-        self.exchange.on_response_head(self, status)  # type: ignore[union-attr]
+        exchange = self.exchange
+        assert exchange is not None  # data_received drops bytes that arrive with no owner
+        exchange.on_response_head(self, status)
 
     def relayed_lines(self) -> list[bytes]:
         """The header lines to relay, minus any the worker named in its Connection header."""
-        return without_fields(self.lines, self.conn_tokens or frozenset())
+        return without_fields(self.lines, self.conn_tokens or NO_TOKENS)
 
     def on_body(self, body: bytes) -> None:
-        self.exchange.on_response_body(body)  # type: ignore[union-attr]
+        exchange = self.exchange
+        assert exchange is not None
+        exchange.on_response_body(body)
 
     def on_message_complete(self) -> None:
         self.until_eof = False
-        self.exchange.on_response_complete(self)  # type: ignore[union-attr]
+        exchange = self.exchange
+        assert exchange is not None
+        exchange.on_response_complete(self)
 
     # -- used by the exchange ------------------------------------------------------------
 
-    def send(self, exchange: Exchange, data: bytes) -> None:
+    def send(self, exchange: UpstreamOwner, data: bytes) -> None:
         self._reset()
         self.received = False
         self.exchange = exchange
-        self.transport.write(data)  # type: ignore[union-attr]
+        transport = self.transport
+        assert transport is not None  # a pooled or new connection is open when it is handed out
+        transport.write(data)
 
     def release(self, now: float) -> None:
         """Back to the pool if the response allows it, else closed."""

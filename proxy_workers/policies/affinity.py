@@ -30,7 +30,7 @@ from proxy_workers.routing.context import RequestContext
 from shm.schema import Worker
 
 if TYPE_CHECKING:
-    from proxy_workers.routing.table import ModelRoute
+    from proxy_workers.policies.base import RouteView
 
 MAX_BLOCKS = 512
 _SEED_B = 0x9E3779B9
@@ -66,14 +66,14 @@ def prefix_keys(model: str, text: str, block: int) -> list[tuple[int, int]]:
     return out
 
 
-def _usable(route: ModelRoute, candidates: Sequence[Worker]) -> dict[int, Worker]:
+def _usable(route: RouteView, candidates: Sequence[Worker]) -> dict[int, Worker]:
     return route.by_slot if candidates is route.candidates else {w.slot: w for w in candidates}
 
 
 class SessionAffinity(Policy):
     name = "session_affinity"
 
-    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+    def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         h = ctx.key_hash()
         env = self.env
         if h is None or env.affinity is None:
@@ -103,9 +103,8 @@ class SessionAffinity(Policy):
 
 class CacheAware(Policy):
     name = "cache_aware"
-    needs_prompt = True
 
-    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+    def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         env, settings = self.env, self.env.settings
         loads = env.columns(candidates).loads()
         lo, hi = min(loads), max(loads)
@@ -114,8 +113,9 @@ class CacheAware(Policy):
             worker = candidates[loads.index(lo)]
             ctx.note("load imbalanced: least loaded worker", fallback=True, min_load=lo, max_load=hi)
         else:
-            worker, rate = self._match(route, candidates, keys)
-            if worker is not None and rate > settings.cache_threshold:
+            matched, rate = self._match(route, candidates, keys)
+            if matched is not None and rate > settings.cache_threshold:
+                worker = matched
                 ctx.note("prefix cached on this worker", match_rate=round(rate, 3))
             else:
                 worker = least_loaded_of(candidates, env, self.rng)
@@ -125,17 +125,18 @@ class CacheAware(Policy):
             self._remember(keys, worker)
         return worker
 
-    def _match(self, route: ModelRoute, candidates: Sequence[Worker],
+    def _match(self, route: RouteView, candidates: Sequence[Worker],
                keys: list[tuple[int, int]]) -> tuple[Worker | None, float]:
         """The worker holding the longest recorded prefix, and the share of the prompt it covers."""
-        if not keys or self.env.affinity is None:
-            return None, 0.0
         env = self.env
+        affinity = env.affinity
+        if not keys or affinity is None:
+            return None, 0.0
         usable = _usable(route, candidates)
         now, ttl = time.time(), env.settings.session_ttl
         total = keys[-1][0]
         for count, key in reversed(keys):
-            found = env.affinity.lookup(key, env.proxies, now, ttl, usable.__contains__, latest=True)
+            found = affinity.lookup(key, env.proxies, now, ttl, usable.__contains__, latest=True)
             if found is not None:
                 return usable[found[0]], count / total
         return None, 0.0

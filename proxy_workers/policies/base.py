@@ -3,13 +3,14 @@
 Role: given a model's routable workers, pick one. Policies run inside a proxy process on every
 request, so ``pick`` must be O(1) or O(candidates) with tiny constants and must never block.
 This module holds the interface, the environment every policy sees, and the simple policies;
-the hashing, affinity and measured-load families live in ``policies_hash``, ``policies_affinity``
-and ``policies_load``, and ``policy_registry`` maps names to classes.
+the hashing, affinity and measured-load families live in ``hashing``, ``affinity`` and ``load``,
+and ``registry`` maps names to classes.
 
-Interface: ``pick(route, candidates, ctx) -> Worker``. ``route`` is the model's
-:class:`proxy_workers.routing.ModelRoute` (its ring and full candidate list); ``candidates`` is
+Interface: ``pick(route, candidates, ctx) -> Worker``. ``route`` is what a policy sees of the
+model's route (:class:`RouteView`, implemented by :class:`proxy_workers.routing.table.ModelRoute`:
+its ring and full candidate list; policies never import routing, routing imports them); ``candidates`` is
 what may be chosen now (``route.candidates``, or fewer on a retry); ``ctx`` is the request's
-:class:`proxy_workers.context.RequestContext`, where a policy notes its reason and scores.
+:class:`proxy_workers.routing.context.RequestContext`, where a policy notes its reason and scores.
 
 Invariants:
 - ``candidates`` is non-empty and holds only healthy, non-draining workers; the caller filters.
@@ -27,15 +28,15 @@ from collections.abc import Callable, Sequence
 from itertools import accumulate
 from math import gcd
 from operator import add, itemgetter, truediv
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shm.loadboard import E_RUNNING, E_WAITING, W_IN_FLIGHT, W_TTFB_EWMA, WORKER_FIELDS, LoadBoard
 from shm.settings import Settings
 
 if TYPE_CHECKING:
     from proxy_workers.routing.context import RequestContext
-    from proxy_workers.routing.table import ModelRoute
     from shm.affinity import AffinityTable
+    from shm.hashing import RingView
     from shm.schema import Worker
 
 
@@ -188,18 +189,28 @@ def least_loaded_of(candidates: Sequence[Worker], env: PolicyEnv,
     return candidates[index_of_min(env.columns(candidates).weighted_loads(), rng)]
 
 
+class RouteView(Protocol):
+    """What a policy sees of a model's route."""
+
+    model: str
+    candidates: list[Worker]  # every routable worker (a retry passes fewer as ``candidates``)
+    by_slot: dict[int, Worker]
+    ring: RingView | None
+    ring_workers: list[Worker | None]
+    shard_workers: list[list[Worker]]
+
+
 class Policy:
     """Base class. Subclasses set ``name`` and implement ``pick``."""
 
     name = ""
     index = 0  # column of the decision counters (policy_registry.POLICY_INDEX)
-    needs_prompt = False  # True: the context decodes the prompt text for this policy
 
     def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
         self.env = env
         self.rng = rng or random.Random()
 
-    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+    def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         raise NotImplementedError
 
 
@@ -211,7 +222,7 @@ class RoundRobin(Policy):
         # Start each process at a different place so N proxies don't move in lockstep.
         self._next = self.rng.randrange(1 << 16)
 
-    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+    def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         self._next += 1
         ctx.reason = ctx.reason or "next worker in turn"
         return candidates[self._next % len(candidates)]
@@ -259,7 +270,7 @@ class WeightedRoundRobin(RoundRobin):
         # id(list) -> (list, cycle): the route's list and, for sharded models, each shard's.
         self._orders: dict[int, tuple[Sequence[Worker], list[Worker]]] = {}
 
-    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+    def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         ctx.reason = ctx.reason or "smooth weighted round-robin"
         self._next += 1
         cached = self._orders.get(id(candidates))
@@ -274,7 +285,7 @@ class WeightedRoundRobin(RoundRobin):
         return order[self._next % len(order)]
 
 
-def _stable(route: ModelRoute, candidates: Sequence[Worker]) -> bool:
+def _stable(route: RouteView, candidates: Sequence[Worker]) -> bool:
     """True for lists that live as long as the snapshot: the route's, or one of its shards'."""
     return candidates is route.candidates or any(candidates is s for s in route.shard_workers)
 
@@ -289,7 +300,7 @@ def _cycle(candidates: Sequence[Worker]) -> list[Worker]:
 class Random(Policy):
     name = "random"
 
-    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+    def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         ctx.reason = "uniformly random"
         return candidates[int(self.rng.random() * len(candidates))]
 
@@ -302,7 +313,7 @@ class WeightedRandom(Policy):
         self._seen: Sequence[Worker] | None = None
         self._cumulative: list[int] = []
 
-    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+    def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         ctx.reason = "random in proportion to weight"
         if candidates is not self._seen:
             self._cumulative = list(accumulate(w.weight for w in candidates))
@@ -320,7 +331,7 @@ class LeastConnections(Policy):
         super().__init__(env, rng)
         self._start = 0
 
-    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+    def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         n = len(candidates)
         self._start = (self._start + 1) % n
         scores = self.env.columns(candidates).weighted_loads()
@@ -340,7 +351,7 @@ class PowerOfTwo(Policy):
 
     name = "power_of_two"
 
-    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+    def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         n = len(candidates)
         ctx.reason = "less loaded of two random workers"
         if n == 1:

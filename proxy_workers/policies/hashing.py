@@ -24,10 +24,10 @@ from proxy_workers.routing.context import RequestContext
 from shm.schema import Worker
 
 if TYPE_CHECKING:
-    from proxy_workers.routing.table import ModelRoute
+    from proxy_workers.policies.base import RouteView
 
 
-def ring_pick(route: ModelRoute, candidates: Sequence[Worker], h: int,
+def ring_pick(route: RouteView, candidates: Sequence[Worker], h: int,
               accept: object = None) -> tuple[Worker | None, int]:
     """First usable worker clockwise from ``h``; (worker, owners skipped)."""
     ring = route.ring
@@ -66,7 +66,7 @@ class ConsistentHash(Policy):
         self._memo: dict[str, Worker] = {}
         self._memo_for: Sequence[Worker] | None = None
 
-    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+    def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         key = ctx.routing_key()
         if key is None:
             ctx.note("no routing key: random worker", fallback=True)
@@ -99,7 +99,7 @@ class ConsistentHash(Policy):
 class ConsistentHashBounded(Policy):
     name = "consistent_hash_bounded"
 
-    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+    def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         h = ctx.key_hash()
         in_flight = self.env.load.in_flight
         if h is None:

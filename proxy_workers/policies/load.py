@@ -36,7 +36,7 @@ from shm.loadboard import (
 from shm.schema import Worker
 
 if TYPE_CHECKING:
-    from proxy_workers.routing.table import ModelRoute
+    from proxy_workers.policies.base import RouteView
 
 STALE_INTERVALS = 3
 
@@ -44,7 +44,7 @@ STALE_INTERVALS = 3
 class LeastLatency(Policy):
     name = "least_latency"
 
-    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+    def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         # A worker nobody has measured yet scores 0: it gets tried, and so measured.
         scores = self.env.columns(candidates).ttfb_sums()
         best = index_of_min(scores, self.rng)
@@ -55,7 +55,7 @@ class LeastLatency(Policy):
 class LeastLoaded(Policy):
     name = "least_loaded"
 
-    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+    def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         env = self.env
         cols = env.columns(candidates)
         # One scrape round covers every worker, so one worker's timestamp tells if it is stale.
@@ -80,7 +80,7 @@ class QuotaAware(Policy):
 
     name = "quota_aware"
 
-    def pick(self, route: ModelRoute, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
+    def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         env = self.env
         minute, into = divmod(time.time(), 60.0)
         window = (int(minute), 1.0 - into / 60.0)

@@ -6,7 +6,7 @@ pays for hashing headers or decoding the prompt; cache_aware decodes the prompt 
 
 Invariants:
 - The body is decoded at most twice: once for ``model``/``user``/``max_tokens`` (every request),
-  once more for the prompt text (only for policies with ``needs_prompt``).
+  once more for the prompt text (only when a policy asks for it: cache_aware).
 - The routing key comes from the first present header of ``hash_headers``, else the body's
   ``user`` field, else the ``hash_fallback`` (client address or none).
 - ``reason``/``fallback`` are plain attribute writes (cheap on every request); ``scores`` are

@@ -11,7 +11,7 @@ shard, fallback) is rendered by :func:`describe`, the seed's RoutingDecision.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
@@ -21,8 +21,21 @@ from proxy_workers.routing.selection import resolve_alias, select_router
 from proxy_workers.routing.table import ModelRoute, PDRoute, RoutingTable
 
 if TYPE_CHECKING:
-    from proxy_workers.serving.protocol import ProxyProcess, Request
+    import random
+
+    from proxy_workers.contract import ClientRequest
     from shm.schema import Worker
+    from shm.settings import Settings
+
+
+class RoutingProcess(Protocol):
+    """What routing needs of its proxy process (:class:`proxy_workers.serving.state.ProxyProcess`)."""
+
+    settings: Settings
+    hash_headers: tuple[bytes, ...]
+    rng: random.Random
+
+    def latest_table(self) -> RoutingTable: ...
 
 _encode = msgspec.json.Encoder().encode
 
@@ -35,7 +48,7 @@ def _body_error(exc: msgspec.MsgspecError) -> BadRequest:
     return BadRequest(f"request body is not valid JSON: {exc}")
 
 
-def prepare(proc: ProxyProcess, request: Request,
+def prepare(proc: RoutingProcess, request: ClientRequest,
             dry_run: bool = False) -> tuple[ModelRoute | PDRoute, RequestContext]:
     """The route and context for ``request``; raises RouterError (404, 503, 400) with a reason."""
     body = request.body
@@ -44,7 +57,7 @@ def prepare(proc: ProxyProcess, request: Request,
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise _body_error(exc) from None
     model = fields.model if fields is not None else None
-    table: RoutingTable = proc.table()
+    table = proc.latest_table()
     ctx = RequestContext(model, fields, request.body, request.headers, request.peer,
                          proc.hash_headers, proc.settings.hash_fallback, explain=request.explain)
     ctx.dry_run = dry_run
@@ -66,7 +79,7 @@ def prepare(proc: ProxyProcess, request: Request,
     return route, ctx
 
 
-def retarget(request: Request, model: str) -> None:
+def retarget(request: ClientRequest, model: str) -> None:
     """Rewrite the body's ``model`` to an alias's target, so the worker is asked for a model it serves.
 
     The worker's Content-Length is computed when the request is sent (``Request.wire``), so

@@ -15,7 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from proxy_workers.errors import ModelNotFound, NoHealthyWorker
 
@@ -52,7 +52,7 @@ def select_router(model: str, available: Iterable[str], preference: str) -> tupl
                           "whose data path is not available in this build")
 
 
-def resolve_alias(model: str, aliases: dict[str, dict[str, float]], served: dict[str, object],
+def resolve_alias(model: str, aliases: Mapping[str, Mapping[str, float]], served: Mapping[str, object],
                   rng: random.Random) -> str:
     """The target model for an alias (weighted draw over served targets), else ``model``.
 

@@ -153,8 +153,8 @@ class RoutingTable:
         if any(r in snapshot.routers for r in ("grpc_regular", "http_pd", "grpc_pd")):
             self._special_routes(snapshot, env, previous, others)
         # Requests without a model field go round-robin over every worker (the seed's behaviour).
-        previous_any = previous.any if previous is not None else None
-        self.any = _route(ANY_MODEL, [w for w in plain if w is not None], len(workers),
+        previous_any: ModelRoute | None = previous.any if previous is not None else None
+        self.any: ModelRoute = _route(ANY_MODEL, [w for w in plain if w is not None], len(workers),
                           "round_robin", env, previous_any)
         self.router_of = routers_by_model(snapshot.routers)
         # (model, connection preference) -> (router, reason, route): selection depends only on

@@ -24,7 +24,8 @@ from shm.loadboard import P_PID
 from shm.schema import Snapshot, Worker
 
 if TYPE_CHECKING:
-    from proxy_workers.serving.protocol import ProxyProcess, Request
+    from proxy_workers.forwarding.request import Request
+    from proxy_workers.serving.state import ProxyProcess
 
 VERSION = "0.1.0"
 _JSON = b"application/json"
@@ -74,7 +75,7 @@ def _routers(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
 
 
 def _snapshot(proc: ProxyProcess) -> Snapshot:
-    return proc.table().snapshot
+    return proc.latest_table().snapshot
 
 
 def _health(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
@@ -84,7 +85,7 @@ def _health(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
 
 
 def _readiness(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
-    table = proc.table()
+    table = proc.latest_table()
     unready = sorted(m for m in table.routes if not table.serving(m)[0])
     ready = bool(table.routes) and not unready
     body = {"status": "ready" if ready else "not ready", "unready_models": unready}
@@ -97,7 +98,7 @@ def _model_entry(model: str, healthy: int, total: int) -> dict[str, Any]:
 
 
 def _models(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
-    table = proc.table()
+    table = proc.latest_table()
     served = {m: table.serving(m) for m in sorted(table.routes)}
     data = [_model_entry(m, healthy, total) for m, (healthy, total) in served.items() if healthy]
     for alias, targets in sorted(table.aliases.items()):
@@ -110,7 +111,7 @@ def _models(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
 
 
 def _model(proc: ProxyProcess, name: str) -> tuple[int, bytes, bytes]:
-    healthy, total = proc.table().serving(name)
+    healthy, total = proc.latest_table().serving(name)
     if not healthy:
         raise NotFound(f"The model '{name}' does not exist or is not served here.")
     return 200, _encode(_model_entry(name, healthy, total)), _JSON
@@ -162,7 +163,7 @@ def _process_figures(pid: int) -> dict[str, Any]:
 def _stats(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
     snap = _snapshot(proc)
     proxies = _proxy_rows(proc, snap.proxies)
-    keys = ("requests", "errors", "in_flight", "client_disconnects", "retries")
+    keys = ("requests", "errors", "rejected", "in_flight", "client_disconnects", "retries")
     totals = {k: sum(int(p[k]) for p in proxies) for k in keys}
     workers = [_worker_view(proc, w, snap.proxies) for w in snap.workers]
     body = {"totals": totals, "proxies": proxies, "workers": workers,

@@ -18,6 +18,8 @@ _ROUTER_COUNTERS = (
     ("requests", "shardgate_requests_total", "Requests answered by the router (proxied or refused)."),
     ("errors", "shardgate_request_errors_total", "Requests that ended in a router error or truncation."),
     ("retries", "shardgate_retries_total", "Requests moved to another worker after a failure."),
+    ("rejected", "shardgate_requests_rejected_total",
+     "Requests the router refused before routing them (bad HTTP or JSON, limits, unknown model or path)."),
     ("client_disconnects", "shardgate_client_disconnects_total",
      "Requests whose client went away before the response was complete."),
 )

@@ -25,14 +25,15 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 
 import posix_ipc
 import uvloop
 
-from proxy_workers.serving.protocol import ClientProtocol, ProxyProcess
-from proxy_workers.serving.state import freeze_startup_heap
+from proxy_workers.serving.protocol import ClientProtocol
+from proxy_workers.serving.state import ProxyProcess, freeze_startup_heap
 from shm.affinity import AffinityTable
 from shm.loadboard import (
     P_GENERATION,
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(index: int, reader: SnapshotReader, board: LoadBoard, affinity: AffinityTable,
-                 sock: object) -> None:
+                 sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     proc = ProxyProcess(loop, index, reader, board, affinity)
     _claim_row(board, index)
@@ -90,7 +91,7 @@ async def _serve(index: int, reader: SnapshotReader, board: LoadBoard, affinity:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     # The coordinator that spawned us, from its snapshot: os.getppid() here could already name
     # init if the coordinator died while this process was starting, hiding that it is orphaned.
-    coordinator = proc.table().snapshot.coordinator_pid
+    coordinator = proc.latest_table().snapshot.coordinator_pid
     sweeper = loop.create_task(_sweep_forever(proc, stop, coordinator))
     log.debug("serving with pid %d", os.getpid())
     await stop.wait()
@@ -111,7 +112,7 @@ def _claim_row(board: LoadBoard, index: int) -> None:
 
 def _sweep(proc: ProxyProcess) -> None:
     loop_now = proc.loop.time()
-    proc.table()  # take a new snapshot even when no request arrives
+    proc.latest_table()  # take a new snapshot even when no request arrives
     settings = proc.settings
     for exchange in list(proc.active):
         exchange.check_deadline(loop_now)
@@ -149,8 +150,8 @@ async def _shutdown(proc: ProxyProcess, server: asyncio.AbstractServer) -> None:
     server.close()
     proc.draining = True
     for conn in list(proc.connections):
-        if conn.exchange is None and not conn.queue and not conn.reading_since:
-            conn.transport.close()  # type: ignore[union-attr]
+        if conn.idle and conn.transport is not None:
+            conn.transport.close()
     deadline = proc.loop.time() + proc.settings.grace_period
     while proc.active and proc.loop.time() < deadline:
         await asyncio.sleep(0.05)

@@ -1,8 +1,9 @@
 """The client side of a proxy process: HTTP/1.1 parsing with httptools, dispatch, responses.
 
 Role: :class:`ClientProtocol` reads requests from one client connection, answers the router's own
-endpoints, and hands ``/v1/*`` requests to an :class:`proxy_workers.exchange.Exchange`.
-:class:`ProxyProcess` holds what all connections of the process share.
+endpoints, and hands ``/v1/*`` requests to the exchange of the router that serves them (HTTP,
+HTTP PD or gRPC: each a :class:`proxy_workers.contract.ClientExchange`; this class is their
+:class:`proxy_workers.contract.ClientSink`).
 
 Invariants:
 - llhttp does the framing and rejects what it rejects (smuggling attempts, bad chunking): any
@@ -12,7 +13,10 @@ Invariants:
 - The request body is buffered up to ``max_body_size`` (the router must read ``model`` before it
   can pick a worker); a larger declared or actual body gets 413 before more is read.
 - Hop-by-hop headers, and any header the client names in ``Connection``, are dropped before the
-  router adds its own (``X-Forwarded-For``, ``X-Request-ID``), so a client cannot strip those.
+  router adds its own (``X-Forwarded-For``, ``X-Request-ID``), so a client cannot strip those
+  (the rules: :mod:`proxy_workers.forwarding.headers`).
+- A request refused before routing (bad HTTP or JSON, a limit, an unknown model or path) is
+  counted once as rejected; every other request is counted when its exchange ends.
 - Responses go out in request order (pipelined requests wait their turn).
 """
 
@@ -22,6 +26,7 @@ import asyncio
 import logging
 import re
 from collections import deque
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
@@ -36,27 +41,30 @@ from proxy_workers.errors import (
     render,
     render_response,
 )
+from proxy_workers.forwarding.headers import (
+    NO_TOKENS,
+    ROUTER_NOTES,
+    ROUTER_READS,
+    SPECIAL_REQUEST_HEADERS,
+    connection_tokens,
+    without_fields,
+)
+from proxy_workers.forwarding.request import Request
 from proxy_workers.http.exchange import Exchange
 from proxy_workers.http.pd import PDExchange
-from proxy_workers.http.upstream import without_fields
 from proxy_workers.routing.decision import prepare
+from proxy_workers.routing.table import ModelRoute, PDRoute
 from proxy_workers.serving import endpoints
-from proxy_workers.serving.state import ProxyProcess, Request
+
+if TYPE_CHECKING:
+    from proxy_workers.contract import ClientExchange, ClientRequest, Refusal
+    from proxy_workers.serving.state import ProxyProcess
 
 log = logging.getLogger("shardgate.proxy")
 MAX_HEAD_BYTES = 64 * 1024
-REQUEST_DROP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                          b"transfer-encoding", b"upgrade", b"proxy-authorization", b"host",
-                          b"content-length", b"expect", b"x-forwarded-for", b"x-request-id"})
-# Headers the router reads itself but still forwards.
-ROUTER_READS = frozenset({b"x-shardgate-debug", b"x-shardgate-connection"})
-# Fields kept aside while the head is read, handled when the request is complete.
-ROUTER_NOTES = ROUTER_READS | {b"x-forwarded-for", b"x-request-id"}
-SPECIAL_REQUEST_HEADERS = REQUEST_DROP | ROUTER_READS
 REFUSED_METHODS = frozenset({b"HEAD", b"CONNECT", b"TRACE"})
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-NO_TOKENS: frozenset[bytes] = frozenset()
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -70,7 +78,7 @@ class ClientProtocol(asyncio.Protocol):
         self.proc = proc
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.exchange: Exchange | None = None
+        self.exchange: ClientExchange | None = None
         self.queue: deque[Request] = deque()
         self.peer = b""
         self.idle_since = proc.loop.time()
@@ -95,7 +103,7 @@ class ClientProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream transport (TCP)
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0] if peer else "unknown").encode()
         self.proc.connections.add(self)
@@ -134,14 +142,12 @@ class ClientProtocol(asyncio.Protocol):
             exchange.client_gone()
 
     def pause_writing(self) -> None:
-        conn = self.exchange.conn if self.exchange is not None else None
-        if conn is not None and conn.transport is not None:
-            conn.transport.pause_reading()
+        if self.exchange is not None:
+            self.exchange.pause_upstream()
 
     def resume_writing(self) -> None:
-        conn = self.exchange.conn if self.exchange is not None else None
-        if conn is not None and conn.transport is not None:
-            conn.transport.resume_reading()
+        if self.exchange is not None:
+            self.exchange.resume_upstream()
 
     # -- httptools callbacks ---------------------------------------------------------------
 
@@ -171,7 +177,7 @@ class ClientProtocol(asyncio.Protocol):
                 raise BodyTooLarge(f"request body of {int(value)} bytes exceeds max_body_size={limit}")
         elif name == b"connection":
             # Repeated Connection fields form one list: every field's tokens count.
-            self._conn_tokens |= frozenset(t.strip().lower() for t in value.split(b","))
+            self._conn_tokens |= connection_tokens(value)
         elif name == b"expect":
             self._expect = value.lower() == b"100-continue"
         elif name in ROUTER_NOTES:
@@ -190,7 +196,7 @@ class ClientProtocol(asyncio.Protocol):
             self._upgrade = True
         if self._expect:
             if self.exchange is None and not self.queue:
-                self.transport.write(CONTINUE)  # type: ignore[union-attr]
+                self.write(CONTINUE)
             else:
                 # A pipelined request: its interim answer must not land inside an earlier
                 # response; it goes out when the connection's earlier requests are answered.
@@ -275,22 +281,28 @@ class ClientProtocol(asyncio.Protocol):
                 return
             if request.method in REFUSED_METHODS:
                 raise MethodNotAllowed(f"{request.method.decode()} is not supported on {path.decode()}")
-            route, ctx = prepare(self.proc, request)
-            router = ctx.router
-            if router == "http_regular":
-                exchange = Exchange(self.proc, self, request, route, ctx)  # type: ignore[arg-type]
-            elif router == "http_pd":
-                exchange = PDExchange(self.proc, self, request, route, ctx)  # type: ignore[assignment,arg-type]
-            else:  # grpc_regular, grpc_pd (grpc is loaded on first use)
-                from proxy_workers.grpc.exchange import GrpcExchange
-
-                exchange = GrpcExchange(self.proc, self, request, route, ctx)  # type: ignore[assignment]
+            exchange = self._exchange_for(request)
             self.exchange = exchange
             exchange.start()
         except RouterError as err:
-            self.proc.count_request(error=True)  # refused before any worker: still a request
+            self.proc.count_rejected()  # refused before any worker: still a request
             self.send_error(err, request)
             self._next(request)
+
+    def _exchange_for(self, request: Request) -> ClientExchange:
+        """The exchange of the router that serves ``request`` (raises RouterError when none can)."""
+        route, ctx = prepare(self.proc, request)
+        router = ctx.router
+        if router == "http_regular":
+            assert isinstance(route, ModelRoute)
+            return Exchange(self.proc, self, request, route, ctx)
+        if router == "http_pd":
+            assert isinstance(route, PDRoute)
+            return PDExchange(self.proc, self, request, route, ctx)
+        # grpc_regular, grpc_pd (grpc is loaded on first use)
+        from proxy_workers.grpc.exchange import GrpcExchange
+
+        return GrpcExchange(self.proc, self, request, route, ctx)
 
     def _answer_locally(self, request: Request) -> None:
         status, body, content_type = endpoints.answer(self.proc, request)
@@ -299,7 +311,7 @@ class ClientProtocol(asyncio.Protocol):
                                                         close=not request.keep_alive)))
         self._next(request)
 
-    def exchange_done(self, exchange: Exchange, error: bool) -> None:
+    def exchange_done(self, exchange: ClientExchange, error: bool) -> None:
         """Any kind of exchange ended: it leaves the active set and counts once as a request."""
         proc = self.proc
         proc.active.discard(exchange)
@@ -308,7 +320,7 @@ class ClientProtocol(asyncio.Protocol):
             self.exchange = None
         self._next(exchange.request)
 
-    def _next(self, request: Request) -> None:
+    def _next(self, request: ClientRequest) -> None:
         if not request.keep_alive or self.proc.draining:
             if self.transport is not None:
                 self.transport.close()
@@ -327,7 +339,7 @@ class ClientProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
 
-    def send_error(self, err: RouterError, request: Request) -> None:
+    def send_error(self, err: Refusal, request: ClientRequest) -> None:
         close = not request.keep_alive or self.proc.draining
         self.write(_for_method(request, render(err, request.request_id.decode(), close=close)))
 
@@ -345,9 +357,15 @@ class ClientProtocol(asyncio.Protocol):
             # the worker and answer.
             self.exchange = None
             exchange.client_gone()
+        self.proc.count_rejected()
         self.write(render(err, close=True))
         if self.transport is not None:
             self.transport.close()
+
+    @property
+    def idle(self) -> bool:
+        """Between requests: no exchange, nothing queued, no request arriving."""
+        return self.exchange is None and not self.queue and not self.reading_since
 
     def check_deadline(self, now: float, settings_header: float, keepalive: float) -> None:
         if self.reading_since and now - self.reading_since > settings_header:
@@ -359,7 +377,7 @@ class ClientProtocol(asyncio.Protocol):
                 self.transport.close()
 
 
-def _for_method(request: Request, response: bytes) -> bytes:
+def _for_method(request: ClientRequest, response: bytes) -> bytes:
     """A response to HEAD carries no content (RFC 9110 9.3.2): the head alone, Content-Length kept."""
     if request.method == b"HEAD":
         return response[:response.index(b"\r\n\r\n") + 4]

@@ -1,9 +1,9 @@
 """State of one proxy process, and one parsed request.
 
 Role: :class:`ProxyProcess` holds what every connection of a proxy process shares (snapshot
-reader, routing table, load board views, pools, counters); :class:`Request` is one parsed client
-request with its upstream head already built. Split from ``server`` (the protocol) to keep each
-module small; ``server`` re-exports both names.
+reader, routing table, load board views, pools, counters). It satisfies the data paths' views of
+it (:class:`proxy_workers.contract.ProcessView` and its HTTP and gRPC extensions) and routing's
+(:class:`proxy_workers.routing.decision.RoutingProcess`).
 
 Invariants: the routing table is rebuilt only when the snapshot generation moves: at once for a
 small snapshot, else in steps of one event-loop iteration each (:meth:`ProxyProcess.snapshot_steps`),
@@ -19,71 +19,37 @@ import logging
 import os
 import random
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from proxy_workers.errors import RouterError
 from proxy_workers.grpc.channels import GrpcChannels
 from proxy_workers.http.upstream import Pools
 from proxy_workers.policies.base import PolicyEnv
 from proxy_workers.routing.table import RoutingTable
 from shm.affinity import AffinityTable
-from shm.loadboard import P_DISCONNECTS, P_ERRORS, P_REQUESTS, P_RETRIES, LoadBoard
+from shm.loadboard import P_DISCONNECTS, P_ERRORS, P_REJECTED, P_REQUESTS, P_RETRIES, LoadBoard
 from shm.schema import Snapshot
 from shm.snapshot import SnapshotReader, gc_paused
 
 if TYPE_CHECKING:
-    from proxy_workers.http.exchange import Exchange
-    from proxy_workers.serving.protocol import ClientProtocol
+    from proxy_workers.contract import ClientExchange
 
 log = logging.getLogger("shardgate.proxy")
 # Up to this payload (~2,500 workers) taking a snapshot costs ~3 ms and is done at once; beyond,
 # in steps (decode, build, release, collect), each one event-loop iteration.
 SNAPSHOT_AT_ONCE_BYTES = 256 * 1024
-BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
-class Request:
-    __slots__ = ("body", "connection", "error", "explain", "headers", "http11", "keep_alive", "method",
-                 "model", "path", "peer", "request_id", "upstream_head", "url")
+class Connection(Protocol):
+    """A client connection as the process's sweep and shutdown see it."""
 
-    def __init__(self, method: bytes, url: bytes, http11: bool, keep_alive: bool) -> None:
-        self.method = method
-        self.url = url
-        q = url.find(b"?")
-        self.path = url if q < 0 else url[:q]
-        self.http11 = http11
-        self.keep_alive = keep_alive
-        self.request_id = b""
-        self.upstream_head = b""  # header lines for the worker, without framing
-        self.body = b""
-        self.model: str | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.peer = b""
-        self.explain = False  # X-Shardgate-Debug: 1 asks for the decision in a response header
-        self.connection = ""  # X-Shardgate-Connection: http | grpc (router preference)
-        # A refusal found while the request was read, answered when its turn comes (pipelining).
-        self.error: RouterError | None = None
+    exchange: ClientExchange | None
+    reading_since: float
+    transport: asyncio.Transport | None
 
-    def wire(self, authority: bytes) -> bytes:
-        """The request as a worker at ``authority`` gets it, built in one step at send time.
+    @property
+    def idle(self) -> bool: ...
 
-        The body is always framed with Content-Length, never chunked (a client's chunked upload
-        was de-chunked while it was read).
-        """
-        body = self.body
-        if body or self.method in BODY_METHODS:  # join is about twice as fast as %-formatting here
-            return b"".join((self.method, b" ", self.url, b" HTTP/1.1\r\nhost: ", authority, b"\r\n",
-                             self.upstream_head, b"content-length: %d\r\n\r\n" % len(body), body))
-        return b"".join((self.method, b" ", self.url, b" HTTP/1.1\r\nhost: ", authority, b"\r\n",
-                         self.upstream_head, b"\r\n"))
-
-    def with_body(self, body: bytes) -> Request:
-        """A copy of this request carrying another body (a PD leg's rewritten JSON)."""
-        copy = Request(self.method, self.url, self.http11, self.keep_alive)
-        for name in ("request_id", "upstream_head", "headers", "peer", "explain", "connection", "model"):
-            setattr(copy, name, getattr(self, name))
-        copy.body = body
-        return copy
+    def check_deadline(self, now: float, header_timeout: float, keepalive: float) -> None: ...
 
 
 class ProxyProcess:
@@ -113,14 +79,17 @@ class ProxyProcess:
         self.cell_owner: list[str | None] = []
         self._claim_cells(snapshot)
         self._taking = False  # a new snapshot is being taken, step by step
-        self.active: set[Exchange] = set()
-        self.connections: set[ClientProtocol] = set()
+        self.active: set[ClientExchange] = set()
+        self.connections: set[Connection] = set()
         self.draining = False
         self.rid_prefix = os.urandom(4).hex().encode()
         self.rid_counter = 0
 
-    def table(self) -> RoutingTable:
-        """The routing table; a newer snapshot is noticed here (one compare)."""
+    def latest_table(self) -> RoutingTable:
+        """The routing table, after taking the newest snapshot if one was published.
+
+        Noticing costs one compare; a small new snapshot is taken here, at once, so the caller
+        already routes by it; a large one starts being taken in steps (see ``_take_snapshot``)."""
         if self.reader.moved() and not self._taking:
             self._take_snapshot()
         return self._table
@@ -203,6 +172,13 @@ class ProxyProcess:
 
     def count_retry(self) -> None:
         self.ints[self.row + P_RETRIES] += 1
+
+    def count_rejected(self) -> None:
+        """A request the router refused before routing it (it is a request, and an error)."""
+        ints, row = self.ints, self.row
+        ints[row + P_REJECTED] += 1
+        ints[row + P_REQUESTS] += 1
+        ints[row + P_ERRORS] += 1
 
     def count_disconnect(self) -> None:
         self.ints[self.row + P_DISCONNECTS] += 1

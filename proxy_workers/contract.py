@@ -1,0 +1,171 @@
+"""The contract between the layers of a proxy process, as ``typing.Protocol``s.
+
+Role: name what each side of the data path offers the other, so the three carrying paths (HTTP
+regular in :mod:`proxy_workers.http.exchange`, HTTP prefill/decode in :mod:`proxy_workers.http.pd`,
+gRPC in :mod:`proxy_workers.grpc.exchange`) and the serving layer (:mod:`proxy_workers.serving`)
+depend on interfaces instead of on each other's classes:
+
+- :class:`ClientSink`: what a client connection offers an exchange (write, answer an error, hear
+  that the exchange ended);
+- :class:`ClientExchange`: what an exchange offers the client connection and the periodic sweep
+  (start, client gone, back-pressure, deadlines);
+- :class:`UpstreamOwner`: what an HTTP attempt offers the worker connection that carries it (the
+  parsed response, piece by piece);
+- :class:`ProcessView`: what every path may use of its proxy process (loop, load-board words,
+  settings, counters);
+- :class:`ClientRequest` and :class:`Refusal`: a parsed request and a router error, as the paths
+  see them.
+
+Invariants:
+- This module imports nothing from ``proxy_workers``; it is at the bottom of the package's import
+  graph, so no import cycle (type-only ones included) can run through it. A test walks the graph.
+- Protocols only describe; they cost nothing at run time (annotations are never evaluated).
+- Every kind of exchange ends exactly once through :meth:`ClientSink.exchange_done` (the client
+  counts the request there), or silently through :meth:`ClientExchange.client_gone`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Protocol
+
+from shm.settings import Settings
+
+
+class Refusal(Protocol):
+    """An error the router answers itself (:class:`proxy_workers.errors.RouterError`)."""
+
+    # Read-only: an error class fixes its status, type and code (subclasses narrow their types).
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def message(self) -> str: ...
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def param(self) -> str | None: ...
+
+    @property
+    def code(self) -> str | None: ...
+
+    def headers(self) -> bytes: ...
+
+
+class ClientRequest(Protocol):
+    """One parsed client request (:class:`proxy_workers.forwarding.request.Request`)."""
+
+    method: bytes
+    url: bytes
+    path: bytes
+    body: bytes
+    http11: bool
+    keep_alive: bool  # an exchange clears it when the response must close the connection
+    request_id: bytes
+    explain: bool
+    connection: str
+    model: str | None
+    peer: bytes
+    headers: list[tuple[bytes, bytes]]
+
+    def wire(self, authority: bytes) -> bytes: ...
+
+    def with_body(self, body: bytes) -> ClientRequest: ...
+
+
+class ClientExchange(Protocol):
+    """One proxied request, as its client connection and the sweep see it."""
+
+    @property
+    def request(self) -> ClientRequest: ...
+
+    @property
+    def head_sent(self) -> bool:
+        """Whether the response head reached the client (after that, no retry and no error answer)."""
+        ...
+
+    def start(self) -> None: ...
+
+    def client_gone(self) -> None:
+        """The client disconnected: stop every worker call, end without answering."""
+        ...
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the periodic sweep: enforce this exchange's timeouts."""
+        ...
+
+    def pause_upstream(self) -> None:
+        """The client's socket is full: stop reading from the worker (back-pressure)."""
+        ...
+
+    def resume_upstream(self) -> None: ...
+
+
+class ClientSink(Protocol):
+    """A client connection, as an exchange sees it."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def send_error(self, err: Refusal, request: ClientRequest) -> None:
+        """Answer ``err`` in OpenAI's error shape (the response head was not sent yet)."""
+        ...
+
+    def exchange_done(self, exchange: ClientExchange, error: bool) -> None:
+        """The exchange ended (answered, failed or truncated); it counts once, here."""
+        ...
+
+
+class UpstreamConnectionView(Protocol):
+    """What an attempt reads of the worker connection that carries it."""
+
+    content_type: bytes
+    length: bytes | None
+    lines: list[bytes]
+    conn_tokens: frozenset[bytes] | None
+    received: bool
+
+    def relayed_lines(self) -> list[bytes]: ...
+
+    def release(self, now: float) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class UpstreamOwner(Protocol):
+    """An HTTP attempt (regular exchange, PD decode or prefill leg), as its worker connection sees it."""
+
+    def on_response_head(self, conn: UpstreamConnectionView, status: int) -> None: ...
+
+    def on_response_body(self, body: bytes) -> None: ...
+
+    def on_response_complete(self, conn: UpstreamConnectionView) -> None: ...
+
+    def after_upstream_data(self) -> None:
+        """Called once after each packet from the worker, when its callbacks have run."""
+        ...
+
+    def upstream_failed(self, conn: UpstreamConnectionView, why: str) -> None: ...
+
+
+class ProcessView(Protocol):
+    """What the data paths use of their proxy process (:class:`proxy_workers.serving.state.ProxyProcess`)."""
+
+    loop: asyncio.AbstractEventLoop
+    ints: memoryview[int]  # the load board's words, as int64 and as float64 (same memory)
+    floats: memoryview[float]
+    cell0: int  # this process's first worker cell
+    decision0: int  # this process's first decision counter
+    row: int  # this process's row
+    settings: Settings
+    rng: random.Random
+    draining: bool
+    active: set[ClientExchange]  # running exchanges (the sweep checks their deadlines)
+
+    def next_request_id(self) -> bytes: ...
+
+    def count_retry(self) -> None: ...
+
+    def count_disconnect(self) -> None: ...

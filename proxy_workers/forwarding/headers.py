@@ -1,0 +1,63 @@
+"""Header rules for both directions of every path, and for gRPC metadata: one place.
+
+Role: which client fields reach a worker, which worker fields (or gRPC initial metadata) reach
+the client, and how a ``Connection`` field's tokens extend the hop-by-hop set. Used by the client
+protocol (request side), the HTTP worker connection (response side) and the gRPC path (both).
+
+Invariants:
+- Hop-by-hop fields (RFC 9110 7.6.1) and any field named in ``Connection`` never cross the router,
+  in either direction.
+- Fields the router sets itself (``X-Forwarded-For`` and ``X-Request-ID`` towards the worker;
+  framing and ``X-Request-ID`` towards the client) are dropped from what is relayed, so neither
+  a client nor a worker can set or strip them.
+- Names are compared lowercased (HTTP field names are case-insensitive); relayed lines are
+  written lowercased.
+- gRPC: a worker's ``x-*`` initial metadata is relayed like an HTTP worker's extension headers,
+  except the router's own (``x-request-id``, ``x-shardgate-*``); towards the worker the request id
+  travels as ``x-request-id`` metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade"})
+# Client fields never forwarded as they are: hop-by-hop, per-hop credentials, framing (the
+# router re-frames the body), Host (the worker's), Expect (answered here), and the router's own.
+REQUEST_DROP = HOP_BY_HOP | {b"proxy-authorization", b"host", b"content-length", b"expect",
+                             b"x-forwarded-for", b"x-request-id"}
+# Worker fields never relayed as they are: hop-by-hop, framing (re-framed per client), per-hop
+# credentials, and the request id the router sets.
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-request-id", b"proxy-authenticate"}
+# Headers the router reads itself but still forwards.
+ROUTER_READS = frozenset({b"x-shardgate-debug", b"x-shardgate-connection"})
+# Request fields kept aside while the head is read, handled when the request is complete.
+ROUTER_NOTES = ROUTER_READS | {b"x-forwarded-for", b"x-request-id"}
+SPECIAL_REQUEST_HEADERS = REQUEST_DROP | ROUTER_READS
+NO_TOKENS: frozenset[bytes] = frozenset()
+
+
+def connection_tokens(value: bytes) -> frozenset[bytes]:
+    """The field names a ``Connection`` value declares hop-by-hop (lowercased)."""
+    return frozenset(t.strip().lower() for t in value.split(b","))
+
+
+def without_fields(lines: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """Header lines (``name: value\\r\\n``, names lowercased) minus those whose name is in ``names``."""
+    return [line for line in lines if line[:line.index(b":")] not in names]
+
+
+def relayed_metadata(metadata: Iterable[tuple[str, object]] | None) -> bytes:
+    """A gRPC worker's initial metadata as the response header lines an HTTP worker's would give."""
+    out = []
+    for key, value in metadata or ():
+        if (isinstance(value, str) and key.startswith("x-") and key != "x-request-id"
+                and not key.startswith("x-shardgate-") and value.isprintable()):
+            out.append(b"%s: %s\r\n" % (key.encode("ascii"), value.encode("latin-1", "replace")))
+    return b"".join(out)
+
+
+def worker_metadata(request_id: bytes) -> tuple[tuple[str, str], ...]:
+    """The gRPC metadata a worker call carries (the counterpart of the HTTP request's added fields)."""
+    return (("x-request-id", request_id.decode()),)
