@@ -602,6 +602,12 @@ class Harness:
 
     # -- end --
 
+    def check_no_writes_after_close(self) -> None:
+        transports = [c.transport for c in self.clients]
+        transports += [d.upstream.transport for d in self.loop.dials if d.upstream is not None]
+        late = [t.writes_after_close for t in transports if t.writes_after_close]
+        assert not late, f"written after close: {late}"
+
     def cleanup(self) -> None:
         loop = self.loop
         if not loop.is_closed():
@@ -622,8 +628,10 @@ class Harness:
 
 @contextmanager
 def harness(workers: int = 3, **settings: Any) -> Iterator[Harness]:
+    """A Harness, cleaned up at the end; checks that nothing was written to a closed connection."""
     h = Harness(workers, **settings)
     try:
         yield h
+        h.check_no_writes_after_close()
     finally:
         h.cleanup()

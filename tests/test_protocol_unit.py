@@ -703,6 +703,17 @@ def test_a_client_disconnect_while_connecting_cancels_the_connection_attempt(h: 
     assert h.proxy_row()["client_disconnects"] == 1
 
 
+def test_requests_queued_behind_one_in_flight_are_dropped_when_the_client_goes(solo: Harness) -> None:
+    c = solo.client()
+    c.send(request(body=body_of("first")) + request(body=body_of("second")))
+    up = solo.accept()
+    c.disconnect()
+    assert up.aborted
+    assert solo.pending_dials() == [] and len(solo.dials) == 1
+    assert [r.body for r in up.requests] == [body_of("first")]
+    assert solo.proxy_row()["client_disconnects"] == 1
+
+
 def test_an_aborted_worker_connection_is_not_reused(solo: Harness) -> None:
     first_client = solo.client()
     first_client.send(request())
