@@ -20,6 +20,9 @@ Invariants:
   stops; a proxy's exit never removes it. Segments left by a crashed run are removed at start.
 - A snapshot is published whole, after :func:`coordinator.fleet.membership.check_consistent`.
 - The loop never blocks: probes run in a background task and publish when they change something.
+- Health housekeeping (passive sampling and half-open probes, drains finishing, slow-start steps)
+  runs every ``passive_interval`` in a task of its own (:meth:`Coordinator.housekeeping_step`);
+  the supervisor's watchdog runs in the loop, every tick.
 - Membership comes from :class:`coordinator.discovery.core.Discovery` (file, registry, etcd, admin
   API); changes it reports are published at the next tick (``TICK_SECONDS``), coalesced.
 """
@@ -42,10 +45,10 @@ from coordinator.config import Config, ConfigError
 from coordinator.discovery.core import Discovery, dynamic_sources
 from coordinator.discovery.sources import merge
 from coordinator.fleet.membership import Fleet, FleetFull
-from coordinator.health import active as health
-from coordinator.health import engine_metrics
+from coordinator.health import active, engine_metrics
 from coordinator.health.grpc_probe import LoadChannels
-from coordinator.supervisor import HaltServer, Supervisor
+from coordinator.health.housekeeping import Housekeeping
+from coordinator.supervisor import HaltServer, Spawn, Supervisor, spawn_proxy
 from shm.affinity import AffinityTable, table_size
 from shm.loadboard import LoadBoard, board_size
 from shm.process import bind_socket
@@ -59,11 +62,13 @@ log = logging.getLogger("shardgate.coordinator")
 
 class Coordinator:
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, spawn: Spawn = spawn_proxy) -> None:
         self.config = config
         # Re-reads the same sources (file, environment, flags) on SIGHUP.
         self.reload_config = reload_config or (lambda: self.config)
-        self.clock = clock  # monotonic; injected by unit tests
+        # Unit tests inject these: the monotonic clock of every interval, and how proxies start.
+        self.clock = clock
+        self.spawn = spawn
         self.settings = config.settings
         self.proxies = self.settings.proxies or os.cpu_count() or 1
         self.fleet = Fleet(self.settings.max_workers)
@@ -76,6 +81,8 @@ class Coordinator:
         self.scraped_at = 0.0
         self.load_channels = LoadChannels()  # the scraper's gRPC channels, closed with its session
         self.discovery: Discovery | None = None
+        self.housekeeping: Housekeeping | None = None
+        self.housekeeping_task: asyncio.Task[None] | None = None
         self.admin: AdminAPI | None = None
         self.dirty = False  # a discovery change waits for the next tick's publish
         self.file_checked_at = 0.0
@@ -135,23 +142,34 @@ class Coordinator:
         finally:
             self._remove_segments()
 
+    def assemble(self) -> None:
+        """Make the parts that work on the shared memory (``board``, ``writer``); nothing starts."""
+        self.housekeeping = Housekeeping(self.fleet, self.board, self.proxies, self.settings,
+                                         self._health_changed, clock=self.clock)
+        self.discovery = Discovery(self.config, self.fleet, self.board, self.proxies, self.request_publish,
+                                   self.publish, health_notices=self.housekeeping.notices, clock=self.clock)
+        self.supervisor = Supervisor(self.instance, self.proxies, self.board,
+                                     self.settings.restart_backoff_max, self.settings.watchdog_timeout,
+                                     spawn=self.spawn, clock=self.clock)
+
     async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
-        self.discovery = Discovery(self.config, self.fleet, self.board, self.proxies, self.request_publish,
-                                   self.publish)
+        self.assemble()
+        discovery, housekeeping = self.discovery, self.housekeeping
+        assert discovery is not None and housekeeping is not None
         self.file_signature = _file_signature(self.config.config_file)
         async with aiohttp.ClientSession() as session, aclosing(self.load_channels):
             self.session = session
-            await self.discovery.start(session)
+            await discovery.start(session)
+            housekeeping.start(session)
+            self.housekeeping_task = asyncio.ensure_future(self._housekeeping_loop())
             if self.settings.admin_port:
-                self.admin = AdminAPI(self.discovery, self.commit, self.settings)
+                self.admin = AdminAPI(discovery, self.commit, self.settings)
                 await self.admin.start()
             await self._initial_probe()
             self.publish()
-            self.supervisor = Supervisor(self.instance, self.proxies, self.board,
-                                         self.settings.restart_backoff_max, self.settings.watchdog_timeout)
             self.supervisor.start_all()
             await self._wait_until_up()
             self._announce()
@@ -159,7 +177,7 @@ class Coordinator:
 
     async def _initial_probe(self) -> None:
         try:
-            await asyncio.wait_for(health.probe_due(self.session, self.fleet, self.settings, force=True),
+            await asyncio.wait_for(active.probe_due(self.session, self.fleet, self.settings, force=True),
                                    self.settings.health_timeout + 1)
         except TimeoutError:
             log.warning("some workers did not answer the first probe; they are retried in the background")
@@ -204,6 +222,30 @@ class Coordinator:
             if self.dirty:
                 self.publish()
 
+    async def _housekeeping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.passive_interval)
+            try:
+                if self.housekeeping_step(self.clock()):
+                    self.request_publish()
+            except Exception:  # housekeeping must survive anything; the next round retries
+                log.exception("housekeeping failed")
+
+    def housekeeping_step(self, now: float) -> bool:
+        """One round of passive health, drains and slow start; True when a publish is due."""
+        assert self.housekeeping is not None and self.discovery is not None
+        # Order matters: ejections first, so the notices the drains step refreshes include them;
+        # ramps last, so a worker readmitted or drained in this round is ramped from this round.
+        changed = self.housekeeping.sample(now)
+        changed = self.discovery.step(now) or changed
+        return self.fleet.advance_ramps(now, self.settings.slow_start) or changed
+
+    def _health_changed(self) -> None:
+        """A half-open probe readmitted or re-ejected a worker."""
+        if self.discovery is not None:
+            self.discovery.refresh_notices()
+        self.request_publish()
+
     def _maybe_reread_file(self) -> None:
         """Reload when the config file changed on disk (the same as SIGHUP)."""
         interval = self.settings.config_watch_interval
@@ -226,7 +268,7 @@ class Coordinator:
             self.probing = None
             if changed:
                 self.publish()
-        self.probing = asyncio.ensure_future(health.probe_due(self.session, self.fleet, self.settings))
+        self.probing = asyncio.ensure_future(active.probe_due(self.session, self.fleet, self.settings))
 
     def _maybe_scrape(self) -> None:
         """Engine figures for least_loaded, every metrics_interval, one scrape round at a time."""
@@ -282,6 +324,8 @@ class Coordinator:
         self.supervisor.backoff_max = self.settings.restart_backoff_max
         self.supervisor.watchdog_timeout = self.settings.watchdog_timeout
         self.discovery.reconfigure(config)
+        if self.housekeeping is not None:
+            self.housekeeping.reconfigure(config.settings)
         self.discovery.apply()
         generation = self.publish()
         log.info("reloaded: %d added, %d removed, snapshot generation %d",
@@ -291,11 +335,13 @@ class Coordinator:
     async def _stop(self, graceful: bool) -> int:
         sd_notify(b"STOPPING=1")
         self.supervisor.stopping = True
-        for task in (self.probing, self.scraping):
+        for task in (self.probing, self.scraping, self.housekeeping_task):
             if task is not None:
                 task.cancel()
         if self.discovery is not None:
             await self.discovery.stop()
+        if self.housekeeping is not None:
+            await self.housekeeping.stop()
         if self.admin is not None:
             await self.admin.stop()
         self.supervisor.signal_all(signal.SIGTERM)

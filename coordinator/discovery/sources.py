@@ -3,7 +3,7 @@
 Role: the vocabulary shared by every discovery source (config file, service registry, etcd, admin
 API): a :class:`Source` holds its last good membership and its current error, and :func:`merge`
 turns all of them plus the admin API's :class:`Overrides` into the one list of WorkerSpecs the
-coordinator applies (:meth:`coordinator.membership.Fleet.apply`).
+coordinator applies (:meth:`coordinator.fleet.membership.Fleet.apply`).
 
 Precedence (documented in docs/discovery.md):
 - Sources are unioned. A worker (URL, model, type) listed by several sources is taken from the
@@ -87,14 +87,15 @@ class Source:
 
 
 class Overrides:
-    """The admin API's layer: additions, exclusions, per-worker patches and drains."""
+    """The admin API's layer: additions, exclusions and per-worker patches.
+
+    (Drains are :class:`coordinator.discovery.drains.Drains`; a finished one ends here as a removal.)
+    """
 
     def __init__(self) -> None:
         self.source = Source("admin")  # additions, merged like any source
         self.excluded: set[Key] = set()
         self.patches: dict[Key, dict[str, Any]] = {}
-        # Key -> (monotonic start, snapshot generation that first published it as draining).
-        self.drains: dict[Key, list[float]] = {}
 
     def add(self, spec: WorkerSpec) -> None:
         key = spec_key(spec)
@@ -111,17 +112,15 @@ class Overrides:
         self.source.succeeded(specs)
         self.excluded.add(key)
         self.patches.pop(key, None)
-        self.drains.pop(key, None)
 
     def patch(self, key: Key, **fields: Any) -> None:
         self.patches.setdefault(key, {}).update(fields)
 
     def forget(self, present: Iterable[Key]) -> None:
-        """Drop patches and drains of workers no source lists any more."""
+        """Drop the patches of workers no source lists any more."""
         keep = set(present)
-        for table in (self.patches, self.drains):
-            for key in [k for k in table if k not in keep]:
-                del table[key]
+        for key in [k for k in self.patches if k not in keep]:
+            del self.patches[key]
 
 
 def merge(sources: Iterable[Source], overrides: Overrides) -> tuple[list[WorkerSpec], dict[Key, str]]:

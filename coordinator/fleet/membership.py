@@ -17,10 +17,14 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from coordinator.fleet import topology
 from shm.schema import ModelPolicy, Snapshot, Worker, WorkerSpec
 from shm.settings import Settings
+
+if TYPE_CHECKING:  # (health.passive imports this module; the type is all that is needed here)
+    from coordinator.health.passive import PassiveState
 
 Key = tuple[str, str | None, str]
 RAMP_SCALE = 10  # slow start moves in tenths of a worker's weight
@@ -38,8 +42,8 @@ class WorkerState:
     """What the coordinator knows about one worker."""
 
     __slots__ = ("discovered", "draining", "eject_reason", "ejected", "fails", "healthy", "last_check",
-                 "models", "passes", "passive", "ramp_armed", "ramp_from", "reason", "slot", "source",
-                 "spec")
+                 "models", "models_read_at", "passes", "passive", "ramp_armed", "ramp_from", "reason", "slot",
+                 "source", "spec")
 
     def __init__(self, spec: WorkerSpec, slot: int) -> None:
         self.spec = spec
@@ -52,11 +56,12 @@ class WorkerState:
         self.fails = 0
         self.passes = 0
         self.reason = "" if self.discovered else "models not discovered yet"
-        self.last_check = 0.0
+        self.last_check = 0.0  # monotonic time of the last health check or discovery attempt
+        self.models_read_at = 0.0  # monotonic time models were last read (workers without a model)
         # Passive health (coordinator.health.passive): ejected workers are published unhealthy.
         self.ejected = False
         self.eject_reason = ""
-        self.passive: object | None = None  # coordinator.passive.PassiveState, made on first sample
+        self.passive: PassiveState | None = None  # made by coordinator.health.passive on first sample
         # Slow start: armed when the worker should ramp the next time it becomes routable;
         # ramp_from is the monotonic time the ramp began (0: not ramping).
         self.ramp_armed = False
@@ -151,7 +156,7 @@ class Fleet:
     def snapshot(self, settings: Settings, models: dict[str, ModelPolicy], proxies: int,
                  generation: int, coordinator_pid: int,
                  aliases: dict[str, dict[str, float]] | None = None) -> Snapshot:
-        ramps = self.ramp_steps(time.monotonic(), settings.slow_start)
+        ramps = self._step_ramps(time.monotonic(), settings.slow_start)
         self._ramps = ramps
         if ramps:
             # Worker.weight is an int, so while anything ramps every weight is scaled by
@@ -182,8 +187,11 @@ class Fleet:
         # Rings use configured weights: a slow start must not move keys between workers.
         return {s.slot: s.spec.weight for s in self.states.values()}
 
-    def ramp_steps(self, now: float, slow_start: float) -> dict[int, int]:
-        """Slot -> weight in tenths (1..9) of every worker still in its slow start."""
+    def _step_ramps(self, now: float, slow_start: float) -> dict[int, int]:
+        """Move every ramp to ``now``; slot -> weight in tenths (1..9) of the workers still ramping.
+
+        Mutates: an armed worker that is routable starts its ramp here, a finished ramp ends here.
+        """
         steps: dict[int, int] = {}
         if slow_start <= 0:
             return steps  # (arms left set are harmless: nothing ramps while this is off)
@@ -198,9 +206,12 @@ class Fleet:
                     steps[s.slot] = step
         return steps
 
-    def ramp_changed(self, now: float, slow_start: float) -> bool:
-        """True when a slow-start step moved since the last snapshot (time to republish)."""
-        return self.ramp_steps(now, slow_start) != self._ramps
+    def advance_ramps(self, now: float, slow_start: float) -> bool:
+        """Advance the slow-start ramps to ``now`` (starting armed ones, ending finished ones).
+
+        True when a worker's step differs from the last snapshot's: time to publish.
+        """
+        return self._step_ramps(now, slow_start) != self._ramps
 
 
 def check_consistent(snapshot: Snapshot) -> None:

@@ -1,8 +1,8 @@
 """Active checks of gRPC workers: health (``grpc.health.v1``), model discovery (``GetModelInfo``)
 and engine load (``GetLoad``).
 
-Role: the gRPC counterparts of :func:`coordinator.health.check_health`,
-:func:`coordinator.health.discover_models` and :func:`coordinator.engine_metrics.scrape_one`, with
+Role: the gRPC counterparts of :func:`coordinator.health.active.check_health`,
+:func:`coordinator.health.discover_models` and :func:`coordinator.health.engine_metrics.scrape_one`, with
 the same contracts, for workers whose ``connection`` is ``grpc`` (``grpc://`` or ``grpcs://`` URLs).
 
 Invariants:

@@ -103,8 +103,8 @@ class PassiveHealth:
         if counters == self._last and all(isinstance(s.passive, PassiveState) for s in states):
             # Nothing moved on the board (an idle router): only ejections can fall due. The list
             # compare runs in C, which keeps an idle coordinator's CPU near zero at any size.
-            due = [s for s in states if s.ejected and now >= s.passive.until  # type: ignore[union-attr]
-                   and not s.passive.probing]  # type: ignore[union-attr]
+            due = [s for s in states if s.ejected and s.passive is not None and now >= s.passive.until
+                   and not s.passive.probing]
             return False, due
         self._last = counters
         for st in states:
