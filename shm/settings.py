@@ -136,7 +136,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         int, Meta(ge=1), _d("Consecutive passed checks that mark a worker healthy again.")
     ] = 2
     discovery_interval: Annotated[
-        Seconds, _d("Seconds between re-reads of a worker's GET /v1/models when its model is not set.")
+        Seconds, _d("Seconds between re-reads of a worker's GET /v1/models (gRPC: GetModelInfo) when its "
+                    "model is not set, so a change of what it serves is followed; until its first "
+                    "answer it is retried every 2 s, or this often if shorter.")
     ] = 30.0
     max_workers: Annotated[
         int, Meta(ge=1, le=1_000_000), _d("Worker slots in shared memory (capacity of the fleet).")

@@ -1,14 +1,19 @@
 """Active health checks and model discovery, run by the coordinator with aiohttp.
 
 Role: probe each worker (``GET /v1/models`` until its models are known, then ``health_path``)
-and record the results in its :class:`coordinator.membership.WorkerState`.
+and record the results in its :class:`coordinator.fleet.membership.WorkerState`; re-read the
+models of workers configured without one, so a worker that changes what it serves is followed.
 
 Invariants:
 - A worker flips to unhealthy after ``health_fall`` consecutive failures and back after
   ``health_rise`` consecutive passes (defaults 3 and 2; the seed design checks every 30 s with 3
   errors, sglang-router every 60 s with 3 failures / 2 successes).
-- A worker whose models are unknown is re-probed every ``DISCOVERY_RETRY`` seconds, so a router
-  started before its workers picks them up quickly; it routes nothing meanwhile.
+- A worker whose models are unknown is re-probed every ``DISCOVERY_RETRY`` seconds (or every
+  ``discovery_interval`` if that is shorter), so a router started before its workers picks them
+  up quickly; it routes nothing meanwhile.
+- Once known, the models of a worker configured without ``model`` are read again every
+  ``discovery_interval``; a change is published. A failed re-read keeps the models it had: being
+  reachable is for the health checks to judge, not for discovery.
 - gRPC workers (``connection: grpc``) are checked with ``grpc.health.v1`` and discovered with
   ``GetModelInfo`` (:mod:`coordinator.health.grpc_probe`), at the same times and with the same rules.
 - ``health_target``: checks go to the worker's own URL, or to the seed's babysitter, which
@@ -20,6 +25,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from urllib.parse import urlsplit
 
@@ -30,8 +36,9 @@ from coordinator.fleet.membership import Fleet, WorkerState
 from coordinator.health.grpc_probe import check_grpc_health, discover_grpc_models
 from shm.settings import Settings
 
-DISCOVERY_RETRY = 2.0
+DISCOVERY_RETRY = 2.0  # the first discovery's retry, so a router started before its workers is quick
 MAX_CONCURRENT_PROBES = 64
+log = logging.getLogger("shardgate.coordinator")
 
 
 class _ModelList(msgspec.Struct):
@@ -93,34 +100,76 @@ async def check_worker_health(session: aiohttp.ClientSession, state: WorkerState
                               settings.health_timeout)
 
 
-def due(state: WorkerState, settings: Settings, now: float) -> bool:
-    interval = DISCOVERY_RETRY if not state.discovered else settings.health_interval
-    return now - state.last_check >= interval
-
-
-async def probe(session: aiohttp.ClientSession, state: WorkerState, settings: Settings) -> bool:
-    """One probe of one worker; True when anything routing-relevant changed."""
-    state.last_check = time.monotonic()
-    url = state.spec.url
+def health_due(state: WorkerState, settings: Settings, now: float) -> bool:
+    """Time for the first discovery (models unknown) or for the next health check."""
     if not state.discovered:
+        return now - state.last_check >= min(DISCOVERY_RETRY, settings.discovery_interval)
+    return now - state.last_check >= settings.health_interval
+
+
+def models_due(state: WorkerState, settings: Settings, now: float) -> bool:
+    """Time to read the models again (workers configured without a model, once discovered)."""
+    return state.discovered and state.spec.model is None and \
+        now - state.models_read_at >= settings.discovery_interval
+
+
+def due(state: WorkerState, settings: Settings, now: float) -> bool:
+    return health_due(state, settings, now) or models_due(state, settings, now)
+
+
+async def list_models(session: aiohttp.ClientSession, state: WorkerState,
+                      settings: Settings) -> tuple[str, ...]:
+    """The worker's models (GET /v1/models, or GetModelInfo over gRPC); raises ValueError."""
+    url = state.spec.url
+    if state.spec.connection == "grpc":
+        return await discover_grpc_models(url, settings.health_timeout)
+    return await discover_models(session, url, settings.health_timeout)
+
+
+async def probe(session: aiohttp.ClientSession, state: WorkerState, settings: Settings,
+                now: float | None = None, force: bool = False) -> bool:
+    """One probe of one worker (what is due, everything with ``force``); True when anything
+    routing-relevant changed."""
+    now = time.monotonic() if now is None else now
+    if not state.discovered:
+        state.last_check = now
         try:
-            state.models = await (discover_grpc_models(url, settings.health_timeout)
-                                  if state.spec.connection == "grpc"
-                                  else discover_models(session, url, settings.health_timeout))
+            state.models = await list_models(session, state, settings)
         except ValueError as exc:
             changed = state.reason != str(exc)
             state.reason = str(exc)
             return changed
-        state.discovered, state.reason = True, ""
+        state.discovered, state.reason, state.models_read_at = True, "", now
         return True
-    reason = await check_worker_health(session, state, settings)
-    return state.record(not reason, reason, settings.health_fall, settings.health_rise)
+    changed = False
+    if models_due(state, settings, now):
+        state.models_read_at = now
+        changed = await _reread_models(session, state, settings)
+    if force or health_due(state, settings, now):
+        state.last_check = now
+        reason = await check_worker_health(session, state, settings)
+        changed = state.record(not reason, reason, settings.health_fall, settings.health_rise) or changed
+    return changed
+
+
+async def _reread_models(session: aiohttp.ClientSession, state: WorkerState, settings: Settings) -> bool:
+    try:
+        models = await list_models(session, state, settings)
+    except ValueError as exc:
+        log.debug("worker %s: models not re-read (%s); keeping %s", state.spec.url, exc,
+                  ",".join(state.models))
+        return False
+    if models == state.models:
+        return False
+    log.info("worker %s now serves %s (was %s)", state.spec.url, ",".join(models), ",".join(state.models))
+    state.models = models
+    return True
 
 
 async def probe_due(session: aiohttp.ClientSession, fleet: Fleet, settings: Settings,
-                    force: bool = False) -> bool:
+                    force: bool = False, now: float | None = None) -> bool:
     """Probe every worker whose turn it is (all of them with ``force``); True if any changed."""
-    now = time.monotonic()
+    now = time.monotonic() if now is None else now
     states = [s for s in fleet.states.values() if force or due(s, settings, now)]
     if not states:
         return False
@@ -128,7 +177,7 @@ async def probe_due(session: aiohttp.ClientSession, fleet: Fleet, settings: Sett
 
     async def bounded(state: WorkerState) -> bool:
         async with limit:
-            return await probe(session, state, settings)
+            return await probe(session, state, settings, now, force)
 
     results = await asyncio.gather(*(bounded(s) for s in states))
     return any(results)
