@@ -32,7 +32,7 @@ import time
 import uvloop
 
 from coordinator.fleet.membership import Fleet
-from proxy_workers.http.upstream import UpstreamConnection
+from proxy_workers.http.upstream import NO_OWNER, UpstreamConnection
 from proxy_workers.serving.protocol import ClientProtocol
 from proxy_workers.serving.state import ProxyProcess
 from shm.loadboard import LoadBoard, board_size
@@ -101,7 +101,7 @@ def one_exchange(proc: ProxyProcess, client: ClientProtocol,
                  upstreams: dict[str, UpstreamConnection]) -> None:
     """A keep-alive request on an open client connection, answered on a pooled worker socket."""
     for url, conn in upstreams.items():  # both sockets idle in their pools, as in steady state
-        if conn.exchange is None and conn not in proc.pools.get(url).idle:
+        if conn.exchange is NO_OWNER and conn not in proc.pools.get(url).idle:
             proc.pools.get(url).put(conn)
     client.data_received(REQUEST)
     exchange = client.exchange

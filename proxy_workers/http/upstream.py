@@ -30,7 +30,24 @@ import httptools
 from proxy_workers.forwarding.headers import NO_TOKENS, RESPONSE_DROP, connection_tokens, without_fields
 
 if TYPE_CHECKING:
-    from proxy_workers.contract import UpstreamOwner
+    from proxy_workers.contract import UpstreamConnectionView, UpstreamOwner
+
+
+class _NoOwner:
+    """The owner of an idle connection: a response arriving for nobody is dropped with it."""
+
+    def on_response_head(self, conn: UpstreamConnectionView, status: int) -> None: ...
+
+    def on_response_body(self, body: bytes) -> None: ...
+
+    def on_response_complete(self, conn: UpstreamConnectionView) -> None: ...
+
+    def after_upstream_data(self) -> None: ...
+
+    def upstream_failed(self, conn: UpstreamConnectionView, why: str) -> None: ...
+
+
+NO_OWNER: UpstreamOwner = _NoOwner()
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -42,7 +59,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.exchange: UpstreamOwner | None = None
+        self.exchange: UpstreamOwner = NO_OWNER
         self.parser = httptools.HttpResponseParser(self)
         self.received = False
         self.keep_alive = False
@@ -57,7 +74,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         exchange = self.exchange
-        if exchange is None:
+        if exchange is NO_OWNER:
             # A worker talking on an idle keep-alive connection: it is out of sync; drop it.
             self.close()
             return
@@ -65,7 +82,7 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.exchange = None
+            self.exchange = NO_OWNER
             self.close()
             exchange.upstream_failed(self, f"malformed response from worker: {exc}")
             return
@@ -73,9 +90,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
-        exchange, self.exchange = self.exchange, None
+        exchange, self.exchange = self.exchange, NO_OWNER
         self.transport = None
-        if exchange is None:
+        if exchange is NO_OWNER:
             return
         if exc is None and self.until_eof:
             # A body without Content-Length or chunking ends with the connection: that is its
@@ -129,24 +146,18 @@ class UpstreamConnection(asyncio.Protocol):
         status = parser.get_status_code()
         self.until_eof = (self.length is None and not self.chunked and status >= 200
                           and status not in (204, 304))
-        exchange = self.exchange
-        assert exchange is not None  # data_received drops bytes that arrive with no owner
-        exchange.on_response_head(self, status)
+        self.exchange.on_response_head(self, status)
 
     def relayed_lines(self) -> list[bytes]:
         """The header lines to relay, minus any the worker named in its Connection header."""
         return without_fields(self.lines, self.conn_tokens or NO_TOKENS)
 
     def on_body(self, body: bytes) -> None:
-        exchange = self.exchange
-        assert exchange is not None
-        exchange.on_response_body(body)
+        self.exchange.on_response_body(body)
 
     def on_message_complete(self) -> None:
         self.until_eof = False
-        exchange = self.exchange
-        assert exchange is not None
-        exchange.on_response_complete(self)
+        self.exchange.on_response_complete(self)
 
     # -- used by the exchange ------------------------------------------------------------
 
@@ -160,7 +171,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def release(self, now: float) -> None:
         """Back to the pool if the response allows it, else closed."""
-        self.exchange = None
+        self.exchange = NO_OWNER
         if self.keep_alive and self.transport is not None and not self.transport.is_closing():
             # A slow client may have paused reading (backpressure) just as the response ended;
             # the exchange that would have resumed it is gone, so a pooled socket must read.
@@ -176,7 +187,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close at once (RST): the worker sees the client is gone and stops generating."""
-        self.exchange = None
+        self.exchange = NO_OWNER
         if self.transport is not None:
             self.transport.abort()
 

@@ -26,7 +26,8 @@ import asyncio
 import logging
 import re
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import httptools
 
@@ -53,11 +54,11 @@ from proxy_workers.forwarding.request import Request
 from proxy_workers.http.exchange import Exchange
 from proxy_workers.http.pd import PDExchange
 from proxy_workers.routing.decision import prepare
-from proxy_workers.routing.table import ModelRoute, PDRoute
 from proxy_workers.serving import endpoints
 
 if TYPE_CHECKING:
     from proxy_workers.contract import ClientExchange, ClientRequest, Refusal
+    from proxy_workers.routing.context import RequestContext
     from proxy_workers.serving.state import ProxyProcess
 
 log = logging.getLogger("shardgate.proxy")
@@ -281,7 +282,8 @@ class ClientProtocol(asyncio.Protocol):
                 return
             if request.method in REFUSED_METHODS:
                 raise MethodNotAllowed(f"{request.method.decode()} is not supported on {path.decode()}")
-            exchange = self._exchange_for(request)
+            route, ctx = prepare(self.proc, request)
+            exchange = DATA_PATHS[ctx.router](self.proc, self, request, route, ctx)
             self.exchange = exchange
             exchange.start()
         except RouterError as err:
@@ -289,20 +291,6 @@ class ClientProtocol(asyncio.Protocol):
             self.send_error(err, request)
             self._next(request)
 
-    def _exchange_for(self, request: Request) -> ClientExchange:
-        """The exchange of the router that serves ``request`` (raises RouterError when none can)."""
-        route, ctx = prepare(self.proc, request)
-        router = ctx.router
-        if router == "http_regular":
-            assert isinstance(route, ModelRoute)
-            return Exchange(self.proc, self, request, route, ctx)
-        if router == "http_pd":
-            assert isinstance(route, PDRoute)
-            return PDExchange(self.proc, self, request, route, ctx)
-        # grpc_regular, grpc_pd (grpc is loaded on first use)
-        from proxy_workers.grpc.exchange import GrpcExchange
-
-        return GrpcExchange(self.proc, self, request, route, ctx)
 
     def _answer_locally(self, request: Request) -> None:
         status, body, content_type = endpoints.answer(self.proc, request)
@@ -375,6 +363,23 @@ class ClientProtocol(asyncio.Protocol):
         elif self.idle_since and not self.exchange and now - self.idle_since > keepalive:
             if self.transport is not None:
                 self.transport.close()
+
+
+def _grpc_exchange(proc: ProxyProcess, client: ClientProtocol, request: Request, route: Any,
+                   ctx: RequestContext) -> ClientExchange:
+    from proxy_workers.grpc.exchange import GrpcExchange  # grpc is loaded on first use only
+
+    return GrpcExchange(proc, client, request, route, ctx)
+
+
+# The data path of each of the four routers. The route's kind follows from the router
+# (routing.decision.prepare): a ModelRoute for the regular routers, a PDRoute for http_pd, either
+# for the gRPC path, which serves both of its routers.
+if TYPE_CHECKING:
+    ExchangeFactory: TypeAlias = Callable[[ProxyProcess, ClientProtocol, Request, Any, RequestContext],
+                                          ClientExchange]
+DATA_PATHS: dict[str, ExchangeFactory] = {"http_regular": Exchange, "http_pd": PDExchange,
+                                          "grpc_regular": _grpc_exchange, "grpc_pd": _grpc_exchange}
 
 
 def _for_method(request: ClientRequest, response: bytes) -> bytes:
