@@ -84,7 +84,7 @@ class Coordinator:
         self.housekeeping: Housekeeping | None = None
         self.housekeeping_task: asyncio.Task[None] | None = None
         self.admin: AdminAPI | None = None
-        self.dirty = False  # a discovery change waits for the next tick's publish
+        self.publish_pending = False  # a change waits for the next tick's publish (coalesced)
         self.file_checked_at = 0.0
         self.file_signature: tuple[int, int, int] | None = None
 
@@ -112,7 +112,7 @@ class Coordinator:
                 seg.unlink()
 
     def publish(self) -> int:
-        self.dirty = False
+        self.publish_pending = False
         snapshot = self.fleet.snapshot(self.settings, self.config.models, self.proxies,
                                        self.writer.generation + 1, os.getpid(), self.config.aliases)
         generation = self.writer.publish(snapshot)
@@ -121,7 +121,7 @@ class Coordinator:
         return generation
 
     def request_publish(self) -> None:
-        self.dirty = True
+        self.publish_pending = True
 
     def commit(self) -> int:
         """Merge the sources and publish now (the admin API: one change, one publish)."""
@@ -219,7 +219,7 @@ class Coordinator:
             self._maybe_probe()
             self._maybe_scrape()
             self._maybe_reread_file()
-            if self.dirty:
+            if self.publish_pending:
                 self.publish()
 
     async def _housekeeping_loop(self) -> None:

@@ -156,6 +156,11 @@ class Fleet:
     def snapshot(self, settings: Settings, models: dict[str, ModelPolicy], proxies: int,
                  generation: int, coordinator_pid: int,
                  aliases: dict[str, dict[str, float]] | None = None) -> Snapshot:
+        """The snapshot to publish next, checked whole.
+
+        Not a pure read: it advances the slow-start ramps to now, remembers their steps (what
+        :meth:`advance_ramps` compares with) and marks the fleet started (later joiners ramp).
+        """
         ramps = self._step_ramps(time.monotonic(), settings.slow_start)
         self._ramps = ramps
         if ramps:
