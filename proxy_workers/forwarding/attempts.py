@@ -70,16 +70,12 @@ def pick_worker(proc: ProcessView, route: Pickable, ctx: RequestContext, exclude
             raise BadGateway(f"{err.message}; last failure: {last_failure}" if last_failure
                              else err.message) from None
         raise
-    count_decision(proc, route.policy.index, ctx.fallback)
-    return worker
-
-
-def count_decision(proc: ProcessView, policy_index: int, fallback: bool) -> None:
-    word = proc.decision0 + policy_index * 2
+    word = proc.decision0 + route.policy.index * 2  # (inline: this runs on every request)
     ints = proc.ints
     ints[word] += 1
-    if fallback:
+    if ctx.fallback:
         ints[word + 1] += 1
+    return worker
 
 
 def open_cell(proc: ProcessView, slot: int) -> int:
@@ -92,9 +88,7 @@ def open_cell(proc: ProcessView, slot: int) -> int:
 
 
 def first_byte(proc: ProcessView, cell: int, waited: float, stream: bool) -> None:
-    """The worker's answer started ``waited`` seconds after the attempt was sent."""
-    if cell < 0:
-        return
+    """The worker's answer started ``waited`` seconds after the attempt was sent (``cell`` open)."""
     floats = proc.floats
     floats[cell + W_TTFB_EWMA] += EWMA_ALPHA * (waited - floats[cell + W_TTFB_EWMA])
     if stream:
@@ -110,7 +104,7 @@ def settle(proc: ProcessView, cell: int, ok: bool, latency: float | None = None,
     pooled socket retried on the same worker).
     """
     if cell < 0:
-        return CLOSED
+        return -1  # CLOSED (a literal: this runs on every request)
     ints = proc.ints
     ints[cell + W_IN_FLIGHT] -= 1
     if count_error:
@@ -124,4 +118,4 @@ def settle(proc: ProcessView, cell: int, ok: bool, latency: float | None = None,
         if connect_error:
             ints[cell + W_CONNECT_ERRORS] += 1
         proc.floats[cell + W_LAST_ERROR] = time.time()
-    return CLOSED
+    return -1  # CLOSED

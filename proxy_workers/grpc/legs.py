@@ -46,7 +46,8 @@ class Leg:
 
     def first_message(self, waited: float, stream: bool) -> None:
         """The first message came ``waited`` seconds after the call started (TTFT)."""
-        first_byte(self.proc, self.cell, waited, stream)
+        if self.cell >= 0:
+            first_byte(self.proc, self.cell, waited, stream)
 
     def settle(self, ok: bool, latency: float, count_error: bool = True, connect_error: bool = False) -> None:
         """Close the books of this leg (once)."""
