@@ -9,6 +9,7 @@ module of one package.
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -69,3 +70,69 @@ def test_package_does_not_load_the_other_side(package: str) -> None:
 def test_shm_loads_no_shardgate_cli_either() -> None:
     _, loaded = loaded_after_importing("shm")
     assert not [m for m in loaded if m == "shardgate" or m.startswith("shardgate.")]
+
+
+def import_graph(package: str) -> dict[str, set[str]]:
+    """Module -> modules of ``package`` it imports, read from the source (type-only imports and
+    imports inside functions included: a cycle through them still ties the modules together)."""
+    modules = {name: ROOT / (name.replace(".", "/") + ".py") for name in modules_of(package)}
+    for name in list(modules):
+        if not modules[name].exists():  # a subpackage: its __init__
+            modules[name] = ROOT / name.replace(".", "/") / "__init__.py"
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    target = full if full in modules else node.module
+                    if target in modules and target != name:
+                        graph[name].add(target)
+            elif isinstance(node, ast.Import):
+                graph[name].update(a.name for a in node.names if a.name in modules and a.name != name)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_import_cycle_not_even_a_type_only_one(package: str) -> None:
+    assert cycles(import_graph(package)) == []
+
+
+def test_the_contract_imports_nothing_of_the_proxy_package() -> None:
+    assert import_graph("proxy_workers")["proxy_workers.contract"] == set()
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

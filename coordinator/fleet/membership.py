@@ -23,8 +23,8 @@ from coordinator.fleet import topology
 from shm.schema import ModelPolicy, Snapshot, Worker, WorkerSpec
 from shm.settings import Settings
 
-if TYPE_CHECKING:  # (health.passive imports this module; the type is all that is needed here)
-    from coordinator.health.passive import PassiveState
+if TYPE_CHECKING:
+    from coordinator.fleet.passive_state import PassiveState
 
 Key = tuple[str, str | None, str]
 RAMP_SCALE = 10  # slow start moves in tenths of a worker's weight

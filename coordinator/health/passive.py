@@ -34,33 +34,15 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Iterable
 
 from coordinator.fleet.membership import Fleet, WorkerState
+from coordinator.fleet.passive_state import PassiveState
 from shm.loadboard import W_ERRORS, W_FAILS_IN_ROW, W_IN_FLIGHT, W_REQUESTS, WORKER_FIELDS, LoadBoard
 from shm.settings import Settings
 
 HALF_OPEN_SUCCESSES = 3  # sglang-router's circuit breaker closes after 3 successes too
 log = logging.getLogger("shardgate.coordinator")
-
-
-class PassiveState:
-    """One worker's counters as last sampled, its window and its ejection history."""
-
-    __slots__ = ("calm_since", "done", "ejections", "err", "half_open", "half_open_ok", "probing",
-                 "run", "samples", "until")
-
-    def __init__(self, done: int, err: int, now: float) -> None:
-        self.done, self.err = done, err
-        self.samples: deque[tuple[float, int, int]] = deque([(now, done, err)])
-        self.run = 0
-        self.ejections = 0
-        self.until = 0.0
-        self.half_open = False
-        self.half_open_ok = 0
-        self.calm_since = now
-        self.probing = False
 
 
 def allowed_ejections(total: int, percent: int) -> int:

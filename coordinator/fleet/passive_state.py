@@ -1,0 +1,31 @@
+"""One worker's passive-health state, as the fleet keeps it.
+
+Role: the record :mod:`coordinator.health.passive` keeps per worker (counters as last sampled, the
+sliding window, ejections, half-open progress), held by
+:class:`coordinator.fleet.membership.WorkerState`. It lives in the fleet layer so that the fleet
+never imports the health rules that fill it in.
+
+Invariant: only :mod:`coordinator.health.passive` and :mod:`coordinator.health.housekeeping` write it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class PassiveState:
+    """One worker's counters as last sampled, its window and its ejection history."""
+
+    __slots__ = ("calm_since", "done", "ejections", "err", "half_open", "half_open_ok", "probing",
+                 "run", "samples", "until")
+
+    def __init__(self, done: int, err: int, now: float) -> None:
+        self.done, self.err = done, err
+        self.samples: deque[tuple[float, int, int]] = deque([(now, done, err)])
+        self.run = 0
+        self.ejections = 0
+        self.until = 0.0
+        self.half_open = False
+        self.half_open_ok = 0
+        self.calm_since = now
+        self.probing = False
