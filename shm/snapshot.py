@@ -244,7 +244,3 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
-
-
-def decode_payload(payload: bytes) -> Snapshot:
-    return msgspec.msgpack.decode(payload, type=Snapshot)

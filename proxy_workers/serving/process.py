@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         board = LoadBoard(Segment.attach(segment_name(args.instance, "board")))
         affinity = AffinityTable(Segment.attach(segment_name(args.instance, "affinity")))
         snapshot = reader.current()
-        if snapshot is None:
-            raise ValueError("the coordinator has not published a snapshot")
+        if snapshot is None:  # nothing published yet, or a snapshot of another schema version
+            raise ValueError(reader.refusal or "the coordinator has not published a snapshot")
         settings = snapshot.settings
         logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
                             format=f"%(asctime)s proxy[{args.index}] %(levelname)s %(message)s")
