@@ -33,7 +33,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from contextlib import aclosing
@@ -48,6 +47,7 @@ from coordinator.fleet.membership import Fleet, FleetFull
 from coordinator.health import active, engine_metrics
 from coordinator.health.grpc_probe import LoadChannels
 from coordinator.health.housekeeping import Housekeeping
+from coordinator.notify import Notifier
 from coordinator.supervisor import HaltServer, Spawn, Supervisor, spawn_proxy
 from shm.affinity import AffinityTable, table_size
 from shm.loadboard import LoadBoard, board_size
@@ -87,6 +87,7 @@ class Coordinator:
         self.publish_pending = False  # a change waits for the next tick's publish (coalesced)
         self.file_checked_at = 0.0
         self.file_signature: tuple[int, int, int] | None = None
+        self.notifier = Notifier()  # systemd's notify socket and watchdog (no-ops when not set)
 
     # -- start -----------------------------------------------------------------------------
 
@@ -136,6 +137,7 @@ class Coordinator:
             return await self._run()
         except HaltServer as halt:
             log.error("%s", halt.reason)
+            self.notifier.status(f"halted: {halt.reason}")
             self.supervisor.stopping = True
             self.supervisor.signal_all(signal.SIGKILL)
             return halt.exit_code
@@ -196,10 +198,11 @@ class Coordinator:
     def _announce(self) -> None:
         s = self.settings
         models = sorted({m for st in self.fleet.states.values() for m in st.models})
-        print(f"shardgate ready on http://{s.host}:{s.port}  proxies={self.proxies} "
-              f"workers={len(self.fleet.states)} models={','.join(models) or '-'} "
-              f"policy={s.policy} pid={os.getpid()}", flush=True)
-        sd_notify(b"READY=1")
+        status = (f"ready on http://{s.host}:{s.port}  proxies={self.proxies} "
+                  f"workers={len(self.fleet.states)} models={','.join(models) or '-'} "
+                  f"policy={s.policy} pid={os.getpid()}")
+        print(f"shardgate {status}", flush=True)
+        self.notifier.ready(status)
         if self.on_ready is not None:
             self.on_ready()
 
@@ -216,6 +219,7 @@ class Coordinator:
                 if code is not None:
                     return code
             self.supervisor.poll()
+            self.notifier.tick(self.supervisor.trouble)  # WATCHDOG=1 only while every proxy beats
             self._maybe_probe()
             self._maybe_scrape()
             self._maybe_reread_file()
@@ -292,7 +296,7 @@ class Coordinator:
 
     def reload(self) -> None:
         assert self.discovery is not None
-        sd_notify(b"RELOADING=1")
+        self.notifier.reloading()
         self.file_signature = _file_signature(self.config.config_file)
         before = self.discovery.file.specs
         try:
@@ -315,7 +319,7 @@ class Coordinator:
             # Logged, not published: a refused reload changes nothing, the snapshot included.
             self.discovery.file.specs = before
             log.error("reload refused, keeping the running configuration: %s", exc)
-            sd_notify(b"READY=1")
+            self.notifier.reload_refused(str(exc))
             return
         if fixed:
             log.warning("reload: %s changed; that takes a restart (kept the running value)", ", ".join(fixed))
@@ -330,10 +334,11 @@ class Coordinator:
         generation = self.publish()
         log.info("reloaded: %d added, %d removed, snapshot generation %d",
                  len(added), len(removed), generation)
-        sd_notify(b"READY=1")
+        self.notifier.ready(f"reloaded: {len(added)} added, {len(removed)} removed, "
+                            f"{len(self.fleet.states)} workers, snapshot generation {generation}")
 
     async def _stop(self, graceful: bool) -> int:
-        sd_notify(b"STOPPING=1")
+        self.notifier.stopping()
         self.supervisor.stopping = True
         for task in (self.probing, self.scraping, self.housekeeping_task):
             if task is not None:
@@ -383,15 +388,3 @@ def preflight(host: str, port: int) -> None:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
-
-def sd_notify(message: bytes) -> None:
-    """systemd's readiness protocol: one datagram to $NOTIFY_SOCKET, when run under systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    address = "\0" + path[1:] if path.startswith("@") else path
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(message, address)
-        except OSError:
-            pass

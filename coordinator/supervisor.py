@@ -20,6 +20,9 @@ Invariants:
 - The watchdog measures how long the heartbeat has *stood still* on the coordinator's monotonic
   clock rather than comparing the proxy's wall-clock stamp with ours: a wall-clock step (NTP, a
   resumed VM) would otherwise make every proxy look stale at once and kill them all.
+- Heartbeats are tracked whatever ``watchdog_timeout`` is; :meth:`Supervisor.trouble` reads them
+  (every proxy running, serving, beating within ``HEARTBEAT_STALE``) to decide whether the
+  coordinator may feed systemd's watchdog.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from shm.process import EXIT_BOOT_ERROR, proxy_argv
 
 STABLE_SECONDS = 10.0
 FIRST_BACKOFF = 0.1
+HEARTBEAT_STALE = 2.0  # seconds without a heartbeat (one every 0.25 s) that make a proxy not alive
 log = logging.getLogger("shardgate.coordinator")
 
 
@@ -71,7 +75,7 @@ class ProxyHandle:
     """One proxy slot: the process in it (None between an exit and its restart) and its history."""
 
     __slots__ = ("beat", "beat_seen_at", "failures", "index", "kill_reason", "popen", "restart_at",
-                 "started_at")
+                 "started_at", "watched_since")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -82,6 +86,7 @@ class ProxyHandle:
         # Watchdog: the heartbeat value last read and when (monotonic) it was seen to change.
         self.beat = 0.0
         self.beat_seen_at: float | None = None
+        self.watched_since: float | None = None  # when the watchdog (timeout > 0) began watching it
         self.kill_reason = ""  # set when the watchdog killed this process; reported at its exit
 
 
@@ -108,7 +113,7 @@ class Supervisor:
         handle.popen = self.spawn(proxy_argv(self.instance, handle.index))
         handle.started_at = self.clock()
         handle.restart_at = 0.0
-        handle.beat, handle.beat_seen_at, handle.kill_reason = 0.0, None, ""
+        handle.beat, handle.beat_seen_at, handle.watched_since, handle.kill_reason = 0.0, None, None, ""
 
     def pids(self) -> list[int]:
         return [h.popen.pid for h in self.handles if h.popen is not None and h.popen.poll() is None]
@@ -137,20 +142,23 @@ class Supervisor:
                 self._start(h)
 
     def _watch(self, h: ProxyHandle, now: float) -> None:
-        """The watchdog's look at one running proxy."""
-        timeout = self.watchdog_timeout
-        if timeout <= 0:
-            h.beat_seen_at = None  # turned on again by a reload: silence counts from then, not before
-            return
-        if self.stopping or h.kill_reason or not self.claimed(h):
+        """The watchdog's look at one running proxy (its heartbeat is tracked whatever the timeout)."""
+        if h.kill_reason or not self.claimed(h):
             return
         assert h.popen is not None
         beat = self.board.floats[self.board.proxy_word(h.index, P_HEARTBEAT)]
         if beat != h.beat or h.beat_seen_at is None:
             # Any change counts as alive (even a step back of the proxy's wall clock).
             h.beat, h.beat_seen_at = beat, now
+        timeout = self.watchdog_timeout
+        if timeout <= 0:
+            h.watched_since = None  # turned on again by a reload: silence counts from then, not before
             return
-        silent = now - h.beat_seen_at
+        if h.watched_since is None:
+            h.watched_since = now
+        if self.stopping:
+            return
+        silent = now - max(h.beat_seen_at, h.watched_since)
         if silent <= timeout:
             return
         h.kill_reason = f"no heartbeat for {silent:.1f}s (watchdog_timeout {timeout:g}s)"
@@ -161,6 +169,20 @@ class Supervisor:
             h.popen.send_signal(signal.SIGKILL)
         except ProcessLookupError:
             pass  # it exited meanwhile; the next poll reaps it like any exit
+
+    def trouble(self, stale_after: float = HEARTBEAT_STALE) -> str:
+        """Empty when every proxy runs, serves and beat within ``stale_after`` s (as of the last
+        :meth:`poll`); else what is wrong with the first one that does not. systemd's watchdog is
+        fed only while this is empty."""
+        now = self.clock()
+        for h in self.handles:
+            if h.popen is None or h.popen.poll() is not None:
+                return f"proxy {h.index} is not running"
+            if not self.claimed(h) or h.beat_seen_at is None:
+                return f"proxy {h.index} (pid {h.popen.pid}) is starting"
+            if h.kill_reason or now - h.beat_seen_at > stale_after:
+                return f"proxy {h.index} (pid {h.popen.pid}): no heartbeat for {now - h.beat_seen_at:.1f}s"
+        return ""
 
     def _exited(self, h: ProxyHandle, code: int, now: float) -> None:
         h.popen = None
