@@ -163,6 +163,8 @@ class ProcessView(Protocol):
     rng: random.Random
     draining: bool
     active: set[ClientExchange]  # running exchanges (the sweep checks their deadlines)
+    retry_statuses: frozenset[int]  # worker answers retried elsewhere (the settings', parsed)
+    retrying: int  # requests of this process retrying a worker's answer now (the retry budget)
 
     def next_request_id(self) -> bytes: ...
 

@@ -466,18 +466,70 @@ def test_hop_by_hop_response_fields_from_the_worker_are_dropped(h: Harness) -> N
     assert resp.body == BODY
 
 
-def test_a_5xx_from_the_worker_is_relayed_as_is_and_not_retried(h: Harness) -> None:
+OVERLOADED = worker_response(503, b'{"error":"overloaded"}', reason="Service Unavailable",
+                             headers=[("Content-Type", "application/json"), ("Retry-After", "1")])
+
+
+def test_a_5xx_answer_is_retried_on_another_worker_after_a_backoff(h: Harness) -> None:
+    c = h.client()
+    c.send(request())
+    first = h.accept()
+    first.respond(OVERLOADED)
+    assert c.received == b"" and h.pending_dials() == []  # nothing relayed; waiting out the backoff
+    h.advance(1.5)  # Retry-After 1 (within retry_backoff_max) is waited out
+    second = h.accept()
+    assert second.url != first.url
+    second.respond(worker_response(body=BODY))
+    assert (c.response.status, c.response.body) == (200, BODY)
+    assert h.proxy_row()["retries"] == 1
+    assert (h.cell(first.url)["errors"], h.cell(first.url)["in_flight"]) == (1, 0)
+    assert not first.aborted  # the answer was read to its end: the connection stays reusable
+    assert h.proc.retrying == 0
+
+
+def test_a_retryable_answer_is_relayed_as_is_when_no_other_worker_is_left(solo: Harness) -> None:
+    c = solo.client()
+    c.send(request())
+    up = solo.accept()
+    up.respond(OVERLOADED)
+    resp = c.response
+    assert (resp.status, resp.body, resp.header("retry-after")) == (503, b'{"error":"overloaded"}', "1")
+    assert len(solo.dials) == 1
+    assert solo.proxy_row()["retries"] == 0
+    cell = solo.cell(up.url)
+    assert (cell["errors"], cell["fails_in_row"], cell["in_flight"]) == (1, 1, 0)
+
+
+def test_a_retry_after_longer_than_retry_backoff_max_is_relayed_not_waited_out(h: Harness) -> None:
     c = h.client()
     c.send(request())
     up = h.accept()
-    up.respond(worker_response(503, b'{"error":"overloaded"}', reason="Service Unavailable",
-                               headers=[("Content-Type", "application/json"), ("Retry-After", "3")]))
-    resp = c.response
-    assert (resp.status, resp.body, resp.header("retry-after")) == (503, b'{"error":"overloaded"}', "3")
-    assert len(h.dials) == 1
-    assert h.proxy_row()["retries"] == 0
-    cell = h.cell(up.url)
-    assert (cell["errors"], cell["fails_in_row"], cell["in_flight"]) == (1, 1, 0)
+    up.respond(worker_response(429, b'{"error":"busy"}', reason="Too Many Requests",
+                               headers=[("Content-Type", "application/json"), ("Retry-After", "30")]))
+    assert (c.response.status, c.response.header("retry-after")) == (429, "30")
+    assert len(h.dials) == 1 and h.proxy_row()["retries"] == 0
+    assert h.cell(up.url)["errors"] == 0  # "not now" is not a broken worker
+
+
+@pytest.mark.parametrize("settings", [{"retry_budget": 0.0, "retry_budget_min": 0}, {"retry_statuses": ""}],
+                         ids=["budget spent", "answer retries off"])
+def test_an_answer_retry_the_settings_do_not_allow_is_relayed(settings: dict[str, Any]) -> None:
+    with harness(workers=3, **settings) as h:
+        c = h.client()
+        c.send(request())
+        h.accept().respond(OVERLOADED)
+        assert c.response.status == 503
+        assert len(h.dials) == 1 and h.proxy_row()["retries"] == 0
+
+
+def test_a_client_leaving_during_the_backoff_cancels_the_retry(h: Harness) -> None:
+    c = h.client()
+    c.send(request())
+    h.accept().respond(OVERLOADED)
+    c.disconnect()
+    h.advance(1.5)
+    assert h.pending_dials() == [] and len(h.dials) == 1
+    assert h.proc.retrying == 0 and h.in_flight() == 0
 
 
 def test_a_4xx_from_the_worker_is_relayed_and_is_not_a_worker_failure(h: Harness) -> None:

@@ -489,13 +489,32 @@ def test_mid_stream_drop_truncates_with_error_event_and_is_not_retried(duo: Any)
     assert sum(s["dropped"] for s in stats) == 1, stats
 
 
-def test_worker_error_status_is_passed_through_not_retried(duo: Any) -> None:
+def test_a_worker_error_status_is_retried_on_the_other_worker(duo: Any) -> None:
+    set_worker(duo.a, fail_status=503)
+    retries = router_stats(duo.r)["totals"]["retries"]
+    for i in range(4):  # round robin: some of these go to the failing worker first
+        status, _, body = http("POST", duo.r.url + CHAT, chat("m1", content=f"retry {i}"))
+        assert status == 200, body
+    failed = worker_stats(duo.a)["requests"]
+    assert failed >= 1
+    assert router_stats(duo.r)["totals"]["retries"] == retries + failed
+
+
+def test_a_worker_error_status_is_passed_through_when_every_worker_gave_it(duo: Any) -> None:
     for w in (duo.a, duo.b):
         set_worker(w, fail_status=503)
     status, headers, body = http("POST", duo.r.url + CHAT, chat("m1"))
     assert status == 503
     assert assert_openai_error(body)["message"] == "injected failure"  # the worker's own body
     assert headers["x-mock-worker"]
+    assert [worker_stats(w)["requests"] for w in (duo.a, duo.b)] == [1, 1]  # each tried once
+
+
+def test_a_client_error_from_a_worker_is_never_retried(duo: Any) -> None:
+    for w in (duo.a, duo.b):
+        set_worker(w, fail_status=400)
+    status, _, body = http("POST", duo.r.url + CHAT, chat("m1"))
+    assert status == 400, body
     assert sum(worker_stats(w)["requests"] for w in (duo.a, duo.b)) == 1
 
 

@@ -1,5 +1,9 @@
 """The three data paths share one set of rules: the same failure moves the same counters.
 
+Two failures are sent through each path: a worker that vanishes before answering (always
+retried), and a worker that answers 429 (a retryable answer: retried within the retry budget,
+then relayed as the worker gave it).
+
 One router serves three models, one per path: ``m-http`` (http_regular), ``m-grpc``
 (grpc_regular) and ``m-pd`` (http_pd, whose prefill worker is healthy). On each path the workers
 that answer the client (the regular workers, or the decode workers) are real mock workers that
@@ -22,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_openai_error, chat, free_port, get_json, http, wait_for
+from conftest import assert_openai_error, chat, free_port, get_json, http, set_worker, wait_for
+from grpc_support import control
 
 from shardgate import launch
 
@@ -81,12 +86,13 @@ def moved(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before[k] for k in before}
 
 
-def fail_once(fleet: dict[str, Any], model: str) -> dict[str, int]:
+def fail_once(fleet: dict[str, Any], model: str, expected_status: int = 502) -> dict[str, int]:
     router, serving = fleet["router"], fleet[model]
     before = counters(router, serving)
     status, _, body = http("POST", router.url + "/v1/chat/completions", chat(model, content=f"via {model}"))
-    assert status == 502, body
-    assert_openai_error(body, "bad_gateway")
+    assert status == expected_status, body
+    if expected_status == 502:
+        assert_openai_error(body, "bad_gateway")
 
     def settled() -> dict[str, int] | None:
         after = counters(router, serving)
@@ -109,3 +115,26 @@ def test_a_worker_vanishing_before_its_answer_moves_the_same_counters_on_every_p
 def test_all_three_paths_agree(fleet: dict[str, Any]) -> None:
     seen = {model: fail_once(fleet, model) for model in ("m-http", "m-grpc", "m-pd")}
     assert seen["m-http"] == seen["m-grpc"] == seen["m-pd"], seen
+
+
+def configure(fleet: dict[str, Any], model: str, **config: Any) -> None:
+    for worker in fleet[model]:
+        if model == "m-grpc":
+            control(worker, "Configure", config)
+        else:
+            set_worker(worker, **config)
+
+
+BUSY = {"requests": 1, "errors": 0, "rejected": 0, "retries": 1, "in_flight": 0,
+        "decisions": 2, "fallbacks": 2,  # a 429 is "not now": no worker error
+        "worker0_errors": 0, "worker0_in_flight": 0, "worker1_errors": 0, "worker1_in_flight": 0}
+
+
+@pytest.mark.parametrize("model", ["m-http", "m-grpc", "m-pd"])
+def test_a_busy_answer_is_retried_once_then_relayed_the_same_way_on_every_path(
+        fleet: dict[str, Any], model: str) -> None:
+    configure(fleet, model, drop_after=-1, fail_status=429)
+    try:
+        assert fail_once(fleet, model, expected_status=429) == BUSY
+    finally:
+        configure(fleet, model, drop_after=0, fail_status=0)

@@ -45,10 +45,11 @@ from proxy_workers.errors import (
 )
 from proxy_workers.forwarding.attempts import pick_worker
 from proxy_workers.forwarding.headers import relayed_metadata, worker_metadata
-from proxy_workers.forwarding.retry import RETRYABLE_GRPC, retry_or_give_up
+from proxy_workers.forwarding.retry import RETRYABLE_GRPC, answer_retry_delay, retry_or_give_up
 from proxy_workers.grpc.legs import Leg
 from proxy_workers.grpc.translate import (
     Renderer,
+    WorkerError,
     decode_request,
     prefill_request,
     to_request,
@@ -71,16 +72,17 @@ WAIT_FIRST, STREAMING, DONE = 1, 2, 3
 class _Failed(Exception):
     """A worker failed; another may serve the request if nothing reached the client yet."""
 
-    def __init__(self, why: str, connect: bool = False) -> None:
+    def __init__(self, why: str, connect: bool = False, answer: RouterError | None = None) -> None:
         super().__init__(why)
         self.why = why
         self.connect = connect
+        self.answer = answer  # a worker's retryable answer: relayed if no retry is allowed
 
 
 class GrpcExchange:
-    __slots__ = ("client", "ctx", "current", "expired", "gone", "head_route", "head_sent", "head_worker",
-                 "last_io", "last_why", "legs", "phase", "phase_started", "prefill_worker", "proc",
-                 "render", "request", "route", "sse", "started", "task")
+    __slots__ = ("answer_retries", "client", "ctx", "current", "expired", "gone", "head_route", "head_sent",
+                 "head_worker", "last_io", "last_why", "legs", "phase", "phase_started", "prefill_worker",
+                 "proc", "render", "request", "route", "sse", "started", "task")
 
     def __init__(self, proc: GrpcProcess, client: ClientSink, request: ClientRequest,
                  route: ModelRoute | PDRoute, ctx: RequestContext) -> None:
@@ -92,6 +94,7 @@ class GrpcExchange:
         self.head_sent = False
         self.sse = False
         self.gone = False
+        self.answer_retries = 0  # worker answers retried; > 0 holds a place in the retry budget
         self.legs: list[Leg] = []
         self.current: Leg | None = None
         self.expired: BaseException | None = None  # set by check_deadline, raised by _read
@@ -123,6 +126,7 @@ class GrpcExchange:
         except asyncio.CancelledError:
             if not self.gone:  # the proxy is shutting down: nothing can be answered any more
                 self._release(abort=True, ok=False, count_error=False)
+                self._release_budget()
         except RouterError as err:
             self._give_up(err)
         except Exception:
@@ -136,6 +140,7 @@ class GrpcExchange:
         self.phase = DONE
         self.gone = True
         self._release(abort=True, ok=False, count_error=False)
+        self._release_budget()
         self.proc.active.discard(self)
         self.proc.count_disconnect()
         if self.task is not None:
@@ -185,7 +190,7 @@ class GrpcExchange:
             except _Failed as failed:
                 if self._leg_failed(leg, failed):
                     return
-                self._may_retry(failed, tried)
+                await self._retry(failed, tried, route)
                 continue
             await self._done(leg)
             return
@@ -217,7 +222,7 @@ class GrpcExchange:
                 prefill.abort()
                 self._settle(prefill, ok=True)
                 tried_prefill.remove(prefill.worker.slot)
-                self._may_retry(failed, tried_decode)
+                await self._retry(failed, tried_decode, route.decode)
                 continue
             await self._done(leg)
             return
@@ -239,7 +244,7 @@ class GrpcExchange:
                 return leg, handle
             except _Failed as failed:
                 self._settle(leg, ok=False, connect_error=failed.connect)
-                self._may_retry(failed, tried)
+                await self._retry(failed, tried, route)
 
     # -- one leg ---------------------------------------------------------------------------
 
@@ -248,12 +253,31 @@ class GrpcExchange:
         tried.append(worker.slot)
         return worker
 
-    def _may_retry(self, failed: _Failed, tried: list[int]) -> None:
-        """Count a retry, or raise the 502 when the retry rule allows no more."""
+    async def _retry(self, failed: _Failed, tried: list[int], route: ModelRoute) -> None:
+        """Count a retry (after its backoff, for a worker's answer), or raise what ends the request:
+        the 502 when the retry rule allows no more, or the worker's own answer."""
         self.last_why = failed.why
-        give_up = retry_or_give_up(self.proc, len(tried), failed.why)
-        if give_up is not None:
-            raise give_up
+        proc = self.proc
+        answer = failed.answer
+        if answer is None:
+            give_up = retry_or_give_up(proc, len(tried), failed.why)
+            if give_up is not None:
+                raise give_up
+            return
+        delay = answer_retry_delay(proc, len(tried), self.answer_retries, self.answer_retries > 0,
+                                   proc.loop.time() - self.started, None)
+        if delay is None or all(w.slot in tried for w in route.candidates):
+            raise answer
+        if not self.answer_retries:
+            proc.retrying += 1
+        self.answer_retries += 1
+        proc.count_retry()
+        await asyncio.sleep(delay)
+
+    def _release_budget(self) -> None:
+        if self.answer_retries:
+            self.proc.retrying -= 1
+            self.answer_retries = 0
 
     def _open(self, worker: Worker, req: pb.GenerateRequest) -> Leg:
         """Start a Generate call on ``worker``; it counts in flight from now."""
@@ -296,8 +320,13 @@ class GrpcExchange:
             if self.head_sent or code in RETRYABLE_GRPC:
                 raise _Failed(f"{leg.worker.url}: {code} {details}".strip(),
                               connect=code == "UNAVAILABLE" and "connect" in details.lower()) from None
+            answer = worker_error(code, details)
+            if answer.status in self.proc.retry_statuses:  # e.g. RESOURCE_EXHAUSTED (429)
+                # A 5xx counts against the worker (passive health); a 429 says "not now".
+                self._settle(leg, ok=False, count_error=answer.status >= 500)
+                raise _Failed(f"{leg.worker.url}: {code} {details}".strip(), answer=answer) from None
             self._settle(leg, ok=True)  # the worker answered; it was the request it refused
-            raise worker_error(code, details) from None
+            raise answer from None
         self.last_io = self.proc.loop.time()
         return msg
 
@@ -403,7 +432,8 @@ class GrpcExchange:
         else:
             self.phase = DONE
             self.client.send_error(err, self.request)
-            self._finish(error=True)
+            # A worker's own answer, relayed, is not a router error (as an HTTP worker's 4xx/5xx).
+            self._finish(error=not isinstance(err, WorkerError))
 
     def _truncate(self, why: str) -> None:
         """The head is out: tell an SSE client why, then close the connection."""
@@ -415,6 +445,7 @@ class GrpcExchange:
         self._finish(error=True)
 
     def _finish(self, error: bool) -> None:
+        self._release_budget()
         self.phase = DONE
         self.current = None
         self.client.exchange_done(self, error)

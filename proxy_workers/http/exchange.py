@@ -19,46 +19,35 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from proxy_workers.contract import ProcessView
 from proxy_workers.errors import BadGateway, RouterError, UpstreamTimeout, error_body, reason
 from proxy_workers.forwarding.attempts import CLOSED, first_byte, open_cell, pick_worker, settle
-from proxy_workers.forwarding.retry import retry_or_give_up
+from proxy_workers.forwarding.retry import answer_retry_delay, retry_after, retry_or_give_up
+from proxy_workers.http.owners import DroppedAnswer
 from proxy_workers.routing.decision import describe, header_value
 
 if TYPE_CHECKING:
     import asyncio
 
     from proxy_workers.contract import ClientRequest, ClientSink, UpstreamConnectionView
-    from proxy_workers.http.upstream import Pools, UpstreamConnection
+    from proxy_workers.http.owners import HttpProcess, PairOwner
+    from proxy_workers.http.upstream import UpstreamConnection
     from proxy_workers.routing.context import RequestContext
     from proxy_workers.routing.table import ModelRoute
     from shm.schema import Worker
 
 
-class HttpProcess(ProcessView, Protocol):
-    """A proxy process as the HTTP paths use it: the common view plus the worker pools."""
-
-    pools: Pools
-
-
-class PairOwner(Protocol):
-    """The PD request a decode leg belongs to (:class:`proxy_workers.http.pd.PDExchange`)."""
-
-    def decode_failed(self, exchange: Exchange, why: str) -> None:
-        """The decode leg failed before its first byte: the pair is replaced, not the decode alone."""
-        ...
-
-    def exchange_done(self, exchange: Exchange, error: bool) -> None: ...
-
-CONNECT, WAIT_HEAD, STREAMING, DONE = 0, 1, 2, 3
+CONNECT, WAIT_HEAD, STREAMING, DONE, DROPPING, BACKOFF, HANDED_OFF = 0, 1, 2, 3, 4, 5, 6
+# HANDED_OFF: a PD decode leg whose pair is being replaced; the PD exchange carries on without it.
 _STATUS_LINES: dict[int, bytes] = {}  # status -> "HTTP/1.1 200 OK\r\n", built once per status
 
 
 class Exchange:
     __slots__ = (
         "_fresh_retry",
+        "answer_retries",
+        "backoff",
         "cell",
         "chunked",
         "client",
@@ -99,6 +88,8 @@ class Exchange:
         self.chunked = False
         self.sse = False
         self._fresh_retry = False
+        self.answer_retries = 0  # worker answers retried; > 0 holds a place in the retry budget
+        self.backoff: asyncio.TimerHandle | None = None
         self.connecting: asyncio.Future | None = None
         self.started = self.phase_started = self.last_io = proc.loop.time()
         self.phase = CONNECT
@@ -154,6 +145,8 @@ class Exchange:
     # -- receiving (called by UpstreamConnection) ---------------------------------------
 
     def on_response_head(self, conn: UpstreamConnectionView, status: int) -> None:
+        if status >= 400 and status in self.proc.retry_statuses and self._drop_for_retry(conn, status):
+            return
         req = self.request
         line = _STATUS_LINES.get(status)
         if line is None:
@@ -208,6 +201,66 @@ class Exchange:
             self._complete()
         else:
             self.last_io = self.proc.loop.time()
+
+    # -- a worker's answer retried elsewhere (forwarding.retry's rules) ----------------------
+
+    def _drop_for_retry(self, conn: UpstreamConnectionView, status: int) -> bool:
+        """A retryable answer arrived before anything reached the client: if the retry rules allow
+        another try, the answer is read and dropped (True); else it is relayed as it came (False)."""
+        proc, pd = self.proc, self.pd
+        attempts = pd.pairs if pd is not None else len(self.tried)
+        now = proc.loop.time()
+        delay = answer_retry_delay(proc, attempts, self.answer_retries, self.answer_retries > 0,
+                                   now - self.started, retry_after(conn.lines))
+        upstream = self.conn
+        if delay is None or upstream is None or (pd is None and not self._untried_left()):
+            return False
+        why = f"{self._url()} answered {status}"
+        # A 5xx counts against the worker (passive health); a 408/429 says "not now", not "broken".
+        self.cell = settle(proc, self.cell, ok=False, count_error=status >= 500)
+        if not self.answer_retries:
+            proc.retrying += 1
+        self.answer_retries += 1
+        self.phase, self.last_io = DROPPING, now
+        upstream.exchange = DroppedAnswer(self, why, delay)
+        return True
+
+    def _untried_left(self) -> bool:
+        tried = self.tried
+        return any(w.slot not in tried for w in self.route.candidates)
+
+    def answer_dropped(self, why: str, delay: float, reusable: bool) -> None:
+        """The retried answer was read to its end (or its connection went): try the next worker."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            if reusable:
+                conn.release(self.proc.loop.time())
+            else:
+                conn.abort()
+        if self.phase != DROPPING:
+            return  # the request ended meanwhile (client gone, timed out)
+        pd = self.pd
+        if pd is not None:  # a decode leg: the PD exchange forms a new pair
+            # Not DONE: this runs inside the worker connection's callback, which ends by calling
+            # after_upstream_data, and DONE there would end the whole PD request.
+            self.phase = HANDED_OFF
+            self._release_budget()
+            self.proc.active.discard(self)
+            pd.decode_failed(self, why)
+            return
+        self.proc.count_retry()
+        self.phase = BACKOFF
+        self.backoff = self.proc.loop.call_later(delay, self._after_backoff, why)
+
+    def _after_backoff(self, why: str) -> None:
+        self.backoff = None
+        if self.phase == BACKOFF:
+            self._attempt(why)
+
+    def _release_budget(self) -> None:
+        if self.answer_retries:
+            self.proc.retrying -= 1
+            self.answer_retries = 0
 
     def upstream_failed(self, conn: UpstreamConnectionView, why: str) -> None:
         if conn is not self.conn or self.phase == DONE:
@@ -275,6 +328,8 @@ class Exchange:
 
     def _end(self, error: bool) -> None:
         self.phase = DONE
+        if self.answer_retries:
+            self._release_budget()
         if self.pd is not None:
             self.proc.active.discard(self)
             self.pd.exchange_done(self, error)
@@ -298,6 +353,7 @@ class Exchange:
             conn.abort()
         self.phase = DONE
         self.cell = settle(self.proc, self.cell, ok=False, count_error=False)
+        self._release_budget()
         self.proc.active.discard(self)
         return True
 
@@ -323,13 +379,17 @@ class Exchange:
         elif phase == WAIT_HEAD and now - self.phase_started > settings.first_byte_timeout:
             self._time_out("worker sent no response within "
                            f"first_byte_timeout={settings.first_byte_timeout}s")
-        elif phase == STREAMING and now - self.last_io > settings.idle_timeout:
+        elif phase in (STREAMING, DROPPING) and now - self.last_io > settings.idle_timeout:
             self._time_out(f"worker was silent for idle_timeout={settings.idle_timeout}s")
 
     def _abandon_connect(self) -> None:
+        """Stop whatever is pending before a worker connection is in use: a connect, a backoff."""
         connecting, self.connecting = self.connecting, None
         if connecting is not None:
             connecting.cancel()
+        backoff, self.backoff = self.backoff, None
+        if backoff is not None:
+            backoff.cancel()
 
     def _time_out(self, why: str) -> None:
         self._abandon_connect()
@@ -341,3 +401,4 @@ class Exchange:
         else:
             self.cell = settle(self.proc, self.cell, ok=False)
             self._fail(UpstreamTimeout(why))
+

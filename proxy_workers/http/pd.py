@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from proxy_workers.contract import ClientRequest, ClientSink, UpstreamConnectionView
-    from proxy_workers.http.exchange import HttpProcess
+    from proxy_workers.http.owners import HttpProcess
     from proxy_workers.http.upstream import UpstreamConnection
     from proxy_workers.routing.context import RequestContext
     from proxy_workers.routing.table import PDRoute
