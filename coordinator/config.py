@@ -202,6 +202,8 @@ def check_worker(spec: WorkerSpec, where: str) -> WorkerSpec:
         raise ConfigError(f"{where}: url '{spec.url}' must be a base URL (no path or query)")
     if spec.weight < 1:
         raise ConfigError(f"{where}: weight must be >= 1, got {spec.weight}")
+    if spec.max_concurrency < 0:
+        raise ConfigError(f"{where}: max_concurrency must be >= 0 (0: no cap), got {spec.max_concurrency}")
     if WORKER_SCHEMES[parts.scheme] != spec.connection and parts.scheme.startswith("grpc"):
         spec = msgspec.structs.replace(spec, connection="grpc")
     host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"

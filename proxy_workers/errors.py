@@ -87,6 +87,36 @@ class QuotaExceeded(RouterError):
         return b"retry-after: %d\r\n" % self.retry_after
 
 
+class _RetryAfter(RouterError):
+    """An answer that tells the client when to try again (the ``Retry-After`` header, seconds)."""
+
+    def __init__(self, message: str, retry_after: int, *, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = max(1, int(retry_after))
+
+    def headers(self) -> bytes:
+        return b"retry-after: %d\r\n" % self.retry_after
+
+
+class RateLimited(_RetryAfter):
+    """The client is over its requests- or tokens-per-minute limit (admission control)."""
+
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class Overloaded(_RetryAfter):
+    """The fleet is saturated: the admission queue is full, the wait in it timed out, or the
+    proxy is shutting down with the request still queued. ``code`` says which."""
+
+    status, type, code = 503, "service_unavailable", "overloaded"
+
+
+class WorkersSaturated(_RetryAfter):
+    """Every candidate worker is at its ``max_concurrency`` (raised by a capped route's pick)."""
+
+    status, type, code = 503, "service_unavailable", "workers_saturated"
+
+
 class BadGateway(RouterError):
     status, type, code = 502, "upstream_error", "bad_gateway"
 

@@ -16,7 +16,7 @@ Layout (8-byte words after a 64-byte header; the same bytes are viewed as int64 
 Invariants:
 - Single writer per row: proxy p writes only row p and cells [p][*], so plain stores suffice
   (no locks, no atomics); readers sum across p and may see a value one update old.
-- Counters are monotonic except IN_FLIGHT (a gauge) and the EWMAs. A proxy that restarts in the
+- Counters are monotonic except IN_FLIGHT and QUEUED (gauges) and the EWMAs. A proxy that restarts in the
   same row zeroes its gauges first (its predecessor's in-flight requests died with it) and keeps
   the monotonic counters, so totals never go backwards.
 """
@@ -28,14 +28,31 @@ import struct
 from shm.segment import Segment
 
 MAGIC = int.from_bytes(b"SGLOAD01", "little")
-LAYOUT_VERSION = 1
+# 2: proxy rows grew to 24 words (admission control's queue gauge and counters).
+LAYOUT_VERSION = 2
 HEADER_WORDS = 8
 
 # Proxy row fields.
 P_PID, P_STARTED, P_HEARTBEAT, P_REQUESTS, P_ERRORS, P_IN_FLIGHT = 0, 1, 2, 3, 4, 5
 P_DISCONNECTS, P_RETRIES, P_GENERATION, P_TORN_READS, P_RESTARTS, P_REJECTED = 6, 7, 8, 9, 10, 11
-PROXY_FIELDS = 16
-PROXY_FLOAT_FIELDS = frozenset({P_STARTED, P_HEARTBEAT})
+# Admission control (proxy_workers.serving.admission): queue depth (a gauge), requests admitted,
+# requests that waited and their total wait (seconds, float), refusals by reason, and requests
+# whose client left while queued.
+P_QUEUED, P_ADMITTED, P_QUEUE_WAITS, P_QUEUE_WAIT_SECONDS = 12, 13, 14, 15
+P_REJ_QUEUE_FULL, P_REJ_QUEUE_TIMEOUT, P_REJ_RATE_LIMITED, P_REJ_SHUTDOWN = 16, 17, 18, 19
+P_QUEUE_ABANDONED = 20
+PROXY_FIELDS = 24
+PROXY_FLOAT_FIELDS = frozenset({P_STARTED, P_HEARTBEAT, P_QUEUE_WAIT_SECONDS})
+PROXY_FIELD_NAMES = {
+    P_PID: "pid", P_STARTED: "started_at", P_HEARTBEAT: "heartbeat", P_REQUESTS: "requests",
+    P_ERRORS: "errors", P_IN_FLIGHT: "in_flight", P_DISCONNECTS: "client_disconnects",
+    P_RETRIES: "retries", P_GENERATION: "snapshot_generation", P_TORN_READS: "torn_reads",
+    P_RESTARTS: "restarts", P_REJECTED: "rejected", P_QUEUED: "queued", P_ADMITTED: "admitted",
+    P_QUEUE_WAITS: "queue_waits", P_QUEUE_WAIT_SECONDS: "queue_wait_seconds",
+    P_REJ_QUEUE_FULL: "rejected_queue_full", P_REJ_QUEUE_TIMEOUT: "rejected_queue_timeout",
+    P_REJ_RATE_LIMITED: "rejected_rate_limited", P_REJ_SHUTDOWN: "rejected_shutdown",
+    P_QUEUE_ABANDONED: "queue_abandoned",
+}
 
 # Worker cell fields.
 W_IN_FLIGHT, W_REQUESTS, W_ERRORS, W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR = 0, 1, 2, 3, 4, 5
@@ -123,6 +140,7 @@ class LoadBoard:
     def reset_gauges(self, proxy: int) -> None:
         """Zero the in-flight gauges of a proxy row (its previous owner's requests are gone)."""
         self.ints[self.proxy_word(proxy, P_IN_FLIGHT)] = 0
+        self.ints[self.proxy_word(proxy, P_QUEUED)] = 0
         ints, stride = self.ints, WORKER_FIELDS
         start = self.cell_word(proxy, 0, W_IN_FLIGHT)
         for word in range(start, start + self.max_workers * stride, stride):
@@ -173,12 +191,8 @@ class LoadBoard:
         return out
 
     def proxy_row(self, proxy: int) -> dict[str, float]:
-        names = {P_PID: "pid", P_STARTED: "started_at", P_HEARTBEAT: "heartbeat", P_REQUESTS: "requests",
-                 P_ERRORS: "errors", P_IN_FLIGHT: "in_flight", P_DISCONNECTS: "client_disconnects",
-                 P_RETRIES: "retries", P_GENERATION: "snapshot_generation", P_TORN_READS: "torn_reads",
-                 P_RESTARTS: "restarts", P_REJECTED: "rejected"}
         row: dict[str, float] = {}
-        for field, name in names.items():
+        for field, name in PROXY_FIELD_NAMES.items():
             word = self.proxy_word(proxy, field)
             row[name] = self.floats[word] if field in PROXY_FLOAT_FIELDS else self.ints[word]
         return row

@@ -52,6 +52,10 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     quota: Quota | None = None
     # SGLang PD: the prefill worker's bootstrap port (None: the engine's default).
     bootstrap_port: int | None = None
+    # Most requests in flight to this worker across all proxies (0 = no cap); a policy passes a
+    # worker at its cap over, and a request whose every candidate is at its cap waits in the
+    # admission queue (docs/overload.md).
+    max_concurrency: int = 0
 
 
 class Worker(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
@@ -75,6 +79,8 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=Fals
     ejected: bool = False
     # SGLang PD bootstrap port of a prefill worker (None: not announced).
     bootstrap_port: int | None = None
+    # WorkerSpec.max_concurrency (0: no cap). Last, with a default: array_like order.
+    max_concurrency: int = 0
 
 
 class ModelPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -123,6 +123,32 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     pool_size: Annotated[
         int, Meta(ge=0), _d("Idle keep-alive connections kept per worker in each proxy process.")
     ] = 64
+    # admission control (docs/overload.md); every limit is off by default
+    max_concurrent_requests: Annotated[
+        int, Meta(ge=0), _d("Most proxied requests in flight across the router (0: no cap); each proxy "
+                            "admits its share, the rest wait in the admission queue.")
+    ] = 0
+    queue_size: Annotated[
+        int, Meta(ge=0), _d("Requests that may wait for capacity across the router (each proxy holds its "
+                            "share); beyond it 503 with Retry-After; 0: no queue, 503 at once.")
+    ] = 100
+    queue_timeout: Annotated[
+        Seconds, _d("Seconds a request may wait in the admission queue before it gets 503 with Retry-After.")
+    ] = 60.0
+    rate_limit_rpm: Annotated[
+        int, Meta(ge=0), _d("Requests per minute each client may send (0: no limit); over it 429 with "
+                            "Retry-After. Each proxy enforces its share.")
+    ] = 0
+    rate_limit_tpm: Annotated[
+        int, Meta(ge=0), _d("Estimated tokens (prompt bytes / 4 + max_tokens) per minute each client may "
+                            "send (0: no limit); over it 429 with Retry-After. Each proxy enforces its "
+                            "share.")
+    ] = 0
+    rate_limit_key: Annotated[
+        str, Meta(min_length=1), _d("Request header whose value identifies a client for rate limits "
+                                    "(hashed, never logged); 'authorization' uses the Bearer token. A "
+                                    "request without it is keyed by its client address.")
+    ] = "authorization"
     grace_period: Annotated[
         Seconds, _d("Seconds SIGTERM waits for in-flight requests and streams to finish.")
     ] = 30.0

@@ -104,7 +104,7 @@ class WorkerState:
                       quota_rpm=spec.quota.requests_per_minute if spec.quota else 0,
                       quota_tpm=spec.quota.tokens_per_minute if spec.quota else 0,
                       bootstrap_port=spec.bootstrap_port,
-                      ejected=self.ejected)
+                      ejected=self.ejected, max_concurrency=spec.max_concurrency)
 
 
 class Fleet:

@@ -14,6 +14,10 @@ Invariants:
   within the shard; a shard with no usable worker fails over to the next shard clockwise (its
   backup). A request without a key uses the first shard clockwise from a random point.
 - A retry never picks a worker already tried for the same request.
+- Per-worker caps (``Worker.max_concurrency``): a route with a capped worker is a
+  :class:`CappedModelRoute`, whose pick passes over workers at their cap (in-flight summed over
+  all proxies from the load board); a route without one is a plain :class:`ModelRoute` and pays
+  nothing for the feature.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from proxy_workers.errors import ModelNotFound, NoHealthyWorker
+from proxy_workers.errors import ModelNotFound, NoHealthyWorker, WorkersSaturated
 from proxy_workers.policies.base import Policy, PolicyEnv
 from proxy_workers.policies.registry import make_policy
 from proxy_workers.routing.context import RequestContext
@@ -82,11 +86,45 @@ class ModelRoute:
             first = False
         raise NoHealthyWorker(self._why_none(bool(exclude)))
 
+    def has_room(self) -> bool:
+        """Some candidate is below its concurrency cap (always, on a route without caps)."""
+        return True
+
     def _why_none(self, after_retries: bool) -> str:
         what = f"model '{self.model}'" if self.model else "any model"
         if after_retries:
             return f"every healthy worker for {what} failed this request"
         return f"no healthy worker for {what} ({self.serving} configured, none healthy)"
+
+
+class CappedModelRoute(ModelRoute):
+    """A route with at least one worker capped by ``max_concurrency``: picks skip full workers."""
+
+    __slots__ = ()
+
+    def full_slots(self) -> list[int]:
+        """Slots of candidates at their cap, counting every proxy's in-flight requests."""
+        in_flight = self.policy.env.load.in_flight
+        return [w.slot for w in self.candidates
+                if w.max_concurrency and in_flight(w.slot) >= w.max_concurrency]
+
+    def has_room(self) -> bool:
+        return len(self.full_slots()) < len(self.candidates)
+
+    def pick(self, ctx: RequestContext, exclude: Sequence[int] = ()) -> Worker:
+        full = self.full_slots()
+        if full:
+            if all(w.slot in exclude or w.slot in full for w in self.candidates):
+                if any(w.slot not in exclude for w in self.candidates):
+                    raise WorkersSaturated(f"every worker for {self._what()} is at its max_concurrency",
+                                           retry_after=1)
+            else:
+                ctx.note(f"{len(full)} worker(s) at max_concurrency passed over", fallback=False)
+                exclude = [*exclude, *full]
+        return ModelRoute.pick(self, ctx, exclude)
+
+    def _what(self) -> str:
+        return f"model '{self.model}'" if self.model else "any model"
 
 
 def routable(worker: Worker) -> bool:
@@ -116,12 +154,15 @@ class PDRoute:
         """Non-empty only when a pair can be formed (a PD model is ready only then)."""
         return self.decode.candidates if self.prefill.candidates else []
 
+    def has_room(self) -> bool:
+        return self.prefill.has_room() and self.decode.has_room()
+
 
 class RoutingTable:
     """Per-snapshot routing state of one proxy process."""
 
-    __slots__ = ("aliases", "any", "by_slot", "generation", "grpc_routes", "pd_routes", "router_choice",
-                 "router_of", "routes", "snapshot")
+    __slots__ = ("aliases", "any", "by_slot", "capped", "generation", "grpc_routes", "pd_routes",
+                 "router_choice", "router_of", "routes", "snapshot")
 
     def __init__(self, snapshot: Snapshot, env: PolicyEnv, previous: RoutingTable | None) -> None:
         self.snapshot = snapshot
@@ -131,10 +172,13 @@ class RoutingTable:
         # proxy's event loop and must stay within a few ms for 10,000 workers.
         size = max((w.slot for w in workers), default=-1) + 1
         self.by_slot: list[Worker | None] = [None] * size
+        self.capped = False  # some worker has a max_concurrency (admission control is then on)
         plain: list[Worker | None] = [None] * size  # http_regular candidates
         others: dict[int, Worker] = {}  # usable gRPC or prefill/decode workers (usually few)
         for w in workers:  # routable() and usable() inlined: this loop runs 10,000 times per publish
             self.by_slot[w.slot] = w
+            if w.max_concurrency:
+                self.capped = True
             if w.healthy and not w.draining:
                 if w.type == "regular" and w.connection == "http":
                     plain[w.slot] = w
@@ -233,7 +277,8 @@ def _route(model: str, candidates: list[Worker], serving: int, policy_name: str,
         policy = old.policy
     else:
         policy = make_policy(policy_name, env)
-    return ModelRoute(model, candidates, serving, policy)
+    kind = CappedModelRoute if any(w.max_concurrency for w in candidates) else ModelRoute
+    return kind(model, candidates, serving, policy)
 
 
 def _attach_ring(route: ModelRoute, snapshot: Snapshot, usable: list[Worker | None]) -> None:

@@ -166,12 +166,34 @@ def _stats(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
     keys = ("requests", "errors", "rejected", "in_flight", "client_disconnects", "retries")
     totals = {k: sum(int(p[k]) for p in proxies) for k in keys}
     workers = [_worker_view(proc, w, snap.proxies) for w in snap.workers]
-    body = {"totals": totals, "proxies": proxies, "workers": workers,
+    body = {"totals": totals, "admission": _admission(proc, proxies), "proxies": proxies, "workers": workers,
             "snapshot": {"generation": snap.generation,
                          "age_seconds": round(time.time() - snap.created_at, 3),
                          "coordinator_pid": snap.coordinator_pid},
             "answered_by": {"index": proc.index, "pid": int(proc.ints[proc.row + P_PID])}}
     return 200, _encode(body), _JSON
+
+
+ADMISSION_REASONS = ("queue_full", "queue_timeout", "rate_limited", "shutdown")
+
+
+def _admission(proc: ProxyProcess, proxies: list[dict[str, Any]]) -> dict[str, Any]:
+    """Admission control's figures summed over proxies, and the limits in force (docs/overload.md)."""
+    def total(key: str) -> Any:
+        return sum(p[key] for p in proxies)
+
+    s = proc.settings
+    waits = int(total("queue_waits"))
+    wait_seconds = float(total("queue_wait_seconds"))
+    return {"enabled": proc.limits_on, "queued": int(total("queued")), "admitted": int(total("admitted")),
+            "queue_waits": waits, "queue_wait_seconds_total": round(wait_seconds, 6),
+            "queue_wait_mean_seconds": round(wait_seconds / waits, 6) if waits else 0.0,
+            "rejected": {r: int(total(f"rejected_{r}")) for r in ADMISSION_REASONS},
+            "abandoned": int(total("queue_abandoned")),
+            "limits": {"max_concurrent_requests": s.max_concurrent_requests, "queue_size": s.queue_size,
+                       "queue_timeout": s.queue_timeout, "rate_limit_rpm": s.rate_limit_rpm,
+                       "rate_limit_tpm": s.rate_limit_tpm,
+                       "capped_workers": sum(1 for w in _snapshot(proc).workers if w.max_concurrency)}}
 
 
 def _metrics(proc: ProxyProcess) -> tuple[int, bytes, bytes]:

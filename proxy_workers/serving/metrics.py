@@ -37,6 +37,9 @@ _WORKER_SERIES = (
 )
 
 
+_ADMISSION_REASONS = ("queue_full", "queue_timeout", "rate_limited", "shutdown")
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -56,6 +59,7 @@ def render_metrics(snap: Snapshot, proxies: list[dict[str, Any]], workers: list[
         lines.append(f"{name} {sum(int(p[key]) for p in proxies)}")
     family("shardgate_in_flight_requests", "gauge", "Requests in flight across all proxies.")
     lines.append(f"shardgate_in_flight_requests {sum(int(p['in_flight']) for p in proxies)}")
+    _admission(lines, family, proxies)
     family("shardgate_proxies", "gauge", "Proxy processes configured.")
     lines.append(f"shardgate_proxies {len(proxies)}")
     family("shardgate_snapshot_generation", "gauge", "Generation of the routing snapshot in use.")
@@ -85,3 +89,26 @@ def render_metrics(snap: Snapshot, proxies: list[dict[str, Any]], workers: list[
     for policy, (_, fell) in sorted((decisions or {}).items()):
         lines.append(f'shardgate_policy_fallbacks_total{{policy="{policy}"}} {fell}')
     return "\n".join(lines) + "\n"
+
+
+def _admission(lines: list[str], family: Any, proxies: list[dict[str, Any]]) -> None:
+    """Admission control (docs/overload.md): queue depth and waits, admissions, refusals by reason."""
+    def total(key: str) -> Any:
+        return sum(p[key] for p in proxies)
+
+    family("shardgate_admission_queue_depth", "gauge", "Requests waiting in the admission queues.")
+    lines.append(f"shardgate_admission_queue_depth {int(total('queued'))}")
+    family("shardgate_admission_queue_wait_seconds", "summary",
+           "Time admitted requests spent in the admission queue.")
+    lines.append(f"shardgate_admission_queue_wait_seconds_sum {float(total('queue_wait_seconds'))!r}")
+    lines.append(f"shardgate_admission_queue_wait_seconds_count {int(total('queue_waits'))}")
+    family("shardgate_admission_admitted_total", "counter",
+           "Requests admission control let through (at once or after waiting).")
+    lines.append(f"shardgate_admission_admitted_total {int(total('admitted'))}")
+    family("shardgate_admission_rejected_total", "counter",
+           "Requests admission control refused, by reason (429 rate_limited; 503 otherwise).")
+    for why in _ADMISSION_REASONS:
+        lines.append(f'shardgate_admission_rejected_total{{reason="{why}"}} {int(total(f"rejected_{why}"))}')
+    family("shardgate_admission_abandoned_total", "counter",
+           "Queued requests whose client disconnected before they were admitted.")
+    lines.append(f"shardgate_admission_abandoned_total {int(total('queue_abandoned'))}")

@@ -141,6 +141,7 @@ class ClientProtocol(asyncio.Protocol):
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.client_gone()
+            self._gone(exchange)
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
@@ -273,6 +274,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def dispatch(self, request: Request) -> None:
         self.idle_since = 0.0
+        proc = self.proc
         try:
             if request.error is not None:
                 raise request.error
@@ -282,15 +284,32 @@ class ClientProtocol(asyncio.Protocol):
                 return
             if request.method in REFUSED_METHODS:
                 raise MethodNotAllowed(f"{request.method.decode()} is not supported on {path.decode()}")
-            route, ctx = prepare(self.proc, request)
-            exchange = DATA_PATHS[ctx.router](self.proc, self, request, route, ctx)
+            route, ctx = prepare(proc, request)
+            if proc.limits_on:  # admission control: start, queue (self.exchange waits) or raise
+                proc.admission.arrive(self, request, route, ctx)
+                return
+            exchange = DATA_PATHS[ctx.router](proc, self, request, route, ctx)
             self.exchange = exchange
             exchange.start()
         except RouterError as err:
-            self.proc.count_rejected()  # refused before any worker: still a request
+            proc.count_rejected()  # refused before any worker: still a request
             self.send_error(err, request)
             self._next(request)
 
+    def begin(self, request: ClientRequest, route: Any, ctx: RequestContext,
+              admitted: set[ClientExchange]) -> None:
+        """Start the exchange of a request admission control let through (now or from its queue)."""
+        exchange = DATA_PATHS[ctx.router](self.proc, self, cast(Request, request), route, ctx)
+        self.exchange = exchange
+        admitted.add(exchange)  # before start: an exchange may end inside it
+        exchange.start()
+
+    def refuse(self, err: Refusal, request: ClientRequest) -> None:
+        """Answer a request admission control refused after queuing it (429/503), then go on."""
+        self.exchange = None
+        self.proc.count_rejected()
+        self.send_error(err, request)
+        self._next(request)
 
     def _answer_locally(self, request: Request) -> None:
         status, body, content_type = endpoints.answer(self.proc, request)
@@ -304,9 +323,16 @@ class ClientProtocol(asyncio.Protocol):
         proc = self.proc
         proc.active.discard(exchange)
         proc.count_request(error)
+        if proc.admitted:  # admission control holds places (empty set when it is off)
+            proc.admission.done(exchange)
         if self.exchange is exchange:
             self.exchange = None
         self._next(exchange.request)
+
+    def _gone(self, exchange: ClientExchange) -> None:
+        """An exchange ended silently (``client_gone``): free its admission place, if it took one."""
+        if self.proc.admitted:
+            self.proc.admission.done(exchange)
 
     def _next(self, request: ClientRequest) -> None:
         if not request.keep_alive or self.proc.draining:
@@ -345,6 +371,7 @@ class ClientProtocol(asyncio.Protocol):
             # the worker and answer.
             self.exchange = None
             exchange.client_gone()
+            self._gone(exchange)
         self.proc.count_rejected()
         self.write(render(err, close=True))
         if self.transport is not None:

@@ -25,6 +25,7 @@ from proxy_workers.grpc.channels import GrpcChannels
 from proxy_workers.http.upstream import Pools
 from proxy_workers.policies.base import PolicyEnv
 from proxy_workers.routing.table import RoutingTable
+from proxy_workers.serving.admission import Admission
 from shm.affinity import AffinityTable
 from shm.loadboard import P_DISCONNECTS, P_ERRORS, P_REJECTED, P_REQUESTS, P_RETRIES, LoadBoard
 from shm.schema import Snapshot
@@ -84,6 +85,11 @@ class ProxyProcess:
         self.draining = False
         self.rid_prefix = os.urandom(4).hex().encode()
         self.rid_counter = 0
+        # Admission control (docs/overload.md): ``limits_on`` is the one check a request pays
+        # when every limit is off; ``admitted`` holds the exchanges that took a place.
+        self.admission = Admission(self)
+        self.admitted = self.admission.admitted
+        self.limits_on = self.admission.update(self.settings, snapshot.proxies, index, self._table.capped)
 
     def latest_table(self) -> RoutingTable:
         """The routing table, after taking the newest snapshot if one was published.
@@ -160,6 +166,8 @@ class ProxyProcess:
         urls = {w.url for w in snapshot.workers}
         self.pools.retain(urls)
         self.grpc_channels.retain(urls)
+        self.limits_on = self.admission.update(snapshot.settings, snapshot.proxies, self.index,
+                                               self._table.capped)
 
     def next_request_id(self) -> bytes:
         self.rid_counter += 1
