@@ -111,6 +111,28 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         Meta(ge=1, le=10),
         _d("Workers tried per request when one fails before any response byte reached the client."),
     ] = 3
+    retry_statuses: Annotated[
+        str,
+        Meta(pattern=r"^\s*(\d{3}\s*(,\s*\d{3}\s*)*)?$"),
+        _d("Comma-separated worker answers retried on another worker before any byte reached the "
+           "client (sglang-router's set); empty turns answer retries off. Connection failures are "
+           "always retried."),
+    ] = "408,429,500,502,503,504"
+    retry_backoff: Annotated[
+        Seconds, _d("Wait before the first retry of a worker's answer; doubles per retry, +-20% jitter.")
+    ] = 0.05
+    retry_backoff_max: Annotated[
+        Seconds, _d("Longest wait between retries; a worker's Retry-After above it is relayed, not waited "
+                    "out.")
+    ] = 1.0
+    retry_budget: Annotated[
+        float, Meta(ge=0, le=1),
+        _d("Share of a proxy's in-flight requests that may be retrying a worker's answer at once "
+           "(Envoy's retry budget): retries never add more than this much load.")
+    ] = 0.2
+    retry_budget_min: Annotated[
+        int, Meta(ge=0), _d("Requests that may always be retrying at once, whatever the budget says.")
+    ] = 3
     max_body_size: Annotated[
         int, Meta(ge=1024), _d("Largest request body in bytes; larger bodies get 413.")
     ] = 32 * 1024 * 1024

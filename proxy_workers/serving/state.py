@@ -21,6 +21,7 @@ import random
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
+from proxy_workers.forwarding.retry import parse_statuses
 from proxy_workers.grpc.channels import GrpcChannels
 from proxy_workers.http.upstream import Pools
 from proxy_workers.policies.base import PolicyEnv
@@ -83,6 +84,8 @@ class ProxyProcess:
         self.active: set[ClientExchange] = set()
         self.connections: set[Connection] = set()
         self.draining = False
+        self.retry_statuses = parse_statuses(self.settings.retry_statuses)
+        self.retrying = 0
         self.rid_prefix = os.urandom(4).hex().encode()
         self.rid_counter = 0
         # Admission control (docs/overload.md): ``limits_on`` is the one check a request pays
@@ -159,6 +162,7 @@ class ProxyProcess:
     def _snapshot_changed(self, snapshot: Snapshot) -> None:
         self._claim_cells(snapshot)
         self.settings = snapshot.settings
+        self.retry_statuses = parse_statuses(snapshot.settings.retry_statuses)
         self.env.update(snapshot.proxies, snapshot.settings)
         self.hash_headers = _hash_headers(snapshot.settings.hash_headers)
         self.pools.limit = snapshot.settings.pool_size
