@@ -209,7 +209,17 @@ class Client:
         self.exchange: Any = None
         self.log = log
 
-    def begin(self, request: Any, route: Any, ctx: Any, admitted: set[Any]) -> None:
+    def write(self, data: bytes) -> None:
+        pass
+
+    def send_error(self, err: RouterError, request: Any) -> None:
+        pass
+
+    def exchange_done(self, exchange: Any, error: bool) -> None:
+        self.log.append(("done", exchange[1]))
+
+    def begin(self, request: Any, route: Any, ctx: Any, sink: Any, admitted: set[Any]) -> None:
+        self.sink = sink
         self.exchange = ("exchange", request.name)
         admitted.add(self.exchange)
         self.log.append(("started", request.name))
@@ -243,9 +253,9 @@ def test_over_the_cap_requests_wait_and_start_in_priority_order_as_places_free()
     arrive(admission, log, Request("normal"))
     assert log == [("started", "first")] and proc.ints[P_QUEUED] == 3
     clock.now += 2.0
-    admission.done(first.exchange)
+    first.sink.exchange_done(first.exchange, False)  # what the exchange calls as it ends
     proc.loop.run()
-    assert log[-1] == ("started", "high") and admission.queue.depth == 2
+    assert log[-2:] == [("done", "first"), ("started", "high")] and admission.queue.depth == 2
     admission.done(("exchange", "high"))
     admission.done(("exchange", "normal"))  # not admitted yet: nothing to free
     proc.loop.run()

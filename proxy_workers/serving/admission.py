@@ -16,7 +16,8 @@ proxy's worker capacity is re-checked by this process's queue timer every ``POLL
 
 Invariants:
 - Off (no limit set, no worker capped), the client protocol pays one attribute check per request
-  (``ProxyProcess.limits_on``) and one when it ends (``ProxyProcess.admitted``, an empty set).
+  (``ProxyProcess.limits_on``). An admitted exchange reports to an :class:`AdmittedSink`, which
+  frees its place as it ends, so the end of an exchange costs nothing extra when admission is off.
 - No task per request: one timer per process (queue timeouts, cross-proxy re-checks), armed only
   while something waits; waiting requests are plain objects in a heap.
 - Queued requests start in priority order (``X-Shardgate-Priority``), first come first served
@@ -35,6 +36,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from proxy_workers.contract import ClientSink
 from proxy_workers.errors import BadRequest, Overloaded, RateLimited, RouterError
 from proxy_workers.routing.decision import RoutingProcess, prepare
 from shm.loadboard import (
@@ -208,12 +210,12 @@ class WaitQueue:
         return [item[2] for item in self._heap if item[2].queued]
 
 
-class AdmissionClient(Protocol):
+class AdmissionClient(ClientSink, Protocol):
     """A client connection as admission sees it (:class:`proxy_workers.serving.protocol.ClientProtocol`)."""
 
     exchange: ClientExchange | None
 
-    def begin(self, request: ClientRequest, route: Any, ctx: RequestContext,
+    def begin(self, request: ClientRequest, route: Any, ctx: RequestContext, sink: ClientSink,
               admitted: set[ClientExchange]) -> None: ...
 
     def refuse(self, err: Refusal, request: ClientRequest) -> None: ...
@@ -229,6 +231,24 @@ class AdmissionProcess(RoutingProcess, Protocol):
     draining: bool
 
     def count_disconnect(self) -> None: ...
+
+
+class AdmittedSink:
+    """The client connection as an admitted exchange sees it: the end frees the admission place.
+
+    ``write`` and ``send_error`` are the connection's own bound methods (no extra call)."""
+
+    __slots__ = ("admission", "client", "send_error", "write")
+
+    def __init__(self, admission: Admission, client: AdmissionClient) -> None:
+        self.admission = admission
+        self.client = client
+        self.write = client.write
+        self.send_error = client.send_error
+
+    def exchange_done(self, exchange: ClientExchange, error: bool) -> None:
+        self.admission.done(exchange)
+        self.client.exchange_done(exchange, error)
 
 
 class Waiting:
@@ -356,7 +376,7 @@ class Admission:
                ctx: RequestContext) -> None:
         proc = self.proc
         proc.ints[proc.row + P_ADMITTED] += 1
-        client.begin(request, route, ctx, self.admitted)
+        client.begin(request, route, ctx, AdmittedSink(self, client), self.admitted)
 
     def _schedule_pump(self) -> None:
         if not self._pump_soon:

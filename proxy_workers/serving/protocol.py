@@ -57,7 +57,7 @@ from proxy_workers.routing.decision import prepare
 from proxy_workers.serving import endpoints
 
 if TYPE_CHECKING:
-    from proxy_workers.contract import ClientExchange, ClientRequest, Refusal
+    from proxy_workers.contract import ClientExchange, ClientRequest, ClientSink, Refusal
     from proxy_workers.routing.context import RequestContext
     from proxy_workers.serving.state import ProxyProcess
 
@@ -296,10 +296,11 @@ class ClientProtocol(asyncio.Protocol):
             self.send_error(err, request)
             self._next(request)
 
-    def begin(self, request: ClientRequest, route: Any, ctx: RequestContext,
+    def begin(self, request: ClientRequest, route: Any, ctx: RequestContext, sink: ClientSink,
               admitted: set[ClientExchange]) -> None:
-        """Start the exchange of a request admission control let through (now or from its queue)."""
-        exchange = DATA_PATHS[ctx.router](self.proc, self, cast(Request, request), route, ctx)
+        """Start the exchange of a request admission control let through (now or from its queue);
+        it reports to ``sink``, which frees its place when it ends, then calls ``exchange_done``."""
+        exchange = DATA_PATHS[ctx.router](self.proc, sink, cast(Request, request), route, ctx)
         self.exchange = exchange
         admitted.add(exchange)  # before start: an exchange may end inside it
         exchange.start()
@@ -323,8 +324,6 @@ class ClientProtocol(asyncio.Protocol):
         proc = self.proc
         proc.active.discard(exchange)
         proc.count_request(error)
-        if proc.admitted:  # admission control holds places (empty set when it is off)
-            proc.admission.done(exchange)
         if self.exchange is exchange:
             self.exchange = None
         self._next(exchange.request)
@@ -392,7 +391,7 @@ class ClientProtocol(asyncio.Protocol):
                 self.transport.close()
 
 
-def _grpc_exchange(proc: ProxyProcess, client: ClientProtocol, request: Request, route: Any,
+def _grpc_exchange(proc: ProxyProcess, client: ClientSink, request: Request, route: Any,
                    ctx: RequestContext) -> ClientExchange:
     from proxy_workers.grpc.exchange import GrpcExchange  # grpc is loaded on first use only
 
@@ -403,7 +402,7 @@ def _grpc_exchange(proc: ProxyProcess, client: ClientProtocol, request: Request,
 # (routing.decision.prepare): a ModelRoute for the regular routers, a PDRoute for http_pd, either
 # for the gRPC path, which serves both of its routers.
 if TYPE_CHECKING:
-    ExchangeFactory: TypeAlias = Callable[[ProxyProcess, ClientProtocol, Request, Any, RequestContext],
+    ExchangeFactory: TypeAlias = Callable[[ProxyProcess, ClientSink, Request, Any, RequestContext],
                                           ClientExchange]
 DATA_PATHS: dict[str, ExchangeFactory] = {"http_regular": Exchange, "http_pd": PDExchange,
                                           "grpc_regular": _grpc_exchange, "grpc_pd": _grpc_exchange}
