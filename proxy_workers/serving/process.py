@@ -7,12 +7,16 @@ Signals (handled here only): SIGTERM drains and exits 0. SIGINT and SIGHUP are i
 in a terminal reaches the whole process group, and the coordinator decides what it means
 (first: graceful stop; second: immediate exit); configuration reaches proxies through snapshots.
 
-Graceful shutdown, in order:
-  1. stop accepting (close the listener);
-  2. close idle keep-alive connections; busy ones get ``Connection: close`` on their response;
-  3. wait for in-flight requests and streams, up to ``grace_period``;
-  4. abort what remains (the workers see the disconnect and stop generating);
-  5. close pooled worker connections, zero this row's gauges, exit 0.
+Graceful shutdown, in order (no connection the kernel accepted is dropped unanswered):
+  1. accept what the kernel already queued on this listener (closing an SO_REUSEPORT listener
+     resets its queued connections), then close the listener;
+  2. every response from now on carries ``Connection: close``, and its connection closes after it;
+  3. an idle connection may still bring one request for ``DRAIN_LINGER`` seconds (a keep-alive
+     client's next request may be on the wire; a fresh connection's first one may not have
+     arrived yet): it is served; one that sent nothing by then is closed;
+  4. wait for in-flight requests and streams, up to ``grace_period``;
+  5. abort what remains (the workers see the disconnect and stop generating);
+  6. close pooled worker connections, zero this row's gauges, exit 0.
 
 The periodic sweep (every ``SWEEP_SECONDS``) enforces every timeout (one timer for all requests
 is cheaper than a timer per request), writes the heartbeat and closes idle pooled sockets.
@@ -50,6 +54,7 @@ from shm.segment import Segment, segment_name
 from shm.snapshot import SnapshotReader
 
 SWEEP_SECONDS = 0.25
+DRAIN_LINGER = 1.0
 log = logging.getLogger("shardgate.proxy")
 
 
@@ -60,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # A stop that arrives while the proxy is starting is kept, not fatal: the proxy still serves
+    # what its listener has queued, then drains (SIGTERM's default action would drop those).
+    signal.signal(signal.SIGTERM, _stop_early)
     try:
         reader = SnapshotReader(Segment.attach(segment_name(args.instance, "snap")))
         board = LoadBoard(Segment.attach(segment_name(args.instance, "board")))
@@ -80,23 +88,53 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
+_early_stop: list[bool] = []  # a SIGTERM came before the event loop took over the signal
+
+
+def _stop_early(signum: int, frame: object) -> None:
+    _early_stop.append(True)
+
+
 async def _serve(index: int, reader: SnapshotReader, board: LoadBoard, affinity: AffinityTable,
                  sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
-    proc = ProxyProcess(loop, index, reader, board, affinity)
-    _claim_row(board, index)
-    freeze_startup_heap()
-    server = await loop.create_server(lambda: ClientProtocol(proc), sock=sock, backlog=LISTEN_BACKLOG)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if _early_stop:
+        stop.set()
+    proc = ProxyProcess(loop, index, reader, board, affinity)
+    freeze_startup_heap()
+    server = await loop.create_server(lambda: ClientProtocol(proc), sock=sock, backlog=LISTEN_BACKLOG)
+    # Only now, serving (and before the loop runs any connection), does this proxy claim its row:
+    # the coordinator counts it as up from here (the supervisor's invariant).
+    _claim_row(board, index)
     # The coordinator that spawned us, from its snapshot: os.getppid() here could already name
     # init if the coordinator died while this process was starting, hiding that it is orphaned.
     coordinator = proc.latest_table().snapshot.coordinator_pid
     sweeper = loop.create_task(_sweep_forever(proc, stop, coordinator))
     log.debug("serving with pid %d", os.getpid())
     await stop.wait()
-    await _shutdown(proc, server)
+    await _shutdown(proc, server, sock)
     sweeper.cancel()
+
+
+def _accept_queued(proc: ProxyProcess, sock: socket.socket) -> int:
+    """Accept every connection waiting in the listener's queue; each is served like any other."""
+    loop = proc.loop
+    count = 0
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError:  # BlockingIOError: the queue is empty (or the socket already closed)
+            return count
+        conn.setblocking(False)
+        count += 1
+        task = loop.create_task(loop.connect_accepted_socket(lambda: ClientProtocol(proc), conn))
+        _pending.add(task)
+        task.add_done_callback(_pending.discard)
+
+
+_pending: set[asyncio.Task[object]] = set()  # connections being attached (kept from the GC)
 
 
 def _claim_row(board: LoadBoard, index: int) -> None:
@@ -146,14 +184,24 @@ async def _sweep_forever(proc: ProxyProcess, stop: asyncio.Event, parent: int) -
                 stop.set()
 
 
-async def _shutdown(proc: ProxyProcess, server: asyncio.AbstractServer) -> None:
-    server.close()
+async def _shutdown(proc: ProxyProcess, server: asyncio.AbstractServer, sock: socket.socket) -> None:
     proc.draining = True
-    for conn in list(proc.connections):
-        if conn.idle and conn.transport is not None:
-            conn.transport.close()
-    deadline = proc.loop.time() + proc.settings.grace_period
-    while proc.active and proc.loop.time() < deadline:
+    queued = _accept_queued(proc, sock)
+    server.close()  # in the same loop iteration: as few new connections as possible land on it
+    if queued:
+        log.info("stopping: took %d queued connection(s) off the listener before closing it", queued)
+    loop = proc.loop
+    now = loop.time()
+    linger_until = now + min(DRAIN_LINGER, proc.settings.grace_period)
+    deadline = now + proc.settings.grace_period
+    while loop.time() < deadline:
+        lingering = loop.time() < linger_until
+        if not lingering:
+            for conn in list(proc.connections):
+                if conn.idle and conn.transport is not None:
+                    conn.transport.close()
+        if not proc.active and not proc.connections and not _pending:
+            break  # (connections still being attached are in _pending, not yet in proc.connections)
         await asyncio.sleep(0.05)
     for conn in list(proc.connections):
         if conn.transport is not None:
