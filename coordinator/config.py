@@ -60,8 +60,9 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("router settings (also SHARDGATE_<NAME> or the config file)")
     for name in SETTING_NAMES:
         default = getattr(Settings(), name)
+        text = f"{DESCRIPTIONS[name]} (default: {default})".replace("%", "%%")  # argparse %-formats help
         group.add_argument(flag_name(name), dest=f"setting_{name}", metavar="VALUE", default=None,
-                           help=f"{DESCRIPTIONS[name]} (default: {default})")
+                           help=text)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

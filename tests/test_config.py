@@ -279,3 +279,16 @@ def test_settings_doc_matches_committed_reference(tmp_path) -> None:
     out = tmp_path / "settings.md"
     assert run_cli("settings-doc", "-o", str(out)).returncode == 0
     assert out.read_text() == committed
+
+
+def test_serve_help_renders_and_lists_every_setting_flag() -> None:
+    """Through the console script, as a user asks for it (a '%' in a description once broke it)."""
+    import shutil
+
+    script = shutil.which("shardgate")
+    assert script is not None, "the shardgate console script is not installed"
+    result = subprocess.run([script, "serve", "--help"], capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    for name in SETTING_NAMES:
+        assert "--" + name.replace("_", "-") in result.stdout, name

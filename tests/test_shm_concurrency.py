@@ -37,6 +37,7 @@ import pytest
 from shm import snapshot as snapshot_mod
 from shm.loadboard import (
     P_IN_FLIGHT,
+    P_QUEUED,
     P_REQUESTS,
     PROXY_FIELDS,
     W_IN_FLIGHT,
@@ -636,7 +637,7 @@ def test_reset_gauges_zeroes_only_that_rows_in_flight(segments: Callable[..., Se
 
     board.reset_gauges(1)
 
-    zeroed = {board.proxy_word(1, P_IN_FLIGHT)}
+    zeroed = {board.proxy_word(1, P_IN_FLIGHT), board.proxy_word(1, P_QUEUED)}  # the row's gauges
     zeroed |= {board.cell_word(1, s, W_IN_FLIGHT) for s in range(max_workers)}
     after = list(ints)
     for word, (old, new) in enumerate(zip(before, after, strict=True)):
