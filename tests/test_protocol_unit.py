@@ -820,6 +820,49 @@ def test_a_worker_silent_past_first_byte_timeout_gets_504_and_is_not_retried() -
         assert h.in_flight() == 0
 
 
+def test_a_stream_whose_worker_sends_no_head_within_stall_timeout_moves_to_another_worker() -> None:
+    with harness(workers=2, stall_timeout=3.0) as h:
+        c = h.client()
+        c.send(request(body=chat_body(stream=True)))
+        stuck = h.accept()
+        h.advance(2.0)
+        assert h.pending_dials() == [] and not stuck.aborted
+        h.advance(2.0)
+        assert stuck.aborted  # a wedged worker's connection is not reused
+        healthy = h.accept()
+        assert healthy.url != stuck.url
+        healthy.respond(sse_head() + sse_chunk("hi") + b"0\r\n\r\n")
+        assert c.response.status == 200
+        assert (h.cell(stuck.url)["errors"], h.proxy_row()["retries"]) == (1, 1)
+        assert h.in_flight() == 0
+
+
+def test_a_non_streamed_request_is_not_a_stall_while_its_worker_generates() -> None:
+    with harness(workers=2, stall_timeout=3.0, first_byte_timeout=60.0) as h:
+        c = h.client()
+        c.send(request())
+        up = h.accept()
+        h.advance(10.0)
+        assert h.pending_dials() == [] and not up.aborted  # its head comes when generation ends
+        up.respond(worker_response(body=BODY))
+        assert c.response.status == 200
+
+
+@pytest.mark.parametrize(("stream", "errors"), [(True, 1), (False, 0)], ids=["stream", "not a stream"])
+def test_a_client_giving_up_on_a_stalled_stream_leaves_a_failure_on_the_worker(stream: bool,
+                                                                               errors: int) -> None:
+    with harness(workers=2, stall_timeout=30.0) as h:
+        c = h.client()
+        c.send(request(body=chat_body(stream=stream)))
+        up = h.accept()
+        h.advance(31.0 if not stream else 20.0)
+        if stream:
+            h.loop.offset += 11.0  # past stall_timeout, without the sweep acting on it first
+        c.disconnect()
+        assert up.aborted
+        assert (h.cell(up.url)["errors"], h.in_flight()) == (errors, 0)
+
+
 def test_a_connect_that_takes_longer_than_connect_timeout_moves_to_another_worker() -> None:
     with harness(workers=2, connect_timeout=2.0) as h:
         c = h.client()

@@ -21,6 +21,9 @@ Rules:
   retrying answers (Envoy's retry budget: retries add at most that share of load). When a
   retry is not allowed the worker's own answer is relayed as it came (its Retry-After included).
 - Any other 4xx is the worker's answer about the request itself: relayed, never retried.
+- A stall: a streamed request whose worker sent no response head within ``stall_timeout``
+  (engines send a stream's head at once) is a failed attempt, retried like a failed connection.
+  Only streams: a non-streamed answer's head comes when generation ends, which may take long.
 - Each retry is counted once (``retries`` on the proxy's row).
 """
 
@@ -29,6 +32,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from proxy_workers.errors import BadGateway, RouterError
 
@@ -100,3 +105,23 @@ def answer_retry_delay(proc: ProcessView, attempts: int, retries_done: int, hold
     if elapsed + delay >= settings.total_timeout:
         return None
     return delay
+
+
+class _StreamFlag(msgspec.Struct):
+    stream: bool = False
+
+
+_STREAM_FLAG = msgspec.json.Decoder(_StreamFlag)
+
+
+def is_stream(body: bytes) -> bool:
+    """Whether a request body asks for a stream (read only when a stall is suspected, not per request)."""
+    try:
+        return bool(body) and _STREAM_FLAG.decode(body).stream
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False
+
+
+def stalled(settings: Settings, waited: float, body: bytes) -> bool:
+    """An attempt that waited ``waited`` seconds for its response head has stalled (see the rules)."""
+    return waited > settings.stall_timeout and is_stream(body)

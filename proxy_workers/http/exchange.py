@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from proxy_workers.errors import BadGateway, RouterError, UpstreamTimeout, error_body, reason
 from proxy_workers.forwarding.attempts import CLOSED, first_byte, open_cell, pick_worker, settle
-from proxy_workers.forwarding.retry import answer_retry_delay, retry_after, retry_or_give_up
+from proxy_workers.forwarding.retry import answer_retry_delay, retry_after, retry_or_give_up, stalled
 from proxy_workers.http.owners import DroppedAnswer
 from proxy_workers.routing.decision import describe, header_value
 
@@ -351,8 +351,12 @@ class Exchange:
         conn, self.conn = self.conn, None
         if conn is not None:
             conn.abort()
+        # A client that gave up on a stalled worker leaves a failure on it (passive health sees
+        # stalls even when clients time out first); any other abandoned attempt is neutral.
+        stall = self.phase == WAIT_HEAD and stalled(self.proc.settings, self.proc.loop.time()
+                                                    - self.phase_started, self.request.body)
         self.phase = DONE
-        self.cell = settle(self.proc, self.cell, ok=False, count_error=False)
+        self.cell = settle(self.proc, self.cell, ok=False, count_error=stall)
         self._release_budget()
         self.proc.active.discard(self)
         return True
@@ -376,6 +380,12 @@ class Exchange:
         elif phase == CONNECT and now - self.phase_started > settings.connect_timeout:
             self._abandon_connect()
             self._attempt_failed(f"connect to {self._url()} timed out", connect_error=True)
+        elif phase == WAIT_HEAD and stalled(settings, now - self.phase_started, self.request.body):
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                conn.abort()  # the worker may be wedged; the connection is not reused
+            self._attempt_failed(f"{self._url()} sent no response head within "
+                                 f"stall_timeout={settings.stall_timeout}s (stalled)", connect_error=False)
         elif phase == WAIT_HEAD and now - self.phase_started > settings.first_byte_timeout:
             self._time_out("worker sent no response within "
                            f"first_byte_timeout={settings.first_byte_timeout}s")
