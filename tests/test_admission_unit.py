@@ -9,15 +9,8 @@ from typing import Any
 import pytest
 
 from proxy_workers.errors import BadRequest, Overloaded, RateLimited, RouterError
-from proxy_workers.serving.admission import (
-    Admission,
-    RateLimiter,
-    TokenBucket,
-    WaitQueue,
-    client_key,
-    parse_priority,
-    share,
-)
+from proxy_workers.serving.admission import Admission, WaitQueue, parse_priority, share
+from proxy_workers.serving.ratelimit import RateLimiter, TokenBucket, client_key
 from shm.loadboard import (
     P_ADMITTED,
     P_QUEUE_ABANDONED,
@@ -99,7 +92,7 @@ def test_rate_limiter_counts_requests_and_tokens_per_client() -> None:
 
 
 def test_rate_limiter_forgets_idle_clients_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("proxy_workers.serving.admission.MAX_CLIENTS", 3)
+    monkeypatch.setattr("proxy_workers.serving.ratelimit.MAX_CLIENTS", 3)
     limiter = RateLimiter(rpm=60, tpm=0)
     for key in (b"a", b"b", b"c"):
         limiter.take(key, 0, 0.0)

@@ -6,15 +6,14 @@ with the same contract towards :class:`proxy_workers.serving.protocol.ClientProt
 and reports its end through ``client.exchange_done``, which counts it). It translates the request
 (:mod:`proxy_workers.grpc.translate`), calls ``Worker.Generate`` on a cached channel
 (:mod:`proxy_workers.grpc.channels`) and writes the answer as the HTTP routers would: SSE chunks,
-or one JSON object. One asyncio task per request: gRPC's API is coroutines, and a gRPC call
-costs far more than the task.
+or one JSON object (its head: :mod:`proxy_workers.grpc.response`). One asyncio task per request:
+gRPC's API is coroutines, and a gRPC call costs far more than the task.
 
 Invariants:
-- Retry only while nothing reached the client: a worker whose call fails (connection refused,
-  reset, a worker-side error status) is replaced by another, never one already tried, up to
-  ``max_tries``. A worker's answer about the request itself (INVALID_ARGUMENT, NOT_FOUND...) is
-  relayed, not retried. After the head is out a failure truncates the response (SSE: an
-  ``event: error`` first) and the connection closes.
+- Retry only while nothing reached the client: a failed worker (what counts as one:
+  :mod:`proxy_workers.grpc.failures`) is replaced by another, never one already tried, up to
+  ``max_tries``; its answer about the request itself (INVALID_ARGUMENT...) is relayed. After the
+  head is out a failure truncates the response (SSE: an ``event: error`` first), closing the connection.
 - Timeouts as the HTTP path: ``connect_timeout`` (channel not connected), ``first_byte_timeout``
   (to the first message), ``idle_timeout`` (between messages), ``total_timeout`` (also sent as
   the call's gRPC deadline, so the worker stops too). Only a connect timeout is retried.
@@ -36,25 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from proxy_workers.errors import (
-    BadGateway,
-    InternalError,
-    RouterError,
-    UpstreamTimeout,
-    error_body,
-)
+from proxy_workers.errors import InternalError, RouterError, UpstreamTimeout
 from proxy_workers.forwarding.attempts import pick_worker
 from proxy_workers.forwarding.headers import relayed_metadata, worker_metadata
-from proxy_workers.forwarding.retry import RETRYABLE_GRPC, answer_retry_delay, retry_or_give_up
+from proxy_workers.forwarding.retry import answer_retry_delay, retry_or_give_up
+from proxy_workers.grpc.failures import Failed, classify
 from proxy_workers.grpc.legs import Leg
-from proxy_workers.grpc.translate import (
-    Renderer,
-    WorkerError,
-    decode_request,
-    prefill_request,
-    to_request,
-    worker_error,
-)
+from proxy_workers.grpc.response import interrupted_event, response_head
+from proxy_workers.grpc.translate import Renderer, WorkerError, decode_request, prefill_request, to_request
 from proxy_workers.routing.decision import describe, header_value
 from proxy_workers.routing.table import ModelRoute, PDRoute
 from shm.proto import worker_pb2 as pb
@@ -67,16 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardgate.proxy")
 WAIT_FIRST, STREAMING, DONE = 1, 2, 3
-
-
-class _Failed(Exception):
-    """A worker failed; another may serve the request if nothing reached the client yet."""
-
-    def __init__(self, why: str, connect: bool = False, answer: RouterError | None = None) -> None:
-        super().__init__(why)
-        self.why = why
-        self.connect = connect
-        self.answer = answer  # a worker's retryable answer: relayed if no retry is allowed
 
 
 class GrpcExchange:
@@ -161,8 +139,8 @@ class GrpcExchange:
         waited = now - self.phase_started
         if now - self.started > settings.total_timeout:
             self._expire(leg, UpstreamTimeout(f"request exceeded total_timeout={settings.total_timeout}s"))
-        elif self.phase == WAIT_FIRST and waited > settings.connect_timeout and not self._connected(leg):
-            self._expire(leg, _Failed(f"connect to {leg.worker.url} timed out", connect=True))
+        elif self.phase == WAIT_FIRST and waited > settings.connect_timeout and not leg.connected():
+            self._expire(leg, Failed(f"connect to {leg.worker.url} timed out", connect=True))
         elif self.phase == WAIT_FIRST and waited > settings.first_byte_timeout:
             self._expire(leg, UpstreamTimeout(
                 f"worker sent nothing within first_byte_timeout={settings.first_byte_timeout}s"))
@@ -174,10 +152,6 @@ class GrpcExchange:
             self.expired = exc
             leg.call.cancel()  # the pending read raises CancelledError; _read turns it into exc
 
-    def _connected(self, leg: Leg) -> bool:
-        channel = self.proc.grpc_channels.channel(leg.worker.url)
-        return channel is not None and channel.get_state() == grpc.ChannelConnectivity.READY
-
     # -- the two routers -----------------------------------------------------------------
 
     async def _regular(self, route: ModelRoute, req: pb.GenerateRequest) -> None:
@@ -187,7 +161,7 @@ class GrpcExchange:
             self.head_route, self.head_worker = route, leg.worker
             try:
                 await self._relay(leg)
-            except _Failed as failed:
+            except Failed as failed:
                 if self._leg_failed(leg, failed):
                     return
                 await self._retry(failed, tried, route)
@@ -195,7 +169,7 @@ class GrpcExchange:
             await self._done(leg)
             return
 
-    def _leg_failed(self, leg: Leg, failed: _Failed) -> bool:
+    def _leg_failed(self, leg: Leg, failed: Failed) -> bool:
         """Close a failed leg's books; True when its answer had started (the stream is then
         truncated: no retry after the first byte)."""
         self._settle(leg, ok=False, connect_error=failed.connect)
@@ -214,7 +188,7 @@ class GrpcExchange:
             self.head_route, self.head_worker, self.prefill_worker = route.decode, leg.worker, prefill.worker
             try:
                 await self._relay(leg)
-            except _Failed as failed:
+            except Failed as failed:
                 if self._leg_failed(leg, failed):
                     return
                 # The pair failed on its decode side: release the prefill's KV, form a new pair
@@ -240,9 +214,9 @@ class GrpcExchange:
                     if msg.HasField("complete"):
                         handle = msg.complete.kv_transfer_params
                 if not handle:
-                    raise _Failed(f"prefill worker {leg.worker.url} returned no kv_transfer_params")
+                    raise Failed(f"prefill worker {leg.worker.url} returned no kv_transfer_params")
                 return leg, handle
-            except _Failed as failed:
+            except Failed as failed:
                 self._settle(leg, ok=False, connect_error=failed.connect)
                 await self._retry(failed, tried, route)
 
@@ -253,7 +227,7 @@ class GrpcExchange:
         tried.append(worker.slot)
         return worker
 
-    async def _retry(self, failed: _Failed, tried: list[int], route: ModelRoute) -> None:
+    async def _retry(self, failed: Failed, tried: list[int], route: ModelRoute) -> None:
         """Count a retry (after its backoff, for a worker's answer), or raise what ends the request:
         the 502 when the retry rule allows no more, or the worker's own answer."""
         self.last_why = failed.why
@@ -297,7 +271,7 @@ class GrpcExchange:
         return leg
 
     async def _read(self, leg: Leg) -> Any:
-        """The leg's next message (or EOF); failures become _Failed, RouterError or a timeout."""
+        """The leg's next message (or EOF); failures become Failed, RouterError or a timeout."""
         try:
             msg = await leg.call.read()
         except asyncio.CancelledError:
@@ -310,23 +284,12 @@ class GrpcExchange:
                 self._settle(leg, ok=False)
             raise expired from None
         except grpc.aio.AioRpcError as exc:
-            code, details = exc.code().name, exc.details() or ""
-            if code == "DEADLINE_EXCEEDED":  # the call's total_timeout deadline
-                # Mid-stream too: the SSE error event names total_timeout, as the HTTP path's does,
-                # rather than a bare "DEADLINE_EXCEEDED" that names no setting (_give_up truncates).
-                self._settle(leg, ok=False)
-                raise UpstreamTimeout(f"request exceeded total_timeout={self.proc.settings.total_timeout}s "
-                                      f"({details})") from None
-            if self.head_sent or code in RETRYABLE_GRPC:
-                raise _Failed(f"{leg.worker.url}: {code} {details}".strip(),
-                              connect=code == "UNAVAILABLE" and "connect" in details.lower()) from None
-            answer = worker_error(code, details)
-            if answer.status in self.proc.retry_statuses:  # e.g. RESOURCE_EXHAUSTED (429)
-                # A 5xx counts against the worker (passive health); a 429 says "not now".
-                self._settle(leg, ok=False, count_error=answer.status >= 500)
-                raise _Failed(f"{leg.worker.url}: {code} {details}".strip(), answer=answer) from None
-            self._settle(leg, ok=True)  # the worker answered; it was the request it refused
-            raise answer from None
+            proc = self.proc
+            failure, settlement = classify(exc, leg.worker.url, self.head_sent, proc.retry_statuses,
+                                           proc.settings.total_timeout)
+            if settlement is not None:
+                self._settle(leg, ok=settlement[0], count_error=settlement[1])
+            raise failure from None
         self.last_io = self.proc.loop.time()
         return msg
 
@@ -335,14 +298,14 @@ class GrpcExchange:
         self.phase = STREAMING
 
     async def _relay(self, leg: Leg) -> None:
-        """Write the leg's answer to the client, whole; raises _Failed on a worker failure."""
+        """Write the leg's answer to the client, whole; raises Failed on a worker failure."""
         render = self.render
         assert render is not None
         stream = render.plan.stream
         text: list[str] = []
         msg = await self._read(leg)
         if msg is grpc.aio.EOF:
-            raise _Failed(f"{leg.worker.url} ended the stream without an answer")
+            raise Failed(f"{leg.worker.url} ended the stream without an answer")
         self._first_message(leg, stream)
         headers = relayed_metadata(await leg.call.initial_metadata())
         if stream:
@@ -363,7 +326,7 @@ class GrpcExchange:
                     self.client.write(body)
                 return
             msg = await self._read(leg)
-        raise _Failed(f"{leg.worker.url} ended the stream without a Complete message")
+        raise Failed(f"{leg.worker.url} ended the stream without a Complete message")
 
     async def _done(self, leg: Leg) -> None:
         """The answer is out, whole: end the exchange, then let the call end (status, trailers).
@@ -382,27 +345,14 @@ class GrpcExchange:
     # -- output ------------------------------------------------------------------------------
 
     def _write_head(self, worker_headers: bytes, content_type: bytes, length: int | None) -> None:
-        req = self.request
-        out = [b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\n" % content_type, worker_headers]
-        if length is not None:
-            out.append(b"content-length: %d\r\n" % length)
-        else:
-            self.sse = True
-            out.append(b"cache-control: no-cache\r\n")
-            if req.http11:
-                out.append(b"transfer-encoding: chunked\r\n")
-            else:
-                req.keep_alive = False  # close-delimited for an HTTP/1.0 client
-        if not req.keep_alive or self.proc.draining:
-            req.keep_alive = False
-            out.append(b"connection: close\r\n")
-        if req.explain and self.head_route is not None:
+        decision = None
+        if self.request.explain and self.head_route is not None:
             if self.prefill_worker is not None and self.ctx.scores is not None:
                 self.ctx.scores["prefill_worker"] = self.prefill_worker.url  # as the http_pd router
-            decision = describe(self.head_route, self.ctx, self.head_worker)
-            out.append(b"x-shardgate-decision: %s\r\n" % header_value(decision))
-        out.append(b"x-request-id: %s\r\n\r\n" % req.request_id)
-        self.client.write(b"".join(out))
+            decision = header_value(describe(self.head_route, self.ctx, self.head_worker))
+        self.sse = length is None
+        self.client.write(response_head(self.request, worker_headers, content_type, length,
+                                        self.proc.draining, decision))
         self.head_sent = True
 
     def _out(self, data: bytes, last: bool = False) -> None:
@@ -439,8 +389,7 @@ class GrpcExchange:
         """The head is out: tell an SSE client why, then close the connection."""
         self._release(abort=True, ok=False, count_error=False)
         if self.sse:
-            event = b"event: error\ndata: %s\n\n" % error_body(BadGateway(f"stream interrupted: {why}"))
-            self._out(event)
+            self._out(interrupted_event(why))
         self.request.keep_alive = False
         self._finish(error=True)
 

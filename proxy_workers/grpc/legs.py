@@ -1,8 +1,8 @@
 """One Generate call to one gRPC worker ("a leg"), with its load-board books and its Abort.
 
-Role: the part of :mod:`proxy_workers.grpc.exchange` that touches the load board and the worker's
-``Abort`` RPC, so the exchange's control flow stays readable. A regular request has one leg per
-attempt; a PD request has a prefill leg and a decode leg at once.
+Role: the part of :mod:`proxy_workers.grpc.exchange` that touches the load board, the worker's
+``Abort`` RPC and its channel's state, so the exchange's control flow stays readable. A regular
+request has one leg per attempt; a PD request has a prefill leg and a decode leg at once.
 
 Invariants:
 - A leg counts in flight on its worker's cell from construction until :meth:`Leg.settle`, which
@@ -43,6 +43,11 @@ class Leg:
     @property
     def open(self) -> bool:
         return self.cell >= 0
+
+    def connected(self) -> bool:
+        """Whether the worker's channel is connected (``connect_timeout`` applies only while not)."""
+        channel = self.proc.grpc_channels.channel(self.worker.url)
+        return channel is not None and channel.get_state() == grpc.ChannelConnectivity.READY
 
     def first_message(self, waited: float, stream: bool) -> None:
         """The first message came ``waited`` seconds after the call started (TTFT)."""
