@@ -39,6 +39,7 @@ from contextlib import aclosing
 
 import aiohttp
 
+from coordinator import orphans
 from coordinator.admin import AdminAPI
 from coordinator.config import Config, ConfigError
 from coordinator.discovery.core import Discovery, dynamic_sources
@@ -64,6 +65,7 @@ class Coordinator:
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None, *,
                  clock: Callable[[], float] = time.monotonic, spawn: Spawn = spawn_proxy) -> None:
         self.config = config
+        self.orphans: list[orphans.Orphans] = []  # proxies of a dead coordinator on our address
         # Re-reads the same sources (file, environment, flags) on SIGHUP.
         self.reload_config = reload_config or (lambda: self.config)
         # Unit tests inject these: the monotonic clock of every interval, and how proxies start.
@@ -132,6 +134,7 @@ class Coordinator:
 
     async def run(self) -> int:
         preflight(self.settings.host, self.settings.port)
+        self.orphans = orphans.find(self.settings.host, self.settings.port)  # before stale segments go
         self._create_segments()
         try:
             return await self._run()
@@ -174,6 +177,7 @@ class Coordinator:
             self.publish()
             self.supervisor.start_all()
             await self._wait_until_up()
+            orphans.stop(self.orphans)  # our proxies serve now: a dead coordinator's ones may drain
             self._announce()
             return await self._main_loop()
 

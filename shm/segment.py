@@ -93,7 +93,7 @@ def remove_stale() -> list[str]:
         return removed
     for entry in entries:
         match = _NAME_RE.match(entry.name)
-        if not match or _pid_alive(int(match.group(1))):
+        if not match or pid_alive(int(match.group(1))):
             continue
         try:
             posix_ipc.unlink_shared_memory("/" + entry.name)
@@ -103,7 +103,7 @@ def remove_stale() -> list[str]:
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -196,8 +196,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ] = 64 * 1024 * 1024
     orphan_timeout: Annotated[
         float, Meta(ge=0), _d("Seconds a proxy keeps serving its last snapshot after its coordinator "
-                              "died, before it drains and exits (0: exit at once).")
-    ] = 30.0
+                              "died, before it drains and exits; 0: until a coordinator started on the "
+                              "same address replaces it (it then drains).")
+    ] = 0.0
     restart_backoff_max: Annotated[
         Seconds, _d("Longest wait in seconds before restarting a proxy that died.")
     ] = 10.0

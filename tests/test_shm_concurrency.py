@@ -48,7 +48,7 @@ from shm.loadboard import (
     board_size,
 )
 from shm.schema import Snapshot, Worker, encode_snapshot
-from shm.segment import SHM_DIR, Segment, _pid_alive, new_instance_id, remove_stale, segment_name
+from shm.segment import SHM_DIR, Segment, new_instance_id, pid_alive, remove_stale, segment_name
 from shm.snapshot import (
     BUF_HEADER,
     MAX_READ_TRIES,
@@ -549,7 +549,7 @@ def _dead_pid() -> int:
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True, check=True)
     pid = int(child.stdout)
-    if _pid_alive(pid):  # reused already: vanishingly rare, but then it is not a dead pid
+    if pid_alive(pid):  # reused already: vanishingly rare, but then it is not a dead pid
         pytest.skip(f"pid {pid} was reused before the test could use it")
     return pid
 

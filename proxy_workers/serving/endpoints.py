@@ -79,9 +79,13 @@ def _snapshot(proc: ProxyProcess) -> Snapshot:
 
 
 def _health(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    """Up (200) while this proxy serves, coordinator or not; says how old its snapshot is."""
     snap = _snapshot(proc)
     healthy = sum(1 for w in snap.workers if routable(w))
-    return 200, _encode({"status": "ok", "healthy_workers": healthy, "workers": len(snap.workers)}), _JSON
+    return 200, _encode({"status": "ok", "healthy_workers": healthy, "workers": len(snap.workers),
+                         "coordinator": "gone" if proc.orphaned_since else "running",
+                         "snapshot_generation": snap.generation,
+                         "snapshot_age_seconds": round(time.time() - snap.created_at, 3)}), _JSON
 
 
 def _readiness(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
@@ -201,7 +205,7 @@ def _metrics(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
     proxies = _proxy_rows(proc, snap.proxies)
     workers = [_worker_view(proc, w, snap.proxies) for w in snap.workers]
     decisions = {name: proc.board.decisions(index, snap.proxies) for name, index in POLICY_INDEX.items()}
-    text = render_metrics(snap, proxies, workers, VERSION, decisions)
+    text = render_metrics(snap, proxies, workers, VERSION, decisions, not proc.orphaned_since)
     return 200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8"
 
 

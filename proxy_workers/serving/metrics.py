@@ -10,6 +10,7 @@ label values are bounded (worker URLs from the configured fleet, never request d
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from shm.schema import Snapshot
@@ -45,7 +46,8 @@ def _escape(value: str) -> str:
 
 
 def render_metrics(snap: Snapshot, proxies: list[dict[str, Any]], workers: list[dict[str, Any]],
-                   version: str, decisions: dict[str, tuple[int, int]] | None = None) -> str:
+                   version: str, decisions: dict[str, tuple[int, int]] | None = None,
+                   coordinator_up: bool = True) -> str:
     lines: list[str] = []
 
     def family(name: str, kind: str, help_text: str) -> None:
@@ -64,6 +66,12 @@ def render_metrics(snap: Snapshot, proxies: list[dict[str, Any]], workers: list[
     lines.append(f"shardgate_proxies {len(proxies)}")
     family("shardgate_snapshot_generation", "gauge", "Generation of the routing snapshot in use.")
     lines.append(f"shardgate_snapshot_generation {snap.generation}")
+    family("shardgate_snapshot_age_seconds", "gauge",
+           "Seconds since the routing snapshot in use was published (grows while the coordinator is gone).")
+    lines.append(f"shardgate_snapshot_age_seconds {max(time.time() - snap.created_at, 0.0):.3f}")
+    family("shardgate_coordinator_up", "gauge",
+           "1 while the coordinator runs (as the answering proxy sees it).")
+    lines.append(f"shardgate_coordinator_up {1 if coordinator_up else 0}")
     family("shardgate_discovery_source_up", "gauge", "1 when a discovery source's last sync worked.")
     for source, error in sorted(snap.sources.items()):
         lines.append(f'shardgate_discovery_source_up{{source="{_escape(source)}"}} {0 if error else 1}')

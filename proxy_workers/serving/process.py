@@ -55,6 +55,7 @@ from shm.snapshot import SnapshotReader
 
 SWEEP_SECONDS = 0.25
 DRAIN_LINGER = 1.0
+ORPHAN_LOG_SECONDS = 60.0
 log = logging.getLogger("shardgate.proxy")
 
 
@@ -165,7 +166,6 @@ def _sweep(proc: ProxyProcess) -> None:
 
 
 async def _sweep_forever(proc: ProxyProcess, stop: asyncio.Event, parent: int) -> None:
-    orphaned_at = 0.0
     while True:
         await asyncio.sleep(SWEEP_SECONDS)
         try:
@@ -173,15 +173,26 @@ async def _sweep_forever(proc: ProxyProcess, stop: asyncio.Event, parent: int) -
         except Exception:  # the sweep must survive anything one connection does
             log.exception("sweep failed")
         if os.getppid() != parent and not stop.is_set():
-            # The coordinator died: keep serving the last snapshot for a while (a supervisor may
-            # be restarting it), then drain and leave rather than hold the port forever.
-            now = time.monotonic()
-            if not orphaned_at:
-                orphaned_at = now
-                log.warning("coordinator gone; serving the last snapshot for %.0fs",
-                            proc.settings.orphan_timeout)
-            if now - orphaned_at >= proc.settings.orphan_timeout:
-                stop.set()
+            _orphaned(proc, stop)
+
+
+def _orphaned(proc: ProxyProcess, stop: asyncio.Event) -> None:
+    """The coordinator died: the data plane goes on with the last snapshot, and says so (in the
+    log every ORPHAN_LOG_SECONDS, and in /health and /metrics), until ``orphan_timeout`` (if set)
+    or until a coordinator started on the same address replaces this proxy (it sends SIGTERM)."""
+    now = time.time()
+    timeout = proc.settings.orphan_timeout
+    if not proc.orphaned_since:
+        proc.orphaned_since = now
+        log.warning("coordinator gone; serving the last snapshot (generation %d) %s", proc.reader.generation,
+                    f"for {timeout:.0f}s" if timeout else "until a new coordinator replaces this proxy")
+        proc.orphan_logged = now
+    elif now - proc.orphan_logged >= ORPHAN_LOG_SECONDS:
+        proc.orphan_logged = now
+        log.warning("coordinator gone for %.0fs; still serving snapshot generation %d",
+                    now - proc.orphaned_since, proc.reader.generation)
+    if timeout and now - proc.orphaned_since >= timeout:
+        stop.set()
 
 
 async def _shutdown(proc: ProxyProcess, server: asyncio.AbstractServer, sock: socket.socket) -> None:

@@ -86,6 +86,8 @@ class ProxyProcess:
         self.draining = False
         self.retry_statuses = parse_statuses(self.settings.retry_statuses)
         self.retrying = 0
+        self.orphaned_since = 0.0  # wall time the coordinator was found gone (0: it runs)
+        self.orphan_logged = 0.0
         self.rid_prefix = os.urandom(4).hex().encode()
         self.rid_counter = 0
         # Admission control (docs/overload.md): ``limits_on`` is the one check a request pays
