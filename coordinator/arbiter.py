@@ -13,6 +13,9 @@ Signals (handled here and only here; handlers just queue the signal, the loop ac
               need a restart and are reported as such; a file that lists no worker is refused
               unless another discovery source is configured). A change of the file on disk
               (checked every ``config_watch_interval``) does the same.
+    SIGUSR2   zero-downtime upgrade: start a successor coordinator (same command line, the code
+              and config installed now); once its proxies serve, it SIGTERMs this one, which
+              drains (:mod:`coordinator.succession`). A successor that fails changes nothing.
     ========  ==========================================================================
 
 Invariants:
@@ -39,7 +42,7 @@ from contextlib import aclosing
 
 import aiohttp
 
-from coordinator import orphans
+from coordinator import orphans, succession
 from coordinator.admin import AdminAPI
 from coordinator.config import Config, ConfigError
 from coordinator.discovery.core import Discovery, dynamic_sources
@@ -66,6 +69,7 @@ class Coordinator:
                  clock: Callable[[], float] = time.monotonic, spawn: Spawn = spawn_proxy) -> None:
         self.config = config
         self.orphans: list[orphans.Orphans] = []  # proxies of a dead coordinator on our address
+        self.succession = succession.Succession()
         # Re-reads the same sources (file, environment, flags) on SIGHUP.
         self.reload_config = reload_config or (lambda: self.config)
         # Unit tests inject these: the monotonic clock of every interval, and how proxies start.
@@ -159,7 +163,7 @@ class Coordinator:
 
     async def _run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         self.assemble()
         discovery, housekeeping = self.discovery, self.housekeeping
@@ -178,6 +182,7 @@ class Coordinator:
             self.supervisor.start_all()
             await self._wait_until_up()
             orphans.stop(self.orphans)  # our proxies serve now: a dead coordinator's ones may drain
+            succession.retire_predecessor()  # after an upgrade: the previous generation drains
             self._announce()
             return await self._main_loop()
 
@@ -223,6 +228,7 @@ class Coordinator:
                 if code is not None:
                     return code
             self.supervisor.poll()
+            self.succession.poll()
             self.notifier.tick(self.supervisor.trouble)  # WATCHDOG=1 only while every proxy beats
             self._maybe_probe()
             self._maybe_scrape()
@@ -295,6 +301,9 @@ class Coordinator:
     async def _handle_signal(self, sig: signal.Signals) -> int | None:
         if sig == signal.SIGHUP:
             self.reload()
+            return None
+        if sig == signal.SIGUSR2:
+            self.succession.start_successor()
             return None
         return await self._stop(graceful=True)
 
