@@ -266,6 +266,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         Seconds, _d("Seconds a worker stays ejected the first time; each further ejection adds as much.")
     ] = 30.0
     max_ejection_time: Annotated[Seconds, _d("Longest ejection in seconds.")] = 300.0
+    ejected_probe_interval: Annotated[
+        Seconds, _d("Seconds between active probes of an ejected worker: once one failed, the first "
+                    "that passes readmits it (half-open) without waiting for the ejection to end.")
+    ] = 1.0
     max_ejection_percent: Annotated[
         int, Meta(ge=0, le=100), _d("Most workers of a model that may be ejected at once, in percent "
                                     "(at least one of two or more; never the last routable one).")

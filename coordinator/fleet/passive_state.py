@@ -16,8 +16,8 @@ from collections import deque
 class PassiveState:
     """One worker's counters as last sampled, its window and its ejection history."""
 
-    __slots__ = ("calm_since", "done", "ejections", "err", "half_open", "half_open_ok", "probing",
-                 "run", "samples", "until")
+    __slots__ = ("calm_since", "done", "ejections", "err", "half_open", "half_open_ok", "next_probe",
+                 "probe_failed", "probing", "run", "samples", "until")
 
     def __init__(self, done: int, err: int, now: float) -> None:
         self.done, self.err = done, err
@@ -29,3 +29,9 @@ class PassiveState:
         self.half_open_ok = 0
         self.calm_since = now
         self.probing = False
+        self.next_probe = 0.0  # while ejected: when the next active probe is due
+        self.probe_failed = False  # an active probe saw the fault during this ejection
+
+    def probe_due(self, now: float) -> bool:
+        """An ejected worker's next active probe is due (at the ejection's end, or earlier)."""
+        return not self.probing and (now >= self.until or now >= self.next_probe)

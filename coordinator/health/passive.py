@@ -20,6 +20,12 @@ the worker is **half-open**: one active check (its health target) decides; a fai
 for longer, a pass lets traffic back (with slow start when configured), and the first failed
 attempt before ``HALF_OPEN_SUCCESSES`` successes re-ejects it at once (circuit-breaker rule).
 
+While ejected, the worker is also probed every ``ejected_probe_interval``. Once a probe has
+*failed* (the check sees the fault: the worker is down), the first probe that passes readmits it
+(half-open) at once: a worker back from a restart gets traffic within one probe interval, not
+after the ejection time. A worker whose probes pass all along (the check cannot see what fails
+real traffic: a stall, 5xx with a healthy /health) waits out its ejection.
+
 Invariants:
 - Panic guard: a model never has more than ``max_ejection_percent`` of its workers ejected (at
   least one may be ejected once it has two or more), and ejection never takes a model's last
@@ -85,8 +91,7 @@ class PassiveHealth:
         if counters == self._last and all(isinstance(s.passive, PassiveState) for s in states):
             # Nothing moved on the board (an idle router): only ejections can fall due. The list
             # compare runs in C, which keeps an idle coordinator's CPU near zero at any size.
-            due = [s for s in states if s.ejected and s.passive is not None and now >= s.passive.until
-                   and not s.passive.probing]
+            due = [s for s in states if s.ejected and s.passive is not None and s.passive.probe_due(now)]
             return False, due
         self._last = counters
         for st in states:
@@ -106,7 +111,7 @@ class PassiveHealth:
                 continue
             ps.done, ps.err = done, err
             if st.ejected:
-                if now >= ps.until and not ps.probing:
+                if ps.probe_due(now):
                     due.append(st)
                 continue
             if d_done or d_err:
@@ -184,6 +189,7 @@ class PassiveHealth:
         ps.ejections += 1
         seconds = min(settings.ejection_time * ps.ejections, settings.max_ejection_time)
         ps.until, ps.half_open, ps.run = now + seconds, False, 0
+        ps.next_probe, ps.probe_failed = now + settings.ejected_probe_interval, False
         st.ejected = True
         st.eject_reason = f"ejected for {seconds:g}s (ejection {ps.ejections}): {why}"
         log.warning("worker %s %s", st.spec.url, st.eject_reason)
@@ -194,6 +200,13 @@ class PassiveHealth:
         if not isinstance(ps, PassiveState) or not st.ejected:
             return False
         ps.probing = False
+        early = now < ps.until  # a probe during the ejection, not the one that ends it
+        if early and (problem or not ps.probe_failed):
+            # Still ejected: the fault is seen (a later pass readmits at once), or it is invisible
+            # to the check (the ejection is waited out).
+            ps.probe_failed = ps.probe_failed or bool(problem)
+            ps.next_probe = now + settings.ejected_probe_interval
+            return False
         if problem:
             self.eject(st, f"half-open probe failed: {problem}", settings, now)
             return True
