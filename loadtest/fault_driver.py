@@ -79,6 +79,19 @@ REFUSED_PAUSE = 0.1   # and after a refused connection (nothing listens)
 class Closed(Exception):
     """The server closed the connection (EOF, no reset) before the response was complete."""
 
+    def __init__(self, where: str, body: bytes = b"") -> None:
+        super().__init__(where)
+        self.body = body  # what arrived of the body (a cut stream may still carry its event: error)
+
+
+class Progress:
+    """How far one request got: connect, head (sent, awaiting the response head), body."""
+
+    __slots__ = ("stage",)
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
 
 class Reply(NamedTuple):
     status: int
@@ -95,11 +108,13 @@ def request_bytes(port: int, stream: bool, close: bool) -> bytes:
     return head.encode() + body
 
 
-async def read_reply(reader: asyncio.StreamReader) -> Reply:
+async def read_reply(reader: asyncio.StreamReader, progress: Progress) -> Reply:
+    progress.stage = "head"
     try:
         head = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as exc:
         raise Closed("before the response" if not exc.partial else "in the response head") from None
+    progress.stage = "body"
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
     headers: dict[str, str] = {}
@@ -108,9 +123,9 @@ async def read_reply(reader: asyncio.StreamReader) -> Reply:
         if sep:
             headers[name.strip().lower()] = value.strip()
     close = "close" in headers.get("connection", "").lower()
+    parts: list[bytes] = []
     try:
         if "chunked" in headers.get("transfer-encoding", "").lower():
-            parts: list[bytes] = []
             while True:
                 size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
                 if size == 0:
@@ -124,7 +139,7 @@ async def read_reply(reader: asyncio.StreamReader) -> Reply:
         else:
             body, close = await reader.read(), True
     except asyncio.IncompleteReadError:
-        raise Closed("in the response body") from None
+        raise Closed("in the response body", b"".join(parts)) from None
     return Reply(status, close, body)
 
 
@@ -165,6 +180,7 @@ class Tally:
     other: Counter[str] = field(default_factory=Counter)  # exception names behind "other"
     ok_per_second: Counter[int] = field(default_factory=Counter)  # second since load start -> ok
     connects: Counter[str] = field(default_factory=Counter)  # load -> connections opened
+    where: Counter[str] = field(default_factory=Counter)  # reset/closed/timeout: load, connection, stage
 
     def total(self, outcome: str) -> int:
         return sum(n for (_, o), n in self.outcomes.items() if o == outcome)
@@ -179,7 +195,8 @@ class Tally:
         return {"sent": sent, "ok": ok, "failed": sum(kinds.values()), **kinds, "refused": refused,
                 "failed_after_action": after_failed, "by_load": by_load,
                 "statuses": {str(s): n for s, n in sorted(self.statuses.items())},
-                "other_errors": dict(self.other), "connections_opened": dict(self.connects)}
+                "other_errors": dict(self.other), "connections_opened": dict(self.connects),
+                "failure_detail": dict(sorted(self.where.items()))}
 
 
 class Load:
@@ -232,19 +249,28 @@ class Load:
                 # client reconnects here without an error, so this is no failure.
                 writer.transport.abort()
                 reader = writer = None
+            fresh = reader is None or writer is None
+            progress = Progress("connect")
             try:
                 async with asyncio.timeout(self.args.timeout):
                     if reader is None or writer is None:
                         self.tally.connects[load] += 1
                         reader, writer = await asyncio.open_connection(HOST, self.port)
                     writer.write(request)
-                    reply = await read_reply(reader)
+                    reply = await read_reply(reader, progress)
                 outcome = judge(reply, stream)
                 if outcome == "http":
                     self.tally.statuses[reply.status] += 1
                 done = reply.close or not keep or outcome != "ok"
             except Exception as exc:
                 outcome, done = classify(exc), True
+                if outcome in ("reset", "closed", "timeout"):
+                    stage = {"connect": "connecting", "head": "before the response head",
+                             "body": "in the response body"}[progress.stage]
+                    conn = "new connection" if fresh else "reused connection"
+                    errored = isinstance(exc, Closed) and b"event: error" in exc.body
+                    cut = " (after an event: error)" if errored else ""
+                    self.tally.where[f"{load} {outcome} on a {conn} {stage}{cut}"] += 1
                 if outcome == "other":
                     self.tally.other[f"{type(exc).__name__}: {exc}"[:120]] += 1
             if done and writer is not None:
@@ -502,34 +528,51 @@ async def watch_ejection(fleet: Fleet, url: str, t0: float, limit: float) -> flo
 
 
 async def act_stall(run: PhaseRun) -> Notes:
+    """Stall one worker; watch its request count against the others' (both from /mock/stats).
+
+    The router "stopped sending" once the stalled worker has had no new request for
+    ``--stall-quiet`` seconds while the other workers kept getting requests: with every client
+    stuck on the stalled worker, nobody sends anything, and that is no sign of the router.
+    """
     fleet, args = run.fleet, run.args
-    victim = fleet.workers[0]
+    victim, others = fleet.workers[0], fleet.workers[1:]
+
+    async def counts() -> tuple[int, int]:
+        got = await asyncio.gather(*(thread(worker_requests, w.url) for w in [victim, *others]))
+        return got[0] or 0, sum(n or 0 for n in got[1:])
+
     await thread(post_json, victim.url + "/mock/config", {"stall": True})
     t0 = time.monotonic()
-    last = await thread(worker_requests, victim.url) or 0
-    at_stall = last
+    first_victim, first_others = await counts()
+    last_victim, others_at_last = first_victim, first_others
     last_growth = t0
     stopped = False
+    samples: list[tuple[float, int, int]] = []
     while time.monotonic() - t0 < args.stall_watch:
         await asyncio.sleep(0.25)
-        now = await thread(worker_requests, victim.url)
-        if now is not None and now > last:
-            last, last_growth = now, time.monotonic()
-        if time.monotonic() - last_growth >= args.stall_quiet:
+        on_victim, on_others = await counts()
+        now = time.monotonic()
+        samples.append((now - t0, on_victim - first_victim, on_others - first_others))
+        if on_victim > last_victim:
+            last_victim, others_at_last, last_growth = on_victim, on_others, now
+        elif now - last_growth >= args.stall_quiet and on_others - others_at_last >= 20:
             stopped = True
             break
     stats = await thread(get_json, victim.url + "/mock/stats")
     row = await thread(fleet.router_row, victim.url)
     await thread(post_json, victim.url + "/mock/config", {"stall": False})
-    notes: Notes = {
+    end = time.monotonic()
+    per_second = [f"{t:.0f}s: {v}/{o}" for t, v, o in samples[3::4]]  # every ~second
+    return {
         "stalled": victim.url,
         "router_stopped_sending_after_s": (round(last_growth - t0, 2) if stopped else
                                            f"still sending after {args.stall_watch:g} s"),
-        "requests_sent_to_it_after_stall": last - at_stall,
-        "in_flight_on_it_before_unstall": stats.get("in_flight"),
+        "requests_to_stalled_vs_others_since_stall": per_second,
+        "in_flight_on_stalled_before_unstall": stats.get("in_flight"),
+        "ok_per_s_before_stall": round(run.load.ok_rate(run.load.started + 1, t0), 1),
+        "ok_per_s_while_stalled": round(run.load.ok_rate(t0, end), 1),
         "router_view": {k: row.get(k) for k in ("healthy", "health_reason")} if row else None,
     }
-    return notes
 
 
 async def act_coordinator(run: PhaseRun) -> Notes:
@@ -651,6 +694,8 @@ def table(results: list[dict[str, Any]]) -> str:
         failing = {load: outs for load, outs in failing.items() if outs}
         if failing:
             lines.append(f"  not ok, by load: {failing}")
+        if r.get("failure_detail"):
+            lines.append(f"  where: {r['failure_detail']}")
         if r.get("statuses"):
             lines.append(f"  non-2xx statuses: {r['statuses']}")
         if r.get("other_errors"):
