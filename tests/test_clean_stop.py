@@ -111,6 +111,6 @@ def test_a_request_on_an_idle_keep_alive_connection_during_a_stop_is_answered(ro
         stop_while_frozen(r, proxy)
         sock.sendall(request_bytes(host, "second"))  # on the wire as the proxy wakes to its stop
         proxy.resume()
-        status, headers, _ = read_response(sock)
-        assert (status, headers.get("connection")) == (200, "close")
-        assert sock.recv(1) == b""  # then the router closes it
+        status, _, _ = read_response(sock)
+        assert status == 200  # answered (with Connection: close if the stop was seen first)
+        assert sock.recv(1) == b""  # and the router closes the connection (after its linger)

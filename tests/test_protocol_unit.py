@@ -863,6 +863,22 @@ def test_a_client_giving_up_on_a_stalled_stream_leaves_a_failure_on_the_worker(s
         assert (h.cell(up.url)["errors"], h.in_flight()) == (errors, 0)
 
 
+def test_a_stream_that_ends_during_a_drain_leaves_its_connection_open_for_the_next_request(
+        solo: Harness) -> None:
+    c = solo.client()
+    c.send(request(body=chat_body(stream=True)))
+    up = solo.accept()
+    up.respond(sse_head() + sse_chunk("hi"))  # the head went out promising keep-alive
+    solo.proc.draining = True  # the stop begins mid-stream
+    up.respond(b"0\r\n\r\n")
+    assert not c.closed  # not closed under the client's next request
+    c.send(request())
+    up.respond(worker_response(body=BODY))
+    last = c.final_responses()[-1]
+    assert (last.status, last.header("connection")) == (200, "close")
+    assert c.closed
+
+
 def test_a_connect_that_takes_longer_than_connect_timeout_moves_to_another_worker() -> None:
     with harness(workers=2, connect_timeout=2.0) as h:
         c = h.client()

@@ -11,9 +11,11 @@ Graceful shutdown, in order (no connection the kernel accepted is dropped unansw
   1. accept what the kernel already queued on this listener (closing an SO_REUSEPORT listener
      resets its queued connections), then close the listener;
   2. every response from now on carries ``Connection: close``, and its connection closes after it;
-  3. an idle connection may still bring one request for ``DRAIN_LINGER`` seconds (a keep-alive
-     client's next request may be on the wire; a fresh connection's first one may not have
-     arrived yet): it is served; one that sent nothing by then is closed;
+  3. an idle connection may still bring one request for ``DRAIN_LINGER`` seconds from the later
+     of the stop and its last response (a keep-alive client's next request may be on the wire;
+     a stream that ends during the drain promised keep-alive when it began; a fresh connection's
+     first request may not have arrived yet): it is served, with ``Connection: close``; one that
+     sent nothing by then is closed;
   4. wait for in-flight requests and streams, up to ``grace_period``;
   5. abort what remains (the workers see the disconnect and stop generating);
   6. close pooled worker connections, zero this row's gauges, exit 0.
@@ -202,15 +204,13 @@ async def _shutdown(proc: ProxyProcess, server: asyncio.AbstractServer, sock: so
     if queued:
         log.info("stopping: took %d queued connection(s) off the listener before closing it", queued)
     loop = proc.loop
-    now = loop.time()
-    linger_until = now + min(DRAIN_LINGER, proc.settings.grace_period)
-    deadline = now + proc.settings.grace_period
-    while loop.time() < deadline:
-        lingering = loop.time() < linger_until
-        if not lingering:
-            for conn in list(proc.connections):
-                if conn.idle and conn.transport is not None:
-                    conn.transport.close()
+    stopped_at = loop.time()
+    linger = min(DRAIN_LINGER, proc.settings.grace_period)
+    deadline = stopped_at + proc.settings.grace_period
+    while (now := loop.time()) < deadline:
+        for conn in list(proc.connections):
+            if conn.idle and conn.transport is not None and now >= max(stopped_at, conn.idle_since) + linger:
+                conn.transport.close()
         if not proc.active and not proc.connections and not _pending:
             break  # (connections still being attached are in _pending, not yet in proc.connections)
         await asyncio.sleep(0.05)

@@ -314,6 +314,8 @@ class ClientProtocol(asyncio.Protocol):
 
     def _answer_locally(self, request: Request) -> None:
         status, body, content_type = endpoints.answer(self.proc, request)
+        if self.proc.draining:
+            request.keep_alive = False
         self.write(_for_method(request, render_response(status, body, content_type,
                                                         request.request_id.decode(),
                                                         close=not request.keep_alive)))
@@ -334,7 +336,11 @@ class ClientProtocol(asyncio.Protocol):
             self.proc.admission.done(exchange)
 
     def _next(self, request: ClientRequest) -> None:
-        if not request.keep_alive or self.proc.draining:
+        # While the proxy drains, a response whose head promised keep-alive (it went out before
+        # the stop) leaves the connection open: the client's next request is answered, with
+        # Connection: close, instead of finding the connection closed under it (the drain closes
+        # idle connections after a linger; serving.process).
+        if not request.keep_alive:
             if self.transport is not None:
                 self.transport.close()
             return
@@ -353,8 +359,10 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.write(data)
 
     def send_error(self, err: Refusal, request: ClientRequest) -> None:
-        close = not request.keep_alive or self.proc.draining
-        self.write(_for_method(request, render(err, request.request_id.decode(), close=close)))
+        if self.proc.draining:
+            request.keep_alive = False
+        self.write(_for_method(request, render(err, request.request_id.decode(),
+                                               close=not request.keep_alive)))
 
     def fail_connection(self, err: RouterError) -> None:
         """A request that cannot be parsed or is refused before its body: answer and close."""

@@ -46,6 +46,7 @@ class Connection(Protocol):
 
     exchange: ClientExchange | None
     reading_since: float
+    idle_since: float
     transport: asyncio.Transport | None
 
     @property
@@ -56,6 +57,14 @@ class Connection(Protocol):
 
 class ProxyProcess:
     """State shared by every connection of one proxy process."""
+
+    # Slots: every request reads several of these; past 30 attributes an instance dict stops
+    # sharing its keys and CPython's attribute caches miss (measured: +1.3k instructions/request).
+    __slots__ = ("_table", "_taking", "active", "admission", "admitted", "board", "cell0",
+                 "cell_owner", "connections", "decision0", "draining", "env", "floats", "grpc_channels",
+                 "hash_headers", "index", "ints", "limits_on", "loop", "orphan_logged", "orphaned_since",
+                 "pools", "reader", "retry_statuses", "retrying", "rid_counter", "rid_prefix", "rng", "row",
+                 "settings")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, index: int, reader: SnapshotReader,
                  board: LoadBoard, affinity: AffinityTable | None = None) -> None:
