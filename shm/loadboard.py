@@ -29,7 +29,7 @@ from shm.segment import Segment
 
 MAGIC = int.from_bytes(b"SGLOAD01", "little")
 # 2: proxy rows grew to 24 words (admission control's queue gauge and counters).
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 HEADER_WORDS = 8
 
 # Proxy row fields.
@@ -61,6 +61,9 @@ W_CONNECT_ERRORS, W_STREAMS = 6, 7
 W_Q_MINUTE, W_Q_REQUESTS, W_Q_TOKENS, W_Q_PREV_REQUESTS, W_Q_PREV_TOKENS = 8, 9, 10, 11, 12
 # Passive health: consecutive failed attempts on this worker by this proxy (0 after a success).
 W_FAILS_IN_ROW = 13
+# Attempts whose response head (or first gRPC message) arrived: the worker is answering. Passive
+# health tells a stalled worker (attempts end only by being abandoned) from a slow one by it.
+W_ANSWERS = 14
 WORKER_FIELDS = 16
 WORKER_FLOAT_FIELDS = frozenset({W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR})
 

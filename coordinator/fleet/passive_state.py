@@ -16,8 +16,23 @@ from collections import deque
 class PassiveState:
     """One worker's counters as last sampled, its window and its ejection history."""
 
-    __slots__ = ("calm_since", "done", "ejections", "err", "half_open", "half_open_ok", "next_probe",
-                 "probe_failed", "probing", "run", "samples", "until")
+    __slots__ = (
+        "answers",
+        "calm_since",
+        "completed_at",
+        "done",
+        "ejections",
+        "err",
+        "half_open",
+        "half_open_ok",
+        "next_probe",
+        "probe_failed",
+        "probing",
+        "progress_at",
+        "run",
+        "samples",
+        "until",
+    )
 
     def __init__(self, done: int, err: int, now: float) -> None:
         self.done, self.err = done, err
@@ -28,6 +43,9 @@ class PassiveState:
         self.half_open = False
         self.half_open_ok = 0
         self.calm_since = now
+        self.progress_at = now  # last sample where an attempt completed or nothing was in flight
+        self.completed_at = 0.0  # last sample where the worker answered an attempt
+        self.answers = 0  # the worker's answered attempts, as last sampled
         self.probing = False
         self.next_probe = 0.0  # while ejected: when the next active probe is due
         self.probe_failed = False  # an active probe saw the fault during this ejection

@@ -20,6 +20,12 @@ the worker is **half-open**: one active check (its health target) decides; a fai
 for longer, a pass lets traffic back (with slow start when configured), and the first failed
 attempt before ``HALF_OPEN_SUCCESSES`` successes re-ejects it at once (circuit-breaker rule).
 
+A third rule catches a worker that accepts requests and never answers (its /health may still
+pass), from live traffic: **stalled**: ``STALL_MIN_IN_FLIGHT`` or more attempts in flight, none
+answered (``W_ANSWERS``: a response head or first message) for ``stall_timeout``, while another
+worker of one of its models answered after it went silent (so a fleet that is merely slow, or
+idle, is never judged). Abandoned attempts end without an answer: never progress.
+
 While ejected, the worker is also probed every ``ejected_probe_interval``. Once a probe has
 *failed* (the check sees the fault: the worker is down), the first probe that passes readmits it
 (half-open) at once: a worker back from a restart gets traffic within one probe interval, not
@@ -44,10 +50,19 @@ from collections.abc import Iterable
 
 from coordinator.fleet.membership import Fleet, WorkerState
 from coordinator.fleet.passive_state import PassiveState
-from shm.loadboard import W_ERRORS, W_FAILS_IN_ROW, W_IN_FLIGHT, W_REQUESTS, WORKER_FIELDS, LoadBoard
+from shm.loadboard import (
+    W_ANSWERS,
+    W_ERRORS,
+    W_FAILS_IN_ROW,
+    W_IN_FLIGHT,
+    W_REQUESTS,
+    WORKER_FIELDS,
+    LoadBoard,
+)
 from shm.settings import Settings
 
 HALF_OPEN_SUCCESSES = 3  # sglang-router's circuit breaker closes after 3 successes too
+STALL_MIN_IN_FLIGHT = 3  # a worker busy with one or two long generations is not a stall
 log = logging.getLogger("shardgate.coordinator")
 
 
@@ -63,19 +78,19 @@ class PassiveHealth:
         self.board = board
         self.proxies = proxies
         self.notices: list[str] = []
-        self._last: tuple[list[int], list[int], list[int]] | None = None
+        self._last: tuple[list[int], ...] | None = None
 
-    def read(self, slots: int) -> tuple[list[int], list[int], list[int], list[int]]:
-        """(attempts, failed, in flight, failures in a row) per slot, summed over proxies."""
+    def read(self, slots: int) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+        """(attempts, failed, in flight, failures in a row, answered) per slot, summed over proxies."""
         ints, board = self.board.ints, self.board
         columns = []
-        for field in (W_REQUESTS, W_ERRORS, W_IN_FLIGHT, W_FAILS_IN_ROW):
+        for field in (W_REQUESTS, W_ERRORS, W_IN_FLIGHT, W_FAILS_IN_ROW, W_ANSWERS):
             rows = []
             for p in range(self.proxies):
                 start = board.cell_word(p, 0, field)
                 rows.append(ints[start:start + slots * WORKER_FIELDS:WORKER_FIELDS].tolist())
             columns.append(rows[0] if len(rows) == 1 else [sum(c) for c in zip(*rows, strict=True)])
-        return columns[0], columns[1], columns[2], columns[3]
+        return columns[0], columns[1], columns[2], columns[3], columns[4]
 
     def sample(self, fleet: Fleet, settings: Settings, now: float) -> tuple[bool, list[WorkerState]]:
         """Apply the rules once; (anything changed, ejected workers due a half-open probe)."""
@@ -83,23 +98,31 @@ class PassiveHealth:
         states = list(fleet.states.values())
         if not states or (not rules and not any(s.ejected for s in states)):
             return False, []
-        requests, errors, in_flight, in_row = self.read(max(s.slot for s in states) + 1)
+        requests, errors, in_flight, in_row, answers = self.read(max(s.slot for s in states) + 1)
         changed = False
         due: list[WorkerState] = []
         candidates: list[tuple[WorkerState, str]] = []
-        counters = (requests, errors, in_flight)
+        counters = (requests, errors, in_flight, answers)
         if counters == self._last and all(isinstance(s.passive, PassiveState) for s in states):
-            # Nothing moved on the board (an idle router): only ejections can fall due. The list
-            # compare runs in C, which keeps an idle coordinator's CPU near zero at any size.
+            # Nothing moved on the board (an idle router, or one whose requests all hang): only
+            # ejections can fall due, and stalls. The list compare and max() run in C, which keeps
+            # an idle coordinator's CPU near zero at any size.
             due = [s for s in states if s.ejected and s.passive is not None and s.passive.probe_due(now)]
-            return False, due
+            if max(in_flight, default=0) < STALL_MIN_IN_FLIGHT:
+                return False, due
+            stalls = self._stalls(states, in_flight, settings, now)
+            self.notices = []
+            return (self._eject(fleet, stalls, settings, now) if stalls else False), due
         self._last = counters
         for st in states:
             slot = st.slot
             done, err = requests[slot] - in_flight[slot], errors[slot]
             ps = st.passive
             if not isinstance(ps, PassiveState):
-                st.passive = PassiveState(done, err, now)
+                st.passive = ps = PassiveState(done, err, now)
+                ps.answers = answers[slot]
+                if ps.answers:
+                    ps.completed_at = now  # it has answered, up to now
                 continue
             d_done, d_err = done - ps.done, err - ps.err
             if d_done < 0 or d_err < 0 or done < err:
@@ -110,6 +133,11 @@ class PassiveHealth:
                 ps.samples.append((now, done, err))
                 continue
             ps.done, ps.err = done, err
+            if answers[slot] != ps.answers:  # the worker answered something since the last sample
+                ps.answers = answers[slot]
+                ps.progress_at = ps.completed_at = now
+            elif in_flight[slot] == 0:
+                ps.progress_at = now
             if st.ejected:
                 if ps.probe_due(now):
                     due.append(st)
@@ -136,10 +164,33 @@ class PassiveHealth:
             why = self._verdict(ps, settings, in_row[slot], done, err)
             if why:
                 candidates.append((st, why))
+        candidates += self._stalls(states, in_flight, settings, now)
         self.notices = []
         if candidates:
             changed = self._eject(fleet, candidates, settings, now)
         return changed, due
+
+    @staticmethod
+    def _stalls(states: list[WorkerState], in_flight: list[int], settings: Settings,
+                now: float) -> list[tuple[WorkerState, str]]:
+        """Workers holding requests without completing any while their peers complete theirs."""
+        answered: dict[str, float] = {}  # model -> when one of its workers last answered
+        for st in states:
+            if isinstance(st.passive, PassiveState):
+                for model in st.models:
+                    answered[model] = max(answered.get(model, 0.0), st.passive.completed_at)
+        found = []
+        for st in states:
+            ps = st.passive
+            if not isinstance(ps, PassiveState) or st.ejected or not st.healthy or st.draining:
+                continue
+            held = in_flight[st.slot]
+            silent = now - ps.progress_at
+            peers_answered = any(answered.get(m, 0.0) >= ps.progress_at for m in st.models)
+            if held >= STALL_MIN_IN_FLIGHT and silent > settings.stall_timeout and peers_answered:
+                found.append((st, f"stalled: {held} requests in flight, none answered for {silent:.0f}s "
+                                  "while other workers of its model answered theirs"))
+        return found
 
     def _verdict(self, ps: PassiveState, settings: Settings, board_run: int, done: int, err: int) -> str:
         threshold = settings.passive_consecutive_failures

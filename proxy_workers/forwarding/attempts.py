@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 from proxy_workers.errors import BadGateway, NoHealthyWorker
 from shm.loadboard import (
     EWMA_ALPHA,
+    W_ANSWERS,
     W_CONNECT_ERRORS,
     W_ERRORS,
     W_FAILS_IN_ROW,
@@ -91,8 +92,10 @@ def first_byte(proc: ProcessView, cell: int, waited: float, stream: bool) -> Non
     """The worker's answer started ``waited`` seconds after the attempt was sent (``cell`` open)."""
     floats = proc.floats
     floats[cell + W_TTFB_EWMA] += EWMA_ALPHA * (waited - floats[cell + W_TTFB_EWMA])
+    ints = proc.ints
+    ints[cell + W_ANSWERS] += 1
     if stream:
-        proc.ints[cell + W_STREAMS] += 1
+        ints[cell + W_STREAMS] += 1
 
 
 def settle(proc: ProcessView, cell: int, ok: bool, latency: float | None = None,

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from proxy_workers.errors import BadGateway, BadRequest, NoHealthyWorker, RouterError, render_response
-from proxy_workers.forwarding.attempts import open_cell, pick_worker, settle
+from proxy_workers.forwarding.attempts import first_byte, open_cell, pick_worker, settle
 from proxy_workers.forwarding.handoff import (
     MAX_PREFILL_ANSWER,
     bootstrap_body,
@@ -109,6 +109,8 @@ class PrefillLeg:
     def on_response_head(self, conn: UpstreamConnectionView, status: int) -> None:
         self.status = status
         self.content_type = conn.content_type or self.content_type
+        proc = self.pd.proc
+        first_byte(proc, self.cell, proc.loop.time() - self.sent_at, False)
 
     def on_response_body(self, body: bytes) -> None:
         if sum(len(b) for b in self.answer) < MAX_PREFILL_ANSWER:
