@@ -3,7 +3,9 @@
 Passive health ejects a worker that fails real traffic for ``ejection_time`` (30 s by default).
 While it is out, an active probe runs every ``ejected_probe_interval``: once one has failed (the
 worker is down, the check can see it), the first one that passes readmits it (half-open). The
-wait below is far shorter than the ejection, so only the early readmission can meet it.
+wait below is far shorter than the ejection, so only the early readmission can meet it. The same
+holds when the worker is back before the first probe: the ejection came with refused
+connections, a fault the probe would have seen, so its first pass readmits.
 """
 
 from __future__ import annotations
@@ -12,17 +14,20 @@ import os
 import signal
 from typing import Any
 
+import pytest
 from conftest import chat, http, wait_for, worker_row, worker_stats
 
 from shardgate import launch
 
 
-def test_a_restarted_worker_is_readmitted_as_soon_as_a_probe_passes(start_worker: Any,
-                                                                     start_router: Any) -> None:
+@pytest.mark.parametrize("probe_interval", ["0.5", "3"],
+                         ids=["a probe fails first", "back before the first probe"])
+def test_a_restarted_worker_is_readmitted_as_soon_as_a_probe_passes(start_worker: Any, start_router: Any,
+                                                                     probe_interval: str) -> None:
     steady = start_worker(["m1"])
     crashing = start_worker(["m1"])
     port = crashing.url.rsplit(":", 1)[1]
-    router = start_router([steady.url, crashing.url], "--ejected-probe-interval", "0.5",
+    router = start_router([steady.url, crashing.url], "--ejected-probe-interval", probe_interval,
                           "--passive-consecutive-failures", "2", "--ejection-time", "60")
 
     os.kill(crashing.pid, signal.SIGKILL)

@@ -29,8 +29,10 @@ class PassiveState:
         "probe_failed",
         "probing",
         "progress_at",
+        "refused",
         "run",
         "samples",
+        "unreachable",
         "until",
     )
 
@@ -46,6 +48,8 @@ class PassiveState:
         self.progress_at = now  # last sample where an attempt completed or nothing was in flight
         self.completed_at = 0.0  # last sample where the worker answered an attempt
         self.answers = 0  # the worker's answered attempts, as last sampled
+        self.refused = 0  # the worker's failed connections, as last sampled
+        self.unreachable = False  # connections to it failed in the last sample
         self.probing = False
         self.next_probe = 0.0  # while ejected: when the next active probe is due
         self.probe_failed = False  # an active probe saw the fault during this ejection

@@ -27,7 +27,8 @@ worker of one of its models answered after it went silent (so a fleet that is me
 idle, is never judged). Abandoned attempts end without an answer: never progress.
 
 While ejected, the worker is also probed every ``ejected_probe_interval``. Once a probe has
-*failed* (the check sees the fault: the worker is down), the first probe that passes readmits it
+*failed* (the check sees the fault: the worker is down), or when the ejection came with refused
+connections (a fault the probe would see), the first probe that passes readmits it
 (half-open) at once: a worker back from a restart gets traffic within one probe interval, not
 after the ejection time. A worker whose probes pass all along (the check cannot see what fails
 real traffic: a stall, 5xx with a healthy /health) waits out its ejection.
@@ -52,6 +53,7 @@ from coordinator.fleet.membership import Fleet, WorkerState
 from coordinator.fleet.passive_state import PassiveState
 from shm.loadboard import (
     W_ANSWERS,
+    W_CONNECT_ERRORS,
     W_ERRORS,
     W_FAILS_IN_ROW,
     W_IN_FLIGHT,
@@ -80,17 +82,18 @@ class PassiveHealth:
         self.notices: list[str] = []
         self._last: tuple[list[int], ...] | None = None
 
-    def read(self, slots: int) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
-        """(attempts, failed, in flight, failures in a row, answered) per slot, summed over proxies."""
+    def read(self, slots: int) -> tuple[list[int], ...]:
+        """(attempts, failed, in flight, failures in a row, answered, connect errors) per slot,
+        summed over proxies."""
         ints, board = self.board.ints, self.board
         columns = []
-        for field in (W_REQUESTS, W_ERRORS, W_IN_FLIGHT, W_FAILS_IN_ROW, W_ANSWERS):
+        for field in (W_REQUESTS, W_ERRORS, W_IN_FLIGHT, W_FAILS_IN_ROW, W_ANSWERS, W_CONNECT_ERRORS):
             rows = []
             for p in range(self.proxies):
                 start = board.cell_word(p, 0, field)
                 rows.append(ints[start:start + slots * WORKER_FIELDS:WORKER_FIELDS].tolist())
             columns.append(rows[0] if len(rows) == 1 else [sum(c) for c in zip(*rows, strict=True)])
-        return columns[0], columns[1], columns[2], columns[3], columns[4]
+        return tuple(columns)
 
     def sample(self, fleet: Fleet, settings: Settings, now: float) -> tuple[bool, list[WorkerState]]:
         """Apply the rules once; (anything changed, ejected workers due a half-open probe)."""
@@ -98,7 +101,7 @@ class PassiveHealth:
         states = list(fleet.states.values())
         if not states or (not rules and not any(s.ejected for s in states)):
             return False, []
-        requests, errors, in_flight, in_row, answers = self.read(max(s.slot for s in states) + 1)
+        requests, errors, in_flight, in_row, answers, refused = self.read(max(s.slot for s in states) + 1)
         changed = False
         due: list[WorkerState] = []
         candidates: list[tuple[WorkerState, str]] = []
@@ -120,7 +123,7 @@ class PassiveHealth:
             ps = st.passive
             if not isinstance(ps, PassiveState):
                 st.passive = ps = PassiveState(done, err, now)
-                ps.answers = answers[slot]
+                ps.answers, ps.refused = answers[slot], refused[slot]
                 if ps.answers:
                     ps.completed_at = now  # it has answered, up to now
                 continue
@@ -133,6 +136,9 @@ class PassiveHealth:
                 ps.samples.append((now, done, err))
                 continue
             ps.done, ps.err = done, err
+            # Failed connections are a fault the active probe sees too: after such an ejection,
+            # the first passing probe readmits the worker (it is back), without a failed one first.
+            ps.refused, ps.unreachable = refused[slot], refused[slot] > ps.refused
             if answers[slot] != ps.answers:  # the worker answered something since the last sample
                 ps.answers = answers[slot]
                 ps.progress_at = ps.completed_at = now
@@ -240,7 +246,7 @@ class PassiveHealth:
         ps.ejections += 1
         seconds = min(settings.ejection_time * ps.ejections, settings.max_ejection_time)
         ps.until, ps.half_open, ps.run = now + seconds, False, 0
-        ps.next_probe, ps.probe_failed = now + settings.ejected_probe_interval, False
+        ps.next_probe, ps.probe_failed = now + settings.ejected_probe_interval, ps.unreachable
         st.ejected = True
         st.eject_reason = f"ejected for {seconds:g}s (ejection {ps.ejections}): {why}"
         log.warning("worker %s %s", st.spec.url, st.eject_reason)
