@@ -98,7 +98,7 @@ class Coordinator:
     # -- start -----------------------------------------------------------------------------
 
     def _create_segments(self) -> None:
-        removed = remove_stale()
+        removed = remove_stale(keep=orphans.live_instances())
         if removed:
             log.info("removed %d shared-memory segment(s) left by a crashed run", len(removed))
         self.snap_seg = Segment.create(segment_name(self.instance, "snap"),

@@ -11,7 +11,9 @@ Invariants:
   snapshot names the same host and port: a second router on another port is never disturbed.
 - A pid is signalled only if it is alive and its command line names that instance (a reused pid
   is never signalled).
-- Reading an orphaned instance's segments never changes them.
+- Reading an orphaned instance's segments never changes them, and no coordinator removes them
+  while their proxies run (:func:`live_instances` is the ``keep`` of ``remove_stale``).
+- A coordinator is dead when its pid is gone or a zombie (dead, not yet reaped).
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ class Orphans:
     pids: tuple[int, ...]
 
 
-def find(host: str, port: int) -> list[Orphans]:
-    """Instances whose coordinator is gone but whose proxies still serve ``host:port``."""
+def find(host: str, port: int | None) -> list[Orphans]:
+    """Instances whose coordinator is gone but whose proxies still serve ``host:port`` (any
+    address when ``port`` is None)."""
     found: list[Orphans] = []
     try:
         names = [entry.name for entry in SHM_DIR.iterdir()]
@@ -62,10 +65,17 @@ def find(host: str, port: int) -> list[Orphans]:
     return found
 
 
-def _serving_proxies(instance: str, host: str, port: int) -> tuple[int, ...]:
+def live_instances() -> set[str]:
+    """Dead coordinators' instances whose proxies still serve, on any address: their segments
+    must stay, or the coordinator that later starts on that address could not find them."""
+    return {group.instance for group in find("", None)}
+
+
+def _serving_proxies(instance: str, host: str, port: int | None) -> tuple[int, ...]:
     reader = SnapshotReader(Segment.attach(segment_name(instance, "snap")))
     snapshot = reader.current()
-    if snapshot is None or (snapshot.settings.host, snapshot.settings.port) != (host, port):
+    if snapshot is None or (port is not None
+                            and (snapshot.settings.host, snapshot.settings.port) != (host, port)):
         return ()
     board = LoadBoard(Segment.attach(segment_name(instance, "board")))
     pids = (int(board.ints[board.proxy_word(p, P_PID)]) for p in range(board.max_proxies))

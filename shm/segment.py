@@ -19,6 +19,7 @@ import mmap
 import os
 import re
 import secrets
+from collections.abc import Collection
 from pathlib import Path
 
 import posix_ipc
@@ -84,8 +85,10 @@ class Segment:
             pass
 
 
-def remove_stale() -> list[str]:
-    """Remove segments whose creating process no longer exists. Returns the names removed."""
+def remove_stale(keep: Collection[str] = ()) -> list[str]:
+    """Remove segments whose creating process no longer exists, except those of the instances in
+    ``keep`` (a dead coordinator whose proxies still serve: a later takeover finds them there).
+    Returns the names removed."""
     removed: list[str] = []
     try:
         entries = list(SHM_DIR.iterdir())
@@ -93,7 +96,7 @@ def remove_stale() -> list[str]:
         return removed
     for entry in entries:
         match = _NAME_RE.match(entry.name)
-        if not match or pid_alive(int(match.group(1))):
+        if not match or pid_alive(int(match.group(1))) or entry.name.split(".")[1] in keep:
             continue
         try:
             posix_ipc.unlink_shared_memory("/" + entry.name)
@@ -104,10 +107,15 @@ def remove_stale() -> list[str]:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` names a running process (a zombie, dead but not yet reaped, is not one)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc to ask: the signal check is all there is

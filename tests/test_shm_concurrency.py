@@ -32,6 +32,7 @@ from typing import Any
 
 import msgspec
 import posix_ipc
+import psutil
 import pytest
 
 from shm import snapshot as snapshot_mod
@@ -569,6 +570,26 @@ def test_remove_stale_removes_dead_pid_segments_only(
     assert not (SHM_DIR / stale.lstrip("/")).exists()
     assert live.name.lstrip("/") not in removed
     assert (SHM_DIR / live.name.lstrip("/")).exists()
+
+
+def test_remove_stale_keeps_the_segments_it_is_told_to_keep(request: pytest.FixtureRequest) -> None:
+    instance = f"{_dead_pid()}-abcd5678"  # a dead coordinator whose proxies still serve
+    kept = f"/shardgate.{instance}.board"
+    request.addfinalizer(lambda: _unlink_quietly(kept))
+    posix_ipc.SharedMemory(kept, posix_ipc.O_CREX, mode=0o600, size=4096).close_fd()
+    assert kept.lstrip("/") not in remove_stale(keep={instance})
+    assert (SHM_DIR / kept.lstrip("/")).exists()
+
+
+def test_a_zombie_is_not_alive(request: pytest.FixtureRequest) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    request.addfinalizer(child.wait)
+    wait_for_zombie = time.monotonic() + 10
+    while time.monotonic() < wait_for_zombie and psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.01)
+    assert psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE  # exited, not reaped yet
+    assert not pid_alive(child.pid)
+    assert pid_alive(os.getpid())
 
 
 def _unlink_quietly(name: str) -> None:
