@@ -23,6 +23,28 @@ from shardgate import launch
 DEADLINE = 15.0
 
 
+class FakeClock:
+    """A clock the test moves by hand (``advance``), injected where code takes ``clock=``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def raw_chat_request(url: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    """A POST /v1/chat/completions for ``url``'s host with ``Connection: close``, as raw bytes."""
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}:{port}\r\n"
+            f"content-type: application/json\r\n{extra}content-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,12 +120,8 @@ class Stream(threading.Thread):
 
     def __init__(self, url: str, model: str = "m1", headers: dict[str, str] | None = None) -> None:
         super().__init__(daemon=True)
-        body = json.dumps(chat(model, stream=True)).encode()
         host, port = url.split("//", 1)[1].rsplit(":", 1)
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        self.request = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}:{port}\r\n"
-                        f"content-type: application/json\r\n{extra}content-length: {len(body)}\r\n"
-                        "connection: close\r\n\r\n").encode() + body
+        self.request = raw_chat_request(url, json.dumps(chat(model, stream=True)).encode(), headers)
         self.sock = socket.create_connection((host, int(port)), timeout=120)
         self.data = b""
         self.error: BaseException | None = None

@@ -21,6 +21,7 @@ from typing import NoReturn
 import aiohttp
 import msgspec
 import pytest
+from conftest import FakeClock
 
 from coordinator.arbiter import Coordinator, _file_signature
 from coordinator.config import Config, ConfigError, add_config_flags, load_config
@@ -35,17 +36,6 @@ from shm.settings import Settings
 from shm.snapshot import SnapshotWriter, segment_size
 
 MAX_WORKERS = 4
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def no_spawn(argv: list[str]) -> NoReturn:

@@ -15,18 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from shardgate import launch
-from tests.conftest import (
+from conftest import (
     Stream,
     assert_openai_error,
     chat,
     get_json,
     http,
+    raw_chat_request,
     set_worker,
     wait_for,
     worker_stats,
 )
+
+from shardgate import launch
 
 
 class Held(threading.Thread):
@@ -34,12 +35,8 @@ class Held(threading.Thread):
 
     def __init__(self, url: str, content: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(daemon=True)
-        body = json.dumps(chat("m1", content=content)).encode()
         host, port = url.split("//", 1)[1].rsplit(":", 1)
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        self.request = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}:{port}\r\n"
-                        f"content-type: application/json\r\n{extra}content-length: {len(body)}\r\n"
-                        "connection: close\r\n\r\n").encode() + body
+        self.request = raw_chat_request(url, json.dumps(chat("m1", content=content)).encode(), headers)
         self.sock = socket.create_connection((host, int(port)), timeout=60)
         self.data = b""
         self.start()

@@ -15,6 +15,7 @@ import re
 import signal
 
 import pytest
+from conftest import FakeClock
 
 from coordinator.supervisor import FIRST_BACKOFF, STABLE_SECONDS, HaltServer, Supervisor
 from shm.loadboard import P_HEARTBEAT, P_PID, LoadBoard, board_size
@@ -22,17 +23,6 @@ from shm.process import EXIT_BOOT_ERROR
 from shm.segment import Segment
 
 TIMEOUT = 5.0
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeProcess:

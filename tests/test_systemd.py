@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import DEADLINE, get_json, http
+from conftest import DEADLINE, FakeClock, get_json, http
 from test_supervisor_unit import Rig as SupervisorRig
 
 from coordinator import notify
@@ -217,14 +217,6 @@ def test_watchdog_stops_while_a_proxy_is_stopped_and_resumes_after(listener, sta
 # -- coordinator.notify in-process ----------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_socket_address_forms() -> None:
     assert notify.socket_address("/run/systemd/notify") == "/run/systemd/notify"
     assert notify.socket_address("@sd-notify/1") == "\0sd-notify/1"
@@ -285,7 +277,7 @@ def test_one_datagram_per_message_to_a_path_and_to_an_abstract_name(tmp_path) ->
 
 
 def test_tick_paces_pings_withholds_them_on_trouble_and_stops_at_stopping() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     sent: list[tuple[str, ...]] = []
     n = Notifier({"NOTIFY_SOCKET": "/nonexistent/notify", "WATCHDOG_USEC": "3000000"}, clock=clock)
     n.send = lambda *fields: sent.append(fields) or True  # type: ignore[method-assign]
