@@ -243,8 +243,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         Seconds, _d("Seconds a streamed request's worker may take to send its response head (engines "
                     "send it at once for streams) before the attempt is a stall: a failure for passive "
                     "health, retried on another worker when tries and total_timeout allow. A client that "
-                    "gave up on a stream after waiting this long also leaves a failure on the worker.")
-    ] = 10.0
+                    "gave up on a stream after waiting this long also leaves a failure on the worker. "
+                    "Passive health also ejects a worker holding 3+ requests with none answered for this "
+                    "long while its peers answer theirs.")
+    ] = 5.0
     passive_interval: Annotated[
         Seconds, _d("Seconds between reads of the proxies' per-worker counters for passive health.")
     ] = 0.5
