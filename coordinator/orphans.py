@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import posix_ipc
 
 from shm.loadboard import P_PID, LoadBoard
+from shm.process import process_args
 from shm.segment import SHM_DIR, Segment, pid_alive, segment_name
 from shm.snapshot import SnapshotReader
 
@@ -100,10 +101,6 @@ def stop(orphans: list[Orphans]) -> int:
 
 
 def _is_proxy_of(pid: int, instance: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            args = cmdline.read().split(b"\0")
-    except OSError:
-        return False
+    args = process_args(pid)
     return b"proxy_workers" in args and instance.encode() in args
 

@@ -23,6 +23,8 @@ import signal
 import subprocess
 import sys
 
+from shm.process import process_args
+
 log = logging.getLogger("shardgate.coordinator")
 PREDECESSOR_ENV = "SHARDGATE_PREDECESSOR"
 
@@ -70,9 +72,5 @@ def retire_predecessor() -> None:
 
 
 def _is_coordinator(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            args = cmdline.read().split(b"\0")
-    except OSError:
-        return False
+    args = process_args(pid)
     return any(b"shardgate" in arg for arg in args) and b"serve" in args

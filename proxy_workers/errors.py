@@ -76,17 +76,6 @@ class InternalError(RouterError):
     status, type, code = 500, "server_error", "internal_error"
 
 
-class QuotaExceeded(RouterError):
-    status, type, code = 429, "rate_limit_error", "quota_exceeded"
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-    def headers(self) -> bytes:
-        return b"retry-after: %d\r\n" % self.retry_after
-
-
 class _RetryAfter(RouterError):
     """An answer that tells the client when to try again (the ``Retry-After`` header, seconds)."""
 
@@ -96,6 +85,12 @@ class _RetryAfter(RouterError):
 
     def headers(self) -> bytes:
         return b"retry-after: %d\r\n" % self.retry_after
+
+
+class QuotaExceeded(_RetryAfter):
+    """Every candidate worker is at its per-minute quota (quota_aware)."""
+
+    status, type, code = 429, "rate_limit_error", "quota_exceeded"
 
 
 class RateLimited(_RetryAfter):

@@ -45,3 +45,12 @@ def listen_socket(host: str, port: int) -> socket.socket:
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
+
+
+def process_args(pid: int) -> list[bytes]:
+    """The command line of process ``pid`` (empty when it is gone or cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().split(b"\0")
+    except OSError:
+        return []

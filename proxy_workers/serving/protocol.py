@@ -292,9 +292,7 @@ class ClientProtocol(asyncio.Protocol):
             self.exchange = exchange
             exchange.start()
         except RouterError as err:
-            proc.count_rejected()  # refused before any worker: still a request
-            self.send_error(err, request)
-            self._next(request)
+            self.refuse(err, request)  # refused before any worker: still a request
 
     def begin(self, request: ClientRequest, route: Any, ctx: RequestContext, sink: ClientSink,
               admitted: set[ClientExchange]) -> None:
@@ -306,7 +304,8 @@ class ClientProtocol(asyncio.Protocol):
         exchange.start()
 
     def refuse(self, err: Refusal, request: ClientRequest) -> None:
-        """Answer a request admission control refused after queuing it (429/503), then go on."""
+        """Answer a request refused before any worker (bad request, unknown model, admission
+        control's 429/503 ...): counted as rejected, answered, then the connection goes on."""
         self.exchange = None
         self.proc.count_rejected()
         self.send_error(err, request)
