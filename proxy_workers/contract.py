@@ -171,3 +171,11 @@ class ProcessView(Protocol):
     def count_retry(self) -> None: ...
 
     def count_disconnect(self) -> None: ...
+
+
+class RequestGate(Protocol):
+    """What a request must pass before the router answers it or routes it (client API keys)."""
+
+    def check(self, request: ClientRequest) -> None:
+        """Return if ``request`` may go on; raise a :class:`Refusal` (e.g. 401) if not."""
+        ...

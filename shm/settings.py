@@ -136,6 +136,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_body_size: Annotated[
         int, Meta(ge=1024), _d("Largest request body in bytes; larger bodies get 413.")
     ] = 32 * 1024 * 1024
+    max_head_size: Annotated[
+        int, Meta(ge=1024, le=1024 * 1024),
+        _d("Largest request head in bytes (request line, header fields and chunked-body trailer "
+           "fields together); a longer request line gets 414, longer fields 431.")
+    ] = 64 * 1024
+    max_header_count: Annotated[
+        int, Meta(ge=8, le=10000), _d("Most header fields (trailer fields included) in one request; "
+                                      "more get 431.")
+    ] = 100
+    max_pipelined: Annotated[
+        int, Meta(ge=1, le=1024),
+        _d("Most requests a client may pipeline on one connection ahead of their answers; the "
+           "router stops reading from that client until the queue shrinks.")
+    ] = 16
+    max_json_depth: Annotated[
+        int, Meta(ge=4, le=512), _d("Deepest nesting of arrays and objects in a JSON request body; "
+                                    "deeper bodies get 400.")
+    ] = 64
     header_timeout: Annotated[
         Seconds, _d("Seconds a client may take to send a request's head and body (slowloris guard).")
     ] = 30.0

@@ -278,6 +278,8 @@ class ClientProtocol(asyncio.Protocol):
         try:
             if request.error is not None:
                 raise request.error
+            if proc.gate is not None:
+                proc.gate.check(request)
             path = request.path
             if not path.startswith(b"/v1/") or path.startswith(b"/v1/models"):
                 self._answer_locally(request)

@@ -33,7 +33,7 @@ from shm.schema import Snapshot
 from shm.snapshot import SnapshotReader, gc_paused
 
 if TYPE_CHECKING:
-    from proxy_workers.contract import ClientExchange
+    from proxy_workers.contract import ClientExchange, RequestGate
 
 log = logging.getLogger("shardgate.proxy")
 # Up to this payload (~2,500 workers) taking a snapshot costs ~3 ms and is done at once; beyond,
@@ -60,8 +60,8 @@ class ProxyProcess:
 
     # Slots: every request reads several of these; past 30 attributes an instance dict stops
     # sharing its keys and CPython's attribute caches miss (measured: +1.3k instructions/request).
-    __slots__ = ("_table", "_taking", "active", "admission", "admitted", "board", "cell0",
-                 "cell_owner", "connections", "decision0", "draining", "env", "floats", "grpc_channels",
+    __slots__ = ("_table", "_taking", "active", "admission", "admitted", "board", "cell0", "cell_owner",
+                 "connections", "decision0", "draining", "env", "floats", "gate", "grpc_channels",
                  "hash_headers", "index", "ints", "limits_on", "loop", "orphan_logged", "orphaned_since",
                  "pools", "reader", "retry_statuses", "retrying", "rid_counter", "rid_prefix", "rng", "row",
                  "settings")
@@ -101,6 +101,9 @@ class ProxyProcess:
         self.rid_counter = 0
         # Admission control (docs/overload.md): ``limits_on`` is the one check a request pays
         # when every limit is off; ``admitted`` holds the exchanges that took a place.
+        # Client API keys (docs/security.md): None when they are off, so an open router pays
+        # one attribute check per request.
+        self.gate: RequestGate | None = None
         self.admission = Admission(self)
         self.admitted = self.admission.admitted
         self.limits_on = self.admission.update(self.settings, snapshot.proxies, index, self._table.capped)
