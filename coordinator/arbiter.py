@@ -9,10 +9,10 @@ Signals (handled here and only here; handlers just queue the signal, the loop ac
               streams within ``grace_period``; then shared memory is removed; exit 0
     SIGINT    first: the same as SIGTERM; second: kill the proxies and exit at once (130)
     SIGHUP    re-read the config file and publish the new snapshot; proxies keep running
-              (host, port, proxies, max_workers, snapshot_capacity, admin_host and admin_port
-              need a restart and are reported as such; a file that lists no worker is refused
-              unless another discovery source is configured). A change of the file on disk
-              (checked every ``config_watch_interval``) does the same.
+              (host, port, proxies, max_workers, snapshot_capacity, admin_host, admin_port,
+              ops_host and ops_port need a restart and are reported as such; a file that lists
+              no worker is refused unless another discovery source is configured). A change of
+              the file on disk (checked every ``config_watch_interval``) does the same.
     SIGUSR2   zero-downtime upgrade: start a successor coordinator (same command line, the code
               and config installed now); once its proxies serve, it SIGTERMs this one, which
               drains (:mod:`coordinator.succession`). A successor that fails changes nothing.
@@ -22,6 +22,8 @@ Invariants:
 - Shared memory is created before any proxy starts and removed only when the coordinator
   stops; a proxy's exit never removes it. Segments left by a crashed run are removed at start.
 - A snapshot is published whole, after :func:`coordinator.fleet.membership.check_consistent`.
+- A client API key is published as its SHA-256 digest only (``Snapshot.client_keys``); the
+  published settings never carry ``api_key`` (:meth:`shm.snapshot.SnapshotWriter.publish` refuses).
 - The loop never blocks: probes run in a background task and publish when they change something.
 - Health housekeeping (passive sampling and half-open probes, drains finishing, slow-start steps)
   runs every ``passive_interval`` in a task of its own (:meth:`Coordinator.housekeeping_step`);
@@ -41,6 +43,7 @@ from collections.abc import Callable
 from contextlib import aclosing
 
 import aiohttp
+import msgspec
 
 from coordinator import orphans, succession
 from coordinator.admin import AdminAPI
@@ -120,8 +123,15 @@ class Coordinator:
 
     def publish(self) -> int:
         self.publish_pending = False
-        snapshot = self.fleet.snapshot(self.settings, self.config.models, self.proxies,
+        # Client keys reach shared memory as digests only (docs/api-keys.md): the published
+        # settings carry no api_key, the snapshot its digest and the key file's.
+        settings = self.settings
+        if settings.api_key:
+            settings = msgspec.structs.replace(settings, api_key="")
+        snapshot = self.fleet.snapshot(settings, self.config.models, self.proxies,
                                        self.writer.generation + 1, os.getpid(), self.config.aliases)
+        if self.config.client_keys:
+            snapshot = msgspec.structs.replace(snapshot, client_keys=self.config.client_keys)
         generation = self.writer.publish(snapshot)
         if self.discovery is not None:
             self.discovery.published(generation)
@@ -138,6 +148,8 @@ class Coordinator:
 
     async def run(self) -> int:
         preflight(self.settings.host, self.settings.port)
+        if self.settings.ops_port:
+            preflight(self.settings.ops_host, self.settings.ops_port)
         self.orphans = orphans.find(self.settings.host, self.settings.port)  # before stale segments go
         self._create_segments()
         try:
@@ -183,6 +195,7 @@ class Coordinator:
             await self._wait_until_up()
             orphans.stop(self.orphans)  # our proxies serve now: a dead coordinator's ones may drain
             succession.retire_predecessor()  # after an upgrade: the previous generation drains
+            _log_keys(self.config)
             self._announce()
             return await self._main_loop()
 
@@ -320,7 +333,7 @@ class Coordinator:
                 raise ConfigError("no workers: the reloaded configuration lists none")
             # These size the listeners, processes and shared-memory segments made at start.
             fixed = [n for n in ("host", "port", "proxies", "max_workers", "snapshot_capacity",
-                                 "admin_host", "admin_port")
+                                 "admin_host", "admin_port", "ops_host", "ops_port")
                      if getattr(config.settings, n) != getattr(self.settings, n)]
             if fixed:
                 config = _keep(config, self.settings, fixed)
@@ -345,6 +358,7 @@ class Coordinator:
             self.housekeeping.reconfigure(config.settings)
         self.discovery.apply()
         generation = self.publish()
+        _log_keys(config)
         log.info("reloaded: %d added, %d removed, snapshot generation %d",
                  len(added), len(removed), generation)
         self.notifier.ready(f"reloaded: {len(added)} added, {len(removed)} removed, "
@@ -377,6 +391,18 @@ class Coordinator:
         return 0
 
 
+def _log_keys(config: Config) -> None:
+    """Say whether client keys are on, by their names (never a key or a digest)."""
+    keys = config.client_keys
+    if keys:
+        names = sorted({k.name for k in keys})
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        log.info("client API keys on: %d key(s) (%s)", len(keys), shown)
+    s = config.settings
+    if s.ops_port:
+        log.info("back office on the ops listener http://%s:%d", s.ops_host, s.ops_port)
+
+
 def _file_signature(path: str | None) -> tuple[int, int, int] | None:
     if not path:
         return None
@@ -388,8 +414,6 @@ def _file_signature(path: str | None) -> tuple[int, int, int] | None:
 
 
 def _keep(config: Config, running: object, names: list[str]) -> Config:
-    import msgspec
-
     settings = msgspec.structs.replace(config.settings, **{n: getattr(running, n) for n in names})
     return msgspec.structs.replace(config, settings=settings)
 

@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
-from shm.schema import ModelPolicy, WorkerSpec
+from shm.keys import KeySourceError, client_keys, resolve, upstream_ref
+from shm.schema import ClientKey, ModelPolicy, WorkerSpec
 from shm.settings import DESCRIPTIONS, SETTING_NAMES, Settings
 
 ENV_PREFIX = "SHARDGATE_"
@@ -45,6 +46,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     models: dict[str, ModelPolicy] = {}
     aliases: dict[str, dict[str, float]] = {}
     config_file: str | None = None
+    # Client API keys as digests (shm.keys.client_keys): what the snapshot carries.
+    client_keys: tuple[ClientKey, ...] = ()
 
 
 def flag_name(setting: str) -> str:
@@ -87,11 +90,16 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     _check_unique(workers)
     _check_discovery(settings)
     _check_watchdog(settings)
+    _check_ops(settings)
+    try:
+        keys = client_keys(settings.api_key, settings.api_key_file)
+    except KeySourceError as exc:
+        raise ConfigError(str(exc)) from None
     if len(workers) > settings.max_workers:
         raise ConfigError(f"max_workers: {len(workers)} workers are listed but max_workers is "
                           f"{settings.max_workers}")
     return Config(settings=settings, workers=tuple(workers), models=models, aliases=aliases,
-                  config_file=args.config)
+                  config_file=args.config, client_keys=keys)
 
 
 def read_file(path: str) -> dict[str, Any]:
@@ -179,8 +187,13 @@ def _workers(entries: Sequence[Any], path: str | None) -> list[WorkerSpec]:
         raise ConfigError(f"config file {path}: 'workers' must be a list")
     out = []
     for i, entry in enumerate(entries):
+        if isinstance(entry, dict) and "api_key" in entry:
+            # A key written in the file would be a secret in a file that is shared and versioned.
+            raise ConfigError(f"config file {path}: workers[{i}].api_key: a worker's key is not written "
+                              "in the config file; name it with api_key_env: VARIABLE or "
+                              "api_key_file: PATH (docs/api-keys.md)")
         spec = _convert(entry, WorkerSpec, f"workers[{i}]", path)
-        out.append(check_worker(spec, f"config file {path}: workers[{i}]"))
+        out.append(check_worker(spec, f"config file {path}: workers[{i}]", upstream_keys=True))
     return out
 
 
@@ -188,8 +201,14 @@ def _cli_workers(urls: Sequence[str]) -> list[WorkerSpec]:
     return [check_worker(WorkerSpec(url=url), f"--worker {url}") for url in urls]
 
 
-def check_worker(spec: WorkerSpec, where: str) -> WorkerSpec:
-    """Validate a worker's URL and fields; returns the spec with its URL normalised."""
+def check_worker(spec: WorkerSpec, where: str, upstream_keys: bool = False) -> WorkerSpec:
+    """Validate a worker's URL and fields; returns the spec with its URL normalised.
+
+    ``upstream_keys``: whether the entry may name an upstream key (``api_key_env``,
+    ``api_key_file``). Only the operator's own sources (config file, command line) may: a worker
+    that registers itself could otherwise have any secret of the router's environment, or any
+    file it can read, sent to its URL.
+    """
     parts = urlsplit(spec.url)
     if parts.scheme not in WORKER_SCHEMES:
         raise ConfigError(f"{where}: url '{spec.url}' must start with http://, https:// or grpc://")
@@ -205,6 +224,13 @@ def check_worker(spec: WorkerSpec, where: str) -> WorkerSpec:
         raise ConfigError(f"{where}: weight must be >= 1, got {spec.weight}")
     if spec.max_concurrency < 0:
         raise ConfigError(f"{where}: max_concurrency must be >= 0 (0: no cap), got {spec.max_concurrency}")
+    if spec.api_key_env or spec.api_key_file:
+        if not upstream_keys:
+            raise ConfigError(f"{where}: api_key_env and api_key_file may only be set in the config file")
+        try:
+            resolve(upstream_ref(spec.api_key_env, spec.api_key_file))  # proxies resolve it again
+        except KeySourceError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     if WORKER_SCHEMES[parts.scheme] != spec.connection and parts.scheme.startswith("grpc"):
         spec = msgspec.structs.replace(spec, connection="grpc")
     host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
@@ -251,6 +277,18 @@ def _check_watchdog(settings: Settings) -> None:
     if 0 < timeout < WATCHDOG_MIN:
         raise ConfigError(f"watchdog_timeout: must be 0 (off) or at least {WATCHDOG_MIN:g} seconds "
                           f"(proxies write a heartbeat every 0.25 s), got {timeout:g}")
+
+
+def _check_ops(settings: Settings) -> None:
+    """The ops listener needs a port of its own: in the data port's SO_REUSEPORT group it would
+    take a share of the clients' connections."""
+    port = settings.ops_port
+    if not port:
+        return
+    if port == settings.port:
+        raise ConfigError(f"ops_port: must differ from port ({port})")
+    if port == settings.admin_port:
+        raise ConfigError(f"ops_port: must differ from admin_port ({port})")
 
 
 def _check_unique(workers: Sequence[WorkerSpec]) -> None:

@@ -56,6 +56,12 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     # worker at its cap over, and a request whose every candidate is at its cap waits in the
     # admission queue (docs/overload.md).
     max_concurrency: int = 0
+    # The worker's own API key, sent as "Authorization: Bearer KEY" instead of the client's: the
+    # name of an environment variable the proxies inherit, or a file whose first line is the key.
+    # References only: a key itself is never written in a worker entry (docs/api-keys.md). Only
+    # the config file and the command line may set them (a registrant could name any secret).
+    api_key_env: str | None = None
+    api_key_file: str | None = None
 
 
 class Worker(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
@@ -79,8 +85,11 @@ class Worker(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=Fals
     ejected: bool = False
     # SGLang PD bootstrap port of a prefill worker (None: not announced).
     bootstrap_port: int | None = None
-    # WorkerSpec.max_concurrency (0: no cap). Last, with a default: array_like order.
+    # WorkerSpec.max_concurrency (0: no cap).
     max_concurrency: int = 0
+    # Where each proxy reads the worker's upstream key: "env:NAME", "file:PATH", or "" (none).
+    # A reference, never the key. Last, with a default: array_like order.
+    api_key_ref: str = ""
 
 
 class ModelPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -92,6 +101,14 @@ class ModelPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     prefill_policy: Policy | None = None
     decode_policy: Policy | None = None
     pd_dialect: Literal["two_phase", "bootstrap"] = "two_phase"
+
+
+class ClientKey(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """One client API key as proxies see it: its name (for logs) and the SHA-256 digest of the
+    key (hex). The key itself never enters a snapshot (docs/api-keys.md)."""
+
+    name: str
+    sha256: str
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,6 +136,9 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     aliases: dict[str, dict[str, float]] = {}
     # Discovery source (file, registry, etcd, admin) -> its current error; "" while it is fine.
     sources: dict[str, str] = {}
+    # Client API keys (digests and names); empty: the router needs no key. ``settings.api_key``
+    # is always empty in a published snapshot: its digest is one of these.
+    client_keys: tuple[ClientKey, ...] = ()
 
 
 SNAPSHOT_ENCODER = msgspec.msgpack.Encoder()

@@ -306,6 +306,29 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     admin_token_file: Annotated[
         str, _d("File holding the admin API's bearer token (SHARDGATE_ADMIN_TOKEN is used when empty).")
     ] = ""
+    # client API keys and the back office (docs/api-keys.md); all off by default
+    api_key: Annotated[
+        str, _d("A client API key (sglang-router's --api-key): requests must send it as 'Authorization: "
+                "Bearer KEY' or 'X-API-Key: KEY', else 401. Prefer SHARDGATE_API_KEY to the flag (a flag "
+                "shows in ps); proxies only ever see its SHA-256 digest. Empty: no such key.")
+    ] = ""
+    api_key_file: Annotated[
+        str, _d("File of client API keys, one a line: 'KEY', 'NAME:KEY' or 'NAME:sha256:HEX' (the file then "
+                "holds no secret); '#' starts a comment. Re-read on SIGHUP. Empty: no key file. With no "
+                "key at all, the router is open.")
+    ] = ""
+    forward_authorization: Annotated[
+        bool, _d("With client API keys on, also forward the client's Authorization and X-API-Key headers "
+                 "to workers (off: workers never see a client's key). A worker with its own upstream key "
+                 "(api_key_env or api_key_file in its entry) always gets that instead.")
+    ] = False
+    ops_host: Annotated[str, _d("Address the ops listener (ops_port) listens on.")] = "127.0.0.1"
+    ops_port: Annotated[
+        int, Meta(ge=0, le=65535),
+        _d("Port of the ops listener, which serves /workers, /stats, /metrics, /routers, /route/explain, "
+           "/health and /readiness without an API key; the data port then refuses the back-office paths "
+           "(404). 0: the back office stays on the data port, behind the API key when keys are on.")
+    ] = 0
     worker_cidrs: Annotated[
         str, _d("Comma-separated CIDRs that workers from the admin API, registry or etcd must resolve "
                 "into; empty: any address but link-local, metadata, multicast and unspecified.")

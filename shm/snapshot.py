@@ -117,6 +117,10 @@ class SnapshotWriter:
         return gen
 
     def publish(self, snapshot: Snapshot) -> int:
+        if snapshot.settings.api_key:
+            # The one door into shared memory: a client key in clear never passes it (the
+            # coordinator publishes its digest in ``client_keys``; docs/api-keys.md).
+            raise ValueError("a snapshot must not carry settings.api_key in clear")
         return self.publish_bytes(encode_snapshot(snapshot))
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from coordinator.fleet import topology
+from shm.keys import upstream_ref
 from shm.schema import ModelPolicy, Snapshot, Worker, WorkerSpec
 from shm.settings import Settings
 
@@ -104,7 +105,8 @@ class WorkerState:
                       quota_rpm=spec.quota.requests_per_minute if spec.quota else 0,
                       quota_tpm=spec.quota.tokens_per_minute if spec.quota else 0,
                       bootstrap_port=spec.bootstrap_port,
-                      ejected=self.ejected, max_concurrency=spec.max_concurrency)
+                      ejected=self.ejected, max_concurrency=spec.max_concurrency,
+                      api_key_ref=upstream_ref(spec.api_key_env, spec.api_key_file))
 
 
 class Fleet:

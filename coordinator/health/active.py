@@ -34,6 +34,8 @@ import msgspec
 
 from coordinator.fleet.membership import Fleet, WorkerState
 from coordinator.health.grpc_probe import check_grpc_health, discover_grpc_models
+from shm.keys import KeySourceError, resolve, upstream_ref
+from shm.schema import WorkerSpec
 from shm.settings import Settings
 
 DISCOVERY_RETRY = 2.0  # the first discovery's retry, so a router started before its workers is quick
@@ -51,10 +53,12 @@ class _ModelList(msgspec.Struct):
 _decode_models = msgspec.json.Decoder(_ModelList).decode
 
 
-async def discover_models(session: aiohttp.ClientSession, url: str, timeout: float) -> tuple[str, ...]:
+async def discover_models(session: aiohttp.ClientSession, url: str, timeout: float,
+                          headers: dict[str, str] | None = None) -> tuple[str, ...]:
     """The model ids a worker lists at ``GET /v1/models``; raises ValueError with a reason."""
     try:
-        async with session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with session.get(url + "/v1/models", timeout=aiohttp.ClientTimeout(total=timeout),
+                               headers=headers) as resp:
             body = await resp.read()
             if resp.status != 200:
                 raise ValueError(f"GET /v1/models answered {resp.status}")
@@ -69,12 +73,13 @@ async def discover_models(session: aiohttp.ClientSession, url: str, timeout: flo
     return models
 
 
-async def check_health(session: aiohttp.ClientSession, url: str, path: str, timeout: float) -> str:
+async def check_health(session: aiohttp.ClientSession, url: str, path: str, timeout: float,
+                       headers: dict[str, str] | None = None) -> str:
     """Empty string when healthy, else the reason."""
     try:
         # No redirects: a check must not be steered to another host (SSRF hygiene); 3xx fails it.
         async with session.get(url + path, timeout=aiohttp.ClientTimeout(total=timeout),
-                               allow_redirects=False) as resp:
+                               allow_redirects=False, headers=headers) as resp:
             await resp.read()
             return "" if 200 <= resp.status < 300 else f"GET {path} answered {resp.status}"
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -96,8 +101,23 @@ async def check_worker_health(session: aiohttp.ClientSession, state: WorkerState
     """One active check of one worker at its health target; empty string when it passes."""
     if state.spec.connection == "grpc":
         return await check_grpc_health(state.spec.url, settings.health_timeout)
+    # The worker's own key goes to the worker itself only, never to a babysitter's port.
+    headers = upstream_headers(state.spec) if settings.health_target == "service" else None
     return await check_health(session, health_base(state.spec.url, settings), settings.health_path,
-                              settings.health_timeout)
+                              settings.health_timeout, headers)
+
+
+def upstream_headers(spec: WorkerSpec) -> dict[str, str] | None:
+    """The worker's own key as a request header (engines started with an API key ask for it on
+    /v1/models, some on /health too); None when it has none or it cannot be read (the probe then
+    goes without, and the worker's answer says what is wrong)."""
+    ref = upstream_ref(spec.api_key_env, spec.api_key_file)
+    if not ref:
+        return None
+    try:
+        return {"Authorization": "Bearer " + resolve(ref)}
+    except KeySourceError:
+        return None
 
 
 def health_due(state: WorkerState, settings: Settings, now: float) -> bool:
@@ -123,7 +143,7 @@ async def list_models(session: aiohttp.ClientSession, state: WorkerState,
     url = state.spec.url
     if state.spec.connection == "grpc":
         return await discover_grpc_models(url, settings.health_timeout)
-    return await discover_models(session, url, settings.health_timeout)
+    return await discover_models(session, url, settings.health_timeout, upstream_headers(state.spec))
 
 
 async def probe(session: aiohttp.ClientSession, state: WorkerState, settings: Settings,

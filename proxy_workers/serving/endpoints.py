@@ -1,6 +1,7 @@
 """The router's own endpoints, answered by whichever proxy process receives them.
 
-Role: ``/health``, ``/readiness``, ``/v1/models``, ``/stats``, ``/workers`` and ``/metrics``. Figures
+Role: ``/health``, ``/readiness``, ``/v1/models``, and the back office (``/stats``, ``/workers``,
+``/metrics``, ``/routers``, ``/route/explain``), on the data port or the ops listener. Figures
 are totals across all proxy processes, read from the shared-memory load board, so the answer does
 not depend on which process the kernel handed the connection to.
 
@@ -33,9 +34,25 @@ _encode = msgspec.json.Encoder().encode
 _processes: dict[int, psutil.Process] = {}
 
 
-def answer(proc: ProxyProcess, request: Request) -> tuple[int, bytes, bytes]:
-    """(status, body, content type) for a router endpoint; raises RouterError otherwise."""
+# The back office: what an operator reads (worker URLs, figures, decisions), not a client. With
+# an ops listener (ops_port) it is served there only; else on the data port, behind the API key
+# when keys are on (docs/api-keys.md).
+BACK_OFFICE = frozenset({"/workers", "/stats", "/metrics", "/routers", "/route/explain"})
+OPS_PATHS = BACK_OFFICE | {"/health", "/readiness"}
+
+
+def answer(proc: ProxyProcess, request: Request, ops: bool = False) -> tuple[int, bytes, bytes]:
+    """(status, body, content type) for a router endpoint; raises RouterError otherwise.
+
+    ``ops``: the request came to the ops listener, which serves :data:`OPS_PATHS` only; the data
+    port refuses the back office while an ops listener serves it."""
     path = request.path.decode("latin-1")
+    if ops:
+        if path not in OPS_PATHS:
+            raise NotFound(f"no route for {path} on the ops listener; it serves "
+                           + ", ".join(sorted(OPS_PATHS)))
+    elif path in BACK_OFFICE and proc.settings.ops_port:
+        raise NotFound(f"no route for {path} on this port (the back office is on the ops listener)")
     if path == "/route/explain":
         if request.method != b"POST":
             raise MethodNotAllowed("/route/explain accepts POST only (the request body to explain)")

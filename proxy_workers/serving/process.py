@@ -1,7 +1,8 @@
 """Lifecycle of one proxy process: attach, bind, serve, sweep, drain.
 
 Role: start a uvloop event loop, attach the shared-memory segments, bind the SO_REUSEPORT
-listener, serve until SIGTERM, then shut down gracefully.
+listener (and the ops listener, when ``ops_port`` is set), serve until SIGTERM, then shut down
+gracefully.
 
 Signals (handled here only): SIGTERM drains and exits 0. SIGINT and SIGHUP are ignored: a Ctrl-C
 in a terminal reaches the whole process group, and the coordinator decides what it means
@@ -38,6 +39,7 @@ import time
 import posix_ipc
 import uvloop
 
+from proxy_workers.serving.ops import OpsProtocol
 from proxy_workers.serving.protocol import ClientProtocol
 from proxy_workers.serving.state import ProxyProcess, freeze_startup_heap
 from shm.affinity import AffinityTable
@@ -84,10 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 <= args.index < board.max_proxies:
             raise ValueError(f"proxy index {args.index} outside the load board")
         sock = listen_socket(settings.host, settings.port)
+        # The ops listener (back office on a port of its own): bound by every proxy, like the
+        # data port, so it serves as long as the data plane does (serving.ops).
+        ops_sock = listen_socket(settings.ops_host, settings.ops_port) if settings.ops_port else None
     except (OSError, ValueError, posix_ipc.Error) as exc:
         print(f"shardgate proxy {args.index}: cannot start: {exc}", file=sys.stderr, flush=True)
         return EXIT_BOOT_ERROR
-    uvloop.run(_serve(args.index, reader, board, affinity, sock))
+    uvloop.run(_serve(args.index, reader, board, affinity, sock, ops_sock))
     return EXIT_OK
 
 
@@ -99,7 +104,7 @@ def _stop_early(signum: int, frame: object) -> None:
 
 
 async def _serve(index: int, reader: SnapshotReader, board: LoadBoard, affinity: AffinityTable,
-                 sock: socket.socket) -> None:
+                 sock: socket.socket, ops_sock: socket.socket | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -108,6 +113,8 @@ async def _serve(index: int, reader: SnapshotReader, board: LoadBoard, affinity:
     proc = ProxyProcess(loop, index, reader, board, affinity)
     freeze_startup_heap()
     server = await loop.create_server(lambda: ClientProtocol(proc), sock=sock, backlog=LISTEN_BACKLOG)
+    ops = None if ops_sock is None else \
+        await loop.create_server(lambda: OpsProtocol(proc), sock=ops_sock, backlog=LISTEN_BACKLOG)
     # Only now, serving (and before the loop runs any connection), does this proxy claim its row:
     # the coordinator counts it as up from here (the supervisor's invariant).
     _claim_row(board, index)
@@ -117,6 +124,9 @@ async def _serve(index: int, reader: SnapshotReader, board: LoadBoard, affinity:
     sweeper = loop.create_task(_sweep_forever(proc, stop, coordinator))
     log.debug("serving with pid %d", os.getpid())
     await stop.wait()
+    if ops is not None:
+        # Closed at once: a scrape refused on one proxy's listener finds another's, or retries.
+        ops.close()
     await _shutdown(proc, server, sock)
     sweeper.cancel()
 

@@ -27,6 +27,7 @@ from proxy_workers.http.upstream import Pools
 from proxy_workers.policies.base import PolicyEnv
 from proxy_workers.routing.table import RoutingTable
 from proxy_workers.serving.admission import Admission
+from proxy_workers.serving.auth import KeyGate, UpstreamKeys, gate_for
 from shm.affinity import AffinityTable
 from shm.loadboard import P_DISCONNECTS, P_ERRORS, P_REJECTED, P_REQUESTS, P_RETRIES, LoadBoard
 from shm.schema import Snapshot
@@ -64,7 +65,7 @@ class ProxyProcess:
                  "connections", "decision0", "draining", "env", "floats", "gate", "grpc_channels",
                  "hash_headers", "index", "ints", "limits_on", "loop", "orphan_logged", "orphaned_since",
                  "pools", "reader", "retry_statuses", "retrying", "rid_counter", "rid_prefix", "rng", "row",
-                 "settings")
+                 "settings", "upstream_keys")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, index: int, reader: SnapshotReader,
                  board: LoadBoard, affinity: AffinityTable | None = None) -> None:
@@ -101,9 +102,11 @@ class ProxyProcess:
         self.rid_counter = 0
         # Admission control (docs/overload.md): ``limits_on`` is the one check a request pays
         # when every limit is off; ``admitted`` holds the exchanges that took a place.
-        # Client API keys (docs/security.md): None when they are off, so an open router pays
-        # one attribute check per request.
-        self.gate: RequestGate | None = None
+        # Client API keys and workers' own keys (docs/api-keys.md): the gate is None when both
+        # are off, so an open router pays one attribute check per request.
+        self.upstream_keys = UpstreamKeys()
+        self.gate: RequestGate | None = gate_for(
+            snapshot, self.upstream_keys.apply(snapshot.workers, self.pools, self.grpc_channels), None)
         self.admission = Admission(self)
         self.admitted = self.admission.admitted
         self.limits_on = self.admission.update(self.settings, snapshot.proxies, index, self._table.capped)
@@ -184,6 +187,8 @@ class ProxyProcess:
         urls = {w.url for w in snapshot.workers}
         self.pools.retain(urls)
         self.grpc_channels.retain(urls)
+        keyed = self.upstream_keys.apply(snapshot.workers, self.pools, self.grpc_channels)
+        self.gate = gate_for(snapshot, keyed, self.gate if isinstance(self.gate, KeyGate) else None)
         self.limits_on = self.admission.update(snapshot.settings, snapshot.proxies, self.index,
                                                self._table.capped)
 
