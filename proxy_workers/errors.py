@@ -1,7 +1,12 @@
 """Errors the router itself answers, each carrying its HTTP status, rendered in OpenAI's shape.
 
-Invariant: every response the router writes on its own behalf (not a worker's) goes through
-:func:`render`, so clients always get ``{"error": {"message", "type", "param", "code"}}`` JSON.
+Invariants:
+- Every response the router writes on its own behalf (not a worker's) goes through
+  :func:`render`, so clients always get ``{"error": {"message", "type", "param", "code"}}`` JSON.
+- A value the client sent is echoed at most :data:`ECHO_LIMIT` characters long (:func:`clip`),
+  and a whole message at most :data:`MESSAGE_LIMIT` (:func:`error_body`), whatever raised it.
+- Each error has a ``reason``: the bounded name it is counted and logged under when it refuses a
+  request (``shm.loadboard.REFUSAL_REASONS``); by default its ``code``.
 """
 
 from __future__ import annotations
@@ -14,15 +19,28 @@ if TYPE_CHECKING:
     from proxy_workers.contract import Refusal
 
 _REASONS = {
-    200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-    408: b"Request Timeout", 413: b"Payload Too Large", 429: b"Too Many Requests",
+    200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Payload Too Large", 414: b"URI Too Long",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
     503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
 
 
+ECHO_LIMIT = 128  # characters of a client's value quoted back in an error message
+MESSAGE_LIMIT = 1024  # characters of any error message (a backstop for values quoted unclipped)
+
+
 def reason(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
+
+
+def clip(value: object) -> str:
+    """A client's value as an error message may quote it: at most ECHO_LIMIT characters."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= ECHO_LIMIT:
+        return text
+    return f"{text[:ECHO_LIMIT]}... ({len(text)} characters)"
 
 
 class RouterError(Exception):
@@ -31,13 +49,17 @@ class RouterError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    reason: str | None = None  # counted and logged as this (None: the code); see the module doc
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if reason is not None:
+            self.reason = reason
 
     def headers(self) -> bytes:
         """Extra response header lines this error carries (e.g. Retry-After)."""
@@ -70,6 +92,10 @@ class RequestTimeout(RouterError):
 
 class HeadersTooLarge(RouterError):
     status, type, code = 431, "invalid_request_error", "headers_too_large"
+
+
+class UriTooLong(RouterError):
+    status, type, code = 414, "invalid_request_error", "uri_too_long"
 
 
 class InternalError(RouterError):
@@ -128,8 +154,11 @@ _ENCODER = msgspec.json.Encoder()
 
 
 def error_body(err: Refusal) -> bytes:
+    message = err.message
+    if len(message) > MESSAGE_LIMIT:
+        message = message[:MESSAGE_LIMIT] + "... (truncated)"
     return _ENCODER.encode(
-        {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+        {"error": {"message": message, "type": err.type, "param": err.param, "code": err.code}}
     )
 
 

@@ -6,7 +6,8 @@ least across the whole router, and lets any proxy answer /stats, /workers and /m
 Layout (8-byte words after a 64-byte header; the same bytes are viewed as int64 and as float64)::
 
     header: magic, layout version, max_proxies, max_workers, PROXY_FIELDS, WORKER_FIELDS
-    proxy rows:   max_proxies x PROXY_FIELDS words      (row p written only by proxy p)
+    proxy rows:   max_proxies x PROXY_FIELDS words      (row p written only by proxy p; the
+                  last MAX_REFUSAL_REASONS words count refusals by reason)
     worker cells: max_proxies x max_workers x WORKER_FIELDS words
                   (cell [p][w] written only by proxy p; w is the worker's stable slot)
     engine rows:  max_workers x ENGINE_FIELDS words     (written only by the coordinator: the
@@ -29,7 +30,8 @@ from shm.segment import Segment
 
 MAGIC = int.from_bytes(b"SGLOAD01", "little")
 # 2: proxy rows grew to 24 words (admission control's queue gauge and counters).
-LAYOUT_VERSION = 3
+# 4: proxy rows grew to 56 words (requests refused before routing, by reason).
+LAYOUT_VERSION = 4
 HEADER_WORDS = 8
 
 # Proxy row fields.
@@ -41,7 +43,21 @@ P_DISCONNECTS, P_RETRIES, P_GENERATION, P_TORN_READS, P_RESTARTS, P_REJECTED = 6
 P_QUEUED, P_ADMITTED, P_QUEUE_WAITS, P_QUEUE_WAIT_SECONDS = 12, 13, 14, 15
 P_REJ_QUEUE_FULL, P_REJ_QUEUE_TIMEOUT, P_REJ_RATE_LIMITED, P_REJ_SHUTDOWN = 16, 17, 18, 19
 P_QUEUE_ABANDONED = 20
-PROXY_FIELDS = 24
+# Requests refused before a worker (P_REJECTED), by reason: word P_REFUSED + i counts
+# REFUSAL_REASONS[i]. The names are the bounded label set of /metrics and /stats (errors carry
+# one; proxy_workers.serving.refusals counts them); a refusal of another reason is counted in
+# P_REJECTED only, and shown as "other" (the total minus the named ones).
+REFUSAL_REASONS = (
+    "bad_http", "uri_too_long", "headers_too_large", "too_many_fields", "body_too_large",
+    "bad_host", "bad_path", "upgrade", "bad_json", "json_too_deep", "invalid_request",
+    "request_timeout", "method_not_allowed", "not_found", "model_not_found", "no_healthy_worker",
+    "workers_saturated", "quota_exceeded", "rate_limit_exceeded", "queue_full", "queue_timeout",
+    "shutting_down", "overloaded", "invalid_api_key", "internal_error",
+)
+P_REFUSED = 24
+MAX_REFUSAL_REASONS = 32
+REFUSAL_INDEX = {name: i for i, name in enumerate(REFUSAL_REASONS)}
+PROXY_FIELDS = P_REFUSED + MAX_REFUSAL_REASONS
 PROXY_FLOAT_FIELDS = frozenset({P_STARTED, P_HEARTBEAT, P_QUEUE_WAIT_SECONDS})
 PROXY_FIELD_NAMES = {
     P_PID: "pid", P_STARTED: "started_at", P_HEARTBEAT: "heartbeat", P_REQUESTS: "requests",
@@ -52,7 +68,9 @@ PROXY_FIELD_NAMES = {
     P_REJ_QUEUE_FULL: "rejected_queue_full", P_REJ_QUEUE_TIMEOUT: "rejected_queue_timeout",
     P_REJ_RATE_LIMITED: "rejected_rate_limited", P_REJ_SHUTDOWN: "rejected_shutdown",
     P_QUEUE_ABANDONED: "queue_abandoned",
+    **{P_REFUSED + i: f"refused_{name}" for i, name in enumerate(REFUSAL_REASONS)},
 }
+assert len(REFUSAL_REASONS) <= MAX_REFUSAL_REASONS
 
 # Worker cell fields.
 W_IN_FLIGHT, W_REQUESTS, W_ERRORS, W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR = 0, 1, 2, 3, 4, 5

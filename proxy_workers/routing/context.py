@@ -7,6 +7,9 @@ pays for hashing headers or decoding the prompt; cache_aware decodes the prompt 
 Invariants:
 - The body is decoded at most twice: once for ``model``/``user``/``max_tokens`` (every request),
   once more for the prompt text (only when a policy asks for it: cache_aware).
+- A body is decoded only once its nesting is known to be within ``max_json_depth``
+  (:func:`json_too_deep`), so no decoder recurses deeper than that (msgspec itself stops with
+  RecursionError near the interpreter's recursion limit).
 - The routing key comes from the first present header of ``hash_headers``, else the body's
   ``user`` field, else the ``hash_fallback`` (client address or none).
 - ``reason``/``fallback`` are plain attribute writes (cheap on every request); ``scores`` are
@@ -15,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -55,6 +59,33 @@ DEFAULT_OUTPUT_TOKENS = 256
 KEY_HASH_MEMO = 65536
 _KEY_HASHES: dict[bytes, int] = {}
 CHARS_PER_TOKEN = 4
+# JSON strings (brackets inside them do not nest), and every byte that is not a bracket.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_too_deep(body: bytes, limit: int) -> bool:
+    """Whether JSON ``body`` nests arrays and objects more than ``limit`` deep.
+
+    Depth never exceeds the count of opening brackets, so a body with at most ``limit`` of them
+    is cleared by two C-speed counts (nearly every request). Otherwise the depth is measured on
+    the body's brackets outside strings: linear in the body, and run only for bodies with more
+    than ``limit`` brackets."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    if b'\\"' in body:
+        skeleton = _JSON_STRING.sub(b"", body)  # escaped quotes: strings need the full pattern
+    else:
+        skeleton = b"".join(body.split(b'"')[::2])  # outside strings: every other piece
+    depth = 0
+    for byte in skeleton.translate(None, _NOT_BRACKETS):
+        if byte == 91 or byte == 123:  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 def prompt_text(fields: PromptFields) -> str:

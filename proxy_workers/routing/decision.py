@@ -11,12 +11,13 @@ shard, fallback) is rendered by :func:`describe`, the seed's RoutingDecision.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
 from proxy_workers.errors import BadRequest, RouterError
-from proxy_workers.routing.context import ROUTING_DECODER, RequestContext
+from proxy_workers.routing.context import ROUTING_DECODER, RequestContext, json_too_deep
 from proxy_workers.routing.selection import resolve_alias, select_router
 from proxy_workers.routing.table import ModelRoute, PDRoute, RoutingTable
 
@@ -38,24 +39,39 @@ class RoutingProcess(Protocol):
     def latest_table(self) -> RoutingTable: ...
 
 _encode = msgspec.json.Encoder().encode
+# msgspec ends a validation message with the JSON path of the field: "... - at `$.model`".
+_AT_PATH = re.compile(r" - at `\$\.([^`]+)`$")
 
 
 def _body_error(exc: msgspec.MsgspecError) -> BadRequest:
-    """A 400 naming the field (a wrong type) or saying the body is not JSON."""
+    """A 400 naming the field (a wrong type; ``param`` is its JSON path, if msgspec gave one) or
+    saying the body is not JSON (no ``param``)."""
     if isinstance(exc, msgspec.ValidationError):
-        param = str(exc).rpartition("$.")[2].rstrip("`") or None
-        return BadRequest(f"invalid request body: {exc}", param=param)
-    return BadRequest(f"request body is not valid JSON: {exc}")
+        at = _AT_PATH.search(str(exc))
+        return BadRequest(f"invalid request body: {exc}", param=at.group(1) if at else None,
+                          reason="bad_json")
+    return BadRequest(f"request body is not valid JSON: {exc}", reason="bad_json")
+
+
+def _too_deep(limit: int) -> BadRequest:
+    return BadRequest(f"request body nests JSON arrays and objects deeper than max_json_depth={limit}",
+                      reason="json_too_deep")
 
 
 def prepare(proc: RoutingProcess, request: ClientRequest,
             dry_run: bool = False) -> tuple[ModelRoute | PDRoute, RequestContext]:
     """The route and context for ``request``; raises RouterError (404, 503, 400) with a reason."""
     body = request.body
+    if body:
+        limit = proc.settings.max_json_depth
+        if json_too_deep(body, limit):
+            raise _too_deep(limit)
     try:
         fields = ROUTING_DECODER.decode(body) if body else None
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise _body_error(exc) from None
+    except RecursionError:  # not expected after the depth check; never a 500 if it happens
+        raise _too_deep(proc.settings.max_json_depth) from None
     model = fields.model if fields is not None else None
     table = proc.latest_table()
     ctx = RequestContext(model, fields, request.body, request.headers, request.peer,

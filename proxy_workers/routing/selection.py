@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Mapping
 
-from proxy_workers.errors import ModelNotFound, NoHealthyWorker
+from proxy_workers.errors import ModelNotFound, NoHealthyWorker, clip
 
 # Preference order among a model's routers once the connection filter is applied.
 ORDER = ("http_pd", "grpc_pd", "http_regular", "grpc_regular")
@@ -37,10 +37,11 @@ def select_router(model: str, available: Iterable[str], preference: str) -> tupl
     """(router name, reason) for ``model``; raises when no usable router serves it."""
     available = tuple(available)
     if not available:
-        raise ModelNotFound(f"The model '{model}' does not exist or is not served here.", param="model")
+        raise ModelNotFound(f"The model '{clip(model)}' does not exist or is not served here.",
+                            param="model")
     pool = available if preference == "any" else tuple(r for r in available if r.startswith(preference))
     if not pool:
-        raise NoHealthyWorker(f"model '{model}' has no {preference} router "
+        raise NoHealthyWorker(f"model '{clip(model)}' has no {preference} router "
                               f"(it is served by: {', '.join(available)})")
     for i, name in enumerate(pool):
         if name in IMPLEMENTED:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from proxy_workers.errors import ModelNotFound, NoHealthyWorker, WorkersSaturated
+from proxy_workers.errors import ModelNotFound, NoHealthyWorker, WorkersSaturated, clip
 from proxy_workers.policies.base import Policy, PolicyEnv
 from proxy_workers.policies.registry import make_policy
 from proxy_workers.routing.context import RequestContext
@@ -261,7 +261,7 @@ class RoutingTable:
             return self.any
         route = self.routes.get(model)
         if route is None:
-            raise ModelNotFound(f"The model '{model}' does not exist or is not served here.",
+            raise ModelNotFound(f"The model '{clip(model)}' does not exist or is not served here.",
                                 param="model")
         return route
 

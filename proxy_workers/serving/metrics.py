@@ -13,14 +13,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from shm.loadboard import REFUSAL_REASONS
 from shm.schema import Snapshot
 
 _ROUTER_COUNTERS = (
     ("requests", "shardgate_requests_total", "Requests answered by the router (proxied or refused)."),
     ("errors", "shardgate_request_errors_total", "Requests that ended in a router error or truncation."),
     ("retries", "shardgate_retries_total", "Requests moved to another worker after a failure."),
-    ("rejected", "shardgate_requests_rejected_total",
-     "Requests the router refused before routing them (bad HTTP or JSON, limits, unknown model or path)."),
     ("client_disconnects", "shardgate_client_disconnects_total",
      "Requests whose client went away before the response was complete."),
 )
@@ -41,6 +40,16 @@ _WORKER_SERIES = (
 _ADMISSION_REASONS = ("queue_full", "queue_timeout", "rate_limited", "shutdown")
 
 
+def rejected_by_reason(proxies: list[dict[str, Any]]) -> dict[str, int]:
+    """Requests refused before routing, by reason, summed over proxy rows (``LoadBoard.proxy_row``).
+
+    Every reason is present (zeros included); "other" is the total minus the named reasons, so
+    the values always add up to the ``rejected`` total."""
+    out = {why: sum(int(p[f"refused_{why}"]) for p in proxies) for why in REFUSAL_REASONS}
+    out["other"] = max(0, sum(int(p["rejected"]) for p in proxies) - sum(out.values()))
+    return out
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -59,6 +68,11 @@ def render_metrics(snap: Snapshot, proxies: list[dict[str, Any]], workers: list[
     for key, name, help_text in _ROUTER_COUNTERS:
         family(name, "counter", help_text)
         lines.append(f"{name} {sum(int(p[key]) for p in proxies)}")
+    family("shardgate_requests_rejected_total", "counter",
+           "Requests the router refused before routing them, by reason (bad HTTP or JSON, limits, "
+           "unknown model or path, admission control); summed over reasons: all refusals.")
+    for why, count in rejected_by_reason(proxies).items():
+        lines.append(f'shardgate_requests_rejected_total{{reason="{why}"}} {count}')
     family("shardgate_in_flight_requests", "gauge", "Requests in flight across all proxies.")
     lines.append(f"shardgate_in_flight_requests {sum(int(p['in_flight']) for p in proxies)}")
     _admission(lines, family, proxies)

@@ -2,7 +2,8 @@
 
 Role: :class:`ClientProtocol` reads requests from one client connection, answers the router's own
 endpoints, and hands ``/v1/*`` requests to the exchange of the router that serves them (HTTP,
-HTTP PD or gRPC: each a :class:`proxy_workers.contract.ClientExchange`; this class is their
+HTTP PD or gRPC, :mod:`proxy_workers.serving.dispatch`; each a
+:class:`proxy_workers.contract.ClientExchange`; this class is their
 :class:`proxy_workers.contract.ClientSink`).
 
 Invariants:
@@ -10,51 +11,55 @@ Invariants:
   parser error is a 400 and the connection is closed. Upgrades are refused: the Upgrade header of
   a request without a body is ignored (RFC 9110 7.8), the request answered over HTTP/1.1 and the
   connection closed after it; one with a body gets 400 (llhttp cannot read that body).
-- The request body is buffered up to ``max_body_size`` (the router must read ``model`` before it
-  can pick a worker); a larger declared or actual body gets 413 before more is read.
+- Limits hold whatever the reads (docs/security.md): one head budget per request
+  (``max_head_size``, ``max_header_count``; target and fields counted as llhttp delivers them,
+  trailer fields too) -> 414 or 431; the body (``max_body_size``, counted as de-chunked) -> 413
+  before more is read. Trailer fields are never forwarded. The rules llhttp does not apply (Host
+  count, dot segments) live in :mod:`proxy_workers.serving.rules`.
 - Hop-by-hop headers, and any header the client names in ``Connection``, are dropped before the
   router adds its own (``X-Forwarded-For``, ``X-Request-ID``), so a client cannot strip those
   (the rules: :mod:`proxy_workers.forwarding.headers`).
-- A request refused before routing (bad HTTP or JSON, a limit, an unknown model or path) is
-  counted once as rejected; every other request is counted when its exchange ends.
-- Responses go out in request order (pipelined requests wait their turn).
+- Responses go out in request order (pipelined requests wait their turn), refusals included: a
+  request that cannot be read to its end is answered after the requests before it, then the
+  connection closes. Every refusal before a worker goes through :meth:`ClientProtocol.refuse`,
+  which counts it once, by reason (:mod:`proxy_workers.serving.refusals`); every other request
+  is counted when its exchange ends.
+- Bounded memory per connection. Reading from the client stops (``pause_reading``) while
+  ``max_pipelined`` requests wait, or while the client's own write buffer is above its high-water
+  mark (and the next queued request waits until it drains); a read larger than FEED_SLICE is
+  parsed a slice at a time so parsing stops there too, the rest held until reading resumes. A
+  body is accumulated in one bytearray. Worst case for one connection, in bytes:
+  ``(max_pipelined + 1) * (max_body_size + c * max_head_size) + c * FEED_SLICE + 256 KiB``
+  (the requests waiting and the one being read, a slice's worth of tiny pipelined requests
+  parsed past the cap, one transport read), with c ~ 20 for Python objects per head byte; plus
+  the write buffer's high-water mark (64 KiB) and one response the router answers itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
 from proxy_workers.errors import (
     BadRequest,
-    BodyTooLarge,
-    HeadersTooLarge,
     InternalError,
     MethodNotAllowed,
     RequestTimeout,
     RouterError,
+    clip,
     render,
     render_response,
 )
-from proxy_workers.forwarding.headers import (
-    NO_TOKENS,
-    ROUTER_NOTES,
-    ROUTER_READS,
-    SPECIAL_REQUEST_HEADERS,
-    connection_tokens,
-    without_fields,
-)
 from proxy_workers.forwarding.request import Request
-from proxy_workers.http.exchange import Exchange
-from proxy_workers.http.pd import PDExchange
 from proxy_workers.routing.decision import prepare
-from proxy_workers.serving import endpoints
+from proxy_workers.serving import endpoints, rules
+from proxy_workers.serving.dispatch import DATA_PATHS
+from proxy_workers.serving.reading import CONTINUE, RequestReader
+from proxy_workers.serving.refusals import note_refusal
 
 if TYPE_CHECKING:
     from proxy_workers.contract import ClientExchange, ClientRequest, ClientSink, Refusal
@@ -62,18 +67,17 @@ if TYPE_CHECKING:
     from proxy_workers.serving.state import ProxyProcess
 
 log = logging.getLogger("shardgate.proxy")
-MAX_HEAD_BYTES = 64 * 1024
 REFUSED_METHODS = frozenset({b"HEAD", b"CONNECT", b"TRACE"})
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# A read larger than this is parsed a slice at a time, so that parsing can stop between slices
+# when the pipelining cap is reached: what one read can add past the cap stays this small.
+FEED_SLICE = 16 * 1024
 
 
-class ClientProtocol(asyncio.Protocol):
-    """One client connection."""
+class ClientProtocol(RequestReader, asyncio.Protocol):
+    """One client connection: its requests (read by :class:`RequestReader`), their answers, flow control."""
 
-    __slots__ = ("_body", "_body_len", "_conn_tokens", "_continue_pending", "_expect", "_head_done",
-                 "_head_len", "_headers", "_noted", "_parts", "_stopped", "_upgrade", "_url", "exchange",
-                 "idle_since", "parser", "peer", "proc", "queue", "reading_since", "transport")
+    __slots__ = ("_blocked", "_held", "_stopped", "_write_paused", "exchange", "parser", "peer", "proc",
+                 "queue", "transport")
 
     def __init__(self, proc: ProxyProcess) -> None:
         self.proc = proc
@@ -85,21 +89,11 @@ class ClientProtocol(asyncio.Protocol):
         self.idle_since = proc.loop.time()
         self.reading_since = 0.0
         self._upgrade = False  # a request asked to upgrade: it is answered, then the connection closed
-        self._stopped = False  # llhttp stopped after that request: later bytes are not HTTP/1.1
+        self._stopped = False  # nothing more is parsed: after an upgrade, or a request refused unread
+        self._write_paused = False  # the client's write buffer is above its high-water mark
+        self._blocked = False  # reading is paused: stopped, write-paused, or max_pipelined waiting
+        self._held = b""  # the unparsed rest of a read, while blocked
         self._reset()
-
-    def _reset(self) -> None:
-        self._url = b""
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._parts: list[bytes] = []  # header lines for the worker, built as headers arrive
-        self._noted: list[tuple[bytes, bytes]] = []  # fields in ROUTER_NOTES, rare
-        self._body: list[bytes] = []
-        self._body_len = 0
-        self._head_len = 0  # bytes received while this request's head was incomplete
-        self._head_done = False
-        self._conn_tokens: frozenset[bytes] = NO_TOKENS
-        self._continue_pending = False
-        self._expect = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -110,8 +104,23 @@ class ClientProtocol(asyncio.Protocol):
         self.proc.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._stopped:
-            return
+        if self._blocked or len(data) > FEED_SLICE:
+            self._receive_in_slices(data)
+        else:
+            self._feed(data)
+
+    def _receive_in_slices(self, data: bytes | memoryview) -> None:
+        """Parse ``data`` FEED_SLICE bytes at a time; once blocked, hold the rest (or drop it, stopped)."""
+        view = memoryview(data)
+        for start in range(0, len(view), FEED_SLICE):
+            if self._stopped:
+                return
+            if self._blocked:
+                self._held += view[start:]
+                return
+            self._feed(view[start:start + FEED_SLICE])
+
+    def _feed(self, data: bytes | memoryview) -> None:
         if not self._head_done:
             self._head_len += len(data)  # an upper bound of the head's size (see the check below)
         try:
@@ -119,7 +128,7 @@ class ClientProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             # llhttp stops after a request that asks to upgrade (it is already complete and
             # dispatched, with keep-alive off); what follows would be the other protocol.
-            self._stopped = True
+            self._stop()
         except httptools.HttpParserCallbackError as exc:
             # Our own callbacks raised: a RouterError is an answer, anything else is a bug.
             cause = exc.__context__
@@ -128,149 +137,90 @@ class ClientProtocol(asyncio.Protocol):
                 cause = InternalError("internal router error; see the router's log")
             self.fail_connection(cause)
         except httptools.HttpParserError as exc:
-            self.fail_connection(BadRequest(f"malformed HTTP request: {exc}"))
+            self.fail_connection(BadRequest(f"malformed HTTP request: {exc}", reason="bad_http"))
         else:
-            # A head still incomplete after MAX_HEAD_BYTES of input is refused: what llhttp
-            # buffers stays bounded, at no cost per header.
-            if self._head_len > MAX_HEAD_BYTES and not self._head_done:
-                self.fail_connection(HeadersTooLarge(f"request head exceeds {MAX_HEAD_BYTES} bytes"))
+            # llhttp holds an unfinished field itself; a head still incomplete after more than
+            # its budget of input is refused, so what llhttp buffers stays bounded too.
+            if self._head_len and not self._head_done and self._head_len > self.proc.settings.max_head_size:
+                self.fail_connection(rules.head_too_large(self.proc.settings.max_head_size))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.proc.connections.discard(self)
         self.queue.clear()
+        self._held = b""
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.client_gone()
             self._gone(exchange)
+        # The parser refers back to this protocol: break the cycle so the connection's buffers
+        # are freed now, not by the cyclic collector.
+        self.parser = None  # type: ignore[assignment]
 
     def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_input()
         if self.exchange is not None:
             self.exchange.pause_upstream()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         if self.exchange is not None:
             self.exchange.resume_upstream()
+        elif self.queue:  # a queued request waited for the client to read (_next)
+            self.dispatch(self.queue.popleft())
+        self._update_input()
 
-    # -- httptools callbacks ---------------------------------------------------------------
+    # -- reading: pause and resume ---------------------------------------------------------
 
-    # No on_message_begin: each httptools callback costs ~0.3 us, so per-message state is reset
-    # at the end of the previous message and a new message is noticed by its first URL bytes.
+    def _stop(self) -> None:
+        """Parse nothing more on this connection (its last request is being answered)."""
+        self._stopped = True
+        self._held = b""
+        self._update_input()
 
-    def on_url(self, url: bytes) -> None:
-        if not self._url:
+    def _update_input(self) -> None:
+        """Pause reading while stopped, write-paused or max_pipelined requests wait; else resume."""
+        block = (self._stopped or self._write_paused
+                 or len(self.queue) >= self.proc.settings.max_pipelined)
+        if block == self._blocked:
+            return
+        self._blocked = block
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if block:
+            transport.pause_reading()
+            # header_timeout is for a client that is slow to send, not for time we do not read.
+            self.reading_since = 0.0
+        elif self._held:
+            # Parsed from the loop, not from here: this may run inside a callback of the parser.
+            self.proc.loop.call_soon(self._release_held)
+        else:
+            self._resume_reading(transport)
+
+    def _release_held(self) -> None:
+        transport = self.transport
+        if self._blocked or transport is None or transport.is_closing():
+            return
+        held, self._held = self._held, b""
+        self._receive_in_slices(held)
+        if not self._blocked:
+            self._resume_reading(transport)
+
+    def _resume_reading(self, transport: asyncio.Transport) -> None:
+        if self._url:  # a request was partly read: its header_timeout starts again
             self.reading_since = self.proc.loop.time()
-            self.idle_since = 0.0  # a request is arriving: header_timeout governs it, not keepalive
-        self._url += url
+        transport.resume_reading()
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        low = name.lower()
-        self._headers.append((low, value))
-        # Each field is classified once, here: an ordinary one becomes its line for the worker
-        # right away; hop-by-hop and router-read ones are handled by _special_header.
-        if low not in SPECIAL_REQUEST_HEADERS:
-            self._parts.append(b"%s: %s\r\n" % (low, value))
-        elif low != b"host":  # Host is the worker's (set per pool); nothing to note
-            self._special_header(low, value)
-
-    def _special_header(self, name: bytes, value: bytes) -> None:
-        if name == b"content-length":
-            limit = self.proc.settings.max_body_size
-            if int(value) > limit:
-                raise BodyTooLarge(f"request body of {int(value)} bytes exceeds max_body_size={limit}")
-        elif name == b"connection":
-            # Repeated Connection fields form one list: every field's tokens count.
-            self._conn_tokens |= connection_tokens(value)
-        elif name == b"expect":
-            self._expect = value.lower() == b"100-continue"
-        elif name in ROUTER_NOTES:
-            self._noted.append((name, value))
-            if name in ROUTER_READS:
-                self._parts.append(b"%s: %s\r\n" % (name, value))
-
-    def on_headers_complete(self) -> None:
-        self._head_done = True
-        if self.parser.should_upgrade():
-            # llhttp treats everything after an upgrading head as the new protocol, so a body
-            # cannot be read: such a request is refused rather than forwarded without its body.
-            if any(n == b"transfer-encoding" or (n == b"content-length" and int(v) > 0)
-                   for n, v in self._headers):
-                raise BadRequest("protocol upgrades are not supported")
-            self._upgrade = True
-        if self._expect:
-            if self.exchange is None and not self.queue:
-                self.write(CONTINUE)
-            else:
-                # A pipelined request: its interim answer must not land inside an earlier
-                # response; it goes out when the connection's earlier requests are answered.
-                self._continue_pending = True
-
-    def on_body(self, body: bytes) -> None:
-        self._body_len += len(body)
-        if self._body_len > self.proc.settings.max_body_size:
-            raise BodyTooLarge(f"request body exceeds max_body_size={self.proc.settings.max_body_size}")
-        self._body.append(body)
-
-    def on_message_complete(self) -> None:
-        parser = self.parser
-        keep_alive = parser.should_keep_alive()
-        # HTTP/1.0 keeps a connection only when a Connection header asks for it, so keep-alive
-        # without one means 1.1 (and get_http_version, which builds a string, is skipped).
-        http11 = (keep_alive and not self._conn_tokens) or parser.get_http_version() == "1.1"
-        request = Request(parser.get_method(), self._url, http11, keep_alive and not self._upgrade)
-        self._continue_pending = False  # the body came anyway; no interim answer is due
-        body = self._body
-        request.body = body[0] if len(body) == 1 else b"".join(body)
-        self._prepare(request)
-        self._reset()
-        self.reading_since = 0.0
+    def _enqueue(self, request: Request) -> None:
         if self.exchange is None and not self.queue:
             self.dispatch(request)
         else:
             self.queue.append(request)
+            if len(self.queue) >= self.proc.settings.max_pipelined:
+                self._update_input()
 
     # -- requests --------------------------------------------------------------------------
-
-    def _prepare(self, request: Request) -> None:
-        """Request id, and the upstream head minus its request line and Host."""
-        supplied_id, forwarded_for = self._apply_notes(request) if self._noted else (b"", self.peer)
-        parts = self._parts
-        if self._conn_tokens:
-            # Rare: the client named headers as hop-by-hop in Connection; leave those out too.
-            parts = without_fields(parts, self._conn_tokens)
-        request.headers = self._headers
-        request.peer = self.peer
-        request.request_id = rid = supplied_id or self.proc.next_request_id()
-        parts.append(b"x-forwarded-for: %s\r\nx-request-id: %s\r\n" % (forwarded_for, rid))
-        request.upstream_head = b"".join(parts)
-
-    def _apply_notes(self, request: Request) -> tuple[bytes, bytes]:
-        """The fields kept aside (ROUTER_NOTES): (client's request id or b"", X-Forwarded-For)."""
-        forwarded: list[bytes] = []
-        supplied_id = b""
-        for name, value in self._noted:
-            if name == b"x-forwarded-for":
-                forwarded.append(value)  # repeated fields form one list; keep every hop
-            elif name == b"x-request-id":
-                if _REQUEST_ID.match(value):
-                    supplied_id = value
-            else:
-                try:
-                    self._router_header(request, name, value)
-                except RouterError as err:
-                    request.error = err
-        forwarded.append(self.peer)
-        return supplied_id, b", ".join(forwarded)
-
-    @staticmethod
-    def _router_header(request: Request, name: bytes, value: bytes) -> None:
-        if name == b"x-shardgate-debug":
-            request.explain = value.strip() in (b"1", b"true")
-        elif name == b"x-shardgate-connection":
-            wanted = value.strip().lower().decode("latin-1")
-            if wanted not in ("http", "grpc", "any"):
-                raise BadRequest("X-Shardgate-Connection must be http, grpc or any",
-                                 param="X-Shardgate-Connection")
-            request.connection = wanted
 
     def dispatch(self, request: Request) -> None:
         self.idle_since = 0.0
@@ -278,14 +228,17 @@ class ClientProtocol(asyncio.Protocol):
         try:
             if request.error is not None:
                 raise request.error
+            path = request.path
+            if b"%" in path or b"/." in path:  # before any prefix check (rules.check_path)
+                rules.check_path(path)
             if proc.gate is not None:
                 proc.gate.check(request)
-            path = request.path
             if not path.startswith(b"/v1/") or path.startswith(b"/v1/models"):
                 self._answer_locally(request)
                 return
             if request.method in REFUSED_METHODS:
-                raise MethodNotAllowed(f"{request.method.decode()} is not supported on {path.decode()}")
+                raise MethodNotAllowed(f"{request.method.decode()} is not supported on "
+                                       f"{clip(path.decode('latin-1'))}")
             route, ctx = prepare(proc, request)
             if proc.limits_on:  # admission control: start, queue (self.exchange waits) or raise
                 proc.admission.arrive(self, request, route, ctx)
@@ -295,6 +248,15 @@ class ClientProtocol(asyncio.Protocol):
             exchange.start()
         except RouterError as err:
             self.refuse(err, request)  # refused before any worker: still a request
+        except Exception:  # a bug: answered with 500 and logged, the connection closed after it
+            log.exception("internal error while dispatching a request")
+            started = self.exchange
+            if started is not None and started.request is request:
+                self.exchange = None
+                started.client_gone()
+                self._gone(started)
+            request.keep_alive = False
+            self.refuse(InternalError("internal router error; see the router's log"), request)
 
     def begin(self, request: ClientRequest, route: Any, ctx: RequestContext, sink: ClientSink,
               admitted: set[ClientExchange]) -> None:
@@ -307,9 +269,9 @@ class ClientProtocol(asyncio.Protocol):
 
     def refuse(self, err: Refusal, request: ClientRequest) -> None:
         """Answer a request refused before any worker (bad request, unknown model, admission
-        control's 429/503 ...): counted as rejected, answered, then the connection goes on."""
+        control's 429/503 ...): counted as rejected, by reason, answered, then the connection goes on."""
         self.exchange = None
-        self.proc.count_rejected()
+        note_refusal(self.proc, err, request)
         self.send_error(err, request)
         self._next(request)
 
@@ -346,7 +308,11 @@ class ClientProtocol(asyncio.Protocol):
                 self.transport.close()
             return
         if self.queue:
+            if self._write_paused:
+                return  # the client is not reading: resume_writing dispatches the next one
             self.dispatch(self.queue.popleft())
+            if self._blocked:
+                self._update_input()
         else:
             self.idle_since = self.proc.loop.time()
             if self._continue_pending:  # a request's head waits for its 100 Continue
@@ -366,24 +332,17 @@ class ClientProtocol(asyncio.Protocol):
                                                close=not request.keep_alive)))
 
     def fail_connection(self, err: RouterError) -> None:
-        """A request that cannot be parsed or is refused before its body: answer and close."""
-        exchange = self.exchange
-        if exchange is not None:
-            if exchange.head_sent:
-                # Mid-response garbage (a pipelined request): drop the connection; the response
-                # in progress cannot be followed by an error answer.
-                if self.transport is not None:
-                    self.transport.close()
-                return
-            # Nothing reached the client yet (e.g. an internal error while dispatching): release
-            # the worker and answer.
-            self.exchange = None
-            exchange.client_gone()
-            self._gone(exchange)
-        self.proc.count_rejected()
-        self.write(render(err, close=True))
-        if self.transport is not None:
-            self.transport.close()
+        """A request that cannot be read to its end (unparseable, over a limit, too slow): it is
+        refused in its turn, after the answers to the requests before it, and the connection
+        closes after that; nothing more is read."""
+        self._stop()
+        request = Request(b"", self._url, True, False)  # keep_alive False: close after the answer
+        request.error = err
+        request.peer = self.peer
+        request.request_id = self.proc.next_request_id()
+        self._reset()
+        self.reading_since = 0.0
+        self._enqueue(request)
 
     @property
     def idle(self) -> bool:
@@ -398,23 +357,6 @@ class ClientProtocol(asyncio.Protocol):
         elif self.idle_since and not self.exchange and now - self.idle_since > keepalive:
             if self.transport is not None:
                 self.transport.close()
-
-
-def _grpc_exchange(proc: ProxyProcess, client: ClientSink, request: Request, route: Any,
-                   ctx: RequestContext) -> ClientExchange:
-    from proxy_workers.grpc.exchange import GrpcExchange  # grpc is loaded on first use only
-
-    return GrpcExchange(proc, client, request, route, ctx)
-
-
-# The data path of each of the four routers. The route's kind follows from the router
-# (routing.decision.prepare): a ModelRoute for the regular routers, a PDRoute for http_pd, either
-# for the gRPC path, which serves both of its routers.
-if TYPE_CHECKING:
-    ExchangeFactory: TypeAlias = Callable[[ProxyProcess, ClientSink, Request, Any, RequestContext],
-                                          ClientExchange]
-DATA_PATHS: dict[str, ExchangeFactory] = {"http_regular": Exchange, "http_pd": PDExchange,
-                                          "grpc_regular": _grpc_exchange, "grpc_pd": _grpc_exchange}
 
 
 def _for_method(request: ClientRequest, response: bytes) -> bytes:

@@ -1,0 +1,246 @@
+"""Reading one client request at a time from llhttp's callbacks, within the request limits.
+
+Role: :class:`RequestReader` is the parsing half of :class:`proxy_workers.serving.protocol.ClientProtocol`
+(which adds the connection, flow control, dispatch and answers). httptools calls its ``on_*``
+methods; each complete request becomes a :class:`proxy_workers.forwarding.request.Request`,
+handed to ``_enqueue``.
+
+Invariants:
+- One head budget per request, counted as llhttp delivers the pieces, whatever the reads: the
+  target's bytes and each field's (name + value + 4) count down ``max_head_size``, each field
+  ``max_header_count``. The target over it gets 414, fields 431 (:mod:`proxy_workers.serving.rules`).
+- Trailer fields (after a chunked body) count against the same budget and are dropped: they are
+  never merged into the forwarded head, where they could set fields the router owns.
+- The body counts against ``max_body_size`` as de-chunked, checked before each piece is kept
+  (a declared Content-Length over it is refused with the head). The first piece is kept as it
+  is (no copy); more pieces go to one bytearray, so memory stays ~1-2x the bytes received
+  however small the pieces.
+- Each field is classified once, as it arrives: an ordinary one becomes its line for the worker;
+  hop-by-hop and router-read ones are handled aside (:mod:`proxy_workers.forwarding.headers`).
+- Per request, the plain path pays a few integer operations per field for the limits; the rare
+  cases (a field over budget, trailers, Host not exactly once) take separate methods.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from proxy_workers.errors import BadRequest, BodyTooLarge, RouterError
+from proxy_workers.forwarding.headers import (
+    NO_TOKENS,
+    ROUTER_NOTES,
+    ROUTER_READS,
+    SPECIAL_REQUEST_HEADERS,
+    connection_tokens,
+    without_fields,
+)
+from proxy_workers.forwarding.request import Request
+from proxy_workers.serving import rules
+
+if TYPE_CHECKING:
+    from collections import deque
+
+    import httptools
+
+    from proxy_workers.contract import ClientExchange
+    from proxy_workers.serving.state import ProxyProcess
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class RequestReader:
+    """The httptools callbacks of a client connection, and the state of the request being read."""
+
+    __slots__ = ("_body", "_body_len", "_conn_tokens", "_continue_pending", "_expect", "_fields_left",
+                 "_head_done", "_head_left", "_head_len", "_headers", "_hosts", "_noted", "_parts",
+                 "_upgrade", "_url", "idle_since", "reading_since")
+
+    # Provided by the connection (ClientProtocol).
+    proc: ProxyProcess
+    parser: httptools.HttpRequestParser
+    peer: bytes
+    exchange: ClientExchange | None
+    queue: deque[Request]
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _enqueue(self, request: Request) -> None:
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        settings = self.proc.settings
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._parts: list[bytes] = []  # header lines for the worker, built as headers arrive
+        self._noted: list[tuple[bytes, bytes]] = []  # fields in ROUTER_NOTES, rare
+        self._body: bytes | bytearray = b""
+        self._body_len = 0
+        self._head_len = 0  # bytes received while this request's head was incomplete
+        self._head_left = settings.max_head_size  # the head budget, counted down as parsed
+        self._fields_left = settings.max_header_count  # ~-encoded once the head is complete
+        self._hosts = 0
+        self._head_done = False
+        self._conn_tokens: frozenset[bytes] = NO_TOKENS
+        self._continue_pending = False
+        self._expect = False
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    # No on_message_begin: each httptools callback costs ~0.3 us, so per-message state is reset
+    # at the end of the previous message and a new message is noticed by its first URL bytes.
+
+    def on_url(self, url: bytes) -> None:
+        if not self._url:
+            self.reading_since = self.proc.loop.time()
+            self.idle_since = 0.0  # a request is arriving: header_timeout governs it, not keepalive
+        self._url += url
+        self._head_left -= len(url)
+        if self._head_left < 0:
+            raise rules.target_too_long(self.proc.settings.max_head_size)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # The head budget, counted down per field; a field over it, or any trailer field (after
+        # the head: _fields_left was made negative), takes the rare path.
+        self._head_left -= len(name) + len(value) + 4
+        self._fields_left -= 1
+        if self._fields_left < 0 or self._head_left < 0:
+            self._over_budget()
+            return
+        low = name.lower()
+        self._headers.append((low, value))
+        # Each field is classified once, here: an ordinary one becomes its line for the worker
+        # right away; hop-by-hop and router-read ones are handled by _special_header.
+        if low not in SPECIAL_REQUEST_HEADERS:
+            self._parts.append(b"%s: %s\r\n" % (low, value))
+        elif low != b"host":  # Host is the worker's (set per pool); only counted (RFC 9112 3.2)
+            self._special_header(low, value)
+        else:
+            self._hosts += 1
+
+    def _over_budget(self) -> None:
+        """A field over the head budget (431), or a trailer field: counted, then dropped."""
+        settings = self.proc.settings
+        if self._head_done:  # a trailer field: _fields_left holds ~(fields left) - 1
+            left = ~(self._fields_left + 1) - 1
+            self._fields_left = ~left
+            if left < 0:
+                raise rules.too_many_fields(settings.max_header_count)
+            if self._head_left < 0:
+                raise rules.head_too_large(settings.max_head_size)
+            return  # never forwarded: a trailer could otherwise set fields the router owns
+        if self._fields_left < 0:
+            raise rules.too_many_fields(settings.max_header_count)
+        raise rules.head_too_large(settings.max_head_size)
+
+    def _special_header(self, name: bytes, value: bytes) -> None:
+        if name == b"content-length":
+            limit = self.proc.settings.max_body_size
+            if int(value) > limit:
+                raise BodyTooLarge(f"request body of {int(value)} bytes exceeds max_body_size={limit}")
+        elif name == b"connection":
+            # Repeated Connection fields form one list: every field's tokens count.
+            self._conn_tokens |= connection_tokens(value)
+        elif name == b"expect":
+            self._expect = value.lower() == b"100-continue"
+        elif name in ROUTER_NOTES:
+            self._noted.append((name, value))
+            if name in ROUTER_READS:
+                self._parts.append(b"%s: %s\r\n" % (name, value))
+
+    def on_headers_complete(self) -> None:
+        self._head_done = True
+        self._fields_left = ~self._fields_left  # negative from now on: trailers take the rare path
+        if self._hosts != 1:
+            err = rules.host_error(self._hosts, self.parser.get_http_version() == "1.1")
+            if err is not None:
+                raise err
+        if self.parser.should_upgrade():
+            # llhttp treats everything after an upgrading head as the new protocol, so a body
+            # cannot be read: such a request is refused rather than forwarded without its body.
+            if any(n == b"transfer-encoding" or (n == b"content-length" and int(v) > 0)
+                   for n, v in self._headers):
+                raise BadRequest("protocol upgrades are not supported", reason="upgrade")
+            self._upgrade = True
+        # RFC 9110 10.1.1: a server MUST ignore 100-continue in an HTTP/1.0 request.
+        if self._expect and self.parser.get_http_version() != "1.0":
+            if self.exchange is None and not self.queue:
+                self.write(CONTINUE)
+            else:
+                # A pipelined request: its interim answer must not land inside an earlier
+                # response; it goes out when the connection's earlier requests are answered.
+                self._continue_pending = True
+
+    def on_body(self, body: bytes) -> None:
+        size = self._body_len + len(body)
+        if size > self.proc.settings.max_body_size:
+            raise BodyTooLarge(f"request body exceeds max_body_size={self.proc.settings.max_body_size}")
+        self._body_len = size
+        if size == len(body):
+            self._body = body  # the first piece (often the whole body): no copy
+        elif isinstance(self._body, bytearray):
+            self._body += body
+        else:
+            # More pieces (a chunked or slow upload): one growing buffer, so memory stays within
+            # a small factor of the body however small the pieces.
+            self._body = bytearray(self._body) + body
+
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        keep_alive = parser.should_keep_alive()
+        # HTTP/1.0 keeps a connection only when a Connection header asks for it, so keep-alive
+        # without one means 1.1 (and get_http_version, which builds a string, is skipped).
+        http11 = (keep_alive and not self._conn_tokens) or parser.get_http_version() == "1.1"
+        request = Request(parser.get_method(), self._url, http11, keep_alive and not self._upgrade)
+        self._continue_pending = False  # the body came anyway; no interim answer is due
+        body = self._body
+        request.body = body if type(body) is bytes else bytes(body)
+        self._prepare(request)
+        self._reset()
+        self.reading_since = 0.0
+        self._enqueue(request)
+
+    def _prepare(self, request: Request) -> None:
+        """Request id, and the upstream head minus its request line and Host."""
+        supplied_id, forwarded_for = self._apply_notes(request) if self._noted else (b"", self.peer)
+        parts = self._parts
+        if self._conn_tokens:
+            # Rare: the client named headers as hop-by-hop in Connection; leave those out too.
+            parts = without_fields(parts, self._conn_tokens)
+        request.headers = self._headers
+        request.peer = self.peer
+        request.request_id = rid = supplied_id or self.proc.next_request_id()
+        parts.append(b"x-forwarded-for: %s\r\nx-request-id: %s\r\n" % (forwarded_for, rid))
+        request.upstream_head = b"".join(parts)
+
+    def _apply_notes(self, request: Request) -> tuple[bytes, bytes]:
+        """The fields kept aside (ROUTER_NOTES): (client's request id or b"", X-Forwarded-For)."""
+        forwarded: list[bytes] = []
+        supplied_id = b""
+        for name, value in self._noted:
+            if name == b"x-forwarded-for":
+                forwarded.append(value)  # repeated fields form one list; keep every hop
+            elif name == b"x-request-id":
+                if _REQUEST_ID.match(value):
+                    supplied_id = value
+            else:
+                try:
+                    self._router_header(request, name, value)
+                except RouterError as err:
+                    request.error = err
+        forwarded.append(self.peer)
+        return supplied_id, b", ".join(forwarded)
+
+    @staticmethod
+    def _router_header(request: Request, name: bytes, value: bytes) -> None:
+        if name == b"x-shardgate-debug":
+            request.explain = value.strip() in (b"1", b"true")
+        elif name == b"x-shardgate-connection":
+            wanted = value.strip().lower().decode("latin-1")
+            if wanted not in ("http", "grpc", "any"):
+                raise BadRequest("X-Shardgate-Connection must be http, grpc or any",
+                                 param="X-Shardgate-Connection", reason="invalid_request")
+            request.connection = wanted
+
