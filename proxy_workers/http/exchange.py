@@ -15,6 +15,13 @@ Invariants:
   truncates the response instead (an SSE stream gets an error event first).
 - Every path ends in :meth:`Exchange._end` exactly once, which settles the load-board gauges.
 - A client that goes away aborts the worker connection at once so the GPU stops generating.
+- Back-pressure: while the client's socket is full (``pause_upstream``), the worker connection is
+  not read once the head is relayed, so the proxy holds at most one read of the worker's body
+  beyond the client transport's high-water mark. The worker's silence is then the client's
+  doing: ``idle_timeout`` ends such a stream as a stalled client, never as a worker failure.
+- What a worker's response may be (one final response, bounded head, transfer codings) is
+  :mod:`proxy_workers.http.upstream`'s; an HTTP/1.0 client cannot receive a transfer coding, so a
+  coded answer fails the attempt (RFC 9112 6.1) instead of reaching it undecodable.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from proxy_workers.errors import BadGateway, RouterError, UpstreamTimeout, error
 from proxy_workers.forwarding.attempts import CLOSED, first_byte, open_cell, pick_worker, settle
 from proxy_workers.forwarding.retry import answer_retry_delay, retry_after, retry_or_give_up, stalled
 from proxy_workers.http.owners import DroppedAnswer
+from proxy_workers.http.upstream import WorkerProtocolError
 from proxy_workers.routing.decision import describe, header_value
 
 if TYPE_CHECKING:
@@ -57,6 +65,7 @@ class Exchange:
         "head_sent",
         "last_io",
         "out",
+        "paused",
         "pd",
         "phase",
         "phase_started",
@@ -85,6 +94,7 @@ class Exchange:
         self.cell = CLOSED
         self.out: list[bytes] = []
         self.head_sent = False
+        self.paused = False  # the client's socket is full: the worker is not read meanwhile
         self.chunked = False
         self.sse = False
         self._fresh_retry = False
@@ -165,6 +175,10 @@ class Exchange:
             if req.http11:
                 out.append(b"transfer-encoding: chunked\r\n")
             else:
+                if any(line.startswith(b"transfer-encoding:") for line in out):
+                    out.clear()
+                    raise WorkerProtocolError(f"{self._url()} sent a transfer coding an HTTP/1.0 client "
+                                              "cannot receive")
                 req.keep_alive = False
         if not req.keep_alive or self.proc.draining:
             req.keep_alive = False
@@ -179,6 +193,8 @@ class Exchange:
         now = self.proc.loop.time()
         self.phase, self.last_io = STREAMING, now
         first_byte(self.proc, self.cell, now - self.phase_started, self.sse)
+        if self.paused:
+            self.pause_upstream()
 
     def on_response_body(self, body: bytes) -> None:
         if self.chunked:
@@ -362,11 +378,17 @@ class Exchange:
         return True
 
     def pause_upstream(self) -> None:
+        self.paused = True
         conn = self.conn
-        if conn is not None and conn.transport is not None:
+        # Only a relayed answer waits: a head still awaited keeps being read (it is bounded, and
+        # the first-byte timers must measure the worker, not the client).
+        if self.phase == STREAMING and conn is not None and conn.transport is not None:
             conn.transport.pause_reading()
 
     def resume_upstream(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.last_io = self.proc.loop.time()  # the idle clock restarts: the worker was not silent
         conn = self.conn
         if conn is not None and conn.transport is not None:
             conn.transport.resume_reading()
@@ -390,7 +412,19 @@ class Exchange:
             self._time_out("worker sent no response within "
                            f"first_byte_timeout={settings.first_byte_timeout}s")
         elif phase in (STREAMING, DROPPING) and now - self.last_io > settings.idle_timeout:
-            self._time_out(f"worker was silent for idle_timeout={settings.idle_timeout}s")
+            if self.paused and phase == STREAMING:
+                self._client_stalled(f"client read nothing for idle_timeout={settings.idle_timeout}s")
+            else:
+                self._time_out(f"worker was silent for idle_timeout={settings.idle_timeout}s")
+
+    def _client_stalled(self, why: str) -> None:
+        """The client stopped reading a stream: the worker is released (not blamed), the client's
+        connection ends once what it holds is out."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()  # the worker stops generating for a reader that is not there
+        self.cell = settle(self.proc, self.cell, ok=False, count_error=False)
+        self._truncate(why)  # its SSE event is there should the client read again
 
     def _abandon_connect(self) -> None:
         """Stop whatever is pending before a worker connection is in use: a connect, a backoff."""

@@ -26,6 +26,11 @@ Invariants:
   the answer: passed to the client as is, not retried, and not counted against the worker.
 - Load accounting covers both legs until the decode stream ends; a client disconnect cancels
   both legs.
+
+Bounds: a prefill answer is buffered up to ``MAX_PREFILL_ANSWER`` bytes (the rest is read and
+dropped; the handle is then missing and the leg fails); the decode answer is streamed by its
+:class:`Exchange` under the client's back-pressure. A client whose socket is full pauses the
+decode leg, including one that starts later (a new pair, or decode after a two_phase prefill).
 """
 
 from __future__ import annotations
@@ -63,8 +68,8 @@ _encode_json = msgspec.json.encode
 class PrefillLeg:
     """One request to a prefill worker; its answer is small and buffered (never streamed)."""
 
-    __slots__ = ("answer", "cell", "conn", "connecting", "content_type", "done", "pd", "request", "reused",
-                 "sent_at", "started", "status", "worker")
+    __slots__ = ("answer", "cell", "conn", "connecting", "content_type", "done", "kept", "pd", "request",
+                 "reused", "sent_at", "started", "status", "worker")
 
     def __init__(self, pd: PDExchange, worker: Worker, request: ClientRequest) -> None:
         self.pd = pd
@@ -73,6 +78,7 @@ class PrefillLeg:
         self.conn: UpstreamConnection | None = None
         self.connecting: asyncio.Future | None = None
         self.answer: list[bytes] = []
+        self.kept = 0  # bytes in ``answer`` (a running count: a sum per read would be quadratic)
         self.status = 0
         self.content_type = b"application/json"
         self.done = False
@@ -113,8 +119,9 @@ class PrefillLeg:
         first_byte(proc, self.cell, proc.loop.time() - self.sent_at, False)
 
     def on_response_body(self, body: bytes) -> None:
-        if sum(len(b) for b in self.answer) < MAX_PREFILL_ANSWER:
+        if self.kept < MAX_PREFILL_ANSWER:
             self.answer.append(body)
+            self.kept += len(body)
 
     def on_response_complete(self, conn: UpstreamConnectionView) -> None:
         self.done = True
@@ -162,8 +169,8 @@ class PrefillLeg:
 class PDExchange:
     """One PD request; presents the Exchange contract to the ClientProtocol."""
 
-    __slots__ = ("client", "ctx", "decode", "doc", "ended", "failed_prefill", "legs", "pairs", "proc",
-                 "request", "route", "tried_decode", "tried_prefill")
+    __slots__ = ("client", "ctx", "decode", "doc", "ended", "failed_prefill", "legs", "pairs", "paused",
+                 "proc", "request", "route", "tried_decode", "tried_prefill")
 
     def __init__(self, proc: HttpProcess, client: ClientSink, request: ClientRequest, route: PDRoute,
                  ctx: RequestContext) -> None:
@@ -179,6 +186,7 @@ class PDExchange:
         self.tried_decode: list[int] = []
         self.pairs = 0
         self.ended = False
+        self.paused = False  # the client's socket is full: a decode leg started meanwhile starts paused
         try:
             doc = _decode_json(request.body) if request.body else {}
         except msgspec.DecodeError as exc:
@@ -192,10 +200,12 @@ class PDExchange:
         return self.decode is not None and self.decode.head_sent
 
     def pause_upstream(self) -> None:
+        self.paused = True
         if self.decode is not None:
             self.decode.pause_upstream()
 
     def resume_upstream(self) -> None:
+        self.paused = False
         if self.decode is not None:
             self.decode.resume_upstream()
 
@@ -262,6 +272,7 @@ class PDExchange:
         exchange = Exchange(self.proc, self.client, self.request.with_body(body), self.route.decode, self.ctx)
         exchange.pd = self
         exchange.tried = self.tried_decode  # shared: a new pair never reuses a failed decode worker
+        exchange.paused = self.paused
         self.decode = exchange
         exchange.start()
 

@@ -15,6 +15,30 @@ Invariants:
   client) or a truncated response (after).
 - Response header rules (what is relayed, what is hop-by-hop) are
   :mod:`proxy_workers.forwarding.headers`'; fields are classified once, as they arrive.
+- One request, one final response (RFC 9112 9.3): interim 1xx responses (100, 102, 103...) are
+  read and dropped, never relayed; a 101 fails the attempt (nobody asked to switch protocols).
+  Anything after the final response (a second response, garbage) is a protocol error: the
+  answer already read stands, the connection is closed instead of pooled. A partial next head
+  left inside the parser is caught when the connection is next used (a parse error there).
+- Transfer codings (RFC 9112 6.1, 6.3, 7): llhttp removes a final ``chunked``; any other coding
+  is relayed as a ``transfer-encoding`` line before the proxy's own chunking, with the bytes as
+  they came (the router decodes no coding), and a body whose final coding is not chunked is
+  read until the worker closes. ``chunked`` anywhere but last is refused (it would be applied
+  twice on the way out). An owner that cannot deliver a coding (an HTTP/1.0 client) refuses it.
+- An owner refuses what a worker sent by raising :class:`WorkerProtocolError` from a callback:
+  the connection closes and the owner's ``upstream_failed`` gets the reason.
+
+Bounds (what a worker can make a proxy buffer, per connection):
+- The response head, interim ones included: at most :data:`MAX_RESPONSE_HEAD` bytes are read
+  before it is complete (plus what else came in that same read); a longer head fails the
+  attempt, as nginx's "upstream sent too big header". The relayed lines are built from it.
+- The body is not buffered: each read is written to the client at once, and while the client's
+  socket is full (its transport above the high-water mark) the exchange pauses reading here,
+  so a worker's excess waits in the kernel's socket buffers, not in the proxy. A PD prefill
+  answer is buffered up to ``MAX_PREFILL_ANSWER`` (:mod:`proxy_workers.forwarding.handoff`).
+- A chunked body's trailer fields are parsed and dropped (never relayed, never kept). One
+  trailer field is held by httptools until it ends; that is the only worker input bounded by
+  time alone (``total_timeout``).
 """
 
 from __future__ import annotations
@@ -33,10 +57,20 @@ if TYPE_CHECKING:
     from proxy_workers.contract import UpstreamConnectionView, UpstreamOwner
 
 
-class _NoOwner:
-    """The owner of an idle connection: a response arriving for nobody is dropped with it."""
+MAX_RESPONSE_HEAD = 64 * 1024  # bytes; a worker's heads are a few hundred (nginx allows 4-8 KiB)
 
-    def on_response_head(self, conn: UpstreamConnectionView, status: int) -> None: ...
+
+class WorkerProtocolError(Exception):
+    """What a worker sent breaks HTTP/1.1 or this router's bounds; raised from a parser callback,
+    it fails the attempt with its message as the reason (the connection is closed)."""
+
+
+class _NoOwner:
+    """The owner of an idle connection, or of one whose final response has been read: a response
+    arriving for nobody is a protocol error (the connection is dropped)."""
+
+    def on_response_head(self, conn: UpstreamConnectionView, status: int) -> None:
+        raise WorkerProtocolError("worker sent a second response to one request")
 
     def on_response_body(self, body: bytes) -> None: ...
 
@@ -50,11 +84,44 @@ class _NoOwner:
 NO_OWNER: UpstreamOwner = _NoOwner()
 
 
+class _Interim:
+    """Owns the connection while an interim (1xx) response is read: nothing of it reaches the
+    owner, and its end hands the connection back for the final response."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: UpstreamOwner) -> None:
+        self.owner = owner
+
+    def on_response_head(self, conn: UpstreamConnectionView, status: int) -> None: ...
+
+    def on_response_body(self, body: bytes) -> None: ...  # llhttp frames no 1xx with content
+
+    def on_response_complete(self, conn: UpstreamConnectionView) -> None:
+        cast(UpstreamConnection, conn).interim_done(self.owner)
+
+    def after_upstream_data(self) -> None:
+        self.owner.after_upstream_data()
+
+    def upstream_failed(self, conn: UpstreamConnectionView, why: str) -> None:
+        self.owner.upstream_failed(conn, why)
+
+
+class _Discard(list[bytes]):
+    """Where trailer fields go (they arrive through on_header after the head was relayed): always empty."""
+
+    def append(self, line: bytes) -> None:
+        pass
+
+
+_TRAILERS: list[bytes] = _Discard()
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a worker."""
 
-    __slots__ = ("chunked", "conn_tokens", "content_type", "exchange", "idle_since", "keep_alive", "length",
-                 "lines", "parser", "pool", "received", "transport", "until_eof")
+    __slots__ = ("chunked", "conn_tokens", "content_type", "exchange", "head_room", "idle_since",
+                 "keep_alive", "length", "lines", "parser", "pool", "received", "transport", "until_eof")
 
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
@@ -65,6 +132,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.until_eof = False  # the response body is delimited by the worker closing (RFC 9112 6.3)
         self.idle_since = 0.0
+        self.head_room: int = MAX_RESPONSE_HEAD  # head bytes still allowed; 0 once the head is complete
         self._reset()
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -78,15 +146,60 @@ class UpstreamConnection(asyncio.Protocol):
             # A worker talking on an idle keep-alive connection: it is out of sync; drop it.
             self.close()
             return
-        self.received = True
+        room = self.head_room
+        if room:  # the head is still arriving: it may take ``room`` more bytes (0 once complete)
+            self.received = True
+            if len(data) >= room:
+                rest = self._overflow(exchange, data, room)
+                if rest is None:
+                    return
+                data = rest
+            else:
+                self.head_room = room - len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self.exchange = NO_OWNER
-            self.close()
-            exchange.upstream_failed(self, f"malformed response from worker: {exc}")
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._bad_bytes(exchange, exc)
             return
         exchange.after_upstream_data()
+
+    def _overflow(self, exchange: UpstreamOwner, data: bytes, room: int) -> bytes | None:
+        """A read that reaches the head budget: parse up to it; the rest is parsed (returned) only
+        if the head completed within the budget, else the attempt fails."""
+        # -1: still arriving; the head completing sets 0, an interim response's end the full budget.
+        self.head_room = -1
+        try:
+            self.parser.feed_data(data[:room])
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._bad_bytes(exchange, exc)
+            return None
+        left = self.head_room
+        if left < 0:  # no complete head within the budget
+            self._fail(f"worker's response head exceeds {MAX_RESPONSE_HEAD} bytes")
+            return None
+        if left:  # an interim response ended within the budget: the final head has a budget of its own
+            self.data_received(data[room:])
+            return None
+        return data[room:]
+
+    def _bad_bytes(self, exchange: UpstreamOwner, exc: Exception) -> None:
+        """The parser refused the worker's bytes (or an owner refused what they said)."""
+        if self.exchange is NO_OWNER:
+            # The final response was complete before these bytes (a second response, garbage):
+            # it is the answer; the connection is out of sync and is not reused.
+            self.keep_alive = False
+            self.close()
+            exchange.after_upstream_data()
+            return
+        cause = exc.__context__
+        refused = isinstance(cause, WorkerProtocolError)
+        self._fail(str(cause) if refused else f"malformed response from worker: {cause or exc}")
+
+    def _fail(self, why: str) -> None:
+        owner, self.exchange = self.exchange, NO_OWNER
+        self.keep_alive = False
+        self.close()
+        owner.upstream_failed(self, why)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
@@ -113,13 +226,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _reset(self) -> None:
         """Per-response state, reset when a request is sent (no on_message_begin callback:
-        each httptools callback costs ~0.1 us on the hot path)."""
+        each httptools callback costs ~0.1 us on the hot path) and after an interim response."""
         self.lines: list[bytes] = []  # header lines to relay, hop-by-hop ones already left out
         self.length: bytes | None = None  # Content-Length, as the worker sent it
         self.chunked = False
         self.content_type = b""
         self.until_eof = False
         self.conn_tokens: frozenset[bytes] | None = None
+        self.head_room = MAX_RESPONSE_HEAD
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Each field is classified once, here: a relayed one becomes its client-side line right
@@ -133,20 +247,55 @@ class UpstreamConnection(asyncio.Protocol):
         elif low == b"content-length":
             self.length = value
         elif low == b"transfer-encoding":
-            # Only a final "chunked" coding frames a body; "gzip" alone does not.
-            if value.rstrip().lower().endswith(b"chunked"):
+            if value == b"chunked" and not self.chunked:
                 self.chunked = True
-        elif low == b"connection" and value.lower() not in (b"close", b"keep-alive"):
+            else:
+                self._codings(value)
+        elif low == b"connection" and value.lower() not in (b"close", b"keep-alive") and self.head_room:
             tokens = connection_tokens(value)
             self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens | tokens
 
+    def _codings(self, value: bytes) -> None:
+        """A Transfer-Encoding other than a lone ``chunked``: llhttp frames the body by its last
+        coding; every coding but a final ``chunked`` is relayed for the client to undo."""
+        if not self.head_room:
+            return  # in the trailer section: dropped with it
+        codings = [c.strip().lower() for c in value.split(b",")]
+        codings = [c for c in codings if c]
+        for i, coding in enumerate(codings):
+            if self.chunked or (coding == b"chunked" and i != len(codings) - 1):
+                raise WorkerProtocolError("worker applied chunked before another transfer coding")
+            if coding == b"chunked":
+                self.chunked = True
+            elif self.parser.get_status_code() not in (204, 304):  # which never have content
+                self.lines.append(b"transfer-encoding: %s\r\n" % coding)
+
     def on_headers_complete(self) -> None:
         parser = self.parser
-        self.keep_alive = parser.should_keep_alive()
         status = parser.get_status_code()
-        self.until_eof = (self.length is None and not self.chunked and status >= 200
-                          and status not in (204, 304))
+        if status < 200:
+            self._interim(status)
+            return
+        self.keep_alive = parser.should_keep_alive()
+        self.head_room = 0
+        if self.length is None and not self.chunked:
+            self.until_eof = status not in (204, 304)
         self.exchange.on_response_head(self, status)
+        self.lines = _TRAILERS  # the head is relayed: fields that still come are trailers
+
+    def _interim(self, status: int) -> None:
+        if self.exchange is NO_OWNER:
+            NO_OWNER.on_response_head(self, status)  # after the final response: refused as a second one
+        if status == 101:
+            raise WorkerProtocolError("worker switched protocols (101) unasked")
+        # 100, 102, 103 or an unknown 1xx (RFC 9110 15.2: a client must read and drop it; llhttp
+        # frames every 1xx as content-less): not relayed, its fields not kept.
+        self.exchange = _Interim(self.exchange)
+
+    def interim_done(self, owner: UpstreamOwner) -> None:
+        """An interim response ended: the owner waits for the final one, with a fresh head budget."""
+        self.exchange = owner
+        self._reset()
 
     def relayed_lines(self) -> list[bytes]:
         """The header lines to relay, minus any the worker named in its Connection header."""
@@ -156,8 +305,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        self.until_eof = False
-        self.exchange.on_response_complete(self)
+        # The connection belongs to nobody from here until the owner releases it: a response
+        # following in the same read is then refused (NO_OWNER), not relayed.
+        exchange, self.exchange = self.exchange, NO_OWNER
+        exchange.on_response_complete(self)
 
     # -- used by the exchange ------------------------------------------------------------
 
