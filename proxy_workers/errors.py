@@ -23,7 +23,7 @@ _REASONS = {
     405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Payload Too Large", 414: b"URI Too Long",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
-    503: b"Service Unavailable", 504: b"Gateway Timeout",
+    503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }
 
 
@@ -92,6 +92,10 @@ class RequestTimeout(RouterError):
 
 class HeadersTooLarge(RouterError):
     status, type, code = 431, "invalid_request_error", "headers_too_large"
+
+
+class VersionNotSupported(RouterError):
+    status, type, code, reason = 505, "invalid_request_error", "http_version_not_supported", "bad_http"
 
 
 class UriTooLong(RouterError):

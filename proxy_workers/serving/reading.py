@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from proxy_workers.errors import BadRequest, BodyTooLarge, RouterError
+from proxy_workers.errors import BadRequest, BodyTooLarge, RouterError, VersionNotSupported
 from proxy_workers.forwarding.headers import (
     NO_TOKENS,
     ROUTER_NOTES,
@@ -192,7 +192,7 @@ class RequestReader:
         keep_alive = parser.should_keep_alive()
         # HTTP/1.0 keeps a connection only when a Connection header asks for it, so keep-alive
         # without one means 1.1 (and get_http_version, which builds a string, is skipped).
-        http11 = (keep_alive and not self._conn_tokens) or parser.get_http_version() == "1.1"
+        http11 = (keep_alive and not self._conn_tokens) or self._version() == "1.1"
         request = Request(parser.get_method(), self._url, http11, keep_alive and not self._upgrade)
         self._continue_pending = False  # the body came anyway; no interim answer is due
         body = self._body
@@ -202,13 +202,22 @@ class RequestReader:
         self.reading_since = 0.0
         self._enqueue(request)
 
+    def _version(self) -> str:
+        """The request's HTTP version: 1.0 or 1.1 (llhttp also reads 0.9 and 2.0: refused, 505)."""
+        version = self.parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise VersionNotSupported(f"HTTP/{version} is not supported; use HTTP/1.1")
+        return version
+
     def _prepare(self, request: Request) -> None:
         """Request id, and the upstream head minus its request line and Host."""
-        supplied_id, forwarded_for = self._apply_notes(request) if self._noted else (b"", self.peer)
         parts = self._parts
         if self._conn_tokens:
-            # Rare: the client named headers as hop-by-hop in Connection; leave those out too.
+            # Rare: the client named headers as hop-by-hop in Connection; leave those out too,
+            # router-read ones included (the router then sets X-Forwarded-For and the id alone).
             parts = without_fields(parts, self._conn_tokens)
+            self._noted = [(n, v) for n, v in self._noted if n not in self._conn_tokens]
+        supplied_id, forwarded_for = self._apply_notes(request) if self._noted else (b"", self.peer)
         request.headers = self._headers
         request.peer = self.peer
         request.request_id = rid = supplied_id or self.proc.next_request_id()
