@@ -250,6 +250,15 @@ def test_grpc_worker_gets_its_upstream_key_as_metadata(fleet: Fleet) -> None:
     assert metadata.get("authorization") == f"Bearer {GRPC_KEY}", metadata
 
 
+def test_forward_authorization_passes_the_clients_key_on(start_worker, start_router) -> None:  # type: ignore[no-untyped-def]
+    worker = start_worker(["m1"])
+    router = start_router([worker.url], "--forward-authorization", "true",
+                          env={"SHARDGATE_API_KEY": ENV_KEY})
+    status, _, body = http("POST", router.url + "/v1/chat/completions", chat("m1"), headers=bearer(ENV_KEY))
+    assert status == 200, body
+    assert worker_stats(worker)["last_headers"].get("authorization") == f"Bearer {ENV_KEY}"
+
+
 # -- where keys must never be ----------------------------------------------------------------------
 
 
