@@ -82,11 +82,8 @@ W_FAILS_IN_ROW = 13
 # Attempts whose response head (or first gRPC message) arrived: the worker is answering. Passive
 # health tells a stalled worker (attempts end only by being abandoned) from a slow one by it.
 W_ANSWERS = 14
-# Seconds waited for those answers, summed (a float): passive health compares a worker's mean time
-# to first byte over fresh answers with its model's other workers (slow-outlier rule).
-W_TTFB_SUM = 15
 WORKER_FIELDS = 16
-WORKER_FLOAT_FIELDS = frozenset({W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR, W_TTFB_SUM})
+WORKER_FLOAT_FIELDS = frozenset({W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR})
 
 # Engine rows: what the worker itself reports (vLLM / SGLang metrics), scraped by the coordinator.
 E_RUNNING, E_WAITING, E_KV_USAGE, E_SCRAPED_AT = 0, 1, 2, 3
