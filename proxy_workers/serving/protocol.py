@@ -76,8 +76,8 @@ FEED_SLICE = 16 * 1024
 class ClientProtocol(RequestReader, asyncio.Protocol):
     """One client connection: its requests (read by :class:`RequestReader`), their answers, flow control."""
 
-    __slots__ = ("_blocked", "_held", "_stopped", "_write_paused", "exchange", "parser", "peer", "proc",
-                 "queue", "transport")
+    __slots__ = ("_blocked", "_draining_queue", "_held", "_stopped", "_write_paused", "exchange", "parser",
+                 "peer", "proc", "queue", "transport")
 
     def __init__(self, proc: ProxyProcess) -> None:
         self.proc = proc
@@ -93,6 +93,7 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
         self._write_paused = False  # the client's write buffer is above its high-water mark
         self._blocked = False  # reading is paused: stopped, write-paused, or max_pipelined waiting
         self._held = b""  # the unparsed rest of a read, while blocked
+        self._draining_queue = False  # _drain_queue is on the stack
         self._reset()
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -166,8 +167,8 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
         self._write_paused = False
         if self.exchange is not None:
             self.exchange.resume_upstream()
-        elif self.queue:  # a queued request waited for the client to read (_next)
-            self.dispatch(self.queue.popleft())
+        elif self.queue:  # a queued request waited for the client to read (_drain_queue)
+            self._drain_queue()
         self._update_input()
 
     # -- reading: pause and resume ---------------------------------------------------------
@@ -308,16 +309,30 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
                 self.transport.close()
             return
         if self.queue:
-            if self._write_paused:
-                return  # the client is not reading: resume_writing dispatches the next one
-            self.dispatch(self.queue.popleft())
-            if self._blocked:
-                self._update_input()
-        else:
+            self._drain_queue()
+        if not self.queue and self.exchange is None:
             self.idle_since = self.proc.loop.time()
             if self._continue_pending:  # a request's head waits for its 100 Continue
                 self._continue_pending = False
                 self.write(CONTINUE)
+
+    def _drain_queue(self) -> None:
+        """Dispatch queued requests in order while each is answered at once (local answers,
+        refusals) and the client reads; stop at one that starts an exchange. A loop, not a
+        recursion: a dispatch that answers at once calls _next again, which returns to it here."""
+        if self._draining_queue:
+            return
+        self._draining_queue = True
+        try:
+            while self.queue and self.exchange is None and not self._write_paused:
+                transport = self.transport
+                if transport is None or transport.is_closing():
+                    return
+                self.dispatch(self.queue.popleft())
+        finally:
+            self._draining_queue = False
+        if self._blocked:
+            self._update_input()
 
     # -- output ----------------------------------------------------------------------------
 
