@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING
 from proxy_workers.errors import BadGateway, RouterError, UpstreamTimeout, error_body, reason
 from proxy_workers.forwarding.attempts import CLOSED, first_byte, open_cell, pick_worker, settle
 from proxy_workers.forwarding.retry import answer_retry_delay, retry_after, retry_or_give_up, stalled
+from proxy_workers.http.framing import WorkerProtocolError
 from proxy_workers.http.owners import DroppedAnswer
-from proxy_workers.http.upstream import WorkerProtocolError
 from proxy_workers.routing.decision import describe, header_value
 
 if TYPE_CHECKING:

@@ -20,11 +20,10 @@ Invariants:
   Anything after the final response (a second response, garbage) is a protocol error: the
   answer already read stands, the connection is closed instead of pooled. A partial next head
   left inside the parser is caught when the connection is next used (a parse error there).
-- Transfer codings (RFC 9112 6.1, 6.3, 7): llhttp removes a final ``chunked``; any other coding
-  is relayed as a ``transfer-encoding`` line before the proxy's own chunking, with the bytes as
-  they came (the router decodes no coding), and a body whose final coding is not chunked is
-  read until the worker closes. ``chunked`` anywhere but last is refused (it would be applied
-  twice on the way out). An owner that cannot deliver a coding (an HTTP/1.0 client) refuses it.
+- Transfer codings (RFC 9112 6.1, 6.3, 7; the rule: :mod:`proxy_workers.http.framing`): the
+  router decodes none; the bytes are relayed as they came, the codings as ``transfer-encoding``
+  lines, and a body whose final coding is not chunked is read until the worker closes. An owner
+  that cannot deliver a coding (an HTTP/1.0 client) refuses it.
 - An owner refuses what a worker sent by raising :class:`WorkerProtocolError` from a callback:
   the connection closes and the owner's ``upstream_failed`` gets the reason.
 
@@ -52,17 +51,10 @@ from urllib.parse import urlsplit
 import httptools
 
 from proxy_workers.forwarding.headers import NO_TOKENS, RESPONSE_DROP, connection_tokens, without_fields
+from proxy_workers.http.framing import MAX_RESPONSE_HEAD, TRAILERS, WorkerProtocolError, coding_lines
 
 if TYPE_CHECKING:
     from proxy_workers.contract import UpstreamConnectionView, UpstreamOwner
-
-
-MAX_RESPONSE_HEAD = 64 * 1024  # bytes; a worker's heads are a few hundred (nginx allows 4-8 KiB)
-
-
-class WorkerProtocolError(Exception):
-    """What a worker sent breaks HTTP/1.1 or this router's bounds; raised from a parser callback,
-    it fails the attempt with its message as the reason (the connection is closed)."""
 
 
 class _NoOwner:
@@ -105,16 +97,6 @@ class _Interim:
 
     def upstream_failed(self, conn: UpstreamConnectionView, why: str) -> None:
         self.owner.upstream_failed(conn, why)
-
-
-class _Discard(list[bytes]):
-    """Where trailer fields go (they arrive through on_header after the head was relayed): always empty."""
-
-    def append(self, line: bytes) -> None:
-        pass
-
-
-_TRAILERS: list[bytes] = _Discard()
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -260,15 +242,9 @@ class UpstreamConnection(asyncio.Protocol):
         coding; every coding but a final ``chunked`` is relayed for the client to undo."""
         if not self.head_room:
             return  # in the trailer section: dropped with it
-        codings = [c.strip().lower() for c in value.split(b",")]
-        codings = [c for c in codings if c]
-        for i, coding in enumerate(codings):
-            if self.chunked or (coding == b"chunked" and i != len(codings) - 1):
-                raise WorkerProtocolError("worker applied chunked before another transfer coding")
-            if coding == b"chunked":
-                self.chunked = True
-            elif self.parser.get_status_code() not in (204, 304):  # which never have content
-                self.lines.append(b"transfer-encoding: %s\r\n" % coding)
+        content = self.parser.get_status_code() not in (204, 304)
+        lines, self.chunked = coding_lines(value, self.chunked, content)
+        self.lines += lines
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -281,7 +257,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.length is None and not self.chunked:
             self.until_eof = status not in (204, 304)
         self.exchange.on_response_head(self, status)
-        self.lines = _TRAILERS  # the head is relayed: fields that still come are trailers
+        self.lines = TRAILERS  # the head is relayed: fields that still come are trailers
 
     def _interim(self, status: int) -> None:
         if self.exchange is NO_OWNER:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 import uuid
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import msgspec
@@ -44,8 +44,13 @@ def _seed(text: str) -> int:
 
 def token_list(prompt_text: str, n_tokens: int) -> list[str]:
     """The completion's tokens; each carries its trailing space so tokens concatenate verbatim."""
+    return list(iter_tokens(prompt_text, n_tokens))
+
+
+def iter_tokens(prompt_text: str, n_tokens: int) -> Iterator[str]:
+    """:func:`token_list`, one at a time (a long stream holds none of them in memory)."""
     seed = _seed(prompt_text)
-    return [f"w{(seed + i) % 1000} " for i in range(max(n_tokens, 0))]
+    return (f"w{(seed + i) % 1000} " for i in range(max(n_tokens, 0)))
 
 
 def expected_text(prompt_text: str, n_tokens: int) -> str:
@@ -261,13 +266,14 @@ def make_job(kind: Kind, model: str, body: dict[str, Any], output_tokens: int) -
                stream=bool(body.get("stream")), include_usage=include_usage)
 
 
-def sse_events(job: Job) -> list[bytes]:
-    """All SSE events of a stream, in order: one per token, the finish, optional usage, [DONE]."""
+def sse_events(job: Job) -> Iterator[bytes]:
+    """All SSE events of a stream, in order: one per token, the finish, optional usage, [DONE].
+    Made as they are sent: a stream of a million tokens costs the mock one event at a time."""
     maker = ChunkMaker(job.kind, job.model)
-    chunks = [maker.token(tok) for tok in token_list(job.prompt, job.n_tokens)]
-    chunks.append(maker.finish(job.finish))
+    encode = msgspec.json.encode
+    for tok in iter_tokens(job.prompt, job.n_tokens):
+        yield b"data: " + encode(maker.token(tok)) + b"\n\n"
+    yield b"data: " + encode(maker.finish(job.finish)) + b"\n\n"
     if job.include_usage:
-        chunks.append(maker.usage(usage(job.prompt, job.n_tokens)))
-    events = [b"data: " + msgspec.json.encode(c) + b"\n\n" for c in chunks]
-    events.append(b"data: [DONE]\n\n")
-    return events
+        yield b"data: " + encode(maker.usage(usage(job.prompt, job.n_tokens))) + b"\n\n"
+    yield b"data: [DONE]\n\n"
