@@ -188,3 +188,45 @@ def test_sliding_window_forgets_old_failures_and_sees_new_ones() -> None:
     finally:
         board.close()
         seg.unlink()
+
+
+def test_slow_outliers_are_judged_on_fresh_answers_only() -> None:
+    """The slow-outlier rule reads each proxy's TTFB EWMA only once that proxy has seen
+    FRESH_ANSWERS answers since the worker was first seen or readmitted: a worker readmitted after
+    being slow is not ejected again on its old figure, and is when it is slow again."""
+    from coordinator.health.outliers import FRESH_ANSWERS
+    from shm.loadboard import W_ANSWERS, W_REQUESTS, W_TTFB_EWMA, LoadBoard, board_size
+    from shm.segment import Segment, new_instance_id, segment_name
+
+    seg = Segment.create(segment_name(new_instance_id(), "board"), board_size(1, 4))
+    board = LoadBoard.create(seg, 1, 4)
+    try:
+        fleet = Fleet(4)
+        fleet.apply([WorkerSpec(url=f"http://w{i}:1", model="m") for i in range(3)])
+        passive = PassiveHealth(board, 1)
+        settings = Settings(passive_consecutive_failures=0, passive_failure_rate=0, slow_outlier_factor=3,
+                            slow_outlier_min_gap=0.5, max_ejection_percent=50, ejected_probe_interval=1)
+        slow = next(s for s in fleet.states.values() if s.slot == 2)
+
+        def at(now: float, answers: int, ttfb: tuple[float, float, float]) -> bool:
+            for slot, seconds in enumerate(ttfb):
+                board.ints[board.cell_word(0, slot, W_REQUESTS)] += answers
+                board.ints[board.cell_word(0, slot, W_ANSWERS)] += answers
+                board.floats[board.cell_word(0, slot, W_TTFB_EWMA)] = seconds
+            passive.sample(fleet, settings, now)
+            return slow.ejected
+
+        assert not at(0.0, 0, (0.1, 0.1, 2.0))                  # first sight: marks taken
+        assert not at(1.0, FRESH_ANSWERS - 1, (0.1, 0.1, 2.0))  # too few fresh answers yet
+        assert at(2.0, 1, (0.1, 0.1, 2.0))                      # 20 fresh: 2.0 s vs 0.1 s
+        assert "slow: time to first byte 2.00s" in slow.eject_reason
+        assert passive.probed(slow, "", settings, 100.0)        # ejection over, probe passes
+        assert not slow.ejected
+        # Its EWMA still holds the old figure: not judged until 20 answers after its return.
+        assert not at(101.0, 1, (0.1, 0.1, 2.0))                # marks taken again
+        assert not at(102.0, FRESH_ANSWERS - 1, (0.1, 0.1, 2.0))  # 19 fresh: the old figure waits
+        assert not at(103.0, 1, (0.1, 0.1, 0.12))               # 20 fresh, and fast
+        assert at(104.0, 5, (0.1, 0.1, 1.5))                    # slow again
+    finally:
+        board.close()
+        seg.unlink()

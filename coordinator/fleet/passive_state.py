@@ -32,6 +32,7 @@ class PassiveState:
         "refused",
         "run",
         "samples",
+        "ttfb_marks",
         "unreachable",
         "until",
     )
@@ -53,6 +54,9 @@ class PassiveState:
         self.probing = False
         self.next_probe = 0.0  # while ejected: when the next active probe is due
         self.probe_failed = False  # an active probe saw the fault during this ejection
+        # Per proxy: the worker's answers when its TTFB history began (None: begin at the next
+        # sample); coordinator.health.outliers judges only answers after these.
+        self.ttfb_marks: list[int] | None = None
 
     def probe_due(self, now: float) -> bool:
         """An ejected worker's next active probe is due (at the ejection's end, or earlier)."""

@@ -3,7 +3,7 @@
 Role: every ``passive_interval`` the coordinator reads the proxies' per-worker counters on the
 load board (attempts ``W_REQUESTS``, failed attempts ``W_ERRORS``: connect errors, resets,
 timeouts; in-flight ``W_IN_FLIGHT``; consecutive failures ``W_FAILS_IN_ROW``), summed over every
-proxy, and applies two rules (either may be turned off with 0):
+proxy, and applies these rules (each may be turned off with 0):
 
 - **consecutive failures**: ``passive_consecutive_failures`` failed attempts in a row. The board's
   per-proxy runs are summed; a sample in which some attempt succeeded resets the coordinator's
@@ -25,6 +25,9 @@ pass), from live traffic: **stalled**: ``STALL_MIN_IN_FLIGHT`` or more attempts 
 answered (``W_ANSWERS``: a response head or first message) for ``stall_timeout``, while another
 worker of one of its models answered after it went silent (so a fleet that is merely slow, or
 idle, is never judged). Abandoned attempts end without an answer: never progress.
+
+A fourth rule catches a worker that answers, but far slower than its peers: **slow**, its time to
+first byte against the median of its models' other workers (:mod:`coordinator.health.outliers`).
 
 While ejected, the worker is also probed every ``ejected_probe_interval``. Once a probe has
 *failed* (the check sees the fault: the worker is down), or when the ejection came with refused
@@ -51,6 +54,7 @@ from collections.abc import Iterable
 
 from coordinator.fleet.membership import Fleet, WorkerState
 from coordinator.fleet.passive_state import PassiveState
+from coordinator.health.outliers import read_ttfb, slow_outliers
 from shm.loadboard import (
     W_ANSWERS,
     W_CONNECT_ERRORS,
@@ -97,11 +101,13 @@ class PassiveHealth:
 
     def sample(self, fleet: Fleet, settings: Settings, now: float) -> tuple[bool, list[WorkerState]]:
         """Apply the rules once; (anything changed, ejected workers due a half-open probe)."""
-        rules = settings.passive_consecutive_failures > 0 or settings.passive_failure_rate > 0
+        rules = (settings.passive_consecutive_failures > 0 or settings.passive_failure_rate > 0
+                 or settings.slow_outlier_factor > 0)
         states = list(fleet.states.values())
         if not states or (not rules and not any(s.ejected for s in states)):
             return False, []
-        requests, errors, in_flight, in_row, answers, refused = self.read(max(s.slot for s in states) + 1)
+        slots = max(s.slot for s in states) + 1
+        requests, errors, in_flight, in_row, answers, refused = self.read(slots)
         changed = False
         due: list[WorkerState] = []
         candidates: list[tuple[WorkerState, str]] = []
@@ -171,6 +177,8 @@ class PassiveHealth:
             if why:
                 candidates.append((st, why))
         candidates += self._stalls(states, in_flight, settings, now)
+        if settings.slow_outlier_factor > 0:
+            candidates += slow_outliers(states, *read_ttfb(self.board, self.proxies, slots), settings)
         self.notices = []
         if candidates:
             changed = self._eject(fleet, candidates, settings, now)
@@ -269,6 +277,7 @@ class PassiveHealth:
             return True
         st.ejected, st.eject_reason = False, ""
         ps.half_open, ps.half_open_ok, ps.run = True, 0, 0
+        ps.ttfb_marks = None  # judged again on answers after its return only
         ps.samples.clear()
         ps.samples.append((now, ps.done, ps.err))
         st.ramp_armed = True
