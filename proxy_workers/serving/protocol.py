@@ -24,15 +24,20 @@ Invariants:
   connection closes. Every refusal before a worker goes through :meth:`ClientProtocol.refuse`,
   which counts it once, by reason (:mod:`proxy_workers.serving.refusals`); every other request
   is counted when its exchange ends.
-- Bounded memory per connection. Reading from the client stops (``pause_reading``) while
-  ``max_pipelined`` requests wait, or while the client's own write buffer is above its high-water
-  mark (and the next queued request waits until it drains); a read larger than FEED_SLICE is
-  parsed a slice at a time so parsing stops there too, the rest held until reading resumes. A
-  body is accumulated in one bytearray. Worst case for one connection, in bytes:
-  ``(max_pipelined + 1) * (max_body_size + c * max_head_size) + c * FEED_SLICE + 256 KiB``
-  (the requests waiting and the one being read, a slice's worth of tiny pipelined requests
-  parsed past the cap, one transport read), with c ~ 20 for Python objects per head byte; plus
-  the write buffer's high-water mark (64 KiB) and one response the router answers itself.
+- Bounded memory per connection (docs/security.md, "Memory"). Reading from the client stops
+  (``pause_reading``) while ``max_pipelined`` requests, or queued bodies of ``max_body_size``
+  bytes in all, wait; or while the client's own write buffer is above its high-water mark (and
+  then the next queued request waits until it drains). A read larger than FEED_SLICE is parsed a
+  slice at a time so that parsing stops there too, the rest held until reading resumes. A body is
+  accumulated in one bytearray. Worst case for one connection, B = max_body_size, H = the Python
+  objects of one head (~3 x max_head_size + 200 B x max_header_count, ~210 KiB by default)::
+
+      queued bodies < 2 B   +  the request being read ~2.1 B (bytearray, then its bytes copy)
+      + (max_pipelined + 1) x H  +  one slice of tiny requests past the cap (~0.6 MiB)
+      + one unparsed read held (<= 256 KiB)  +  llhttp's unfinished field (<= max_head_size)
+      + the write buffer's high-water mark (64 KiB) and one answer of the router's own
+
+  about 4 B + 4.5 MiB: ~133 MiB with the defaults (B = 32 MiB), ~4.6 MiB with B = 16 KiB.
 """
 
 from __future__ import annotations
@@ -76,8 +81,8 @@ FEED_SLICE = 16 * 1024
 class ClientProtocol(RequestReader, asyncio.Protocol):
     """One client connection: its requests (read by :class:`RequestReader`), their answers, flow control."""
 
-    __slots__ = ("_blocked", "_draining_queue", "_held", "_stopped", "_write_paused", "exchange", "parser",
-                 "peer", "proc", "queue", "transport")
+    __slots__ = ("_blocked", "_draining_queue", "_held", "_queued_bytes", "_stopped", "_write_paused",
+                 "exchange", "parser", "peer", "proc", "queue", "transport")
 
     def __init__(self, proc: ProxyProcess) -> None:
         self.proc = proc
@@ -94,6 +99,7 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
         self._blocked = False  # reading is paused: stopped, write-paused, or max_pipelined waiting
         self._held = b""  # the unparsed rest of a read, while blocked
         self._draining_queue = False  # _drain_queue is on the stack
+        self._queued_bytes = 0  # body bytes of the queued requests
         self._reset()
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -148,6 +154,7 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.proc.connections.discard(self)
         self.queue.clear()
+        self._queued_bytes = 0
         self._held = b""
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
@@ -180,9 +187,11 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
         self._update_input()
 
     def _update_input(self) -> None:
-        """Pause reading while stopped, write-paused or max_pipelined requests wait; else resume."""
-        block = (self._stopped or self._write_paused
-                 or len(self.queue) >= self.proc.settings.max_pipelined)
+        """Pause reading while stopped, write-paused, or while max_pipelined requests (or queued
+        bodies of max_body_size bytes in all) wait; else resume."""
+        settings = self.proc.settings
+        block = (self._stopped or self._write_paused or len(self.queue) >= settings.max_pipelined
+                 or self._queued_bytes >= settings.max_body_size)
         if block == self._blocked:
             return
         self._blocked = block
@@ -218,8 +227,8 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
             self.dispatch(request)
         else:
             self.queue.append(request)
-            if len(self.queue) >= self.proc.settings.max_pipelined:
-                self._update_input()
+            self._queued_bytes += len(request.body)
+            self._update_input()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -328,7 +337,9 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
                 transport = self.transport
                 if transport is None or transport.is_closing():
                     return
-                self.dispatch(self.queue.popleft())
+                request = self.queue.popleft()
+                self._queued_bytes -= len(request.body)
+                self.dispatch(request)
         finally:
             self._draining_queue = False
         if self._blocked:
