@@ -74,7 +74,9 @@ def test_data_port_refuses_the_back_office_and_keeps_probes(fleet: Fleet) -> Non
 
 def test_ops_port_never_proxies(fleet: Fleet) -> None:
     before = worker_stats(fleet.worker)["requests"]
-    for method, path, body in (("POST", "/v1/chat/completions", chat("m1")), ("GET", "/v1/models", None)):
+    for method, path, body in (("POST", "/v1/chat/completions", chat("m1")), ("GET", "/v1/models", None),
+                               ("POST", "/workers/../v1/chat/completions", chat("m1")),
+                               ("GET", "/metrics/%2e%2e/workers", None)):
         status, _, answer = http(method, fleet.ops + path, body)
         assert status == 404, (path, answer)
         assert_openai_error(answer, "not_found")

@@ -16,10 +16,14 @@ Invariants:
 
 from __future__ import annotations
 
-from proxy_workers.errors import RouterError, render, render_response
+import logging
+
+from proxy_workers.errors import InternalError, RouterError, render_response
 from proxy_workers.forwarding.request import Request
 from proxy_workers.serving import endpoints
 from proxy_workers.serving.protocol import ClientProtocol
+
+log = logging.getLogger("shardgate.proxy")
 
 
 class OpsProtocol(ClientProtocol):
@@ -32,18 +36,23 @@ class OpsProtocol(ClientProtocol):
         try:
             if request.error is not None:
                 raise request.error
+            # Exact paths only (endpoints.OPS_PATHS): a dot segment or an encoded one is a 404.
             status, body, content_type = endpoints.answer(self.proc, request, ops=True)
         except RouterError as err:
-            response = render(err, request.request_id.decode(), close=self._closing(request))
-        else:
-            response = render_response(status, body, content_type, request.request_id.decode(),
-                                       close=self._closing(request))
+            self.send_error(err, request)  # OpenAI's shape, HEAD and draining handled there
+            self._next(request)
+            return
+        except Exception:  # a bug: answered with 500 and logged, the connection closed after it
+            log.exception("internal error while answering on the ops listener")
+            request.keep_alive = False
+            self.send_error(InternalError("internal router error; see the router's log"), request)
+            self._next(request)
+            return
+        if self.proc.draining:
+            request.keep_alive = False
+        response = render_response(status, body, content_type, request.request_id.decode(),
+                                   close=not request.keep_alive)
         if request.method == b"HEAD":  # RFC 9110 9.3.2: the head alone, Content-Length kept
             response = response[:response.index(b"\r\n\r\n") + 4]
         self.write(response)
         self._next(request)
-
-    def _closing(self, request: Request) -> bool:
-        if self.proc.draining:
-            request.keep_alive = False
-        return not request.keep_alive
