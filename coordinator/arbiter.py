@@ -194,9 +194,10 @@ class Coordinator:
             self.supervisor.start_all()
             await self._wait_until_up()
             orphans.stop(self.orphans)  # our proxies serve now: a dead coordinator's ones may drain
-            succession.retire_predecessor()  # after an upgrade: the previous generation drains
             _log_keys(self.config)
             self._announce()
+            # After an upgrade: the previous generation drains, once systemd knows our pid.
+            self.succession.retire_predecessor()
             return await self._main_loop()
 
     async def _initial_probe(self) -> None:
@@ -224,7 +225,7 @@ class Coordinator:
                   f"workers={len(self.fleet.states)} models={','.join(models) or '-'} "
                   f"policy={s.policy} pid={os.getpid()}")
         print(f"shardgate {status}", flush=True)
-        self.notifier.ready(status)
+        self.notifier.ready(status, main_pid=os.getpid() if self.succession.takes_over else None)
         if self.on_ready is not None:
             self.on_ready()
 
@@ -365,7 +366,12 @@ class Coordinator:
                             f"{len(self.fleet.states)} workers, snapshot generation {generation}")
 
     async def _stop(self, graceful: bool) -> int:
-        self.notifier.stopping()
+        if self.succession.retired():
+            log.info("upgrade: the successor took over; this generation drains")
+            self.notifier.retire()
+        else:
+            self.succession.abandon()
+            self.notifier.stopping()
         self.supervisor.stopping = True
         for task in (self.probing, self.scraping, self.housekeeping_task):
             if task is not None:

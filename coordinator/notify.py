@@ -14,7 +14,10 @@ Invariants:
   a newline (``STATUS`` text is flattened), so a status can never inject another key.
 - The environment is read once, when the :class:`Notifier` is made (by the coordinator, before
   any proxy starts). The proxies inherit ``$NOTIFY_SOCKET`` but never import this module, and
-  ``NotifyAccess=main`` would make systemd ignore them anyway.
+  their environment drops it (:mod:`coordinator.supervisor`).
+- After a zero-downtime upgrade (:mod:`coordinator.succession`) the successor's ``READY=1``
+  carries ``MAINPID=`` (the unit needs ``NotifyAccess=all``); the retired predecessor then sends
+  nothing at all, so systemd sees one service whose main process changed, not a stop.
 - ``READY=1`` is sent once listeners are bound and the first snapshot is published; every
   ``RELOADING=1`` (with ``MONOTONIC_USEC``, CLOCK_MONOTONIC in µs, as systemd >= 253 requires and
   252 ignores) is followed by ``READY=1``, also when the reload is refused (then with a
@@ -117,10 +120,15 @@ class Notifier:
             return False
         return True
 
-    def ready(self, status: str) -> None:
-        """Serving (first start, or the end of a reload): ``READY=1`` with what is served."""
+    def ready(self, status: str, main_pid: int | None = None) -> None:
+        """Serving (first start, or the end of a reload): ``READY=1`` with what is served.
+
+        ``main_pid``: a successor taking over after an upgrade names itself the service's main
+        process in the same datagram (``MAINPID=``; systemd accepts it from a process of the
+        unit's cgroup with ``NotifyAccess=all``)."""
         self.serving = status
-        self.send("READY=1", f"STATUS={status}")
+        handover = (f"MAINPID={main_pid}",) if main_pid is not None else ()
+        self.send(*handover, "READY=1", f"STATUS={status}")
 
     def status(self, status: str) -> None:
         self.send(f"STATUS={status}")
@@ -135,6 +143,10 @@ class Notifier:
     def stopping(self) -> None:
         self.stop_sent = True
         self.send("STOPPING=1", "STATUS=stopping: draining the proxies")
+
+    def retire(self) -> None:
+        """Our successor is the main process now: say nothing more (no STOPPING=1, no pings)."""
+        self.stop_sent = True
 
     def tick(self, check: Callable[[], str]) -> bool:
         """A main-loop tick: ping the watchdog if a ping is due and nothing is wrong.

@@ -28,6 +28,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import time
@@ -38,6 +39,7 @@ from shm.loadboard import P_HEARTBEAT, P_PID, LoadBoard
 from shm.process import EXIT_BOOT_ERROR, proxy_argv
 
 STABLE_SECONDS = 10.0
+SYSTEMD_ONLY = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})
 FIRST_BACKOFF = 0.1
 HEARTBEAT_STALE = 2.0  # seconds without a heartbeat (one every 0.25 s) that make a proxy not alive
 log = logging.getLogger("shardgate.coordinator")
@@ -58,8 +60,12 @@ Spawn = Callable[[list[str]], ProxyProcess]
 
 
 def spawn_proxy(argv: list[str]) -> ProxyProcess:
-    """The production spawn: a child in our process group, with our stdout and stderr."""
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    """The production spawn: a child in our process group, with our stdout and stderr.
+
+    systemd hears only from coordinators (the unit has ``NotifyAccess=all`` for upgrades,
+    coordinator.succession): a proxy does not even get the notify socket's address."""
+    env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_ONLY}
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=env)
 
 
 class HaltServer(BaseException):

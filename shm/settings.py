@@ -268,7 +268,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     slow_outlier_factor: Annotated[
         float, Meta(ge=0.0), _d("Passive health ejects a worker whose time to first byte, over its recent "
                                 "answers, is more than this many times the median of its model's other "
-                                "workers (and more than slow_outlier_min_gap above it); 0 turns this rule off.")
+                                "workers (and more than slow_outlier_min_gap above it); 0 turns this "
+                                "rule off.")
     ] = 3.0
     slow_outlier_min_gap: Annotated[
         float, Meta(ge=0.0), _d("Seconds a worker's time to first byte must exceed its peers' median by "

@@ -178,7 +178,7 @@ def test_ready_watchdog_reload_refused_reload_and_stop(listener, start_worker, s
     assert stopping.get("STOPPING") == "1"
 
     senders = {m.pid for m in sock.seen}
-    assert senders == {router.pid}, f"only the main process notifies (NotifyAccess=main): {senders}"
+    assert senders == {router.pid}, f"only the coordinator notifies, never a proxy: {senders}"
 
 
 def test_watchdog_stops_while_a_proxy_is_stopped_and_resumes_after(listener, start_worker, start_router,
@@ -212,6 +212,49 @@ def test_watchdog_stops_while_a_proxy_is_stopped_and_resumes_after(listener, sta
     assert (resumed.get("STATUS") or "").startswith("ready on "), "the serving status is back"
     sock.expect(lambda m: m.get("WATCHDOG") == "1", "WATCHDOG=1 keeps coming")
     assert victim in {p.pid for p in psutil.Process(router.pid).children()}, "the same proxy serves on"
+
+
+def test_sigusr2_hands_the_main_pid_to_the_successor_and_the_old_one_says_nothing_more(
+        listener, start_worker, start_router, tmp_path) -> None:
+    """The zero-downtime upgrade under systemd (NotifyAccess=all): the successor's READY=1 names
+    it the main process (MAINPID=), and only then is the predecessor retired; the predecessor
+    sends no STOPPING=1 (systemd would take the service for stopping) and no more pings, while
+    the successor feeds the watchdog."""
+    sock, path = listener
+    worker = start_worker(["m1"])
+    config = tmp_path / "shardgate.yaml"
+    write_config(config, worker.url)
+    old = start(start_router, config, path)
+    sock.expect(is_("READY"), "READY=1")
+    sock.expect(lambda m: m.get("WATCHDOG") == "1", "a first WATCHDOG=1")
+    old_proxies = psutil.Process(old.pid).children()
+
+    os.kill(old.pid, signal.SIGUSR2)
+    handover = sock.expect(is_("MAINPID"), "MAINPID= from the successor")
+    successor = psutil.Process(handover.pid)
+    try:
+        assert handover.pid != old.pid and handover.get("MAINPID") == str(handover.pid), handover
+        assert handover.get("READY") == "1" and "ready on " + old.url in (handover.get("STATUS") or "")
+        assert successor.ppid() == old.pid, "systemd accepts MAINPID= for a process of the unit"
+        assert old.popen.wait(DEADLINE) == 0  # retired: drained and gone
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in old_proxies)
+        after = sock.seen[sock.seen.index(handover) + 1:]
+        sock.expect(lambda m: m.get("WATCHDOG") == "1" and m.pid == successor.pid,
+                    "WATCHDOG=1 from the successor")
+        # (A watchdog ping of its own may cross the handover; nothing that changes the state.)
+        from_old = [m for m in sock.seen[sock.seen.index(handover):] if m.pid == old.pid]
+        assert not any("STOPPING" in m or "READY" in m for m in from_old), from_old
+        assert not any("STOPPING" in m for m in after), after
+        assert {m.pid for m in sock.seen} == {old.pid, successor.pid}, "proxies never notify"
+        assert http("GET", old.url + "/health")[0] == 200
+        # The successor is the service now: a stop goes to it and is announced by it.
+        successor.send_signal(signal.SIGTERM)
+        stopping = sock.expect(is_("STOPPING"), "STOPPING=1 from the successor")
+        assert stopping.pid == successor.pid
+        successor.wait(DEADLINE)
+    finally:
+        if successor.is_running():
+            successor.kill()
 
 
 # -- coordinator.notify in-process ----------------------------------------------------------------
