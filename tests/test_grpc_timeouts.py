@@ -266,6 +266,32 @@ def test_a_slow_but_steady_stream_is_not_cut_by_the_idle_timeout(fresh: Fleet) -
     assert stats(fresh.idle)["aborted"] == 0
 
 
+def test_a_client_that_stops_reading_holds_the_worker_back_and_is_not_the_workers_fault(
+        fresh: Fleet) -> None:
+    """Back-pressure on the gRPC path: while the client's socket is full, the proxy stops reading
+    the worker's stream (HTTP/2 flow control then holds the worker), so a 200,000-token answer
+    never completes; after idle_timeout the stream ends as a stalled client: the worker is told
+    to stop and is not counted as failing."""
+    control(fresh.idle, "Configure", {"tps": 0, "output_tokens": 200_000})
+    errors_before = worker_row(fresh.router, fresh.idle.url)["errors"]
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", int(fresh.router.url.rsplit(":", 1)[1])))
+    try:
+        body = json.dumps({"model": "gidle", "stream": True,
+                           "messages": [{"role": "user", "content": "hello"}]}).encode()
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+                       b"\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        client.settimeout(DEADLINE)
+        assert client.recv(1024).startswith(b"HTTP/1.1 200 ")  # then it reads nothing more
+        s = wait_for(lambda: saw_abort(fresh.idle), what="the held-back call aborted")
+        assert s["completed"] == 0, s  # the worker never got to write its whole answer
+        assert worker_row(fresh.router, fresh.idle.url)["errors"] == errors_before
+        assert wait_for(lambda: settled(fresh.router, fresh.idle), what="in-flight back to 0")
+    finally:
+        client.close()
+
+
 # -- total -----------------------------------------------------------------------------------------
 
 

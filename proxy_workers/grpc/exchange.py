@@ -59,8 +59,8 @@ WAIT_FIRST, STREAMING, DONE = 1, 2, 3
 
 class GrpcExchange:
     __slots__ = ("answer_retries", "client", "ctx", "current", "expired", "gone", "head_route", "head_sent",
-                 "head_worker", "last_io", "last_why", "legs", "phase", "phase_started", "prefill_worker",
-                 "proc", "render", "request", "route", "sse", "started", "task")
+                 "head_worker", "last_io", "last_why", "legs", "paused", "phase", "phase_started",
+                 "prefill_worker", "proc", "render", "request", "route", "sse", "started", "task")
 
     def __init__(self, proc: GrpcProcess, client: ClientSink, request: ClientRequest,
                  route: ModelRoute | PDRoute, ctx: RequestContext) -> None:
@@ -82,6 +82,9 @@ class GrpcExchange:
         self.prefill_worker: Worker | None = None
         self.render: Renderer | None = None
         self.task: asyncio.Task[None] | None = None
+        # Set while the client's socket is full: the next read from the worker waits for it, and
+        # HTTP/2 flow control then holds the worker back (what is buffered stays one window).
+        self.paused: asyncio.Future[None] | None = None
         now = proc.loop.time()
         self.started = self.phase_started = self.last_io = now
         self.phase = WAIT_FIRST
@@ -125,10 +128,18 @@ class GrpcExchange:
             self.task.cancel()
 
     def pause_upstream(self) -> None:
-        """Nothing to pause: the answer is written as it is read, one message at a time."""
+        """The client's socket is full: stop reading the worker's stream until it drains."""
+        if self.paused is None and self.phase != DONE:
+            self.paused = self.proc.loop.create_future()
 
     def resume_upstream(self) -> None:
-        pass
+        self.last_io = self.proc.loop.time()  # the idle clock measures the worker again
+        self._wake()
+
+    def _wake(self) -> None:
+        paused, self.paused = self.paused, None
+        if paused is not None and not paused.done():
+            paused.set_result(None)
 
     def check_deadline(self, now: float) -> None:
         """Called by the periodic sweep: connect, first-message, idle and total timeouts."""
@@ -145,10 +156,16 @@ class GrpcExchange:
             self._expire(leg, UpstreamTimeout(
                 f"worker sent nothing within first_byte_timeout={settings.first_byte_timeout}s"))
         elif self.phase == STREAMING and now - self.last_io > settings.idle_timeout:
-            self._expire(leg, UpstreamTimeout(f"worker was silent for idle_timeout={settings.idle_timeout}s"))
+            who = "client read nothing" if self.paused is not None else "worker was silent"
+            self._expire(leg, UpstreamTimeout(f"{who} for idle_timeout={settings.idle_timeout}s"))
 
     def _expire(self, leg: Leg, exc: BaseException) -> None:
-        if not leg.call.done():
+        if self.paused is not None:
+            # No read is pending: the wait for the client ends, and _read raises exc without
+            # blaming the worker (the client held it up).
+            self.expired = exc
+            self._wake()
+        elif not leg.call.done():
             self.expired = exc
             leg.call.cancel()  # the pending read raises CancelledError; _read turns it into exc
 
@@ -272,6 +289,11 @@ class GrpcExchange:
 
     async def _read(self, leg: Leg) -> Any:
         """The leg's next message (or EOF); failures become Failed, RouterError or a timeout."""
+        if self.paused is not None:
+            await self.paused
+            expired, self.expired = self.expired, None
+            if expired is not None:
+                raise expired
         try:
             msg = await leg.call.read()
         except asyncio.CancelledError:
