@@ -63,7 +63,7 @@ from proxy_workers.forwarding.request import Request
 from proxy_workers.routing.decision import prepare
 from proxy_workers.serving import endpoints, rules
 from proxy_workers.serving.dispatch import DATA_PATHS
-from proxy_workers.serving.reading import CONTINUE, RequestReader
+from proxy_workers.serving.reading import CONTINUE, FEED_SLICE, RequestReader
 from proxy_workers.serving.refusals import note_refusal
 
 if TYPE_CHECKING:
@@ -73,9 +73,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardgate.proxy")
 REFUSED_METHODS = frozenset({b"HEAD", b"CONNECT", b"TRACE"})
-# A read larger than this is parsed a slice at a time, so that parsing can stop between slices
-# when the pipelining cap is reached: what one read can add past the cap stays this small.
-FEED_SLICE = 16 * 1024
+# FEED_SLICE (reading): a read larger than this is parsed a slice at a time, so that parsing can
+# stop between slices when the pipelining cap is reached: what one read adds past it stays small.
 
 
 class ClientProtocol(RequestReader, asyncio.Protocol):
@@ -110,24 +109,10 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
         self.peer = (peer[0] if peer else "unknown").encode()
         self.proc.connections.add(self)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._blocked or len(data) > FEED_SLICE:
             self._receive_in_slices(data)
-        else:
-            self._feed(data)
-
-    def _receive_in_slices(self, data: bytes | memoryview) -> None:
-        """Parse ``data`` FEED_SLICE bytes at a time; once blocked, hold the rest (or drop it, stopped)."""
-        view = memoryview(data)
-        for start in range(0, len(view), FEED_SLICE):
-            if self._stopped:
-                return
-            if self._blocked:
-                self._held += view[start:]
-                return
-            self._feed(view[start:start + FEED_SLICE])
-
-    def _feed(self, data: bytes | memoryview) -> None:
+            return
         if not self._head_done:
             self._head_len += len(data)  # an upper bound of the head's size (see the check below)
         try:
@@ -146,10 +131,33 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.fail_connection(BadRequest(f"malformed HTTP request: {exc}", reason="bad_http"))
         else:
-            # llhttp holds an unfinished field itself; a head still incomplete after more than
-            # its budget of input is refused, so what llhttp buffers stays bounded too.
-            if self._head_len and not self._head_done and self._head_len > self.proc.settings.max_head_size:
-                self.fail_connection(rules.head_too_large(self.proc.settings.max_head_size))
+            # A head still incomplete after a read: llhttp buffers its unfinished field, and the
+            # fields so far are held, so it is refused once more than its budget of bytes (or of
+            # fields) arrived; a complete head is checked exactly (on_headers_complete).
+            if self._head_len and not self._head_done and (
+                    self._head_len > self.proc.settings.max_head_size
+                    or len(self._headers) > self.proc.settings.max_header_count):
+                self._incomplete_head_refusal()
+
+    def _receive_in_slices(self, data: bytes | memoryview) -> None:
+        """Parse ``data`` FEED_SLICE bytes at a time; once blocked, hold the rest (or drop it, stopped)."""
+        view = memoryview(data)
+        for start in range(0, len(view), FEED_SLICE):
+            if self._stopped:
+                return
+            if self._blocked:
+                self._held += view[start:]
+                return
+            self.data_received(view[start:start + FEED_SLICE])
+
+    def _incomplete_head_refusal(self) -> None:
+        settings = self.proc.settings
+        if len(self._url) > settings.max_head_size:  # on_url has every piece received so far
+            self.fail_connection(rules.target_too_long(settings.max_head_size))
+        elif len(self._headers) > settings.max_header_count:
+            self.fail_connection(rules.too_many_fields(settings.max_header_count))
+        else:
+            self.fail_connection(rules.head_too_large(settings.max_head_size))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.proc.connections.discard(self)
@@ -319,11 +327,12 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
             return
         if self.queue:
             self._drain_queue()
-        if not self.queue and self.exchange is None:
-            self.idle_since = self.proc.loop.time()
-            if self._continue_pending:  # a request's head waits for its 100 Continue
-                self._continue_pending = False
-                self.write(CONTINUE)
+            if self.queue or self.exchange is not None:
+                return
+        self.idle_since = self.proc.loop.time()
+        if self._continue_pending:  # a request's head waits for its 100 Continue
+            self._continue_pending = False
+            self.write(CONTINUE)
 
     def _drain_queue(self) -> None:
         """Dispatch queued requests in order while each is answered at once (local answers,

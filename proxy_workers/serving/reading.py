@@ -6,9 +6,12 @@ methods; each complete request becomes a :class:`proxy_workers.forwarding.reques
 handed to ``_enqueue``.
 
 Invariants:
-- One head budget per request, counted as llhttp delivers the pieces, whatever the reads: the
-  target's bytes and each field's (name + value + 4) count down ``max_head_size``, each field
-  ``max_header_count``. The target over it gets 414, fields 431 (:mod:`proxy_workers.serving.rules`).
+- One head budget per request, whatever the reads: the target's bytes and each field's (name +
+  value + 4) against ``max_head_size``, the fields against ``max_header_count``. A complete head
+  is checked when llhttp completes it (measured only when the bytes received could exceed the
+  budget); an incomplete one after each read, against the bytes and fields received so far
+  (ClientProtocol.data_received), so what llhttp and ``_headers`` hold stays bounded. The target
+  over the budget gets 414, fields 431 (:mod:`proxy_workers.serving.rules`).
 - Trailer fields (after a chunked body) count against the same budget and are dropped: they are
   never merged into the forwarded head, where they could set fields the router owns.
 - The body counts against ``max_body_size`` as de-chunked, checked before each piece is kept
@@ -17,13 +20,15 @@ Invariants:
   however small the pieces.
 - Each field is classified once, as it arrives: an ordinary one becomes its line for the worker;
   hop-by-hop and router-read ones are handled aside (:mod:`proxy_workers.forwarding.headers`).
-- Per request, the plain path pays a few integer operations per field for the limits; the rare
-  cases (a field over budget, trailers, Host not exactly once) take separate methods.
+- The plain path pays one check per field (trailers) and a few per request for the limits; the
+  rare cases (a head that may be over budget, trailers, Host not exactly once) take separate
+  methods.
 """
 
 from __future__ import annotations
 
 import re
+from itertools import chain
 from typing import TYPE_CHECKING
 
 from proxy_workers.errors import BadRequest, BodyTooLarge, RouterError, VersionNotSupported
@@ -38,6 +43,8 @@ from proxy_workers.forwarding.headers import (
 from proxy_workers.forwarding.request import Request
 from proxy_workers.serving import rules
 
+FEED_SLICE = 16 * 1024  # the most the connection feeds the parser at once (ClientProtocol)
+
 if TYPE_CHECKING:
     from collections import deque
 
@@ -46,6 +53,7 @@ if TYPE_CHECKING:
     from proxy_workers.contract import ClientExchange
     from proxy_workers.serving.state import ProxyProcess
 
+_flat = chain.from_iterable
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -53,9 +61,9 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 class RequestReader:
     """The httptools callbacks of a client connection, and the state of the request being read."""
 
-    __slots__ = ("_body", "_body_len", "_conn_tokens", "_continue_pending", "_expect", "_fields_left",
-                 "_head_done", "_head_left", "_head_len", "_headers", "_hosts", "_noted", "_parts",
-                 "_upgrade", "_url", "idle_since", "reading_since")
+    __slots__ = ("_body", "_body_len", "_conn_tokens", "_continue_pending", "_expect", "_head_done",
+                 "_head_len", "_head_size", "_headers", "_hosts", "_noted", "_parts", "_trailers", "_upgrade",
+                 "_url", "idle_since", "reading_since")
 
     # Provided by the connection (ClientProtocol).
     proc: ProxyProcess
@@ -70,8 +78,10 @@ class RequestReader:
     def _enqueue(self, request: Request) -> None:
         raise NotImplementedError
 
+    def dispatch(self, request: Request) -> None:
+        raise NotImplementedError
+
     def _reset(self) -> None:
-        settings = self.proc.settings
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._parts: list[bytes] = []  # header lines for the worker, built as headers arrive
@@ -79,8 +89,7 @@ class RequestReader:
         self._body: bytes | bytearray = b""
         self._body_len = 0
         self._head_len = 0  # bytes received while this request's head was incomplete
-        self._head_left = settings.max_head_size  # the head budget, counted down as parsed
-        self._fields_left = settings.max_header_count  # ~-encoded once the head is complete
+        self._head_size = 0  # measured at the first trailer field (trailers count in the budget)
         self._hosts = 0
         self._head_done = False
         self._conn_tokens: frozenset[bytes] = NO_TOKENS
@@ -97,17 +106,10 @@ class RequestReader:
             self.reading_since = self.proc.loop.time()
             self.idle_since = 0.0  # a request is arriving: header_timeout governs it, not keepalive
         self._url += url
-        self._head_left -= len(url)
-        if self._head_left < 0:
-            raise rules.target_too_long(self.proc.settings.max_head_size)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # The head budget, counted down per field; a field over it, or any trailer field (after
-        # the head: _fields_left was made negative), takes the rare path.
-        self._head_left -= len(name) + len(value) + 4
-        self._fields_left -= 1
-        if self._fields_left < 0 or self._head_left < 0:
-            self._over_budget()
+        if self._head_done:  # a trailer field (after a chunked body)
+            self._trailer(name, value)
             return
         low = name.lower()
         self._headers.append((low, value))
@@ -120,20 +122,19 @@ class RequestReader:
         else:
             self._hosts += 1
 
-    def _over_budget(self) -> None:
-        """A field over the head budget (431), or a trailer field: counted, then dropped."""
+    def _trailer(self, name: bytes, value: bytes) -> None:
+        """A trailer field: counted against the request's head budget, then dropped (never
+        forwarded: it could set fields the router owns)."""
         settings = self.proc.settings
-        if self._head_done:  # a trailer field: _fields_left holds ~(fields left) - 1
-            left = ~(self._fields_left + 1) - 1
-            self._fields_left = ~left
-            if left < 0:
-                raise rules.too_many_fields(settings.max_header_count)
-            if self._head_left < 0:
-                raise rules.head_too_large(settings.max_head_size)
-            return  # never forwarded: a trailer could otherwise set fields the router owns
-        if self._fields_left < 0:
+        if not self._head_size:  # the first trailer field of this request
+            self._head_size = self._exact_head_size()
+            self._trailers = 0
+        self._trailers += 1
+        if len(self._headers) + self._trailers > settings.max_header_count:
             raise rules.too_many_fields(settings.max_header_count)
-        raise rules.head_too_large(settings.max_head_size)
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > settings.max_head_size:
+            raise rules.head_too_large(settings.max_head_size)
 
     def _special_header(self, name: bytes, value: bytes) -> None:
         if name == b"content-length":
@@ -152,11 +153,13 @@ class RequestReader:
 
     def on_headers_complete(self) -> None:
         self._head_done = True
-        self._fields_left = ~self._fields_left  # negative from now on: trailers take the rare path
-        if self._hosts != 1:
-            err = rules.host_error(self._hosts, self.parser.get_http_version() == "1.1")
-            if err is not None:
-                raise err
+        # The head budget. Each feed is at most FEED_SLICE bytes, so the head is at most the bytes
+        # counted while it was incomplete (_head_len) plus one feed: within the budget by that
+        # bound (nearly always), it is not measured; else it is, exactly (_check_head).
+        settings = self.proc.settings
+        if (self._head_len + FEED_SLICE > settings.max_head_size
+                or len(self._headers) > settings.max_header_count or self._hosts != 1):
+            self._check_head()
         if self.parser.should_upgrade():
             # llhttp treats everything after an upgrading head as the new protocol, so a body
             # cannot be read: such a request is refused rather than forwarded without its body.
@@ -172,6 +175,24 @@ class RequestReader:
                 # A pipelined request: its interim answer must not land inside an earlier
                 # response; it goes out when the connection's earlier requests are answered.
                 self._continue_pending = True
+
+    def _exact_head_size(self) -> int:
+        """The head as the budget counts it: the target, and each field's name, value and 4 bytes."""
+        headers = self._headers
+        return len(self._url) + sum(map(len, _flat(headers))) + 4 * len(headers)
+
+    def _check_head(self) -> None:
+        """Refuse a complete head over the budget (414/431), or with Host not exactly once."""
+        settings = self.proc.settings
+        if len(self._url) > settings.max_head_size:
+            raise rules.target_too_long(settings.max_head_size)
+        if len(self._headers) > settings.max_header_count:
+            raise rules.too_many_fields(settings.max_header_count)
+        if self._exact_head_size() > settings.max_head_size:
+            raise rules.head_too_large(settings.max_head_size)
+        err = rules.host_error(self._hosts, self.parser.get_http_version() == "1.1")
+        if err is not None:
+            raise err
 
     def on_body(self, body: bytes) -> None:
         size = self._body_len + len(body)
@@ -200,7 +221,10 @@ class RequestReader:
         self._prepare(request)
         self._reset()
         self.reading_since = 0.0
-        self._enqueue(request)
+        if self.exchange is None and not self.queue:
+            self.dispatch(request)
+        else:
+            self._enqueue(request)
 
     def _version(self) -> str:
         """The request's HTTP version: 1.0 or 1.1 (llhttp also reads 0.9 and 2.0: refused, 505)."""

@@ -13,7 +13,8 @@ Invariants:
 - Host (RFC 9112 3.2): more than one Host field is refused for any version; none is refused for
   HTTP/1.1. Its value is never used (workers get their own authority).
 - One head budget per request: the request target and every field (name + value + 4 bytes of
-  separators), trailer fields included, counted as llhttp delivers them, whatever the reads.
+  separators), trailer fields included, whatever the reads (where it is checked:
+  :mod:`proxy_workers.serving.reading`).
 """
 
 from __future__ import annotations
