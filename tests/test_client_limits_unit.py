@@ -238,3 +238,17 @@ def test_refusals_are_logged_once_per_reason_per_interval(h: Harness, caplog: py
 ])
 def test_json_too_deep_counts_brackets_outside_strings(body: bytes, deep: bool) -> None:
     assert json_too_deep(body, 8) is deep
+
+
+# -- found by the fuzz target (tests/test_fuzz_requests.py) ---------------------------------------------
+
+
+@pytest.mark.parametrize("first", [request("GET", "/health", headers=[("Connection", "close")]),
+                                   request("GET", "/health", version="HTTP/1.0")],
+                         ids=["close", "http10"])
+def test_bytes_after_a_closing_request_in_the_same_read_are_not_answered_after_the_close(
+        h: Harness, first: bytes) -> None:
+    c = h.client()
+    c.send(first + b"GET / HTTP/1.1\r\n\r\n")
+    assert [r.status for r in c.final_responses()] == [200] and c.closed
+    assert c.transport.writes_after_close == []

@@ -371,6 +371,9 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
         refused in its turn, after the answers to the requests before it, and the connection
         closes after that; nothing more is read."""
         self._stop()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # the last request asked to close (llhttp then refuses what follows): done
         request = Request(b"", self._url, True, False)  # keep_alive False: close after the answer
         request.error = err
         request.peer = self.peer
