@@ -1,7 +1,8 @@
 """The router's own endpoints, answered by whichever proxy process receives them.
 
 Role: ``/health``, ``/readiness``, ``/v1/models``, and the back office (``/stats``, ``/workers``,
-``/metrics``, ``/routers``, ``/route/explain``), on the data port or the ops listener. Figures
+``/metrics``, ``/routers``, ``/route/explain``, the status page ``/dashboard`` and its
+``/dashboard.json``), on the data port or the ops listener. Figures
 are totals across all proxy processes, read from the shared-memory load board, so the answer does
 not depend on which process the kernel handed the connection to.
 
@@ -20,6 +21,7 @@ from proxy_workers.errors import MethodNotAllowed, NotFound
 from proxy_workers.policies.registry import POLICY_INDEX
 from proxy_workers.routing.decision import describe, prepare
 from proxy_workers.routing.table import PDRoute, routable
+from proxy_workers.serving import dashboard
 from proxy_workers.serving.metrics import render_metrics
 from shm.loadboard import P_PID
 from shm.schema import Snapshot, Worker
@@ -36,8 +38,9 @@ _processes: dict[int, psutil.Process] = {}
 
 # The back office: what an operator reads (worker URLs, figures, decisions), not a client. With
 # an ops listener (ops_port) it is served there only; else on the data port, behind the API key
-# when keys are on (docs/api-keys.md).
-BACK_OFFICE = frozenset({"/workers", "/stats", "/metrics", "/routers", "/route/explain"})
+# when keys are on (docs/api-keys.md). The status page is the back office drawn (docs/dashboard.md).
+BACK_OFFICE = frozenset({"/workers", "/stats", "/metrics", "/routers", "/route/explain",
+                         "/dashboard", "/dashboard.json"})
 OPS_PATHS = BACK_OFFICE | {"/health", "/readiness"}
 
 
@@ -63,7 +66,7 @@ def answer(proc: ProxyProcess, request: Request, ops: bool = False) -> tuple[int
     if handler is None:
         raise NotFound(f"no route for {path}; the router proxies /v1/* and serves /health, "
                        "/readiness, /v1/models, /stats, /workers, /routers, /metrics, "
-                       "POST /route/explain")
+                       "/dashboard, POST /route/explain")
     if request.method not in (b"GET", b"HEAD"):
         raise MethodNotAllowed(f"{path} accepts GET only")
     return handler(proc)
@@ -226,5 +229,22 @@ def _metrics(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
     return 200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8"
 
 
+def _dashboard(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    """The status page itself: the same static bytes for every fleet (its data is polled)."""
+    return dashboard.answer_page()
+
+
+def _dashboard_json(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
+    """What the status page polls: /workers, /routers and /stats' totals and decisions in one read."""
+    snap = _snapshot(proc)
+    proxies = _proxy_rows(proc, snap.proxies)
+    views = [_worker_view(proc, w, snap.proxies) for w in snap.workers]
+    decisions = {name: proc.board.decisions(index, snap.proxies) for name, index in POLICY_INDEX.items()}
+    answered_by = {"index": proc.index, "pid": int(proc.ints[proc.row + P_PID])}
+    body = dashboard.document(snap, views, proxies, decisions, not proc.orphaned_since, answered_by, VERSION)
+    return 200, _encode(body), dashboard.json_type()
+
+
 _GET = {"/routers": _routers, "/health": _health, "/readiness": _readiness, "/v1/models": _models,
-        "/stats": _stats, "/workers": _workers, "/metrics": _metrics}
+        "/stats": _stats, "/workers": _workers, "/metrics": _metrics,
+        "/dashboard": _dashboard, "/dashboard.json": _dashboard_json}

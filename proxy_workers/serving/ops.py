@@ -1,8 +1,9 @@
 """The ops listener's connections: the back office on a port of its own (``ops_port``).
 
 Role: :class:`OpsProtocol` is a client connection that answers the back office (``/workers``,
-``/stats``, ``/metrics``, ``/routers``, ``/route/explain``) and the probes (``/health``,
-``/readiness``), and nothing else: it never routes or proxies. Every proxy process binds the ops
+``/stats``, ``/metrics``, ``/routers``, ``/route/explain``, the status page ``/dashboard`` and
+its ``/dashboard.json``: ``endpoints.BACK_OFFICE``) and the probes (``/health``, ``/readiness``),
+and nothing else: it never routes or proxies. Every proxy process binds the ops
 port with SO_REUSEPORT next to the data port (:mod:`proxy_workers.serving.process`), so the ops
 listener lives exactly as long as the data plane, orphaned proxies included, and its figures are
 the load board's totals whichever proxy answers.
