@@ -201,6 +201,7 @@ def test_screenshot_is_saved(fleet: Fleet, traffic: dict[str, int], tmp_path: Pa
             sent += 1
             model = "no-such-model" if sent % 7 == 0 else ("m1", "m2")[sent % 2]  # some errors too
             http("POST", fleet.url + "/v1/chat/completions", chat(model, stream=sent % 3 == 0))
+            stop.wait(0.005)  # pacing (at most ~200 requests/s on a shared machine), not a wait for anything
 
     loader = threading.Thread(target=load, daemon=True)
     loader.start()
