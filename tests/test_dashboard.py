@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import chat, free_port, get_json, http, wait_for
+from conftest import chat, free_port, get_json, http, set_worker, wait_for, worker_row
 
 from proxy_workers.serving.dashboard import worker_state
 from shardgate import launch
@@ -220,6 +220,23 @@ def test_screenshot_is_saved(fleet: Fleet, traffic: dict[str, int], tmp_path: Pa
     assert (width, height) == (1280, 900)
     # A blank 1280x900 page compresses to a few KiB; text, tables and a chart take far more.
     assert len(data) > 30_000, len(data)
+
+
+@needs_chromium
+def test_page_shows_an_unhealthy_worker_and_why(
+        start_worker: Callable[..., launch.Launched], start_router: Callable[..., launch.Launched],
+        tmp_path: Path) -> None:
+    sick, well = start_worker(["m1"]), start_worker(["m1"])
+    router = start_router([sick.url, well.url], "--health-interval", "0.2", "--health-fall", "1")
+    set_worker(sick, fail_health=True)
+    reason = wait_for(lambda: (row := worker_row(router, sick.url)) and not row["healthy"]
+                      and row["health_reason"], what="the worker to fail its health checks")
+    dom = Dom(chromium(router.url + "/dashboard", tmp_path, "--dump-dom").stdout)
+    rows = {attrs["data-url"]: (attrs["data-state"], cells) for attrs, cells in dom.tables["workers"]}
+    assert rows[sick.url][0] == "unhealthy" and rows[sick.url][1][3] == "unhealthy", rows
+    assert rows[sick.url][1][4] == reason, rows  # the coordinator's words, as text
+    assert rows[well.url][0] == "healthy", rows
+    assert dom.texts["t-healthy"] == "1 / 2"
 
 
 # -- where the page is served ----------------------------------------------------------------------
