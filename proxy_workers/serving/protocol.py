@@ -65,6 +65,7 @@ from proxy_workers.serving import endpoints, rules
 from proxy_workers.serving.dispatch import DATA_PATHS
 from proxy_workers.serving.reading import CONTINUE, FEED_SLICE, RequestReader
 from proxy_workers.serving.refusals import note_refusal
+from proxy_workers.serving.rules import CLEAN_PATHS
 
 if TYPE_CHECKING:
     from proxy_workers.contract import ClientExchange, ClientRequest, ClientSink, Refusal
@@ -247,7 +248,7 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
             if request.error is not None:
                 raise request.error
             path = request.path
-            if b"%" in path or b"/." in path:  # before any prefix check (rules.check_path)
+            if path not in CLEAN_PATHS:  # before any prefix check
                 rules.check_path(path)
             if proc.gate is not None:
                 proc.gate.check(request)
