@@ -8,7 +8,8 @@ each scenario against it and prints the proxy process's RSS growth (psutil) at i
   b) one client pipelines small requests and never reads: the router stops reading from it at
      ``max_pipelined`` queued requests and while the client's write buffer is full.
   c) SSE readers that stop reading while workers keep producing: the upstream-backpressure
-     side of issue 11; see :func:`scenario_c` (a hook, filled in with that work).
+     side of issue 11, measured by ``loadtest/memory_bench_sse.py``; :func:`scenario_c` is the
+     hook to fold it in here.
 
     python3 loadtest/memory_bench.py                 # all scenarios, max_body_size 16 KiB
     python3 loadtest/memory_bench.py --scenario a --clients 1000 --max-body-size 65536
