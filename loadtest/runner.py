@@ -269,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.policy:
             router_flags += ["--policy", args.policy]
         router = launch.router([w.url for w in workers], *router_flags, *args.router_arg)
-        wait_served(router.url, models)
+        router_url = router.url
+        wait_served(router_url, models)
         seconds = planned_seconds(args)
         print(f"loadtest/run: {len(workers)} mock workers, router on {router.url}, locust for {seconds:.0f} s"
               f" -> {out}", flush=True)
@@ -312,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
               f"policy {args.policy or 'default'}",
               f"results: {out} (report.html, locust_stats.csv, locust_llm.csv, locust.log, router.log)"]
     text = format_summary(header, requests, llm, per_worker)
-    record = {"requests": requests, "llm": llm, "per_worker": per_worker, "locust_exit_code": code,
+    record = {"requests": requests, "llm": llm, "per_worker": per_worker, "router": router_url,
+              "workers": [w.url for w in workers], "locust_exit_code": code,
               "interrupted": interrupted, "results": str(out),
               "files": sorted(p.name for p in out.iterdir())}
     (out / "summary.txt").write_text(text + "\n")
