@@ -206,12 +206,36 @@ def read_request_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_steps(path: Path, step_users: int, steps: int) -> list[dict[str, Any]]:
+    """Per step of the step shape, from locust's ``_stats_history.csv`` (one Aggregated line a
+    second): requests completed while the step's user count held, their rate, and locust's p50/p95
+    on the step's last line (locust computes those over the last 10 s, so they describe the step
+    only when it lasts 10 s or more)."""
+    with path.open(newline="") as f:
+        lines = [r for r in csv.DictReader(f) if r["Name"] == "Aggregated"]
+    out = []
+    before: dict[str, str] | None = None
+    for k in range(1, steps + 1):
+        held = [r for r in lines if int(r["User Count"]) == k * step_users]
+        if not held:
+            continue
+        last = held[-1]
+        start = before or held[0]
+        seconds = float(last["Timestamp"]) - float(start["Timestamp"])
+        done = int(last["Total Request Count"]) - int(start["Total Request Count"])
+        out.append({"users": k * step_users, "requests": done,
+                    "rps": round(done / seconds, 2) if seconds > 0 else None,
+                    "p50_ms": _int(last["50%"]), "p95_ms": _int(last["95%"])})
+        before = last
+    return out
+
+
 def _int(value: str) -> int | None:
     return None if value in ("", "N/A") else int(float(value))
 
 
 def format_summary(header: list[str], requests: list[dict[str, Any]], llm: dict[str, Any],
-                   per_worker: dict[str, int]) -> str:
+                   per_worker: dict[str, int], steps: list[dict[str, Any]]) -> str:
     lines = [*header, "",
              "Requests (streams timed to their last byte; Aggregated = the rows above, nothing else):"]
     head = (f"{'name':<12} {'count':>7} {'fails':>6} {'req/s':>7} {'mean ms':>8} {'p50':>6} {'p90':>6} "
@@ -233,6 +257,12 @@ def format_summary(header: list[str], requests: list[dict[str, Any]], llm: dict[
                      f"{r['p90']:>8.1f} {r['p99']:>8.1f} {r['max']:>8.1f}")
     rates = ", ".join(f"{k} {v}" for k, v in llm.get("output_tokens_per_s", {}).items())
     lines.append(f"output tokens/s over {llm.get('duration_s', 0)} s: {rates}")
+    if steps:
+        lines += ["", "Steps (requests completed while each user count held; p50/p95: locust's last 10 s):",
+                  f"{'users':>6} {'requests':>9} {'req/s':>7} {'p50':>6} {'p95':>6}"]
+        for st in steps:
+            lines.append(f"{st['users']:>6} {st['requests']:>9} {st['rps'] or 0:>7.2f} "
+                         f"{st['p50_ms'] or '-':>6} {st['p95_ms'] or '-':>6}")
     if per_worker:
         lines += ["", "Requests per worker (router's /workers): "
                   + ", ".join(f"{url} {n}" for url, n in per_worker.items())]
@@ -302,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
               + "\n".join(tail), file=sys.stderr)
         return 2
     requests = read_request_rows(stats_csv)
+    history = out / "locust_stats_history.csv"
+    steps = (read_steps(history, args.step_users, args.steps)
+             if args.shape == "step" and history.exists() else [])
     llm = json.loads(llm_json.read_text())
     if args.shape == "step":
         load = f"step load: {args.step_users} more users every {args.step_seconds:g} s, {args.steps} steps"
@@ -312,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.tps:g} tok/s, {args.output_tokens} tokens), router with {args.proxies} proxies, "
               f"policy {args.policy or 'default'}",
               f"results: {out} (report.html, locust_stats.csv, locust_llm.csv, locust.log, router.log)"]
-    text = format_summary(header, requests, llm, per_worker)
-    record = {"requests": requests, "llm": llm, "per_worker": per_worker, "router": router_url,
-              "workers": [w.url for w in workers], "locust_exit_code": code,
+    text = format_summary(header, requests, llm, per_worker, steps)
+    record = {"requests": requests, "steps": steps, "llm": llm, "per_worker": per_worker,
+              "router": router_url, "workers": [w.url for w in workers], "locust_exit_code": code,
               "interrupted": interrupted, "results": str(out),
               "files": sorted(p.name for p in out.iterdir())}
     (out / "summary.txt").write_text(text + "\n")
