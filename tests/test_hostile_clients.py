@@ -666,6 +666,7 @@ def test_refusals_are_counted_by_reason_in_metrics_and_stats(f: Any) -> None:
     assert after["bad_path"] == before["bad_path"] + 1
     stats = get_json(f.url + "/stats")
     assert sum(after.values()) == stats["totals"]["rejected"]
+    assert stats["rejected_by_reason"] == after  # the same figures, by the same reasons
 
 
 def test_refusal_log_lines_name_the_reason_never_the_content(f: Any) -> None:

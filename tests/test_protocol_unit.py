@@ -1019,7 +1019,7 @@ def test_a_connection_serves_many_requests_and_the_gauges_return_to_zero(h: Harn
     assert h.in_flight() == 0
 
 
-# -- bugs found by this harness (xfail until fixed) ------------------------------------------------------
+# -- bugs found by this harness (fixed; kept as regression tests) ---------------------------------------
 
 
 @pytest.mark.parametrize("later", [
@@ -1046,10 +1046,6 @@ def test_bytes_after_a_connection_close_request_do_not_replace_its_answer(h: Har
     assert c.final_responses()[0].body == BODY
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: UpstreamConnection/Exchange treat a worker's interim 1xx "
-                   "response as the final one: the client gets 'HTTP/1.1 1xx Unknown' with "
-                   "transfer-encoding: chunked and a 0-chunk, then the real response is lost (separate "
-                   "read) or relayed with the 1xx's fields and chunk framing despite Content-Length")
 @pytest.mark.parametrize("interim,separate", [
     (b"HTTP/1.1 100 Continue\r\n\r\n", True),
     (b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n", False),
@@ -1077,10 +1073,6 @@ def _lenient_responses(c: Client) -> list[Response]:
         raise AssertionError(f"unparseable output: {c.received!r}") from exc
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: UpstreamConnection keeps parsing after a complete response "
-                   "within the same read: a second response the worker sends relays to the client as a "
-                   "second answer to one request (carrying the first one's header lines), and the "
-                   "out-of-sync connection goes back to the pool")
 def test_bytes_after_a_complete_worker_response_in_the_same_read_are_not_relayed(solo: Harness) -> None:
     c = solo.client()
     c.send(request())
@@ -1090,10 +1082,6 @@ def test_bytes_after_a_complete_worker_response_in_the_same_read_are_not_relayed
     assert up.closed, "an out-of-sync worker connection must not be reused"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when garbage follows a complete worker response in the same "
-                   "read, UpstreamConnection.data_received returns on the parse error without "
-                   "after_upstream_data, and Exchange.upstream_failed ignores it (phase is DONE): the "
-                   "whole response stays buffered and the request in flight until total_timeout")
 def test_garbage_after_a_complete_worker_response_does_not_hold_the_response_back(solo: Harness) -> None:
     c = solo.client()
     c.send(request())
@@ -1111,10 +1099,6 @@ def test_an_http10_request_gets_no_interim_100(h: Harness) -> None:
     assert CONTINUE not in c.received
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (RFC 9112 6.1/7): a worker body with a transfer coding other "
-                   "than chunked (e.g. Transfer-Encoding: gzip, close-delimited) is relayed still coded "
-                   "while the Transfer-Encoding field is dropped, so the client takes gzip bytes for the "
-                   "content")
 def test_a_transfer_coding_the_router_does_not_decode_is_not_silently_dropped(h: Harness) -> None:
     coded = b"\x1f\x8b\x08\x00 gzip bytes"
     c = h.client()

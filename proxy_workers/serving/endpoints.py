@@ -22,7 +22,7 @@ from proxy_workers.policies.registry import POLICY_INDEX
 from proxy_workers.routing.decision import describe, prepare
 from proxy_workers.routing.table import PDRoute, routable
 from proxy_workers.serving import dashboard
-from proxy_workers.serving.metrics import render_metrics
+from proxy_workers.serving.metrics import rejected_by_reason, render_metrics
 from shm.loadboard import P_PID
 from shm.schema import Snapshot, Worker
 
@@ -190,7 +190,8 @@ def _stats(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
     keys = ("requests", "errors", "rejected", "in_flight", "client_disconnects", "retries")
     totals = {k: sum(int(p[k]) for p in proxies) for k in keys}
     workers = [_worker_view(proc, w, snap.proxies) for w in snap.workers]
-    body = {"totals": totals, "admission": _admission(proc, proxies), "proxies": proxies, "workers": workers,
+    body = {"totals": totals, "rejected_by_reason": rejected_by_reason(proxies),
+            "admission": _admission(proc, proxies), "proxies": proxies, "workers": workers,
             "snapshot": {"generation": snap.generation,
                          "age_seconds": round(time.time() - snap.created_at, 3),
                          "coordinator_pid": snap.coordinator_pid},
