@@ -108,12 +108,14 @@ class Coordinator:
                                        segment_size(self.settings.snapshot_capacity))
         max_proxies = min(max(2 * self.proxies, 8), 512)
         self.board_seg = Segment.create(segment_name(self.instance, "board"),
-                                        board_size(max_proxies, self.settings.max_workers))
+                                        board_size(max_proxies, self.settings.max_workers,
+                                                   self.settings.max_models))
         self.affinity_seg = Segment.create(segment_name(self.instance, "affinity"),
                                            table_size(max_proxies, self.settings.affinity_capacity))
         AffinityTable.create(self.affinity_seg, max_proxies, self.settings.affinity_capacity)
         self.writer = SnapshotWriter(self.snap_seg, os.getpid())
-        self.board = LoadBoard.create(self.board_seg, max_proxies, self.settings.max_workers)
+        self.board = LoadBoard.create(self.board_seg, max_proxies, self.settings.max_workers,
+                                     self.settings.max_models)
 
     def _remove_segments(self) -> None:
         for seg in (getattr(self, "snap_seg", None), getattr(self, "board_seg", None),
@@ -333,7 +335,7 @@ class Coordinator:
                 # take every worker out of service.
                 raise ConfigError("no workers: the reloaded configuration lists none")
             # These size the listeners, processes and shared-memory segments made at start.
-            fixed = [n for n in ("host", "port", "proxies", "max_workers", "snapshot_capacity",
+            fixed = [n for n in ("host", "port", "proxies", "max_workers", "max_models", "snapshot_capacity",
                                  "admin_host", "admin_port", "ops_host", "ops_port")
                      if getattr(config.settings, n) != getattr(self.settings, n)]
             if fixed:

@@ -1,4 +1,5 @@
-"""The ``shardgate`` command: serve, check-config, mock-worker, demo, settings-doc, registry, workers.
+"""The ``shardgate`` command: serve, check-config, mock-worker, demo, settings-doc, metrics-doc, registry,
+workers.
 
 Role: parse the command line and hand over to the right component. Exit codes: 0 success,
 2 configuration error (one line naming the field and the reason; nothing starts), 1 any other
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from coordinator.config import ConfigError, add_config_flags, load_config
@@ -20,14 +20,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     from coordinator.arbiter import Coordinator
     from coordinator.discovery.core import dynamic_sources
+    from shm.logformat import configure as configure_logging
 
     config = load_config(args)
     if not config.workers and not dynamic_sources(config.settings):
         raise ConfigError("no workers: give --worker URL (repeatable), a config file with a "
                           "'workers:' list, or a discovery source (registry_url, etcd_endpoints, "
                           "admin_port)")
-    logging.basicConfig(level=config.settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s coordinator %(levelname)s %(message)s")
+    configure_logging(config.settings.log_level, config.settings.log_format, "coordinator")
     return uvloop.run(Coordinator(config, lambda: load_config(args)).run())
 
 
@@ -66,9 +66,9 @@ def _workers(args: argparse.Namespace) -> int:
 
 
 def _settings_doc(args: argparse.Namespace) -> int:
-    from coordinator.docs import settings_markdown
+    from coordinator.docs import metrics_markdown, settings_markdown
 
-    text = settings_markdown()
+    text = metrics_markdown() if args.command == "metrics-doc" else settings_markdown()
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("settings-doc", help="Print the settings reference (Markdown).")
     doc.add_argument("--output", "-o", help="Write to this file instead of stdout.")
     doc.set_defaults(func=_settings_doc)
+    mdoc = sub.add_parser("metrics-doc", help="Print the metrics reference (Markdown).")
+    mdoc.add_argument("--output", "-o", help="Write to this file instead of stdout.")
+    mdoc.set_defaults(func=_settings_doc)
     return parser
 
 

@@ -13,6 +13,9 @@ Layout (8-byte words after a 64-byte header; the same bytes are viewed as int64 
     engine rows:  max_workers x ENGINE_FIELDS words     (written only by the coordinator: the
                   workers' own load figures scraped from their /metrics)
     decisions:    max_proxies x MAX_POLICIES x 2 words  (decisions, fallbacks; row p by proxy p)
+    model blocks: max_proxies x (max_models + 1) x MODEL_FIELDS words (block [p][m] written only
+                  by proxy p; m is the model's index in the snapshot, 0 = "other"; the layout
+                  of a block: shm.histograms)
 
 Invariants:
 - Single writer per row: proxy p writes only row p and cells [p][*], so plain stores suffice
@@ -26,12 +29,15 @@ from __future__ import annotations
 
 import struct
 
+from shm.histograms import LATENCY_BUCKETS, MODEL_FIELDS
 from shm.segment import Segment
 
 MAGIC = int.from_bytes(b"SGLOAD01", "little")
 # 2: proxy rows grew to 24 words (admission control's queue gauge and counters).
 # 4: proxy rows grew to 56 words (requests refused before routing, by reason).
-LAYOUT_VERSION = 4
+# 5: per-model blocks (requests by router/status/outcome, tokens, histograms), worker cells grew
+#    to 33 words (5xx answers, a TTFB histogram), retries by reason, max_models in the header.
+LAYOUT_VERSION = 5
 HEADER_WORDS = 8
 
 # Proxy row fields.
@@ -43,6 +49,9 @@ P_DISCONNECTS, P_RETRIES, P_GENERATION, P_TORN_READS, P_RESTARTS, P_REJECTED = 6
 P_QUEUED, P_ADMITTED, P_QUEUE_WAITS, P_QUEUE_WAIT_SECONDS = 12, 13, 14, 15
 P_REJ_QUEUE_FULL, P_REJ_QUEUE_TIMEOUT, P_REJ_RATE_LIMITED, P_REJ_SHUTDOWN = 16, 17, 18, 19
 P_QUEUE_ABANDONED = 20
+# Retries by reason: P_RETRIES counts them all; this word those caused by a worker's answer (a
+# retryable status); the rest followed a failure (connect error, broken connection, stall).
+P_RETRIES_STATUS = 21
 # Requests refused before a worker (P_REJECTED), by reason: word P_REFUSED + i counts
 # REFUSAL_REASONS[i]. The names are the bounded label set of /metrics and /stats (errors carry
 # one; proxy_workers.serving.refusals counts them); a refusal of another reason is counted in
@@ -67,7 +76,7 @@ PROXY_FIELD_NAMES = {
     P_QUEUE_WAITS: "queue_waits", P_QUEUE_WAIT_SECONDS: "queue_wait_seconds",
     P_REJ_QUEUE_FULL: "rejected_queue_full", P_REJ_QUEUE_TIMEOUT: "rejected_queue_timeout",
     P_REJ_RATE_LIMITED: "rejected_rate_limited", P_REJ_SHUTDOWN: "rejected_shutdown",
-    P_QUEUE_ABANDONED: "queue_abandoned",
+    P_QUEUE_ABANDONED: "queue_abandoned", P_RETRIES_STATUS: "retries_status",
     **{P_REFUSED + i: f"refused_{name}" for i, name in enumerate(REFUSAL_REASONS)},
 }
 assert len(REFUSAL_REASONS) <= MAX_REFUSAL_REASONS
@@ -82,8 +91,14 @@ W_FAILS_IN_ROW = 13
 # Attempts whose response head (or first gRPC message) arrived: the worker is answering. Passive
 # health tells a stalled worker (attempts end only by being abandoned) from a slow one by it.
 W_ANSWERS = 14
-WORKER_FIELDS = 16
-WORKER_FLOAT_FIELDS = frozenset({W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR})
+# Attempts the worker answered with a 5xx (errors by kind: connect, status, the rest "other").
+W_ERR_STATUS = 15
+# Time to the worker's first byte (response head, first gRPC message), a histogram over
+# shm.histograms.LATENCY_BUCKETS: non-cumulative bucket counts (+Inf last), then the sum.
+W_TTFB_HIST = 16
+W_TTFB_SUM = W_TTFB_HIST + len(LATENCY_BUCKETS) + 1
+WORKER_FIELDS = W_TTFB_SUM + 1
+WORKER_FLOAT_FIELDS = frozenset({W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR, W_TTFB_SUM})
 
 # Engine rows: what the worker itself reports (vLLM / SGLang metrics), scraped by the coordinator.
 E_RUNNING, E_WAITING, E_KV_USAGE, E_SCRAPED_AT = 0, 1, 2, 3
@@ -95,17 +110,18 @@ MAX_POLICIES = 32
 EWMA_ALPHA = 0.2
 
 
-def board_size(max_proxies: int, max_workers: int) -> int:
+def board_size(max_proxies: int, max_workers: int, max_models: int = 64) -> int:
     words = (HEADER_WORDS + max_proxies * PROXY_FIELDS + max_proxies * max_workers * WORKER_FIELDS
-             + max_workers * ENGINE_FIELDS + max_proxies * MAX_POLICIES * 2)
+             + max_workers * ENGINE_FIELDS + max_proxies * MAX_POLICIES * 2
+             + max_proxies * (max_models + 1) * MODEL_FIELDS)
     return words * 8
 
 
 class LoadBoard:
     """Views over the board. ``ints`` and ``floats`` alias the same words."""
 
-    __slots__ = ("_seg", "cell_base", "decision_base", "engine_base", "floats", "ints", "max_proxies",
-                 "max_workers")
+    __slots__ = ("_seg", "cell_base", "decision_base", "engine_base", "floats", "ints", "max_models",
+                 "max_proxies", "max_workers", "model_base")
 
     def __init__(self, segment: Segment) -> None:
         self._seg = segment
@@ -118,12 +134,23 @@ class LoadBoard:
         self.cell_base = HEADER_WORDS + self.max_proxies * PROXY_FIELDS
         self.engine_base = self.cell_base + self.max_proxies * self.max_workers * WORKER_FIELDS
         self.decision_base = self.engine_base + self.max_workers * ENGINE_FIELDS
+        self.max_models = self.ints[6]
+        self.model_base = self.decision_base + self.max_proxies * MAX_POLICIES * 2
 
     @classmethod
-    def create(cls, segment: Segment, max_proxies: int, max_workers: int) -> LoadBoard:
-        struct.pack_into("<6q", segment.buf, 0, MAGIC, LAYOUT_VERSION, max_proxies, max_workers,
-                         PROXY_FIELDS, WORKER_FIELDS)
+    def create(cls, segment: Segment, max_proxies: int, max_workers: int, max_models: int = 64) -> LoadBoard:
+        struct.pack_into("<7q", segment.buf, 0, MAGIC, LAYOUT_VERSION, max_proxies, max_workers,
+                         PROXY_FIELDS, WORKER_FIELDS, max_models)
         return cls(segment)
+
+    def model_word(self, proxy: int, model: int, field: int = 0) -> int:
+        """Index of field ``field`` of model block [proxy][model] (model 0: "other")."""
+        return self.model_base + (proxy * (self.max_models + 1) + model) * MODEL_FIELDS + field
+
+    def reset_model(self, proxy: int, model: int) -> None:
+        """Zero a model block when its index now belongs to another model (by its own proxy)."""
+        base = self.model_word(proxy, model)
+        self.ints[base:base + MODEL_FIELDS] = _zeros(MODEL_FIELDS)
 
     def proxy_word(self, proxy: int, field: int) -> int:
         return HEADER_WORDS + proxy * PROXY_FIELDS + field
@@ -218,6 +245,15 @@ class LoadBoard:
             row[name] = self.floats[word] if field in PROXY_FLOAT_FIELDS else self.ints[word]
         return row
 
+    def cell_figure(self, slot: int, proxies: int, field: int) -> int:
+        """One int field of a worker's cells summed over the first ``proxies`` rows."""
+        ints, word, stride = self.ints, self.cell_word(0, slot, field), self.worker_stride()
+        return sum(ints[word + p * stride] for p in range(proxies))
+
     def close(self) -> None:
         self.ints.release()
         self.floats.release()
+
+
+def _zeros(n: int) -> memoryview:
+    return memoryview(bytearray(n * 8)).cast("q")

@@ -139,6 +139,10 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     # Client API keys (digests and names); empty: the router needs no key. ``settings.api_key``
     # is always empty in a published snapshot: its digest is one of these.
     client_keys: tuple[ClientKey, ...] = ()
+    # Model -> its block in the load board's per-model figures (1..max_models, shm.histograms):
+    # assigned by the coordinator in order of first sight, never reassigned while it runs; a
+    # model past max_models has none (counted under model="other", block 0).
+    model_index: dict[str, int] = {}
 
 
 SNAPSHOT_ENCODER = msgspec.msgpack.Encoder()

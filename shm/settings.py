@@ -228,6 +228,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_level: Annotated[
         Literal["debug", "info", "warning", "error"], _d("Log level of all processes.")
     ] = "info"
+    log_format: Annotated[
+        Literal["text", "json"], _d("Format of every log line of the coordinator and the proxies: 'text' "
+                                    "or 'json' (one object a line; docs/logging.md).")
+    ] = "text"
+    access_log: Annotated[
+        str, _d("Where the proxies write one line per request (docs/logging.md): '' (off), '-' (stderr, "
+                "with the other logs) or a file path every proxy appends to. Lines follow log_format.")
+    ] = ""
+    max_models: Annotated[
+        int, Meta(ge=1, le=4096), _d("Models with their own series in /metrics (docs/metrics.md); more "
+                                     "are counted under model=\"other\". Fixed at start, like max_workers.")
+    ] = 64
     # discovery and health
     config_watch_interval: Annotated[
         float, Meta(ge=0), _d("Seconds between checks of the config file for changes (re-read like "

@@ -121,6 +121,9 @@ class Fleet:
         self.started = False
         self._rings = topology.RingCache()
         self._ramps: dict[int, int] = {}  # slot -> slow-start step (1..9 tenths) last published
+        # Model -> its index in the load board's per-model figures (Snapshot.model_index): kept
+        # for the coordinator's life, so a model that leaves and comes back keeps its series.
+        self.model_index: dict[str, int] = {}
 
     def apply(self, specs: Iterable[WorkerSpec]) -> tuple[list[str], list[str]]:
         """Make the fleet equal to ``specs``; returns (added, removed) URLs."""
@@ -179,16 +182,25 @@ class Fleet:
             for model in w.models:
                 index.setdefault(model, []).append(w.slot)
         shards = topology.model_shards(workers)
+        self._index_models(index, settings.max_models)
         snapshot = Snapshot(generation=generation, created_at=time.time(), coordinator_pid=coordinator_pid,
                             proxies=proxies, settings=settings, workers=workers,
                             models={m: tuple(slots) for m, slots in index.items()},
                             model_policies=models, notices=tuple(self.notices),
                             routers=topology.assign_routers(workers), shards=shards,
                             rings=self._rings.rings(workers, shards, self._base_weights() if ramps else None),
-                            aliases=aliases or {}, sources=dict(self.sources))
+                            aliases=aliases or {}, sources=dict(self.sources),
+                            model_index=dict(self.model_index))
         check_consistent(snapshot)
         self.started = True
         return snapshot
+
+    def _index_models(self, models: dict[str, list[int]], max_models: int) -> None:
+        """Give each newly seen model the next free index (1..max_models); past the cap, none."""
+        known = self.model_index
+        for model in sorted(models):
+            if model not in known and len(known) < max_models:
+                known[model] = len(known) + 1
 
     def _base_weights(self) -> dict[int, int]:
         # Rings use configured weights: a slow start must not move keys between workers.

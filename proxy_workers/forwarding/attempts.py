@@ -20,10 +20,12 @@ Invariants:
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from proxy_workers.errors import BadGateway, NoHealthyWorker
+from shm.histograms import LATENCY_BUCKETS
 from shm.loadboard import (
     EWMA_ALPHA,
     W_ANSWERS,
@@ -36,6 +38,8 @@ from shm.loadboard import (
     W_REQUESTS,
     W_STREAMS,
     W_TTFB_EWMA,
+    W_TTFB_HIST,
+    W_TTFB_SUM,
     WORKER_FIELDS,
 )
 
@@ -92,8 +96,10 @@ def first_byte(proc: ProcessView, cell: int, waited: float, stream: bool) -> Non
     """The worker's answer started ``waited`` seconds after the attempt was sent (``cell`` open)."""
     floats = proc.floats
     floats[cell + W_TTFB_EWMA] += EWMA_ALPHA * (waited - floats[cell + W_TTFB_EWMA])
+    floats[cell + W_TTFB_SUM] += waited
     ints = proc.ints
     ints[cell + W_ANSWERS] += 1
+    ints[cell + W_TTFB_HIST + bisect_left(LATENCY_BUCKETS, waited)] += 1  # the per-worker histogram
     if stream:
         ints[cell + W_STREAMS] += 1
 

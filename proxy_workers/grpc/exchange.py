@@ -45,6 +45,7 @@ from proxy_workers.grpc.response import interrupted_event, response_head
 from proxy_workers.grpc.translate import Renderer, WorkerError, decode_request, prefill_request, to_request
 from proxy_workers.routing.decision import describe, header_value
 from proxy_workers.routing.table import ModelRoute, PDRoute
+from shm.loadboard import P_RETRIES_STATUS
 from shm.proto import worker_pb2 as pb
 
 if TYPE_CHECKING:
@@ -58,9 +59,10 @@ WAIT_FIRST, STREAMING, DONE = 1, 2, 3
 
 
 class GrpcExchange:
-    __slots__ = ("answer_retries", "client", "ctx", "current", "expired", "gone", "head_route", "head_sent",
-                 "head_worker", "last_io", "last_why", "legs", "paused", "phase", "phase_started",
-                 "prefill_worker", "proc", "render", "request", "route", "sse", "started", "task")
+    __slots__ = ("answer_retries", "client", "ctx", "current", "expired", "first_at", "gone", "head_route",
+                 "head_sent", "head_worker", "last_io", "last_why", "legs", "paused", "phase",
+                 "phase_started", "picks", "prefill_worker", "proc", "render", "request", "route", "sse",
+                 "started", "task", "usage")
 
     def __init__(self, proc: GrpcProcess, client: ClientSink, request: ClientRequest,
                  route: ModelRoute | PDRoute, ctx: RequestContext) -> None:
@@ -88,6 +90,11 @@ class GrpcExchange:
         now = proc.loop.time()
         self.started = self.phase_started = self.last_io = now
         self.phase = WAIT_FIRST
+        # The request's record (figures): first chunk of a stream, the usage of the Complete
+        # message (exact whether or not the client asked for it), workers picked.
+        self.first_at = 0.0
+        self.usage: tuple[int, int] = (0, 0)
+        self.picks = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -241,6 +248,7 @@ class GrpcExchange:
 
     def _pick(self, route: ModelRoute, tried: list[int]) -> Worker:
         worker = pick_worker(self.proc, route, self.ctx, tried, self.last_why)
+        self.picks += 1
         tried.append(worker.slot)
         return worker
 
@@ -263,6 +271,7 @@ class GrpcExchange:
             proc.retrying += 1
         self.answer_retries += 1
         proc.count_retry()
+        proc.ints[proc.row + P_RETRIES_STATUS] += 1  # a retry for the worker's answer
         await asyncio.sleep(delay)
 
     def _release_budget(self) -> None:
@@ -336,10 +345,13 @@ class GrpcExchange:
             if msg.HasField("chunk"):
                 if stream:
                     self._out(render.delta(msg.chunk.text))
+                    if not self.first_at:
+                        self.first_at = self.proc.loop.time()
                 else:
                     text.append(msg.chunk.text)
             elif msg.HasField("complete"):
                 done = msg.complete
+                self.usage = (done.usage.prompt_tokens, done.usage.completion_tokens)
                 if stream:
                     self._out(render.end(done.finish_reason, done.usage), last=True)
                 else:
@@ -363,6 +375,15 @@ class GrpcExchange:
                 pass
         except grpc.aio.AioRpcError:
             pass
+
+    def figures(self) -> tuple[int, float, int, int, str, int, str, str]:
+        """The request's record (serving.records): 200 once the head is out; retries are the
+        workers picked past those a request needs (one; two for PD)."""
+        worker, route = self.head_worker, self.head_route
+        needed = 2 if isinstance(self.route, PDRoute) else 1
+        return (200 if self.head_sent else 0, self.first_at, self.usage[0], self.usage[1],
+                worker.url if worker is not None else "", max(self.picks - needed, 0), self.route.model,
+                route.policy.name if route is not None else "")
 
     # -- output ------------------------------------------------------------------------------
 

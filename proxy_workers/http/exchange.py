@@ -31,9 +31,11 @@ from typing import TYPE_CHECKING
 from proxy_workers.errors import BadGateway, RouterError, UpstreamTimeout, error_body, reason
 from proxy_workers.forwarding.attempts import CLOSED, first_byte, open_cell, pick_worker, settle
 from proxy_workers.forwarding.retry import answer_retry_delay, retry_after, retry_or_give_up, stalled
+from proxy_workers.forwarding.usage import stream_tokens, usage_tokens
 from proxy_workers.http.framing import WorkerProtocolError
 from proxy_workers.http.owners import DroppedAnswer
 from proxy_workers.routing.decision import describe, header_value
+from shm.loadboard import P_RETRIES_STATUS, W_ERR_STATUS
 
 if TYPE_CHECKING:
     import asyncio
@@ -62,6 +64,8 @@ class Exchange:
         "conn",
         "connecting",
         "ctx",
+        "events",
+        "first_at",
         "head_sent",
         "last_io",
         "out",
@@ -75,6 +79,9 @@ class Exchange:
         "server_error",
         "sse",
         "started",
+        "status",
+        "tail",
+        "tail2",
         "tried",
         "worker",
     )
@@ -97,6 +104,13 @@ class Exchange:
         self.paused = False  # the client's socket is full: the worker is not read meanwhile
         self.chunked = False
         self.sse = False
+        # What the request's record reads at its end (figures): the status relayed, when the
+        # first chunk of a stream went out, its data events, and the last two body reads (the
+        # usage object ends an answer; forwarding.usage).
+        self.status = 0
+        self.first_at = 0.0
+        self.events = 0
+        self.tail = self.tail2 = b""
         self._fresh_retry = False
         self.answer_retries = 0  # worker answers retried; > 0 holds a place in the retry budget
         self.backoff: asyncio.TimerHandle | None = None
@@ -158,6 +172,7 @@ class Exchange:
         if status >= 400 and status in self.proc.retry_statuses and self._drop_for_retry(conn, status):
             return
         req = self.request
+        self.status = status
         line = _STATUS_LINES.get(status)
         if line is None:
             line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s\r\n" % (status, reason(status))
@@ -197,6 +212,11 @@ class Exchange:
             self.pause_upstream()
 
     def on_response_body(self, body: bytes) -> None:
+        self.tail2, self.tail = self.tail, body
+        if self.sse:
+            self.events += body.count(b"data:")
+            if not self.first_at:
+                self.first_at = self.proc.loop.time()
         if self.chunked:
             self.out.append(b"%x\r\n%s\r\n" % (len(body), body))
         else:
@@ -233,6 +253,8 @@ class Exchange:
             return False
         why = f"{self._url()} answered {status}"
         # A 5xx counts against the worker (passive health); a 408/429 says "not now", not "broken".
+        if status >= 500 and self.cell >= 0:
+            proc.ints[self.cell + W_ERR_STATUS] += 1
         self.cell = settle(proc, self.cell, ok=False, count_error=status >= 500)
         if not self.answer_retries:
             proc.retrying += 1
@@ -265,6 +287,7 @@ class Exchange:
             pd.decode_failed(self, why)
             return
         self.proc.count_retry()
+        self.proc.ints[self.proc.row + P_RETRIES_STATUS] += 1  # a retry for the worker's answer
         self.phase = BACKOFF
         self.backoff = self.proc.loop.call_later(delay, self._after_backoff, why)
 
@@ -316,6 +339,8 @@ class Exchange:
     def _complete(self) -> None:
         conn, self.conn = self.conn, None
         now = self.proc.loop.time()
+        if self.server_error and self.cell >= 0:
+            self.proc.ints[self.cell + W_ERR_STATUS] += 1
         self.cell = settle(self.proc, self.cell, not self.server_error, now - self.started)
         if conn is not None:
             conn.release(now)
@@ -353,6 +378,19 @@ class Exchange:
         self.client.exchange_done(self, error)
 
     # -- called from outside ---------------------------------------------------------------
+
+    def figures(self) -> tuple[int, float, int, int, str, int, str, str]:
+        """What the request's record needs (serving.records): status relayed (0: none), time of
+        the first chunk of a stream (0.0: none or not a stream), input and output tokens, the
+        worker's URL, retries, model and policy."""
+        usage = usage_tokens(self.tail, self.tail2) if self.tail else None
+        if usage is None:
+            tokens_in, tokens_out = 0, stream_tokens(self.events) if self.sse else 0
+        else:
+            tokens_in, tokens_out = usage
+        worker, route = self.worker, self.route
+        return (self.status, self.first_at, tokens_in, tokens_out, worker.url if worker is not None else "",
+                len(self.tried) - 1 if self.tried else 0, route.model, route.policy.name)
 
     def client_gone(self) -> None:
         """The client disconnected: abort the worker connection so generation stops."""

@@ -169,8 +169,8 @@ class PrefillLeg:
 class PDExchange:
     """One PD request; presents the Exchange contract to the ClientProtocol."""
 
-    __slots__ = ("client", "ctx", "decode", "doc", "ended", "failed_prefill", "legs", "pairs", "paused",
-                 "proc", "request", "route", "tried_decode", "tried_prefill")
+    __slots__ = ("answered", "client", "ctx", "decode", "doc", "ended", "failed_prefill", "legs", "pairs",
+                 "paused", "proc", "refused_status", "request", "route", "tried_decode", "tried_prefill")
 
     def __init__(self, proc: HttpProcess, client: ClientSink, request: ClientRequest, route: PDRoute,
                  ctx: RequestContext) -> None:
@@ -187,6 +187,8 @@ class PDExchange:
         self.pairs = 0
         self.ended = False
         self.paused = False  # the client's socket is full: a decode leg started meanwhile starts paused
+        self.answered: Exchange | None = None  # the decode leg that answered the client (figures)
+        self.refused_status = 0  # a prefill worker's client-error answer, relayed (figures)
         try:
             doc = _decode_json(request.body) if request.body else {}
         except msgspec.DecodeError as exc:
@@ -304,6 +306,7 @@ class PDExchange:
         request.keep_alive = request.keep_alive and not self.proc.draining
         self.client.write(render_response(leg.status, b"".join(leg.answer), leg.content_type,
                                           request.request_id.decode(), close=not request.keep_alive))
+        self.refused_status = leg.status
         self._finish(error=False)
 
     def prefill_failed(self, leg: PrefillLeg, why: str, connect_error: bool = False) -> None:
@@ -341,6 +344,7 @@ class PDExchange:
     def exchange_done(self, exchange: Exchange, error: bool) -> None:
         """The decode leg ended (answer complete, error written, or truncated)."""
         self.request.keep_alive = exchange.request.keep_alive
+        self.answered = exchange
         self._finish(error)
 
     # -- endings ---------------------------------------------------------------------------
@@ -369,6 +373,17 @@ class PDExchange:
         self._cancel_decode()
         self.client.send_error(err, self.request)
         self._finish(error=True)
+
+    def figures(self) -> tuple[int, float, int, int, str, int, str, str]:
+        """The request's record (serving.records): the decode leg's answer, when one started;
+        retries count every prefill and decode attempt past the first of each."""
+        decode = self.answered or self.decode
+        retries = max(len(self.tried_prefill) + len(self.tried_decode) - 2, 0)
+        if decode is None:
+            policy = self.route.decode.policy.name
+            return self.refused_status, 0.0, 0, 0, "", retries, self.route.model, policy
+        figures = decode.figures()
+        return figures[:5] + (retries,) + figures[6:]
 
     def client_gone(self) -> None:
         """Cancel both legs: nobody is waiting for either."""

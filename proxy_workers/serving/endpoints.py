@@ -226,7 +226,7 @@ def _metrics(proc: ProxyProcess) -> tuple[int, bytes, bytes]:
     proxies = _proxy_rows(proc, snap.proxies)
     workers = [_worker_view(proc, w, snap.proxies) for w in snap.workers]
     decisions = {name: proc.board.decisions(index, snap.proxies) for name, index in POLICY_INDEX.items()}
-    text = render_metrics(snap, proxies, workers, VERSION, decisions, not proc.orphaned_since)
+    text = render_metrics(snap, proxies, workers, VERSION, decisions, not proc.orphaned_since, proc.board)
     return 200, text.encode(), b"text/plain; version=0.0.4; charset=utf-8"
 
 

@@ -13,27 +13,25 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shm.loadboard import REFUSAL_REASONS
+from proxy_workers.serving.metrics_board import model_families, proxy_families, worker_families
+from shm.loadboard import REFUSAL_REASONS, LoadBoard
+from shm.metricdefs import BY_NAME
 from shm.schema import Snapshot
 
 _ROUTER_COUNTERS = (
-    ("requests", "shardgate_requests_total", "Requests answered by the router (proxied or refused)."),
-    ("errors", "shardgate_request_errors_total", "Requests that ended in a router error or truncation."),
-    ("retries", "shardgate_retries_total", "Requests moved to another worker after a failure."),
-    ("client_disconnects", "shardgate_client_disconnects_total",
-     "Requests whose client went away before the response was complete."),
+    ("requests", "shardgate_requests_total"),
+    ("errors", "shardgate_request_errors_total"),
+    ("retries", "shardgate_retries_total"),
+    ("client_disconnects", "shardgate_client_disconnects_total"),
 )
 _WORKER_SERIES = (
-    ("requests", "shardgate_worker_requests_total", "counter", "Requests sent to the worker."),
-    ("errors", "shardgate_worker_errors_total", "counter", "Failed requests to the worker."),
-    ("connect_errors", "shardgate_worker_connect_errors_total", "counter",
-     "Failed connection attempts to the worker."),
-    ("streams", "shardgate_worker_streams_total", "counter", "Streamed (SSE) responses from the worker."),
-    ("in_flight", "shardgate_worker_in_flight_requests", "gauge", "Requests in flight to the worker."),
-    ("latency_ewma_seconds", "shardgate_worker_latency_ewma_seconds", "gauge",
-     "Moving average of request latency (EWMA, alpha 0.2)."),
-    ("ttfb_ewma_seconds", "shardgate_worker_ttfb_ewma_seconds", "gauge",
-     "Moving average of time to the worker's response head (EWMA, alpha 0.2)."),
+    ("requests", "shardgate_worker_requests_total"),
+    ("errors", "shardgate_worker_errors_total"),
+    ("connect_errors", "shardgate_worker_connect_errors_total"),
+    ("streams", "shardgate_worker_streams_total"),
+    ("in_flight", "shardgate_worker_in_flight_requests"),
+    ("latency_ewma_seconds", "shardgate_worker_latency_ewma_seconds"),
+    ("ttfb_ewma_seconds", "shardgate_worker_ttfb_ewma_seconds"),
 )
 
 
@@ -56,58 +54,63 @@ def _escape(value: str) -> str:
 
 def render_metrics(snap: Snapshot, proxies: list[dict[str, Any]], workers: list[dict[str, Any]],
                    version: str, decisions: dict[str, tuple[int, int]] | None = None,
-                   coordinator_up: bool = True) -> str:
+                   coordinator_up: bool = True, board: LoadBoard | None = None) -> str:
     lines: list[str] = []
 
-    def family(name: str, kind: str, help_text: str) -> None:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
+    def family(name: str) -> None:
+        declared = BY_NAME[name]  # the one declaration (shm.metricdefs)
+        lines.append(f"# HELP {name} {declared.help}")
+        lines.append(f"# TYPE {name} {declared.kind}")
 
-    family("shardgate_build_info", "gauge", "Build information.")
+    family("shardgate_build_info")
     lines.append(f'shardgate_build_info{{version="{version}"}} 1')
-    for key, name, help_text in _ROUTER_COUNTERS:
-        family(name, "counter", help_text)
+    for key, name in _ROUTER_COUNTERS:
+        family(name)
         lines.append(f"{name} {sum(int(p[key]) for p in proxies)}")
-    family("shardgate_requests_rejected_total", "counter",
-           "Requests the router refused before routing them, by reason (bad HTTP or JSON, limits, "
-           "unknown model or path, admission control); summed over reasons: all refusals.")
+    family("shardgate_retries_by_reason_total")
+    by_status = sum(int(p["retries_status"]) for p in proxies)
+    lines.append(f'shardgate_retries_by_reason_total{{reason="status"}} {by_status}')
+    lines.append('shardgate_retries_by_reason_total{reason="failure"} '
+                 f'{max(sum(int(p["retries"]) for p in proxies) - by_status, 0)}')
+    family("shardgate_requests_rejected_total")
     for why, count in rejected_by_reason(proxies).items():
         lines.append(f'shardgate_requests_rejected_total{{reason="{why}"}} {count}')
-    family("shardgate_in_flight_requests", "gauge", "Requests in flight across all proxies.")
+    family("shardgate_in_flight_requests")
     lines.append(f"shardgate_in_flight_requests {sum(int(p['in_flight']) for p in proxies)}")
     _admission(lines, family, proxies)
-    family("shardgate_proxies", "gauge", "Proxy processes configured.")
+    family("shardgate_proxies")
     lines.append(f"shardgate_proxies {len(proxies)}")
-    family("shardgate_snapshot_generation", "gauge", "Generation of the routing snapshot in use.")
+    family("shardgate_snapshot_generation")
     lines.append(f"shardgate_snapshot_generation {snap.generation}")
-    family("shardgate_snapshot_age_seconds", "gauge",
-           "Seconds since the routing snapshot in use was published (grows while the coordinator is gone).")
+    family("shardgate_snapshot_age_seconds")
     lines.append(f"shardgate_snapshot_age_seconds {max(time.time() - snap.created_at, 0.0):.3f}")
-    family("shardgate_coordinator_up", "gauge",
-           "1 while the coordinator runs (as the answering proxy sees it).")
+    family("shardgate_coordinator_up")
     lines.append(f"shardgate_coordinator_up {1 if coordinator_up else 0}")
-    family("shardgate_discovery_source_up", "gauge", "1 when a discovery source's last sync worked.")
+    family("shardgate_discovery_source_up")
     for source, error in sorted(snap.sources.items()):
         lines.append(f'shardgate_discovery_source_up{{source="{_escape(source)}"}} {0 if error else 1}')
-    family("shardgate_notices", "gauge", "Problems the coordinator reports in /workers notices.")
+    family("shardgate_notices")
     lines.append(f"shardgate_notices {len(snap.notices)}")
-    family("shardgate_worker_ejected", "gauge", "1 while passive health keeps the worker out.")
+    family("shardgate_worker_ejected")
     for w in workers:
         ejected = 1 if w.get("ejected") else 0
         lines.append(f'shardgate_worker_ejected{{worker="{_escape(w["url"])}"}} {ejected}')
-    family("shardgate_worker_healthy", "gauge", "1 when the worker is healthy and not draining.")
+    family("shardgate_worker_healthy")
     for w in workers:
         ok = 1 if w["healthy"] and not w["draining"] else 0
         lines.append(f'shardgate_worker_healthy{{worker="{_escape(w["url"])}"}} {ok}')
-    for key, name, kind, help_text in _WORKER_SERIES:
-        family(name, kind, help_text)
+    for key, name in _WORKER_SERIES:
+        family(name)
         for w in workers:
             lines.append(f'{name}{{worker="{_escape(w["url"])}"}} {w[key]}')
-    family("shardgate_policy_decisions_total", "counter", "Routing decisions made, per policy.")
+    if board is not None:
+        model_families(lines, family, snap, board)
+        worker_families(lines, family, snap, board, workers)
+    proxy_families(lines, family, proxies)
+    family("shardgate_policy_decisions_total")
     for policy, (made, _) in sorted((decisions or {}).items()):
         lines.append(f'shardgate_policy_decisions_total{{policy="{policy}"}} {made}')
-    family("shardgate_policy_fallbacks_total", "counter",
-           "Decisions where the policy fell back (no key, backup shard, imbalance, cache miss...).")
+    family("shardgate_policy_fallbacks_total")
     for policy, (_, fell) in sorted((decisions or {}).items()):
         lines.append(f'shardgate_policy_fallbacks_total{{policy="{policy}"}} {fell}')
     return "\n".join(lines) + "\n"
@@ -118,19 +121,15 @@ def _admission(lines: list[str], family: Any, proxies: list[dict[str, Any]]) -> 
     def total(key: str) -> Any:
         return sum(p[key] for p in proxies)
 
-    family("shardgate_admission_queue_depth", "gauge", "Requests waiting in the admission queues.")
+    family("shardgate_admission_queue_depth")
     lines.append(f"shardgate_admission_queue_depth {int(total('queued'))}")
-    family("shardgate_admission_queue_wait_seconds", "summary",
-           "Time admitted requests spent in the admission queue.")
+    family("shardgate_admission_queue_wait_seconds")
     lines.append(f"shardgate_admission_queue_wait_seconds_sum {float(total('queue_wait_seconds'))!r}")
     lines.append(f"shardgate_admission_queue_wait_seconds_count {int(total('queue_waits'))}")
-    family("shardgate_admission_admitted_total", "counter",
-           "Requests admission control let through (at once or after waiting).")
+    family("shardgate_admission_admitted_total")
     lines.append(f"shardgate_admission_admitted_total {int(total('admitted'))}")
-    family("shardgate_admission_rejected_total", "counter",
-           "Requests admission control refused, by reason (429 rate_limited; 503 otherwise).")
+    family("shardgate_admission_rejected_total")
     for why in _ADMISSION_REASONS:
         lines.append(f'shardgate_admission_rejected_total{{reason="{why}"}} {int(total(f"rejected_{why}"))}')
-    family("shardgate_admission_abandoned_total", "counter",
-           "Queued requests whose client disconnected before they were admitted.")
+    family("shardgate_admission_abandoned_total")
     lines.append(f"shardgate_admission_abandoned_total {int(total('queue_abandoned'))}")

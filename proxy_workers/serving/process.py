@@ -53,6 +53,7 @@ from shm.loadboard import (
     P_TORN_READS,
     LoadBoard,
 )
+from shm.logformat import configure as configure_logging
 from shm.process import EXIT_BOOT_ERROR, EXIT_OK, LISTEN_BACKLOG, listen_socket
 from shm.segment import Segment, segment_name
 from shm.snapshot import SnapshotReader
@@ -81,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if snapshot is None:  # nothing published yet, or a snapshot of another schema version
             raise ValueError(reader.refusal or "the coordinator has not published a snapshot")
         settings = snapshot.settings
-        logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                            format=f"%(asctime)s proxy[{args.index}] %(levelname)s %(message)s")
+        configure_logging(settings.log_level, settings.log_format, f"proxy[{args.index}]")
         if not 0 <= args.index < board.max_proxies:
             raise ValueError(f"proxy index {args.index} outside the load board")
         sock = listen_socket(settings.host, settings.port)

@@ -64,8 +64,10 @@ from proxy_workers.routing.decision import prepare
 from proxy_workers.serving import endpoints, rules
 from proxy_workers.serving.dispatch import DATA_PATHS
 from proxy_workers.serving.reading import CONTINUE, FEED_SLICE, RequestReader
+from proxy_workers.serving.records import end_request
 from proxy_workers.serving.refusals import note_refusal
 from proxy_workers.serving.rules import CLEAN_PATHS
+from shm.histograms import O_CLIENT_GONE, O_ERROR, O_REJECTED, O_SUCCESS
 
 if TYPE_CHECKING:
     from proxy_workers.contract import ClientExchange, ClientRequest, ClientSink, Refusal
@@ -82,7 +84,8 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
     """One client connection: its requests (read by :class:`RequestReader`), their answers, flow control."""
 
     __slots__ = ("_blocked", "_draining_queue", "_held", "_queued_bytes", "_stopped", "_write_paused",
-                 "exchange", "parser", "peer", "proc", "queue", "transport")
+                 "err_status", "exchange", "parser", "peer", "proc", "queue", "req_started", "sent",
+                 "transport")
 
     def __init__(self, proc: ProxyProcess) -> None:
         self.proc = proc
@@ -100,6 +103,11 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
         self._held = b""  # the unparsed rest of a read, while blocked
         self._draining_queue = False  # _drain_queue is on the stack
         self._queued_bytes = 0  # body bytes of the queued requests
+        # The request being answered, for its record (serving.records): when it was dispatched,
+        # bytes written for it, and the status of an error the router answered itself.
+        self.req_started = 0.0
+        self.sent = 0
+        self.err_status = 0
         self._reset()
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -169,6 +177,9 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
         if exchange is not None:
             exchange.client_gone()
             self._gone(exchange)
+            if hasattr(exchange, "figures"):  # not a request still waiting in admission's queue
+                end_request(self.proc, exchange.request, exchange, O_CLIENT_GONE, 0, self.req_started,
+                            self.sent)
         # The parser refers back to this protocol: break the cycle so the connection's buffers
         # are freed now, not by the cyclic collector.
         self.parser = None  # type: ignore[assignment]
@@ -244,6 +255,8 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
     def dispatch(self, request: Request) -> None:
         self.idle_since = 0.0
         proc = self.proc
+        self.req_started = proc.loop.time()
+        self.sent = self.err_status = 0
         try:
             if request.error is not None:
                 raise request.error
@@ -292,6 +305,7 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
         self.exchange = None
         note_refusal(self.proc, err, request)
         self.send_error(err, request)
+        end_request(self.proc, request, None, O_REJECTED, err.status, self.req_started, self.sent)
         self._next(request)
 
     def _answer_locally(self, request: Request) -> None:
@@ -308,6 +322,8 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
         proc = self.proc
         proc.active.discard(exchange)
         proc.count_request(error)
+        end_request(proc, exchange.request, exchange, O_ERROR if error else O_SUCCESS, self.err_status,
+                    self.req_started, self.sent)
         if self.exchange is exchange:
             self.exchange = None
         self._next(exchange.request)
@@ -359,9 +375,11 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
+            self.sent += len(data)
             self.transport.write(data)
 
     def send_error(self, err: Refusal, request: ClientRequest) -> None:
+        self.err_status = err.status
         if self.proc.draining:
             request.keep_alive = False
         self.write(_for_method(request, render(err, request.request_id.decode(),

@@ -19,13 +19,14 @@ import logging
 import os
 import random
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy_workers.forwarding.retry import parse_statuses
 from proxy_workers.grpc.channels import GrpcChannels
 from proxy_workers.http.upstream import Pools
 from proxy_workers.policies.base import PolicyEnv
 from proxy_workers.routing.table import RoutingTable
+from proxy_workers.serving.accesslog import AccessLog
 from proxy_workers.serving.admission import Admission
 from proxy_workers.serving.auth import KeyGate, UpstreamKeys, gate_for
 from shm.affinity import AffinityTable
@@ -61,11 +62,12 @@ class ProxyProcess:
 
     # Slots: every request reads several of these; past 30 attributes an instance dict stops
     # sharing its keys and CPython's attribute caches miss (measured: +1.3k instructions/request).
-    __slots__ = ("_table", "_taking", "active", "admission", "admitted", "board", "cell0", "cell_owner",
-                 "connections", "decision0", "draining", "env", "floats", "gate", "grpc_channels",
-                 "hash_headers", "index", "ints", "limits_on", "loop", "orphan_logged", "orphaned_since",
-                 "pools", "reader", "retry_statuses", "retrying", "rid_counter", "rid_prefix", "rng", "row",
-                 "settings", "upstream_keys")
+    __slots__ = ("_table", "_taking", "access_log", "active", "admission", "admitted", "board", "cell0",
+                 "cell_owner", "connections", "decision0", "draining", "env", "floats", "gate",
+                 "grpc_channels", "hash_headers", "index", "ints", "limits_on", "loop", "model_blocks",
+                 "model_owner",
+                 "orphan_logged", "orphaned_since", "other_block", "pools", "reader", "retry_statuses",
+                 "retrying", "rid_counter", "rid_prefix", "rng", "row", "settings", "tracer", "upstream_keys")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, index: int, reader: SnapshotReader,
                  board: LoadBoard, affinity: AffinityTable | None = None) -> None:
@@ -90,6 +92,15 @@ class ProxyProcess:
         self._table = RoutingTable(snapshot, self.env, None)
         self.cell_owner: list[str | None] = []
         self._claim_cells(snapshot)
+        # Per-model figures (serving.records): model -> this proxy's block; block 0 is "other".
+        self.model_owner: list[str | None] = [None] * (board.max_models + 1)
+        self.model_blocks: dict[str, int] = {}
+        self.other_block = board.model_word(index, 0)
+        self._claim_models(snapshot)
+        # The access log (None: off) and the tracer (None: off; proxy_workers.serving.tracing
+        # sets it): what serving.records hands each ended request to.
+        self.access_log: AccessLog | None = AccessLog.open(snapshot.settings, index)
+        self.tracer: Any = None
         self._taking = False  # a new snapshot is being taken, step by step
         self.active: set[ClientExchange] = set()
         self.connections: set[Connection] = set()
@@ -176,8 +187,28 @@ class ProxyProcess:
                     self.board.reset_cell(self.index, slot)
                 owners[slot] = w.url
 
+    def _claim_models(self, snapshot: Snapshot) -> None:
+        """Map models to this proxy's blocks; a block whose index now names another model (a new
+        coordinator numbered them anew) is zeroed first, by its only writer."""
+        owners, board, blocks = self.model_owner, self.board, {}
+        for model, number in snapshot.model_index.items():
+            if not 0 < number < len(owners):
+                continue  # past this board's max_models: counted as "other"
+            if owners[number] != model:
+                if owners[number] is not None:
+                    board.reset_model(self.index, number)
+                owners[number] = model
+            blocks[model] = board.model_word(self.index, number)
+        self.model_blocks = blocks
+
     def _snapshot_changed(self, snapshot: Snapshot) -> None:
         self._claim_cells(snapshot)
+        self._claim_models(snapshot)
+        if snapshot.settings.access_log != self.settings.access_log \
+                or snapshot.settings.log_format != self.settings.log_format:
+            if self.access_log is not None:
+                self.access_log.close()
+            self.access_log = AccessLog.open(snapshot.settings, self.index)
         self.settings = snapshot.settings
         self.retry_statuses = parse_statuses(snapshot.settings.retry_statuses)
         self.env.update(snapshot.proxies, snapshot.settings)

@@ -1,0 +1,146 @@
+"""The end of a request: the one place that turns it into a :class:`RequestRecord`.
+
+Role: :func:`end_request` is called exactly once per request the router counts, by the client
+connection (:mod:`proxy_workers.serving.protocol`): when its exchange ends (answered, failed or
+cut short), when it is refused before any worker, or when its client goes away. It builds the
+record and hands it to what consumes it: the per-model figures of /metrics (written here, on the
+load board), the access log (when on) and the tracer (when on).
+
+Invariants:
+- One record per request; the figures come from the exchange's ``figures()`` (status, first
+  chunk time, tokens, worker, retries, model, policy), never from the request's body.
+- Metrics cost a few word increments on this proxy's own model block (single writer); buckets
+  are found by ``bisect`` on a small tuple. Nothing here allocates but the record itself.
+- Bounded labels: a model without an index in the snapshot (unknown, absent, or past
+  ``max_models``) is written to block 0, ``model="other"``.
+- TTFT: a stream's is the time to its first chunk to the client; a whole (non-streamed) answer's
+  is the time to its last byte, i.e. its duration. Time per output token is observed once per
+  stream that produced two tokens or more: (end - first chunk) / (output tokens - 1).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import TYPE_CHECKING
+
+from shm.histograms import (
+    LATENCY_BUCKETS,
+    M_DURATION,
+    M_TOKENS_IN,
+    M_TOKENS_OUT,
+    M_TPOT,
+    M_TTFT,
+    O_CLIENT_GONE,
+    O_ERROR,
+    O_REJECTED,
+    O_SUCCESS,
+    OUTCOMES,
+    R_NONE,
+    ROUTER_INDEX,
+    ROUTERS,
+    STATUS_CLASSES,
+    TPOT_BUCKETS,
+)
+
+if TYPE_CHECKING:
+    from proxy_workers.contract import ClientRequest
+    from proxy_workers.serving.state import ProxyProcess
+
+_N_OUT = len(OUTCOMES)
+_DUR_SUM = M_DURATION + len(LATENCY_BUCKETS) + 1
+_TTFT_SUM = M_TTFT + len(LATENCY_BUCKETS) + 1
+_TPOT_SUM = M_TPOT + len(TPOT_BUCKETS) + 1
+
+
+class RequestRecord:
+    """One ended request, as metrics, the access log and the tracer see it.
+
+    ``status`` 0: nothing was answered (the client left first). ``ttft`` in seconds (-1.0: none,
+    no answer started). ``worker`` the URL of the worker that answered last ("" if none).
+    """
+
+    __slots__ = ("duration", "model", "outcome", "policy", "request", "retries", "router", "sent", "status",
+                 "tokens_in", "tokens_out", "ttft", "worker")
+
+    def __init__(self, request: ClientRequest, router: int, model: str, policy: str, worker: str, status: int,
+                 outcome: int, duration: float, ttft: float, tokens_in: int, tokens_out: int, retries: int,
+                 sent: int) -> None:
+        self.request = request
+        self.router = router
+        self.model = model
+        self.policy = policy
+        self.worker = worker
+        self.status = status
+        self.outcome = outcome
+        self.duration = duration
+        self.ttft = ttft
+        self.tokens_in = tokens_in
+        self.tokens_out = tokens_out
+        self.retries = retries
+        self.sent = sent
+
+    @property
+    def router_name(self) -> str:
+        return ROUTERS[self.router]
+
+    @property
+    def outcome_name(self) -> str:
+        return OUTCOMES[self.outcome]
+
+
+def end_request(proc: ProxyProcess, request: ClientRequest, exchange: object | None, outcome: int,
+                status: int, started: float, sent: int) -> RequestRecord:
+    """Record one ended request; ``exchange`` None for a refusal (``outcome`` O_REJECTED).
+
+    ``status`` is the status the router answered itself (a refusal, an error after routing), 0 if
+    none; a status relayed from a worker comes from the exchange. ``started`` is the loop time
+    the request was dispatched; ``sent`` the bytes written to the client for it.
+    """
+    now = proc.loop.time()
+    duration = now - started
+    if exchange is None:
+        router, model, policy, worker, first_at, tokens_in, tokens_out, retries = \
+            R_NONE, request.model or "", "", "", 0.0, 0, 0, 0
+    else:
+        figures = exchange.figures()  # type: ignore[attr-defined]
+        relayed, first_at, tokens_in, tokens_out, worker, retries, model, policy = figures
+        router = ROUTER_INDEX[exchange.ctx.router]  # type: ignore[attr-defined]
+        if relayed and not status:
+            status = relayed
+        if outcome == O_SUCCESS and status >= 400:
+            outcome = O_ERROR
+    if first_at:
+        ttft = first_at - started
+    elif status and outcome != O_CLIENT_GONE:
+        ttft = duration  # a whole answer: its first token reached the client with its last byte
+    else:
+        ttft = -1.0
+    record = RequestRecord(request, router, model, policy, worker, status, outcome, duration, ttft,
+                           tokens_in, tokens_out, retries, sent)
+    # -- metrics: this proxy's block of the model (block 0: "other") ----------------------------
+    base = proc.model_blocks.get(model, proc.other_block)
+    ints = proc.ints
+    klass = status // 100 if status < 600 else 0
+    ints[base + (router * STATUS_CLASSES + klass) * _N_OUT + outcome] += 1
+    if outcome != O_REJECTED:
+        floats = proc.floats
+        ints[base + M_DURATION + bisect_left(LATENCY_BUCKETS, duration)] += 1
+        floats[base + _DUR_SUM] += duration
+        if ttft >= 0.0:
+            ints[base + M_TTFT + bisect_left(LATENCY_BUCKETS, ttft)] += 1
+            floats[base + _TTFT_SUM] += ttft
+        if tokens_in:
+            ints[base + M_TOKENS_IN] += tokens_in
+        if tokens_out:
+            ints[base + M_TOKENS_OUT] += tokens_out
+            if first_at and tokens_out > 1:
+                tpot = (now - first_at) / (tokens_out - 1)
+                ints[base + M_TPOT + bisect_left(TPOT_BUCKETS, tpot)] += 1
+                floats[base + _TPOT_SUM] += tpot
+    # -- the access log (off: None) ---------------------------------------------------------------
+    access = proc.access_log
+    if access is not None:
+        access.write(record)
+    # tracing: the tracer (proxy_workers.serving.tracing, once it exists) ends the request's span
+    # here, from the same record: ``if proc.tracer is not None: proc.tracer.end(request, record)``.
+    return record

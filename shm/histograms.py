@@ -1,0 +1,74 @@
+"""Per-model request figures and histograms in the load board: their layout and bucket bounds.
+
+Role: the one place that says where a request's figures go in shared memory, so the proxies that
+write them (:mod:`proxy_workers.serving.records`) and the exposition that sums them at scrape time
+(:mod:`proxy_workers.serving.metrics`) agree word for word.
+
+Layout of one *model block* (``MODEL_FIELDS`` words; one block per proxy per model index, index 0
+being ``model="other"``: unknown, absent, or past ``max_models``)::
+
+    M_REQUESTS + (router * STATUS_CLASSES + status // 100) * OUTCOMES + outcome   request counters
+    M_TOKENS_IN, M_TOKENS_OUT                                                      token counters
+    M_DURATION / M_TTFT: len(LATENCY_BUCKETS) + 1 bucket counts, then the sum (a float word)
+    M_TPOT: len(TPOT_BUCKETS) + 1 bucket counts, then the sum
+
+A histogram's words count observations per bucket, not cumulatively (one increment per
+observation); the last bucket is ``+Inf``; ``_count`` is the sum of the buckets. Cumulating is the
+reader's job, at scrape time.
+
+Bucket bounds (seconds): LATENCY_BUCKETS span 5 ms (a cached short answer) to 5 minutes (a long
+generation), roughly x2-x2.5 apart, as vLLM's and sglang-router's do, so a p99 of either TTFT or
+the whole request falls in a bucket a few tens of percent wide. TPOT_BUCKETS span 1 ms to 1 s per
+token (fast decoders emit ~5-50 ms/token), finer where engines actually sit.
+
+Invariants: labels are bounded by construction: models by ``max_models`` (+ "other"), routers,
+status classes and outcomes by the fixed tuples below. Single writer per block (its proxy).
+"""
+
+from __future__ import annotations
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
+
+# Routers as labels; "none": refused before a router took the request.
+ROUTERS = ("http_regular", "http_pd", "grpc_regular", "grpc_pd", "none")
+ROUTER_INDEX = {name: i for i, name in enumerate(ROUTERS)}
+R_NONE = ROUTER_INDEX["none"]
+# Status classes by status // 100; class 0 ("none"): nothing was answered (the client left first).
+STATUS_CLASSES = 6
+STATUS_LABELS = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
+# How a request ended (docs/metrics.md): answered below 400; answered 400+ or cut short after
+# routing; refused before any worker; client went away before the end.
+OUTCOMES = ("success", "error", "rejected", "client_gone")
+O_SUCCESS, O_ERROR, O_REJECTED, O_CLIENT_GONE = 0, 1, 2, 3
+
+M_REQUESTS = 0
+M_TOKENS_IN = M_REQUESTS + len(ROUTERS) * STATUS_CLASSES * len(OUTCOMES)
+M_TOKENS_OUT = M_TOKENS_IN + 1
+HIST_WORDS = len(LATENCY_BUCKETS) + 2  # buckets, +Inf, sum
+M_DURATION = M_TOKENS_OUT + 1
+M_TTFT = M_DURATION + HIST_WORDS
+M_TPOT = M_TTFT + HIST_WORDS
+MODEL_FIELDS = M_TPOT + len(TPOT_BUCKETS) + 2
+FLOAT_SUMS = (M_DURATION + HIST_WORDS - 1, M_TTFT + HIST_WORDS - 1, M_TPOT + len(TPOT_BUCKETS) + 1)
+
+OTHER_MODEL = "other"
+
+
+def histogram(ints: memoryview[int], floats: memoryview[float], word: int, bounds: tuple[float, ...],
+              blocks: list[int]) -> tuple[list[int], float]:
+    """Cumulative bucket counts (``+Inf`` last) and the sum of the histogram at ``word`` of each
+    block base in ``blocks``, summed over them (the reader side)."""
+    n = len(bounds) + 1
+    counts = [0] * n
+    total = 0.0
+    for base in blocks:
+        at = base + word
+        for i in range(n):
+            counts[i] += ints[at + i]
+        total += floats[at + n]
+    running = 0
+    for i in range(n):
+        running += counts[i]
+        counts[i] = running
+    return counts, total
