@@ -67,9 +67,20 @@ def find(host: str, port: int | None) -> list[Orphans]:
 
 
 def live_instances() -> set[str]:
-    """Dead coordinators' instances whose proxies still serve, on any address: their segments
-    must stay, or the coordinator that later starts on that address could not find them."""
-    return {group.instance for group in find("", None)}
+    """Instances whose proxies still run, on any address: their segments must stay, or the
+    coordinator that later starts on that address could not find them.
+
+    Read from the process table, not from the segments: a coordinator of another version (a
+    different board layout or snapshot schema, after an upgrade or a downgrade) cannot read an
+    instance's segments, and must still not remove them from under its running proxies."""
+    found: set[str] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        args = process_args(int(entry))
+        if b"proxy_workers" in args and b"--instance" in args[:-1]:
+            found.add(args[args.index(b"--instance") + 1].decode(errors="replace"))
+    return found
 
 
 def _serving_proxies(instance: str, host: str, port: int | None) -> tuple[int, ...]:

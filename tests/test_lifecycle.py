@@ -354,6 +354,33 @@ def test_stale_segment_of_a_dead_pid_is_removed_at_start(start_worker, start_rou
             pass
 
 
+def test_an_unreadable_segment_whose_proxies_still_run_is_kept_at_start(start_worker, start_router) -> None:
+    """A dead coordinator's segments stay while a process that is one of its proxies runs, even
+    when this coordinator cannot read them (another version's layout: here, 4 KiB of zeros), so
+    nothing is removed from under serving proxies after an upgrade or downgrade."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    instance = f"{int(finished.stdout)}-0ddba11"
+    name = f"/shardgate.{instance}.snap"
+    unreadable = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=4096)
+    unreadable.close_fd()
+    # Stands in for a proxy of that instance: what counts is its command line (set once Popen
+    # returns: it waits for the exec).
+    proxy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "proxy_workers",
+                              "--instance", instance, "--index", "0"])
+    try:
+        router = start_router([start_worker(["m1"]).url])
+        assert (SHM_DIR / name[1:]).exists(), "a live proxy's segment was removed as stale"
+        assert try_chat(router.url) == 200
+    finally:
+        proxy.kill()
+        proxy.wait()
+        try:
+            posix_ipc.unlink_shared_memory(name)
+        except posix_ipc.ExistentialError:
+            pass
+
+
 # -- 5. a boot failure is one message, not a restart loop --------------------------------------
 
 
