@@ -149,6 +149,8 @@ class Coordinator:
         return self.publish()
 
     async def run(self) -> int:
+        log.info("starting: %d proxy process(es), max_workers %d, max_models %d", self.proxies,
+                 self.settings.max_workers, self.settings.max_models)
         preflight(self.settings.host, self.settings.port)
         if self.settings.ops_port:
             preflight(self.settings.ops_host, self.settings.ops_port)
@@ -227,6 +229,7 @@ class Coordinator:
                   f"workers={len(self.fleet.states)} models={','.join(models) or '-'} "
                   f"policy={s.policy} pid={os.getpid()}")
         print(f"shardgate {status}", flush=True)
+        log.info("%s", status)
         self.notifier.ready(status, main_pid=os.getpid() if self.succession.takes_over else None)
         if self.on_ready is not None:
             self.on_ready()
@@ -375,6 +378,8 @@ class Coordinator:
             self.succession.abandon()
             self.notifier.stopping()
         self.supervisor.stopping = True
+        log.info("stopping: draining %d proxy process(es) (grace_period %.0fs)", self.proxies,
+                 self.settings.grace_period)
         for task in (self.probing, self.scraping, self.housekeeping_task):
             if task is not None:
                 task.cancel()

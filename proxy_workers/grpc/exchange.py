@@ -118,7 +118,8 @@ class GrpcExchange:
         except RouterError as err:
             self._give_up(err)
         except Exception:
-            log.exception("gRPC exchange failed")
+            rid = self.request.request_id.decode("latin-1")
+            log.exception("gRPC exchange failed (request_id=%s)", rid, extra={"request_id": rid})
             self._give_up(InternalError("internal router error; see the router's log"))
 
     def client_gone(self) -> None:

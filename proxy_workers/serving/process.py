@@ -122,13 +122,18 @@ async def _serve(index: int, reader: SnapshotReader, board: LoadBoard, affinity:
     # init if the coordinator died while this process was starting, hiding that it is orphaned.
     coordinator = proc.latest_table().snapshot.coordinator_pid
     sweeper = loop.create_task(_sweep_forever(proc, stop, coordinator))
-    log.debug("serving with pid %d", os.getpid())
+    log.info("serving on %s:%d (pid %d, snapshot generation %d)", proc.settings.host, proc.settings.port,
+             os.getpid(), proc.reader.generation)
     await stop.wait()
+    log.info("stop requested: draining %d connection(s)", len(proc.connections))
     if ops is not None:
         # Closed at once: a scrape refused on one proxy's listener finds another's, or retries.
         ops.close()
     await _shutdown(proc, server, sock)
     sweeper.cancel()
+    if proc.access_log is not None:
+        proc.access_log.close()  # what is queued is written before the process exits
+    log.info("stopped")
 
 
 def _accept_queued(proc: ProxyProcess, sock: socket.socket) -> int:

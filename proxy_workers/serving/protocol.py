@@ -281,7 +281,9 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
         except RouterError as err:
             self.refuse(err, request)  # refused before any worker: still a request
         except Exception:  # a bug: answered with 500 and logged, the connection closed after it
-            log.exception("internal error while dispatching a request")
+            rid = request.request_id.decode("latin-1")
+            log.exception("internal error while dispatching a request (request_id=%s)", rid,
+                          extra={"request_id": rid})
             started = self.exchange
             if started is not None and started.request is request:
                 self.exchange = None
