@@ -89,12 +89,13 @@ class RequestRecord:
 
 
 def end_request(proc: ProxyProcess, request: ClientRequest, exchange: object | None, outcome: int,
-                status: int, started: float, sent: int) -> RequestRecord:
+                status: int, started: float, sent: int) -> RequestRecord | None:
     """Record one ended request; ``exchange`` None for a refusal (``outcome`` O_REJECTED).
 
     ``status`` is the status the router answered itself (a refusal, an error after routing), 0 if
     none; a status relayed from a worker comes from the exchange. ``started`` is the loop time
-    the request was dispatched; ``sent`` the bytes written to the client for it.
+    the request was dispatched; ``sent`` the bytes written to the client for it. Returns the
+    record, or None when nothing consumes records (access log and tracer off).
     """
     now = proc.loop.time()
     duration = now - started
@@ -115,8 +116,6 @@ def end_request(proc: ProxyProcess, request: ClientRequest, exchange: object | N
         ttft = duration  # a whole answer: its first token reached the client with its last byte
     else:
         ttft = -1.0
-    record = RequestRecord(request, router, model, policy, worker, status, outcome, duration, ttft,
-                           tokens_in, tokens_out, retries, sent)
     # -- metrics: this proxy's block of the model (block 0: "other") ----------------------------
     base = proc.model_blocks.get(model, proc.other_block)
     ints = proc.ints
@@ -137,10 +136,16 @@ def end_request(proc: ProxyProcess, request: ClientRequest, exchange: object | N
                 tpot = (now - first_at) / (tokens_out - 1)
                 ints[base + M_TPOT + bisect_left(TPOT_BUCKETS, tpot)] += 1
                 floats[base + _TPOT_SUM] += tpot
-    # -- the access log (off: None) ---------------------------------------------------------------
-    access = proc.access_log
+    # -- the record's consumers: the access log and the tracer (both off: None) -----------------------
+    # The record is made only when one of them is on: with both off (the default) a request pays
+    # two attribute checks, not an object.
+    access, tracer = proc.access_log, proc.tracer
+    if access is None and tracer is None:
+        return None
+    record = RequestRecord(request, router, model, policy, worker, status, outcome, duration, ttft,
+                           tokens_in, tokens_out, retries, sent)
     if access is not None:
         access.write(record)
-    # tracing: the tracer (proxy_workers.serving.tracing, once it exists) ends the request's span
-    # here, from the same record: ``if proc.tracer is not None: proc.tracer.end(request, record)``.
+    # tracing: the tracer (proxy_workers.serving.tracing, not there yet) ends the request's span
+    # here, from the same record: ``if tracer is not None: tracer.end(request, record)``.
     return record
