@@ -35,6 +35,8 @@ def curl_lines(base: str) -> str:
         f"  curl -s {base}/stats",
         f"  curl -s {base}/metrics",
         "",
+        f"Live status page: {base}/dashboard",
+        "",
         "Ctrl-C stops the router and the mock workers.",
         "",
     ])
