@@ -13,43 +13,42 @@ an answer; JSON escapes quotes inside strings, so generated text cannot fake the
 
 from __future__ import annotations
 
+import msgspec
+
 TAIL = 4096
-_PROMPT = b'"prompt_tokens"'
-_COMPLETION = b'"completion_tokens"'
+_USAGE = b'"usage":'
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+_decode = msgspec.json.Decoder(_Usage).decode
 
 
 def usage_tokens(last: bytes, before: bytes = b"") -> tuple[int, int] | None:
-    """(prompt_tokens, completion_tokens) of the usage at the end of an answer, or None."""
+    """(prompt_tokens, completion_tokens) of the usage at the end of an answer, or None.
+
+    Three C calls on the common path (find the last ``"usage":``, its closing brace, decode the
+    object with msgspec): this runs once per request."""
     text = last
-    at = text.rfind(_COMPLETION)
+    at = text.rfind(_USAGE)
     if at < 0:
         if not before:
             return None
         text = before[-TAIL:] + last  # the usage object straddles two reads
-        at = text.rfind(_COMPLETION)
+        at = text.rfind(_USAGE)
         if at < 0:
             return None
-    completion = _number(text, at + len(_COMPLETION))
-    if completion < 0:
+    end = text.find(b"}", at)
+    if end < 0:
         return None
-    at = text.rfind(_PROMPT)
-    prompt = _number(text, at + len(_PROMPT)) if at >= 0 else 0
-    return max(prompt, 0), completion
-
-
-def _number(text: bytes, at: int) -> int:
-    """The integer after ``: `` at ``at`` (-1 if none): a few C-level finds, no regex (per request)."""
-    colon = text.find(b":", at, at + 8)
-    if colon < 0:
-        return -1
-    end = text.find(b",", colon)
-    brace = text.find(b"}", colon)
-    if end < 0 or 0 <= brace < end:
-        end = brace
     try:
-        return int(text[colon + 1:end])  # int() takes the spaces around the digits
-    except ValueError:
-        return -1
+        usage = _decode(text[at + 8:end + 1])
+    except (msgspec.DecodeError, msgspec.ValidationError):  # "usage": null, or not an object
+        return None
+    return usage.prompt_tokens, usage.completion_tokens
 
 
 def stream_tokens(events: int) -> int:
