@@ -541,8 +541,10 @@ def test_quota_aware_refuses_at_the_limit_with_retry_after(shared: Shared, clock
     assert picks == {0: 3, 1: 3}  # budgets are global: both proxies' counts add up
     with pytest.raises(QuotaExceeded) as err:
         routes[0].pick(request())
-    assert err.value.status == 429 and err.value.retry_after == 51  # 10 s into the minute
-    assert b"retry-after: 51" in err.value.headers()
+    # 10 s into the minute, 3 of 3 used on each worker: the next minute starts with all 3 still
+    # counted, and they decay to 2 (room for one) 20 s into it: 50 + 20 s from now.
+    assert err.value.status == 429 and err.value.retry_after == 71
+    assert b"retry-after: 71" in err.value.headers()
     # Dry runs (POST /route/explain) do not spend budget.
     # The window slides: 30 s into the next minute, half of the last minute still counts
     # (3 * 0.5 = 1.5 per worker), so each worker takes one more ((1.5 + 1) / 3 <= 1), not two.
@@ -553,7 +555,44 @@ def test_quota_aware_refuses_at_the_limit_with_retry_after(shared: Shared, clock
     assert Counter(routes[0].pick(request()).slot for _ in range(2)) == {0: 1, 1: 1}
     with pytest.raises(QuotaExceeded) as err:
         routes[1].pick(request())
-    assert err.value.retry_after == 31
+    # 1 + 3 x (1 - t / 60) <= 2 from t = 40 s: 10 s from now.
+    assert err.value.retry_after == 11
+
+
+def test_quota_retry_after_is_when_admission_next_succeeds(shared: Shared, clock: list[float]) -> None:
+    """Refused at random moments (across minute boundaries, from two proxies), a client that
+    waits Retry-After seconds is admitted, and one second less is still refused."""
+    tokens = request().estimated_tokens()
+    fleet = [Worker(slot=0, url="http://rpm:1", models=("m",), quota_rpm=4),
+             Worker(slot=1, url="http://tpm:1", models=("m",), quota_tpm=5 * tokens)]
+    routes = [table(shared.env(proxy=p, proxies=2, policy="quota_aware", quota_headroom=0.9), fleet)
+              .routes["m"] for p in (0, 1)]
+    rng = random.Random(14)
+
+    def admitted(proxy: int) -> bool:
+        probe = request()
+        probe.dry_run = True  # decides without spending budget
+        try:
+            routes[proxy].pick(probe)
+        except QuotaExceeded:
+            return False
+        return True
+
+    refusals = crossing = 0
+    for step in range(300):
+        clock[0] += rng.uniform(0.0, 6.0)
+        try:
+            routes[step % 2].pick(request())
+            continue
+        except QuotaExceeded as err:
+            wait = err.retry_after
+        refusals += 1
+        crossing += (clock[0] + wait) // 60 > clock[0] // 60  # admitted in a later minute
+        clock[0] += wait - 1
+        assert wait == 1 or not admitted(rng.randrange(2)), (step, wait)
+        clock[0] += 1
+        assert admitted(rng.randrange(2)), (step, wait)
+    assert refusals >= 30 and crossing >= 5, (refusals, crossing)
 
 
 def test_quota_headroom_avoids_a_worker_near_its_limit(shared: Shared, clock: list[float]) -> None:

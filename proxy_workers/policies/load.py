@@ -10,8 +10,9 @@ Invariants:
   of the load board; engine figures are the coordinator's single copy.
 - Engine figures older than ``STALE_INTERVALS`` scrape intervals are ignored (least_loaded then
   falls back to the router's own in-flight counts and says so).
-- Quota windows are per minute with a sliding estimate: used = this minute + last minute times the
-  share of it still inside a 60 s window. Usage is counted when a worker is picked, from an
+- Quota windows are per minute with a sliding estimate (``proxy_workers.policies.quota``): used =
+  this minute + last minute times the share of it still inside a 60 s window; admission and a
+  refusal's ``Retry-After`` both follow it. Usage is counted when a worker is picked, from an
   estimate of the request's tokens (prompt bytes / 4 + max_tokens).
 """
 
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from proxy_workers.errors import QuotaExceeded
 from proxy_workers.policies.base import Policy, index_of_min, least_loaded_of
+from proxy_workers.policies.quota import retry_after, seconds_until_within, used, window_at
 from proxy_workers.routing.context import RequestContext
 from shm.loadboard import (
     E_SCRAPED_AT,
@@ -75,15 +77,15 @@ class QuotaAware(Policy):
     """Most budget left among two random workers; a full scan only when both are near their limit.
 
     Two random choices keep a pick O(1) at any fleet size (a full scan reads six board words per
-    worker and proxy) while still steering away from workers close to their quota.
+    worker and proxy) while still steering away from workers close to their quota. Admission and
+    the refusal's ``Retry-After`` both evaluate :func:`proxy_workers.policies.quota.used`.
     """
 
     name = "quota_aware"
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         env = self.env
-        minute, into = divmod(time.time(), 60.0)
-        window = (int(minute), 1.0 - into / 60.0)
+        minute, into, weight = window_at(time.time())
         tokens = ctx.estimated_tokens()
         headroom = env.settings.quota_headroom
         n = len(candidates)
@@ -91,24 +93,24 @@ class QuotaAware(Policy):
         if n > 2:
             i = int(self.rng.random() * n)
             sample = [candidates[i], candidates[(i + 1 + int(self.rng.random() * (n - 1))) % n]]
-        best, best_ratio = self._best(sample, window, tokens, headroom)
+        best, best_ratio = self._best(sample, minute, weight, tokens, headroom)
         if best is None and sample is not candidates:
-            best, best_ratio = self._best(candidates, window, tokens, headroom)
+            best, best_ratio = self._best(candidates, minute, weight, tokens, headroom)
         if best is None:
-            retry = max(1, int(60 - into) + 1)
+            wait = self._wait(candidates, minute, into, tokens, headroom)
             raise QuotaExceeded(f"every worker for model '{route.model}' is at its per-minute quota",
-                                retry_after=retry)
+                                retry_after=retry_after(wait))
         if not ctx.dry_run:
-            self._count(best.slot, window[0], tokens)
+            self._count(best.slot, minute, tokens)
         ctx.note("most quota left", quota_used=round(best_ratio, 3))
         return best
 
-    def _best(self, workers: Sequence[Worker], window: tuple[int, float], tokens: int,
+    def _best(self, workers: Sequence[Worker], minute: int, weight: float, tokens: int,
               headroom: float) -> tuple[Worker | None, float]:
         in_flight = self.env.load.in_flight
         best, best_ratio = None, float("inf")
         for w in workers:
-            ratio = self._ratio(w, window, tokens)
+            ratio = self._ratio(w, minute, weight, tokens)
             if ratio > headroom:
                 continue
             key = ratio + in_flight(w.slot) * 1e-6  # equal budgets: fewer in flight wins
@@ -116,29 +118,52 @@ class QuotaAware(Policy):
                 best, best_ratio = w, key
         return best, best_ratio
 
-    def _ratio(self, w: Worker, window: tuple[int, float], tokens: int) -> float:
+    def _ratio(self, w: Worker, minute: int, weight: float, tokens: int) -> float:
         """Share of the worker's budget used once this request is counted (0: unlimited)."""
         if not w.quota_rpm and not w.quota_tpm:
             return 0.0
-        used_req, used_tok = self._used(w.slot, *window)
-        r = (used_req + 1) / w.quota_rpm if w.quota_rpm else 0.0
-        t = (used_tok + tokens) / w.quota_tpm if w.quota_tpm else 0.0
+        req, prev_req, tok, prev_tok = self._counts(w.slot, minute)
+        r = (used(req, prev_req, weight) + 1) / w.quota_rpm if w.quota_rpm else 0.0
+        t = (used(tok, prev_tok, weight) + tokens) / w.quota_tpm if w.quota_tpm else 0.0
         return max(r, t)
 
-    def _used(self, slot: int, minute: int, weight_prev: float) -> tuple[float, float]:
+    def _wait(self, workers: Sequence[Worker], minute: int, into: float, tokens: int,
+              headroom: float) -> float | None:
+        """Seconds until the first of ``workers`` would be admitted (None: never), by inverting
+        the estimate ``_ratio`` uses: a ratio <= headroom is usage <= headroom x budget - need."""
+        soonest: float | None = None
+        for w in workers:
+            req, prev_req, tok, prev_tok = self._counts(w.slot, minute)
+            by_requests = seconds_until_within(req, prev_req, into, headroom * w.quota_rpm - 1) \
+                if w.quota_rpm else 0.0
+            by_tokens = seconds_until_within(tok, prev_tok, into, headroom * w.quota_tpm - tokens) \
+                if w.quota_tpm else 0.0
+            if by_requests is None or by_tokens is None:
+                continue  # this request never fits this worker's budget
+            wait = max(by_requests, by_tokens)
+            if soonest is None or wait < soonest:
+                soonest = wait
+        return soonest
+
+    def _counts(self, slot: int, minute: int) -> tuple[int, int, int, int]:
+        """(requests, previous minute's requests, tokens, previous minute's tokens) over all
+        proxies' cells, as of ``minute`` (a cell last written a minute ago holds only the
+        previous minute; older cells hold nothing that still counts)."""
         board, ints = self.env.board, self.env.board.ints
         stride, word = board.worker_stride(), board.cell_word(0, slot)
-        req = tok = 0.0
+        req = prev_req = tok = prev_tok = 0
         for p in range(self.env.proxies):
             cell = word + p * stride
             at = ints[cell + W_Q_MINUTE]
             if at == minute:
-                req += ints[cell + W_Q_REQUESTS] + ints[cell + W_Q_PREV_REQUESTS] * weight_prev
-                tok += ints[cell + W_Q_TOKENS] + ints[cell + W_Q_PREV_TOKENS] * weight_prev
+                req += ints[cell + W_Q_REQUESTS]
+                tok += ints[cell + W_Q_TOKENS]
+                prev_req += ints[cell + W_Q_PREV_REQUESTS]
+                prev_tok += ints[cell + W_Q_PREV_TOKENS]
             elif at == minute - 1:
-                req += ints[cell + W_Q_REQUESTS] * weight_prev
-                tok += ints[cell + W_Q_TOKENS] * weight_prev
-        return req, tok
+                prev_req += ints[cell + W_Q_REQUESTS]
+                prev_tok += ints[cell + W_Q_TOKENS]
+        return req, prev_req, tok, prev_tok
 
     def _count(self, slot: int, minute: int, tokens: int) -> None:
         board = self.env.board
