@@ -383,7 +383,7 @@ class PDExchange:
             policy = self.route.decode.policy.name
             return self.refused_status, 0.0, 0, 0, "", retries, self.route.model, policy
         figures = decode.figures()
-        return figures[:5] + (retries,) + figures[6:]
+        return (*figures[:5], retries, *figures[6:])
 
     def client_gone(self) -> None:
         """Cancel both legs: nobody is waiting for either."""
