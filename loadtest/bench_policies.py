@@ -241,9 +241,9 @@ def prime_affinity(table: AffinityTable, route: ModelRoute, inputs: Inputs, sett
     for k in range(len(inputs)):
         slot = candidates[k % len(candidates)].slot
         keys = [key_hash(f"{MODEL}\0{inputs.sessions[k].decode('latin-1')}")]
-        keys += [key for _, key in prefix_keys(MODEL, RequestContext(
-            MODEL, inputs.fields[k], inputs.bodies[k], [], CLIENT, (), "random").prompt(),
-            settings.cache_block_chars)]
+        ctx = RequestContext(MODEL, inputs.fields[k], inputs.bodies[k], [], CLIENT, (), "random")
+        keys += [key for _, key in prefix_keys(MODEL, ctx.prompt(), settings.cache_block_chars,
+                                               ctx.prompt_ends())]
         for p in range(PROXIES):
             for key in keys:
                 table.record(p, key, slot, now - 1.0)
@@ -307,8 +307,8 @@ def loop_overhead(args: argparse.Namespace, contexts: Contexts) -> float:
 class BenchProxy:
     """What ``decision.prepare`` reads of a ``ProxyProcess``: the table, settings, hash headers, rng.
 
-    ``table()`` returns the table directly; the real one first compares the snapshot generation
-    (tens of ns, measured by bench_snapshot.py).
+    ``latest_table()`` returns the table directly; the real one first compares the snapshot
+    generation (tens of ns, measured by bench_snapshot.py).
     """
 
     __slots__ = ("_table", "hash_headers", "rng", "settings")
@@ -320,6 +320,9 @@ class BenchProxy:
         self.rng = random.Random(7)
 
     def table(self) -> RoutingTable:
+        return self._table
+
+    def latest_table(self) -> RoutingTable:
         return self._table
 
 

@@ -14,6 +14,8 @@ Invariants:
 - Single writer per region (proxy p writes only region p); readers scan every region. No locks.
 - Open addressing: a key lives within ``PROBES`` entries of ``key % capacity``; when that window
   is full the least recently seen entry is overwritten (LRU-ish eviction, no sweeper needed).
+  An entry once filled is never emptied again (``forget`` leaves a tombstone), so a lookup stops
+  at the first empty entry of the window: a miss in a sparse table costs one read per region.
 - A writer invalidates an entry (key = 0) before rewriting it and publishes the key last, so a
   reader that matches the key sees that entry's fields; the worst a race can cause is a miss.
 - When proxies disagree (two first requests of one session reached two proxies at once), the
@@ -80,11 +82,15 @@ class AffinityTable:
         words, floats, cap = self.words, self.floats, self.capacity
         best: tuple[int, float] | None = None
         home = key % cap
+        region = cap * ENTRY_WORDS
         for p in range(proxies):
-            base = self._base(p)
+            base = HEADER_WORDS + p * region
             for i in range(PROBES):
                 e = base + ((home + i) % cap) * ENTRY_WORDS
-                if words[e] != key:
+                k = words[e]
+                if k != key:
+                    if not k:
+                        break  # entries never empty again, so none for this key lies beyond
                     continue
                 slot = words[e + A_SLOT] - 1
                 created, seen = floats[e + A_CREATED], floats[e + A_SEEN]
@@ -126,6 +132,26 @@ class AffinityTable:
         floats[victim + A_CREATED] = now if created is None else created
         floats[victim + A_SEEN] = now
         words[victim] = key
+
+    def record_many(self, proxy: int, keys: list[int], slot: int, now: float) -> None:
+        """``record`` for several keys of one worker (cache_aware's prefixes): the common case,
+        a refresh of an entry already there, without a call per key."""
+        words, floats, cap = self.words, self.floats, self.capacity
+        base, mark = self._base(proxy), slot + 1
+        for key in keys:
+            key = key or 1
+            home = key % cap
+            for i in range(PROBES):
+                e = base + ((home + i) % cap) * ENTRY_WORDS
+                k = words[e]
+                if k == key and words[e + A_SLOT] == mark:
+                    floats[e + A_SEEN] = now
+                    break
+                if k == key or not k:
+                    self.record(proxy, key, slot, now)
+                    break
+            else:
+                self.record(proxy, key, slot, now)
 
     def forget(self, proxy: int, key: int) -> None:
         """Drop ``key`` from ``proxy``'s region (e.g. its worker failed).

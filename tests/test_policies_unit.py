@@ -60,13 +60,13 @@ HASH_HEADERS = (b"x-session-id", b"x-user-id")
 class Shared:
     """A load board and an affinity table in fresh segments, as a coordinator creates them."""
 
-    def __init__(self) -> None:
+    def __init__(self, affinity_capacity: int = AFFINITY_CAPACITY) -> None:
         self.segments: list[Segment] = []
         self.board = LoadBoard.create(self._segment("board", board_size(MAX_PROXIES, MAX_WORKERS)),
                                       MAX_PROXIES, MAX_WORKERS)
         self.affinity = AffinityTable.create(
-            self._segment("affinity", table_size(MAX_PROXIES, AFFINITY_CAPACITY)), MAX_PROXIES,
-            AFFINITY_CAPACITY)
+            self._segment("affinity", table_size(MAX_PROXIES, affinity_capacity)), MAX_PROXIES,
+            affinity_capacity)
 
     def _segment(self, kind: str, size: int) -> Segment:
         seg = Segment.create(segment_name(new_instance_id(), kind), size)

@@ -6,16 +6,21 @@ remember through :class:`shm.affinity.AffinityTable`, shared by all proxies, so 
 depend on which proxy process the kernel handed the connection to.
 
 Invariants:
-- New assignments go to the least loaded worker (global in-flight ÷ weight). A reassignment after
-  a worker failure claims precedence over the stale entry (``AffinityTable`` docs).
-- cache_aware keys are 64-bit chained CRCs of the prompt's prefix blocks, so an identical prefix
-  gives identical keys in every process. Only checkpoint blocks (about two per doubling of the
-  prompt, plus the last) are recorded and probed: a 32,000-character prompt costs ~20 table
-  operations, not 500. The match rate is therefore approximate (to within a checkpoint), as
-  sglang's approximate tree is.
+- New assignments go to the least loaded worker (global in-flight ÷ weight; exact up to
+  ``scan.EXACT_LIMIT`` candidates, the best of ``scan.SAMPLE`` random ones beyond). A
+  reassignment after a worker failure claims precedence over the stale entry (``AffinityTable``).
+- cache_aware keys are 64-bit chained CRCs of the prompt's prefixes, so an identical prefix gives
+  identical keys in every process. Prefixes are keyed at checkpoint blocks (about two per
+  doubling of the prompt), at message ends (the last ``MAX_ENDS``) and at the prompt's end: a
+  32,000-character prompt costs ~20 table operations, not 500, and a follow-up turn, which
+  starts with the whole previous prompt, matches all of it (its last key is a message end of the
+  follow-up). The match rate is the matched bytes over the prompt's bytes; a match ending where
+  an assistant message starts also counts that message, which the matched worker generated and
+  so holds in its cache.
 - cache_aware balances first: when ``max - min > balance_abs_threshold`` and
-  ``max > min * balance_rel_threshold`` (in-flight over the model's workers), the least loaded
-  worker wins regardless of the cache (sglang's rule and defaults: 0.3 / 64 / 1.5).
+  ``max > min * balance_rel_threshold`` (in-flight over the model's workers, or over the sample
+  for long lists), the least loaded worker wins regardless of the cache (sglang's rule and
+  defaults: 0.3 / 64 / 1.5).
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from proxy_workers.policies.base import Policy, least_loaded_of
+from proxy_workers.policies.base import Policy
 from proxy_workers.routing.context import RequestContext
 from shm.schema import Worker
 
@@ -33,10 +39,13 @@ if TYPE_CHECKING:
     from proxy_workers.policies.base import RouteView
 
 MAX_BLOCKS = 512
+MAX_ENDS = 32  # message ends keyed per prompt: the latest, where follow-ups and branches match
 _SEED_B = 0x9E3779B9
+_MODEL_SEEDS: dict[str, int] = {}
 
 
-def checkpoints(n_blocks: int) -> list[int]:
+@lru_cache(maxsize=MAX_BLOCKS)
+def checkpoints(n_blocks: int) -> tuple[int, ...]:
     """Block counts at which prefixes are recorded: 1, 2, 3, 4, 6, 8, 12, 16, ... and n."""
     points, a = [], 1
     while a < n_blocks:
@@ -46,24 +55,48 @@ def checkpoints(n_blocks: int) -> list[int]:
             points.append(b)
         a *= 2
     points.append(n_blocks)
-    return sorted(set(points))
+    return tuple(sorted(set(points)))
 
 
-def prefix_keys(model: str, text: str, block: int) -> list[tuple[int, int]]:
-    """(blocks covered, 64-bit key) for each checkpoint prefix of ``text``."""
+def prefix_keys(model: str, text: str, block: int,
+                ends: Sequence[tuple[int, str]] = ()) -> list[tuple[int, int]]:
+    """(bytes covered, 64-bit key) for each keyed prefix of ``text``, shortest first: checkpoint
+    blocks, message ends (byte offsets, from ``RequestContext.prompt_ends``) and the whole text,
+    within the first ``MAX_BLOCKS`` blocks. A key depends only on the model and the prefix's bytes."""
     data = text.encode()
-    n = min((len(data) + block - 1) // block, MAX_BLOCKS)
-    if n == 0:
+    limit = min(len(data), MAX_BLOCKS * block)
+    if limit == 0:
         return []
-    wanted = checkpoints(n)
-    seed = zlib.crc32(model.encode())
+    points = checkpoints((limit + block - 1) // block)
+    offsets = [c * block for c in points[:-1]]
+    offsets.append(limit)
+    if ends:
+        offsets = sorted({*offsets, *(e for e, _ in ends[-MAX_ENDS:] if e < limit)})
+    seed = _MODEL_SEEDS.get(model)
+    if seed is None:
+        seed = _MODEL_SEEDS[model] = zlib.crc32(model.encode())
+    view = memoryview(data)
     a, b, out, at = seed, seed ^ _SEED_B, [], 0
-    for count in wanted:
-        chunk = data[at * block: count * block]
-        a, b = zlib.crc32(chunk, a), zlib.crc32(chunk, b)
-        at = count
-        out.append((count, (a << 32) | b))
+    crc = zlib.crc32
+    for offset in offsets:
+        chunk = view[at:offset]
+        a, b = crc(chunk, a), crc(chunk, b)
+        at = offset
+        out.append((offset, (a << 32) | b))
     return out
+
+
+def covered(offset: int, ends: Sequence[tuple[int, str]], total: int) -> int:
+    """Bytes a worker holding the prefix up to ``offset`` has cached: the prefix, and the
+    assistant message right after it when the prefix ends where one starts (it generated it)."""
+    for i, (end, _) in enumerate(ends):
+        if end == offset:
+            if i + 1 < len(ends) and ends[i + 1][1] == "assistant":
+                return min(ends[i + 1][0], total)
+            break
+        if end > offset:
+            break
+    return offset
 
 
 def _usable(route: RouteView, candidates: Sequence[Worker]) -> dict[int, Worker]:
@@ -78,7 +111,7 @@ class SessionAffinity(Policy):
         env = self.env
         if h is None or env.affinity is None:
             ctx.note("no session key: least loaded worker", fallback=True)
-            return least_loaded_of(candidates, env, self.rng)
+            return self.least_loaded(route, candidates)
         usable = _usable(route, candidates)
         now, ttl = time.time(), env.settings.session_ttl
         found = env.affinity.lookup(h, env.proxies, now, ttl, usable.__contains__)
@@ -88,7 +121,7 @@ class SessionAffinity(Policy):
                 env.affinity.record(env.proxy, h, slot, now, created)
             ctx.reason = "session's worker"
             return usable[slot]
-        worker = least_loaded_of(candidates, env, self.rng)
+        worker = self.least_loaded(route, candidates)
         earliest = env.affinity.earliest(h, env.proxies, now, ttl)
         if earliest is None:
             ctx.reason = "new session: least loaded worker"
@@ -106,28 +139,28 @@ class CacheAware(Policy):
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         env, settings = self.env, self.env.settings
-        loads = env.columns(candidates).loads()
-        lo, hi = min(loads), max(loads)
-        keys = prefix_keys(route.model, ctx.prompt(), settings.cache_block_chars)
+        lowest, lo, hi = self.columns(route, candidates).min_max_loads(self.rng)
+        ends = ctx.prompt_ends()
+        keys = prefix_keys(route.model, ctx.prompt(), settings.cache_block_chars, ends)
         if hi - lo > settings.balance_abs_threshold and hi > lo * settings.balance_rel_threshold:
-            worker = candidates[loads.index(lo)]
+            worker = candidates[lowest]
             ctx.note("load imbalanced: least loaded worker", fallback=True, min_load=lo, max_load=hi)
         else:
-            matched, rate = self._match(route, candidates, keys)
+            matched, rate = self._match(route, candidates, keys, ends)
             if matched is not None and rate > settings.cache_threshold:
                 worker = matched
                 ctx.note("prefix cached on this worker", match_rate=round(rate, 3))
             else:
-                worker = least_loaded_of(candidates, env, self.rng)
+                worker = self.least_loaded(route, candidates)
                 ctx.note("prefix match below cache_threshold: least loaded worker", fallback=True,
                          match_rate=round(rate, 3))
-        if not ctx.dry_run:
-            self._remember(keys, worker)
+        if not ctx.dry_run and env.affinity is not None:
+            env.affinity.record_many(env.proxy, [key for _, key in keys], worker.slot, time.time())
         return worker
 
-    def _match(self, route: RouteView, candidates: Sequence[Worker],
-               keys: list[tuple[int, int]]) -> tuple[Worker | None, float]:
-        """The worker holding the longest recorded prefix, and the share of the prompt it covers."""
+    def _match(self, route: RouteView, candidates: Sequence[Worker], keys: list[tuple[int, int]],
+               ends: Sequence[tuple[int, str]]) -> tuple[Worker | None, float]:
+        """The worker that last saw the longest keyed prefix, and the share of the prompt it holds."""
         env = self.env
         affinity = env.affinity
         if not keys or affinity is None:
@@ -135,16 +168,8 @@ class CacheAware(Policy):
         usable = _usable(route, candidates)
         now, ttl = time.time(), env.settings.session_ttl
         total = keys[-1][0]
-        for count, key in reversed(keys):
+        for offset, key in reversed(keys):
             found = affinity.lookup(key, env.proxies, now, ttl, usable.__contains__, latest=True)
             if found is not None:
-                return usable[found[0]], count / total
+                return usable[found[0]], covered(offset, ends, total) / total
         return None, 0.0
-
-    def _remember(self, keys: list[tuple[int, int]], worker: Worker) -> None:
-        env = self.env
-        if env.affinity is None:
-            return
-        now = time.time()
-        for _, key in keys:
-            env.affinity.record(env.proxy, key, worker.slot, now)

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from itertools import accumulate
 from math import gcd
-from operator import add, itemgetter, truediv
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from shm.loadboard import E_RUNNING, E_WAITING, W_IN_FLIGHT, W_TTFB_EWMA, WORKER_FIELDS, LoadBoard
+from proxy_workers.policies.scan import Block, Columns, columns_for
+from shm.loadboard import W_IN_FLIGHT, WORKER_FIELDS, LoadBoard
 from shm.settings import Settings
 
 if TYPE_CHECKING:
@@ -73,80 +73,6 @@ class LoadView:
         return total
 
 
-def _getter(words: list[int]) -> Callable[[Any], tuple]:
-    """An itemgetter that always returns a tuple (itemgetter of one index returns the item)."""
-    if len(words) == 1:
-        one = words[0]
-        return lambda seq: (seq[one],)
-    return itemgetter(*words)
-
-
-class Columns:
-    """Board columns over one candidate list, read with one C-level call per proxy and field.
-
-    Scanning policies would otherwise call ``in_flight`` once per worker per request (a Python
-    call, a loop over proxies, two memory reads: ~230 ns each); a column read costs a few tens
-    of ns per worker.
-    """
-
-    __slots__ = ("_engine", "candidates", "floats", "in_flight", "ints", "ttfb", "weights")
-
-    def __init__(self, env: PolicyEnv, candidates: Sequence[Worker]) -> None:
-        board = env.board
-        stride = board.worker_stride()
-        base = [board.cell_word(0, w.slot) for w in candidates]
-        self.candidates = candidates
-        self.ints, self.floats = board.ints, board.floats
-        self.in_flight = [_getter([b + p * stride + W_IN_FLIGHT for b in base]) for p in range(env.proxies)]
-        self.ttfb = [_getter([b + p * stride + W_TTFB_EWMA for b in base]) for p in range(env.proxies)]
-        self.weights = [w.weight for w in candidates]
-        engine = [board.engine_word(w.slot) for w in candidates]
-        self._engine = tuple(_getter([e + f for e in engine]) for f in (E_RUNNING, E_WAITING))
-
-    def loads(self) -> list[int]:
-        """Global in-flight per candidate (summed over proxies)."""
-        ints = self.ints
-        getters = self.in_flight
-        total: Any = getters[0](ints)
-        for g in getters[1:]:
-            total = map(add, total, g(ints))
-        return list(total)
-
-    def weighted_loads(self) -> list[float]:
-        return list(map(truediv, self.loads(), self.weights))
-
-    def ttfb_sums(self) -> list[float]:
-        """Time-to-first-byte EWMAs summed over proxies (0.0 where nobody measured yet).
-
-        Summing instead of averaging keeps this to one C-level read per proxy; once every
-        proxy has measured every worker the order is the same as the mean's.
-        """
-        floats = self.floats
-        total: Any = self.ttfb[0](floats)
-        for g in self.ttfb[1:]:
-            total = map(add, total, g(floats))
-        return list(total)
-
-    def engine_queue(self) -> list[int]:
-        """Engine running + waiting + router in-flight per candidate (the last two correct for
-        requests sent since the last scrape)."""
-        running, waiting = self._engine
-        ints = self.ints
-        return list(map(add, map(add, running(ints), waiting(ints)), self.loads()))
-
-
-def index_of_min(scores: list[float], rng: random.Random | None = None) -> int:
-    """Index of the smallest score; a tie goes to the first from a random start with ``rng``."""
-    low = min(scores)
-    if rng is None or len(scores) < 2:
-        return scores.index(low)
-    start = int(rng.random() * len(scores))
-    try:
-        return scores.index(low, start)
-    except ValueError:
-        return scores.index(low)
-
-
 class PolicyEnv:
     """What every policy of one proxy process shares; refreshed on each snapshot."""
 
@@ -178,17 +104,6 @@ class PolicyEnv:
         return cols
 
 
-def least_loaded_of(candidates: Sequence[Worker], env: PolicyEnv,
-                    rng: random.Random | None = None) -> Worker:
-    """Fewest global in-flight requests per unit of weight.
-
-    A tie goes to the first candidate, or, with ``rng``, to the first from a random starting
-    point: new sessions and cold prompts on an idle fleet then spread instead of all landing on
-    the first worker.
-    """
-    return candidates[index_of_min(env.columns(candidates).weighted_loads(), rng)]
-
-
 class RouteView(Protocol):
     """What a policy sees of a model's route."""
 
@@ -212,6 +127,19 @@ class Policy:
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         raise NotImplementedError
+
+    def columns(self, route: RouteView, candidates: Sequence[Worker]) -> Columns:
+        """Board columns over ``candidates`` (exact, or sampled for long lists: see ``scan``)."""
+        return columns_for(self.env, candidates, _stable(route, candidates), self.rng)
+
+    def least_loaded(self, route: RouteView, candidates: Sequence[Worker]) -> Worker:
+        """Fewest global in-flight requests per unit of weight.
+
+        A tie goes to the first from a random starting point: new sessions and cold prompts on
+        an idle fleet then spread instead of all landing on the first worker.
+        """
+        best, _ = self.columns(route, candidates).argmin(Block.weighted_loads, self.rng)
+        return candidates[best]
 
 
 class RoundRobin(Policy):
@@ -323,7 +251,8 @@ class WeightedRandom(Policy):
 
 
 class LeastConnections(Policy):
-    """Fewest in-flight requests across all proxies (÷ weight); ties rotate."""
+    """Fewest in-flight requests across all proxies (÷ weight); ties rotate. Exact up to
+    ``scan.EXACT_LIMIT`` candidates, the best of ``scan.SAMPLE`` random ones beyond."""
 
     name = "least_connections"
 
@@ -332,14 +261,8 @@ class LeastConnections(Policy):
         self._start = 0
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
-        n = len(candidates)
-        self._start = (self._start + 1) % n
-        scores = self.env.columns(candidates).weighted_loads()
-        low = min(scores)
-        try:
-            best = scores.index(low, self._start)  # ties rotate with the start
-        except ValueError:
-            best = scores.index(low)
+        self._start += 1
+        best, _ = self.columns(route, candidates).argmin(Block.weighted_loads, self.rng, self._start)
         if ctx.scores is not None:
             ctx.scores["in_flight"] = {w.url: self.env.load.in_flight(w.slot) for w in candidates[:64]}
         ctx.reason = "fewest in-flight requests across all proxies"

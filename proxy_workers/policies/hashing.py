@@ -10,6 +10,8 @@ Invariants:
 - Unusable owners (unhealthy, draining, already tried) are skipped clockwise: the next owner is
   the natural backup, and keys of healthy workers never move.
 - A request without a routing key gets a random worker (reported as a fallback).
+- The load bound's mean is exact up to ``scan.EXACT_LIMIT`` candidates and a sample's (of
+  ``scan.SAMPLE``) beyond, so proxies may disagree about a worker right at the bound.
 """
 
 from __future__ import annotations
@@ -105,11 +107,14 @@ class ConsistentHashBounded(Policy):
         if h is None:
             ctx.note("no routing key: random worker", fallback=True)
             return candidates[int(self.rng.random() * len(candidates))]
-        total = sum(self.env.columns(candidates).loads())
+        n = len(candidates)
+        # Over ``scan.EXACT_LIMIT`` candidates the total is estimated from a sample: reading every
+        # worker would cost more than the whole decision budget, and the bound is loose anyway.
+        total = self.columns(route, candidates).total_load(self.rng)
         # Capacity per worker, rounded up as in the bounded-loads paper (Mirrokni et al.): the +1
         # counts the request being placed, and the ceiling lets an idle fleet keep every key on
         # its owner (1 / n * factor alone is below one request for n > factor).
-        limit = ceil((total + 1) / len(candidates) * self.env.settings.bounded_load_factor)
+        limit = ceil((total + 1) / n * self.env.settings.bounded_load_factor)
         worker, skipped = ring_pick(route, candidates, h, lambda w: in_flight(w.slot) + 1 <= limit)
         if worker is None:
             worker, _ = ring_pick(route, candidates, h)

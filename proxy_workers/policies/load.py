@@ -8,6 +8,8 @@ requests-per-minute and tokens-per-minute budget; 429 when nobody can take the r
 Invariants:
 - Every figure is global: EWMAs and quota windows are summed or averaged over all proxies' cells
   of the load board; engine figures are the coordinator's single copy.
+- least_latency and least_loaded compare every candidate of lists up to ``scan.EXACT_LIMIT`` and
+  the best of ``scan.SAMPLE`` random ones beyond (``proxy_workers.policies.scan``).
 - Engine figures older than ``STALE_INTERVALS`` scrape intervals are ignored (least_loaded then
   falls back to the router's own in-flight counts and says so).
 - Quota windows are per minute with a sliding estimate (``proxy_workers.policies.quota``): used =
@@ -20,12 +22,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from operator import truediv
 from typing import TYPE_CHECKING
 
 from proxy_workers.errors import QuotaExceeded
-from proxy_workers.policies.base import Policy, index_of_min, least_loaded_of
+from proxy_workers.policies.base import Policy
 from proxy_workers.policies.quota import retry_after, seconds_until_within, used, window_at
+from proxy_workers.policies.scan import Block
 from proxy_workers.routing.context import RequestContext
 from shm.loadboard import (
     E_SCRAPED_AT,
@@ -48,9 +50,8 @@ class LeastLatency(Policy):
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         # A worker nobody has measured yet scores 0: it gets tried, and so measured.
-        scores = self.env.columns(candidates).ttfb_sums()
-        best = index_of_min(scores, self.rng)
-        ctx.note("lowest time to first byte (EWMA)", ttfb_seconds=round(scores[best], 6))
+        best, ttfb = self.columns(route, candidates).argmin(Block.ttfb_sums, self.rng)
+        ctx.note("lowest time to first byte (EWMA)", ttfb_seconds=round(ttfb, 6))
         return candidates[best]
 
 
@@ -59,17 +60,15 @@ class LeastLoaded(Policy):
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         env = self.env
-        cols = env.columns(candidates)
         # One scrape round covers every worker, so one worker's timestamp tells if it is stale.
         board = env.board
         scraped = board.floats[board.engine_word(candidates[0].slot) + E_SCRAPED_AT]
         if scraped < time.time() - STALE_INTERVALS * env.settings.metrics_interval:
             ctx.note("no fresh engine metrics: least in-flight", fallback=True)
-            return least_loaded_of(candidates, env, self.rng)
-        queue = cols.engine_queue()
-        scores = list(map(truediv, queue, cols.weights))
-        best = index_of_min(scores, self.rng)
-        ctx.note("fewest running + waiting requests (engine metrics)", queue=queue[best])
+            return self.least_loaded(route, candidates)
+        best, score = self.columns(route, candidates).argmin(Block.weighted_engine_queue, self.rng)
+        ctx.note("fewest running + waiting requests (engine metrics)",
+                 queue=round(score * candidates[best].weight))
         return candidates[best]
 
 

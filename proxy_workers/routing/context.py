@@ -6,7 +6,8 @@ pays for hashing headers or decoding the prompt; cache_aware decodes the prompt 
 
 Invariants:
 - The body is decoded at most twice: once for ``model``/``user``/``max_tokens`` (every request),
-  once more for the prompt text (only when a policy asks for it: cache_aware).
+  once more for the prompt text and its message ends (only when a policy asks for them:
+  cache_aware).
 - A body is decoded only once its nesting is known to be within ``max_json_depth``
   (:func:`json_too_deep`), so no decoder recurses deeper than that (msgspec itself stops with
   RecursionError near the interpreter's recursion limit).
@@ -88,22 +89,41 @@ def json_too_deep(body: bytes, limit: int) -> bool:
     return False
 
 
-def prompt_text(fields: PromptFields) -> str:
+def prompt_parts(fields: PromptFields) -> tuple[str, list[tuple[int, str]]]:
+    """The prompt text, and where each message (or prompt item) ends in it.
+
+    The text is each message as ``role:content``, joined by newlines. Ends are byte offsets in
+    the text's UTF-8 encoding (what cache_aware hashes), each with its message's role ("" for
+    completions prompts); a prefix ending at a message end is what an earlier turn sent whole.
+    """
+    parts: list[str] = []
     if fields.messages is not None:
-        parts = []
+        roles: list[str] = []
         for m in fields.messages:
             if isinstance(m.content, str):
                 parts.append(f"{m.role}:{m.content}")
             elif m.content:
                 parts.append(m.role + ":" + "".join(p.text or "" for p in m.content))
-        return "\n".join(parts)
-    if isinstance(fields.prompt, list):
-        return "\n".join(fields.prompt)
-    return fields.prompt or ""
+            else:
+                continue
+            roles.append(m.role)
+    else:
+        prompt = fields.prompt
+        parts = prompt if isinstance(prompt, list) else [prompt] if prompt else []
+        roles = [""] * len(parts)
+    ends, at = [], -1  # the first part has no newline before it
+    for part, role in zip(parts, roles, strict=True):
+        at += 1 + (len(part) if part.isascii() else len(part.encode()))
+        ends.append((at, role))
+    return "\n".join(parts), ends
+
+
+def prompt_text(fields: PromptFields) -> str:
+    return prompt_parts(fields)[0]
 
 
 class RequestContext:
-    __slots__ = ("_hash", "_key", "_prompt", "alias", "body", "client", "dry_run", "explain",
+    __slots__ = ("_ends", "_hash", "_key", "_prompt", "alias", "body", "client", "dry_run", "explain",
                  "fallback", "fields", "hash_fallback", "hash_headers", "headers", "model", "reason",
                  "router", "router_reason", "scores", "shard")
 
@@ -129,6 +149,7 @@ class RequestContext:
         self._key: str | bool | None = False  # False: not computed yet
         self._hash: int | None = None
         self._prompt: str | None = None
+        self._ends: list[tuple[int, str]] = []
 
     def routing_key(self) -> str | None:
         """The affinity key of this request, or None when it has none."""
@@ -164,10 +185,16 @@ class RequestContext:
     def prompt(self) -> str:
         if self._prompt is None:
             try:
-                self._prompt = prompt_text(_PROMPT_DECODER.decode(self.body)) if self.body else ""
+                self._prompt, self._ends = prompt_parts(_PROMPT_DECODER.decode(self.body)) \
+                    if self.body else ("", [])
             except (msgspec.DecodeError, msgspec.ValidationError):
                 self._prompt = ""
         return self._prompt
+
+    def prompt_ends(self) -> list[tuple[int, str]]:
+        """(byte offset, role) where each message of ``prompt()`` ends (see :func:`prompt_parts`)."""
+        self.prompt()
+        return self._ends
 
     def estimated_tokens(self) -> int:
         """Prompt plus output tokens, estimated without a tokenizer (for quota budgets)."""
