@@ -116,6 +116,7 @@ def summarize(fig: Figures) -> dict[str, Any]:
         "requests_per_worker": {
             "max": max(served), "min": min(served), "mean": _r(mean_served),
             "cv": _r(math.sqrt(var_served) / mean_served if mean_served else 0.0, 4),
+            "by_slot": served,  # slot i is the i-th worker (config.urls order)
         },
         "ttft_s": {"p50": _r(pct(ttft_all, 0.5), 4), "p90": _r(pct(ttft_all, 0.9), 4),
                    "p99": _r(pct(ttft_all, 0.99), 4)},
