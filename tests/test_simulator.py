@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import get_json, http, wait_for, worker_row
+
 from shardgate import launch
 from shardgate.simulate.config import SimConfig
 from shardgate.simulate.run import simulate
