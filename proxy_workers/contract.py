@@ -71,6 +71,13 @@ class ClientRequest(Protocol):
     peer: bytes
     headers: list[tuple[bytes, bytes]]
 
+    # The W3C trace context every worker call carries (proxy_workers.forwarding.tracecontext).
+    @property
+    def traceparent(self) -> bytes: ...
+
+    @property
+    def tracestate(self) -> bytes: ...
+
     def wire(self, authority: bytes) -> bytes: ...
 
     def with_body(self, body: bytes) -> ClientRequest: ...

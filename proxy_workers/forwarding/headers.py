@@ -7,19 +7,26 @@ protocol (request side), the HTTP worker connection (response side) and the gRPC
 Invariants:
 - Hop-by-hop fields (RFC 9110 7.6.1) and any field named in ``Connection`` never cross the router,
   in either direction.
-- Fields the router sets itself (``X-Forwarded-For`` and ``X-Request-ID`` towards the worker;
-  framing and ``X-Request-ID`` towards the client) are dropped from what is relayed, so neither
-  a client nor a worker can set or strip them.
+- Fields the router sets itself (``X-Forwarded-For``, ``X-Request-ID``, ``traceparent`` and
+  ``tracestate`` towards the worker; framing and ``X-Request-ID`` towards the client) are dropped
+  from what is relayed, so neither a client nor a worker can set or strip them; a client's own
+  values are read aside and kept when valid (trace context:
+  :mod:`proxy_workers.forwarding.tracecontext`).
 - Names are compared lowercased (HTTP field names are case-insensitive); relayed lines are
   written lowercased.
 - gRPC: a worker's ``x-*`` initial metadata is relayed like an HTTP worker's extension headers,
   except the router's own (``x-request-id``, ``x-shardgate-*``); towards the worker the request id
-  travels as ``x-request-id`` metadata.
+  travels as ``x-request-id`` metadata, the trace context as ``traceparent``/``tracestate``
+  metadata (the same values an HTTP worker gets).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy_workers.contract import ClientRequest
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade"})
@@ -32,9 +39,11 @@ REQUEST_DROP = HOP_BY_HOP | {b"proxy-authorization", b"host", b"content-length",
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-request-id", b"proxy-authenticate"}
 # Headers the router reads itself but still forwards.
 ROUTER_READS = frozenset({b"x-shardgate-debug", b"x-shardgate-connection"})
+# Trace context: the router forwards its own (the client's when valid, else a fresh one).
+TRACE_CONTEXT = frozenset({b"traceparent", b"tracestate"})
 # Request fields kept aside while the head is read, handled when the request is complete.
-ROUTER_NOTES = ROUTER_READS | {b"x-forwarded-for", b"x-request-id"}
-SPECIAL_REQUEST_HEADERS = REQUEST_DROP | ROUTER_READS
+ROUTER_NOTES = ROUTER_READS | TRACE_CONTEXT | {b"x-forwarded-for", b"x-request-id"}
+SPECIAL_REQUEST_HEADERS = REQUEST_DROP | ROUTER_READS | TRACE_CONTEXT
 NO_TOKENS: frozenset[bytes] = frozenset()
 
 
@@ -59,5 +68,16 @@ def relayed_metadata(metadata: Iterable[tuple[str, object]] | None) -> bytes:
 
 
 def worker_metadata(request_id: bytes) -> tuple[tuple[str, str], ...]:
-    """The gRPC metadata a worker call carries (the counterpart of the HTTP request's added fields)."""
+    """The gRPC metadata a worker call carries, without trace context (see :func:`call_metadata`)."""
     return (("x-request-id", request_id.decode()),)
+
+
+def call_metadata(request: ClientRequest) -> tuple[tuple[str, str], ...]:
+    """The gRPC metadata a worker call carries: the counterpart of the fields the router adds to
+    an HTTP request (request id, trace context)."""
+    metadata = [("x-request-id", request.request_id.decode())]
+    if request.traceparent:  # always, for a request read from a client
+        metadata.append(("traceparent", request.traceparent.decode()))
+        if request.tracestate:
+            metadata.append(("tracestate", request.tracestate.decode()))
+    return tuple(metadata)

@@ -9,13 +9,23 @@ Invariants:
   added per worker at send time (:meth:`Request.wire`).
 - The body is always forwarded with Content-Length, never chunked: a client's chunked upload was
   de-chunked while it was read.
+- The trace context every worker call of the request carries (PD legs and retries included) is
+  in ``upstream_head``, written by the reader: a valid version-00 ``traceparent`` line last, and a
+  ``tracestate`` line before it if one is forwarded
+  (:mod:`proxy_workers.forwarding.tracecontext`). :attr:`Request.traceparent` and
+  :attr:`Request.tracestate` read them from there (for gRPC metadata and spans), so the hot path
+  stores nothing more.
 """
 
 from __future__ import annotations
 
+import re
+
 from proxy_workers.errors import RouterError
 
 BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+_TRACEPARENT_LINE = len(b"traceparent: 00-") + 32 + 1 + 16 + len(b"-01\r\n")
+_TRACESTATE = re.compile(rb"(?:^|\n)tracestate: ([^\r]*)\r\n")
 
 
 class Request:
@@ -40,6 +50,18 @@ class Request:
         # A refusal found while the request was read, answered when its turn comes (pipelining).
         self.error: RouterError | None = None
 
+    @property
+    def traceparent(self) -> bytes:
+        """The traceparent every worker call carries (b"" for a request never read to its end)."""
+        line = self.upstream_head[-_TRACEPARENT_LINE:]
+        return line[13:-2] if line.startswith(b"traceparent: ") else b""
+
+    @property
+    def tracestate(self) -> bytes:
+        """The tracestate forwarded with it (b"": none). Only the router writes this field."""
+        found = _TRACESTATE.search(self.upstream_head)
+        return found.group(1) if found else b""
+
     def wire(self, authority: bytes) -> bytes:
         """The request as a worker at ``authority`` gets it, built in one step at send time.
 
@@ -56,6 +78,7 @@ class Request:
     def with_body(self, body: bytes) -> Request:
         """A copy of this request carrying another body (a PD leg's rewritten JSON)."""
         copy = Request(self.method, self.url, self.http11, self.keep_alive)
+        # The legs share the trace context (in upstream_head): both are calls of the router's span.
         for name in ("request_id", "upstream_head", "headers", "peer", "explain", "connection", "model"):
             setattr(copy, name, getattr(self, name))
         copy.body = body

@@ -20,6 +20,11 @@ Invariants:
   however small the pieces.
 - Each field is classified once, as it arrives: an ordinary one becomes its line for the worker;
   hop-by-hop and router-read ones are handled aside (:mod:`proxy_workers.forwarding.headers`).
+- Every request leaves with one valid ``traceparent`` (the client's kept when valid, else a fresh
+  one) and the client's ``tracestate`` only alongside a valid traceparent
+  (:mod:`proxy_workers.forwarding.tracecontext`). The router makes its own span (a new parent id
+  under the client's) only when it exports spans (``proc.tracer``); otherwise it passes a valid
+  traceparent through unchanged, so a worker's span is never the child of a span nobody records.
 - The plain path pays one check per field (trailers) and a few per request for the limits; the
   rare cases (a head that may be over budget, trailers, Host not exactly once) take separate
   methods.
@@ -41,6 +46,15 @@ from proxy_workers.forwarding.headers import (
     without_fields,
 )
 from proxy_workers.forwarding.request import Request
+from proxy_workers.forwarding.tracecontext import (
+    FRESH,
+    bounded_tracestate,
+    child_flags,
+    parse_traceparent,
+    refill,
+    take,
+    traceparent,
+)
 from proxy_workers.serving import rules
 
 FEED_SLICE = 16 * 1024  # the most the connection feeds the parser at once (ClientProtocol)
@@ -241,16 +255,23 @@ class RequestReader:
             # router-read ones included (the router then sets X-Forwarded-For and the id alone).
             parts = without_fields(parts, self._conn_tokens)
             self._noted = [(n, v) for n, v in self._noted if n not in self._conn_tokens]
-        supplied_id, forwarded_for = self._apply_notes(request) if self._noted else (b"", self.peer)
+        # Without a client's trace context, a fresh traceparent: a list pop (see tracecontext).
+        supplied_id, forwarded_for, trace = (self._apply_notes(request, parts) if self._noted
+                                             else (b"", self.peer, take() if FRESH else refill()))
         request.headers = self._headers
         request.peer = self.peer
         request.request_id = rid = supplied_id or self.proc.next_request_id()
-        parts.append(b"x-forwarded-for: %s\r\nx-request-id: %s\r\n" % (forwarded_for, rid))
+        # The traceparent line comes last: Request.traceparent reads it there.
+        parts.append(b"x-forwarded-for: %s\r\nx-request-id: %s\r\ntraceparent: %s\r\n"
+                     % (forwarded_for, rid, trace))
         request.upstream_head = b"".join(parts)
 
-    def _apply_notes(self, request: Request) -> tuple[bytes, bytes]:
-        """The fields kept aside (ROUTER_NOTES): (client's request id or b"", X-Forwarded-For)."""
+    def _apply_notes(self, request: Request, parts: list[bytes]) -> tuple[bytes, bytes, bytes]:
+        """The fields kept aside (ROUTER_NOTES): (client's request id or b"", X-Forwarded-For,
+        traceparent to forward); a tracestate to forward is added to ``parts``."""
         forwarded: list[bytes] = []
+        parents: list[bytes] = []
+        states: list[bytes] = []
         supplied_id = b""
         for name, value in self._noted:
             if name == b"x-forwarded-for":
@@ -258,13 +279,38 @@ class RequestReader:
             elif name == b"x-request-id":
                 if _REQUEST_ID.match(value):
                     supplied_id = value
+            elif name == b"traceparent":
+                parents.append(value)
+            elif name == b"tracestate":
+                states.append(value)
             else:
                 try:
                     self._router_header(request, name, value)
                 except RouterError as err:
                     request.error = err
         forwarded.append(self.peer)
-        return supplied_id, b", ".join(forwarded)
+        return supplied_id, b", ".join(forwarded), self._trace_context(parts, parents, states)
+
+    def _trace_context(self, parts: list[bytes], parents: list[bytes], states: list[bytes]) -> bytes:
+        """The traceparent to forward: the client's when valid (its tracestate then added to
+        ``parts``), else a fresh one."""
+        fresh = take() if FRESH else refill()
+        parsed = parse_traceparent(parents) if parents else None
+        if parsed is None:
+            return fresh
+        trace, parent, flags = parsed
+        if states:
+            state = bounded_tracestate(states)
+            if state:
+                parts.append(b"tracestate: %s\r\n" % state)
+        # proc.tracer is None unless spans are exported (proxy_workers.serving.tracing).
+        if getattr(self.proc, "tracer", None) is not None:
+            # The router's span (the fresh span id), a child of the client's; the worker's spans
+            # are its children.
+            return traceparent(trace, fresh[36:52], child_flags(flags))
+        # Not exporting: the client's traceparent as it came (a version above 00 is rewritten as
+        # 00, the only version we may emit), so the worker's spans are the client's children.
+        return traceparent(trace, parent, flags)
 
     @staticmethod
     def _router_header(request: Request, name: bytes, value: bytes) -> None:
