@@ -9,8 +9,15 @@ being ``model="other"``: unknown, absent, or past ``max_models``)::
 
     M_REQUESTS + (router * STATUS_CLASSES + status // 100) * OUTCOMES + outcome   request counters
     M_TOKENS_IN, M_TOKENS_OUT                                                      token counters
-    M_DURATION / M_TTFT: len(LATENCY_BUCKETS) + 1 bucket counts, then the sum (a float word)
+    M_WHOLE / M_DURATION_REST / M_TTFT_STREAM: len(LATENCY_BUCKETS) + 1 bucket counts, then
+        the sum (a float word)
     M_TPOT: len(TPOT_BUCKETS) + 1 bucket counts, then the sum
+
+Three latency histograms are written, two are exposed: a whole (non-streamed) answer's TTFT *is*
+its duration, so it is observed once, in M_WHOLE, which both exposed histograms include
+(``DURATION_WORDS``, ``TTFT_WORDS``): request duration = whole answers + the rest (streams,
+requests never answered); TTFT = whole answers + streams' first chunks. That saves a non-streamed
+request (most of them) a second bucket search and two shared-memory writes.
 
 A histogram's words count observations per bucket, not cumulatively (one increment per
 observation); the last bucket is ``+Inf``; ``_count`` is the sum of the buckets. Cumulating is the
@@ -46,27 +53,32 @@ M_REQUESTS = 0
 M_TOKENS_IN = M_REQUESTS + len(ROUTERS) * STATUS_CLASSES * len(OUTCOMES)
 M_TOKENS_OUT = M_TOKENS_IN + 1
 HIST_WORDS = len(LATENCY_BUCKETS) + 2  # buckets, +Inf, sum
-M_DURATION = M_TOKENS_OUT + 1
-M_TTFT = M_DURATION + HIST_WORDS
-M_TPOT = M_TTFT + HIST_WORDS
+M_WHOLE = M_TOKENS_OUT + 1
+M_DURATION_REST = M_WHOLE + HIST_WORDS
+M_TTFT_STREAM = M_DURATION_REST + HIST_WORDS
+M_TPOT = M_TTFT_STREAM + HIST_WORDS
 MODEL_FIELDS = M_TPOT + len(TPOT_BUCKETS) + 2
-FLOAT_SUMS = (M_DURATION + HIST_WORDS - 1, M_TTFT + HIST_WORDS - 1, M_TPOT + len(TPOT_BUCKETS) + 1)
+FLOAT_SUMS = (M_WHOLE + HIST_WORDS - 1, M_DURATION_REST + HIST_WORDS - 1, M_TTFT_STREAM + HIST_WORDS - 1,
+              M_TPOT + len(TPOT_BUCKETS) + 1)
+DURATION_WORDS = (M_WHOLE, M_DURATION_REST)  # the exposed request-duration histogram
+TTFT_WORDS = (M_WHOLE, M_TTFT_STREAM)        # the exposed time-to-first-token histogram
 
 OTHER_MODEL = "other"
 
 
-def histogram(ints: memoryview[int], floats: memoryview[float], word: int, bounds: tuple[float, ...],
-              blocks: list[int]) -> tuple[list[int], float]:
-    """Cumulative bucket counts (``+Inf`` last) and the sum of the histogram at ``word`` of each
-    block base in ``blocks``, summed over them (the reader side)."""
+def histogram(ints: memoryview[int], floats: memoryview[float], words: int | tuple[int, ...],
+              bounds: tuple[float, ...], blocks: list[int]) -> tuple[list[int], float]:
+    """Cumulative bucket counts (``+Inf`` last) and the sum of the histogram(s) at ``words`` of
+    each block base in ``blocks``, summed over them (the reader side)."""
     n = len(bounds) + 1
     counts = [0] * n
     total = 0.0
     for base in blocks:
-        at = base + word
-        for i in range(n):
-            counts[i] += ints[at + i]
-        total += floats[at + n]
+        for word in (words,) if isinstance(words, int) else words:
+            at = base + word
+            for i in range(n):
+                counts[i] += ints[at + i]
+            total += floats[at + n]
     running = 0
     for i in range(n):
         running += counts[i]

@@ -37,7 +37,7 @@ MAGIC = int.from_bytes(b"SGLOAD01", "little")
 # 4: proxy rows grew to 56 words (requests refused before routing, by reason).
 # 5: per-model blocks (requests by router/status/outcome, tokens, histograms), worker cells grew
 #    to 33 words (5xx answers, a TTFB histogram), retries by reason, max_models in the header.
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 HEADER_WORDS = 8
 
 # Proxy row fields.

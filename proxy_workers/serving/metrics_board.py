@@ -16,19 +16,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from shm.histograms import (
+    DURATION_WORDS,
     LATENCY_BUCKETS,
-    M_DURATION,
     M_REQUESTS,
     M_TOKENS_IN,
     M_TOKENS_OUT,
     M_TPOT,
-    M_TTFT,
     OTHER_MODEL,
     OUTCOMES,
     ROUTERS,
     STATUS_CLASSES,
     STATUS_LABELS,
     TPOT_BUCKETS,
+    TTFT_WORDS,
     histogram,
 )
 from shm.loadboard import W_ERR_STATUS, W_TTFB_HIST
@@ -48,7 +48,7 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
-def _histogram(lines: list[str], name: str, labels: str, board: LoadBoard, word: int,
+def _histogram(lines: list[str], name: str, labels: str, board: LoadBoard, word: int | tuple[int, ...],
                bounds: tuple[float, ...], blocks: list[int]) -> None:
     counts, total = histogram(board.ints, board.floats, word, bounds, blocks)
     for bound, count in zip(bounds, counts, strict=False):
@@ -82,12 +82,14 @@ def model_families(lines: list[str], family: Family, snap: Snapshot, board: Load
         family(name)
         for model, bases in blocks.items():
             lines.append(f'{name}{{model="{_escape(model)}"}} {sum(ints[b + field] for b in bases)}')
-    for name, field, bounds in (("shardgate_request_duration_seconds", M_DURATION, LATENCY_BUCKETS),
-                                ("shardgate_time_to_first_token_seconds", M_TTFT, LATENCY_BUCKETS),
-                                ("shardgate_time_per_output_token_seconds", M_TPOT, TPOT_BUCKETS)):
+    fields: tuple[tuple[str, int | tuple[int, ...], tuple[float, ...]], ...] = (
+        ("shardgate_request_duration_seconds", DURATION_WORDS, LATENCY_BUCKETS),
+        ("shardgate_time_to_first_token_seconds", TTFT_WORDS, LATENCY_BUCKETS),
+        ("shardgate_time_per_output_token_seconds", M_TPOT, TPOT_BUCKETS))
+    for name, words, bounds in fields:
         family(name)
         for model, bases in blocks.items():
-            _histogram(lines, name, f'model="{_escape(model)}"', board, field, bounds, bases)
+            _histogram(lines, name, f'model="{_escape(model)}"', board, words, bounds, bases)
 
 
 def worker_families(lines: list[str], family: Family, snap: Snapshot, board: LoadBoard,

@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING
 
 from shm.histograms import (
     LATENCY_BUCKETS,
-    M_DURATION,
+    M_DURATION_REST,
     M_TOKENS_IN,
     M_TOKENS_OUT,
     M_TPOT,
-    M_TTFT,
+    M_TTFT_STREAM,
+    M_WHOLE,
     O_CLIENT_GONE,
     O_ERROR,
     O_REJECTED,
@@ -47,8 +48,9 @@ if TYPE_CHECKING:
     from proxy_workers.serving.state import ProxyProcess
 
 _N_OUT = len(OUTCOMES)
-_DUR_SUM = M_DURATION + len(LATENCY_BUCKETS) + 1
-_TTFT_SUM = M_TTFT + len(LATENCY_BUCKETS) + 1
+_WHOLE_SUM = M_WHOLE + len(LATENCY_BUCKETS) + 1
+_REST_SUM = M_DURATION_REST + len(LATENCY_BUCKETS) + 1
+_TTFT_SUM = M_TTFT_STREAM + len(LATENCY_BUCKETS) + 1
 _TPOT_SUM = M_TPOT + len(TPOT_BUCKETS) + 1
 
 
@@ -110,9 +112,10 @@ def end_request(proc: ProxyProcess, request: ClientRequest, exchange: object | N
             status = relayed
         if outcome == O_SUCCESS and status >= 400:
             outcome = O_ERROR
+    whole = not first_at and status and outcome != O_CLIENT_GONE
     if first_at:
         ttft = first_at - started
-    elif status and outcome != O_CLIENT_GONE:
+    elif whole:
         ttft = duration  # a whole answer: its first token reached the client with its last byte
     else:
         ttft = -1.0
@@ -123,11 +126,15 @@ def end_request(proc: ProxyProcess, request: ClientRequest, exchange: object | N
     ints[base + (router * STATUS_CLASSES + klass) * _N_OUT + outcome] += 1
     if outcome != O_REJECTED:
         floats = proc.floats
-        ints[base + M_DURATION + bisect_left(LATENCY_BUCKETS, duration)] += 1
-        floats[base + _DUR_SUM] += duration
-        if ttft >= 0.0:
-            ints[base + M_TTFT + bisect_left(LATENCY_BUCKETS, ttft)] += 1
-            floats[base + _TTFT_SUM] += ttft
+        if whole:  # one observation serves the duration and the TTFT histograms (shm.histograms)
+            ints[base + M_WHOLE + bisect_left(LATENCY_BUCKETS, duration)] += 1
+            floats[base + _WHOLE_SUM] += duration
+        else:
+            ints[base + M_DURATION_REST + bisect_left(LATENCY_BUCKETS, duration)] += 1
+            floats[base + _REST_SUM] += duration
+            if ttft >= 0.0:
+                ints[base + M_TTFT_STREAM + bisect_left(LATENCY_BUCKETS, ttft)] += 1
+                floats[base + _TTFT_SUM] += ttft
         if tokens_in:
             ints[base + M_TOKENS_IN] += tokens_in
         if tokens_out:
