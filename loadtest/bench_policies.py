@@ -22,7 +22,8 @@ Role: measure what a proxy pays per request to choose a worker, for each of the 
   counter, as ``Exchange._attempt`` does), with the fleet's mixed weights and with equal weights.
 
 Method: ``time.perf_counter_ns`` around batches (default 2,000 decisions, fewer when a decision is
-slow, so one batch takes at most ~100 ms), 15 measured batches after a warm-up, GC left on. A
+slow, so one batch takes at most ~100 ms; sized after the first decisions, which build the
+per-snapshot structures), 15 measured batches after a warm-up, GC left on. A
 batch's figure is its time divided by its decisions; the table shows the median and the
 nearest-rank p99 (with 15 batches: the maximum) of those figures.
 
@@ -275,6 +276,7 @@ def measure(run: Callable[[int], int], args: argparse.Namespace,
     """
     if before_batch:
         before_batch()
+    run(PROBE)  # first decisions build per-snapshot structures (columns, cycles): not a probe
     per = max(run(PROBE) / PROBE, 1.0)
     budget = args.batch_ms * 1e6
     batch = max(args.min_batch, min(args.batch, int(budget / per)))

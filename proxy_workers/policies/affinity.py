@@ -25,13 +25,15 @@ Invariants:
 
 from __future__ import annotations
 
+import random
 import time
 import zlib
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from proxy_workers.policies.base import Policy
+from proxy_workers.policies.base import Policy, PolicyEnv
+from proxy_workers.policies.scan import Columns
 from proxy_workers.routing.context import RequestContext
 from shm.schema import Worker
 
@@ -58,6 +60,12 @@ def checkpoints(n_blocks: int) -> tuple[int, ...]:
     return tuple(sorted(set(points)))
 
 
+@lru_cache(maxsize=4 * MAX_BLOCKS)
+def _checkpoint_offsets(n_blocks: int, block: int) -> tuple[int, ...]:
+    """Byte offsets of the checkpoints before the last (which is the prompt's end)."""
+    return tuple(c * block for c in checkpoints(n_blocks)[:-1])
+
+
 def prefix_keys(model: str, text: str, block: int,
                 ends: Sequence[tuple[int, str]] = ()) -> list[tuple[int, int]]:
     """(bytes covered, 64-bit key) for each keyed prefix of ``text``, shortest first: checkpoint
@@ -67,9 +75,7 @@ def prefix_keys(model: str, text: str, block: int,
     limit = min(len(data), MAX_BLOCKS * block)
     if limit == 0:
         return []
-    points = checkpoints((limit + block - 1) // block)
-    offsets = [c * block for c in points[:-1]]
-    offsets.append(limit)
+    offsets: Sequence[int] = _checkpoint_offsets((limit + block - 1) // block, block)
     if ends:
         offsets = sorted({*offsets, *(e for e, _ in ends[-MAX_ENDS:] if e < limit)})
     seed = _MODEL_SEEDS.get(model)
@@ -78,7 +84,7 @@ def prefix_keys(model: str, text: str, block: int,
     view = memoryview(data)
     a, b, out, at = seed, seed ^ _SEED_B, [], 0
     crc = zlib.crc32
-    for offset in offsets:
+    for offset in (*offsets, limit):
         chunk = view[at:offset]
         a, b = crc(chunk, a), crc(chunk, b)
         at = offset
@@ -135,15 +141,30 @@ class SessionAffinity(Policy):
 
 
 class CacheAware(Policy):
+    """Longest recorded prefix's worker, when it holds enough of the prompt; else least loaded.
+
+    Recording is coalesced per process: a key this proxy wrote for the same worker less than
+    ``session_ttl / REFRESH_SHARE`` ago is not written again (its entry stays live at least
+    that much less than the TTL), so a prompt seen often costs dictionary lookups, not probes
+    of the shared table.
+    """
+
     name = "cache_aware"
+    REFRESH_SHARE = 10
+    MEMO_SIZE = 1 << 16
+
+    def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
+        super().__init__(env, rng)
+        self._written: dict[int, tuple[int, float]] = {}  # key -> (slot, when this proxy wrote it)
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         env, settings = self.env, self.env.settings
-        lowest, lo, hi = self.columns(route, candidates).min_max_loads(self.rng)
+        cols = self.columns(route, candidates)
+        lo, hi = cols.load_range(self.rng)
         ends = ctx.prompt_ends()
         keys = prefix_keys(route.model, ctx.prompt(), settings.cache_block_chars, ends)
         if hi - lo > settings.balance_abs_threshold and hi > lo * settings.balance_rel_threshold:
-            worker = candidates[lowest]
+            worker = candidates[cols.argmin(Columns.loads, self.rng)[0]]
             ctx.note("load imbalanced: least loaded worker", fallback=True, min_load=lo, max_load=hi)
         else:
             matched, rate = self._match(route, candidates, keys, ends)
@@ -154,9 +175,27 @@ class CacheAware(Policy):
                 worker = self.least_loaded(route, candidates)
                 ctx.note("prefix match below cache_threshold: least loaded worker", fallback=True,
                          match_rate=round(rate, 3))
-        if not ctx.dry_run and env.affinity is not None:
-            env.affinity.record_many(env.proxy, [key for _, key in keys], worker.slot, time.time())
+        if not ctx.dry_run and env.affinity is not None and keys:
+            self._remember(keys, worker.slot)
         return worker
+
+    def _remember(self, keys: list[tuple[int, int]], slot: int) -> None:
+        env, written = self.env, self._written
+        now = time.time()
+        stale = now - env.settings.session_ttl / self.REFRESH_SHARE
+        due = []
+        for _, key in keys:
+            last = written.get(key)
+            if last is None or last[0] != slot or last[1] < stale:
+                due.append(key)
+        if not due:
+            return
+        if len(written) + len(due) > self.MEMO_SIZE:
+            written.clear()
+        mark = (slot, now)
+        for key in due:
+            written[key] = mark
+        env.affinity.record_many(env.proxy, due, slot, now)  # type: ignore[union-attr]
 
     def _match(self, route: RouteView, candidates: Sequence[Worker], keys: list[tuple[int, int]],
                ends: Sequence[tuple[int, str]]) -> tuple[Worker | None, float]:

@@ -29,7 +29,7 @@ from itertools import accumulate
 from math import gcd
 from typing import TYPE_CHECKING, Protocol
 
-from proxy_workers.policies.scan import Block, Columns, columns_for
+from proxy_workers.policies.scan import BoardArrays, Columns, columns_for
 from shm.loadboard import W_IN_FLIGHT, WORKER_FIELDS, LoadBoard
 from shm.settings import Settings
 
@@ -76,7 +76,7 @@ class LoadView:
 class PolicyEnv:
     """What every policy of one proxy process shares; refreshed on each snapshot."""
 
-    __slots__ = ("_columns", "affinity", "board", "load", "proxies", "proxy", "settings")
+    __slots__ = ("_arrays", "_columns", "affinity", "board", "load", "proxies", "proxy", "settings")
 
     def __init__(self, board: LoadBoard, proxy: int, proxies: int, settings: Settings,
                  affinity: AffinityTable | None = None) -> None:
@@ -87,6 +87,13 @@ class PolicyEnv:
         self.affinity = affinity
         self.load = LoadView(board, proxies)
         self._columns: dict[int, Columns] = {}
+        self._arrays: BoardArrays | None = None
+
+    def arrays(self) -> BoardArrays:
+        """numpy views of the board's columns, made on first use (only scanning policies ask)."""
+        if self._arrays is None:
+            self._arrays = BoardArrays(self.board)
+        return self._arrays
 
     def update(self, proxies: int, settings: Settings) -> None:
         self.proxies = max(1, proxies)
@@ -138,7 +145,7 @@ class Policy:
         A tie goes to the first from a random starting point: new sessions and cold prompts on
         an idle fleet then spread instead of all landing on the first worker.
         """
-        best, _ = self.columns(route, candidates).argmin(Block.weighted_loads, self.rng)
+        best, _ = self.columns(route, candidates).argmin(Columns.weighted_loads, self.rng)
         return candidates[best]
 
 
@@ -262,7 +269,7 @@ class LeastConnections(Policy):
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         self._start += 1
-        best, _ = self.columns(route, candidates).argmin(Block.weighted_loads, self.rng, self._start)
+        best, _ = self.columns(route, candidates).argmin(Columns.weighted_loads, self.rng, self._start)
         if ctx.scores is not None:
             ctx.scores["in_flight"] = {w.url: self.env.load.in_flight(w.slot) for w in candidates[:64]}
         ctx.reason = "fewest in-flight requests across all proxies"

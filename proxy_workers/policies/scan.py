@@ -1,199 +1,193 @@
 """Load figures over a candidate list, for the policies that compare workers: exact scans of
-small lists, samples of large ones.
+lists up to ``EXACT_LIMIT``, samples of longer ones, both in numpy over the shared-memory board.
 
 Role: ``least_connections``, ``least_latency``, ``least_loaded``, new assignments of
 ``session_affinity`` and ``cache_aware``, cache_aware's balance check and
 ``consistent_hash_bounded``'s load bound all ask "which candidate scores lowest" (or the total).
-:class:`Columns` answers with one C-level read per proxy and field (``operator.itemgetter`` over
-the board's words: a few tens of ns per worker, against ~230 ns for a Python call per worker).
+:class:`Columns` answers with numpy views of the board's columns (no copies): a gather per proxy,
+an add, an argmin. In Python the same scan costs ~25 ns per worker and proxy for the reads alone
+(a memoryview item each), ~12 us at 100 workers with two proxies; numpy does it in ~2.5 us and
+grows by ~5 ns per worker, so exactness stays affordable to ``EXACT_LIMIT``.
 
 Invariants:
 - Every figure is global: in-flight counts and TTFB EWMAs are summed over all proxies' cells of
-  the load board when read; engine figures are the coordinator's single copy. Nothing is cached
-  between decisions but the word indexes, so every proxy reads the same numbers.
-- A list of at most ``EXACT_LIMIT`` candidates is scanned whole: the answer is the exact argmin
-  (ties go to the first from a caller-chosen start, so an idle fleet is spread over).
-- A longer list is split once per list (once per snapshot for a route's list) into blocks of
-  ``BLOCK`` candidates in a shuffled order; a decision reads two distinct random blocks and takes
-  the lowest of those ``SAMPLE`` candidates (best of d random choices, d = 64). Reading a whole
-  10,000-worker column costs ~0.7 ms in Python and ~35-110 us even in numpy (each worker's cell
-  is its own cache line), the whole budget 20 times over; the best of 64 is the exact minimum
-  whenever at least 1 in 64 workers share it, and otherwise a worker close to it (the
-  power-of-d-choices result: the maximum load falls as ln ln n / ln d).
-- Lists that live only for one request (a retry's, without the workers already tried) are not
-  split: a long one is sampled directly (``SAMPLE`` random candidates, per-slot reads).
+  the load board when read; engine figures are the coordinator's single copy. Nothing but slot
+  indexes is kept between decisions, so every proxy reads the same numbers.
+- Up to ``EXACT_LIMIT`` candidates the answer is the exact argmin; ties go to the first from a
+  caller-chosen start (a ramp of tiny offsets, far below any real difference, added before the
+  argmin), so an idle fleet is spread over rather than piled onto the first worker.
+- A longer list is put once (per list: per snapshot for a route's) in a shuffled order; a decision
+  reads ``SAMPLE`` consecutive candidates of that order from a random start and takes the lowest
+  (best of d random choices, d = 64). Reading a whole 10,000-worker column costs ~0.7 ms in
+  Python and ~35-110 us in numpy (each worker's cell is its own cache line), 2-5x the whole
+  decision budget; the best of 64 is the exact minimum whenever 1 in 64 workers share it, and
+  otherwise a worker close to it (power of d choices: the maximum load falls as ln ln n / ln d).
+- Lists that live for one request (a retry's, without the workers already tried) are not put in
+  order: a long one is sampled directly (``SAMPLE`` random candidates, scanned exactly).
+- The numpy views export the board's mapping itself, not ``LoadBoard.ints``, so closing the
+  board still works; the mapping is unmapped when the last view goes.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from itertools import pairwise
-from operator import add, itemgetter, truediv
 from typing import TYPE_CHECKING, Any
 
-from shm.loadboard import E_RUNNING, E_WAITING, W_IN_FLIGHT, W_TTFB_EWMA
+import numpy as np
+
+from shm.loadboard import (
+    E_RUNNING,
+    E_WAITING,
+    ENGINE_FIELDS,
+    W_IN_FLIGHT,
+    W_TTFB_EWMA,
+    WORKER_FIELDS,
+    LoadBoard,
+)
 
 if TYPE_CHECKING:
     from proxy_workers.policies.base import PolicyEnv
     from shm.schema import Worker
 
-EXACT_LIMIT = 256
-BLOCK = 32
-SAMPLE = 2 * BLOCK
-_SHUFFLE_SEED = 0x5EED  # the same block split in every proxy (not needed for correctness: tidy)
+EXACT_LIMIT = 1024
+SAMPLE = 64
+TIE_SPAN = 1e-7  # the tie-breaking ramp's total height: below any difference of load ÷ weight
+_SHUFFLE_SEED = 0x5EED  # the same order in every proxy (tidy, not needed for correctness)
 
 
-def _getter(words: list[int]) -> Callable[[Any], tuple]:
-    """An itemgetter that always returns a tuple (itemgetter of one index returns the item)."""
-    if len(words) == 1:
-        one = words[0]
-        return lambda seq: (seq[one],)
-    return itemgetter(*words)
+class BoardArrays:
+    """numpy views of the board's per-worker columns: [proxy][slot] cells and engine rows."""
+
+    __slots__ = ("in_flight", "running", "ttfb", "waiting")
+
+    def __init__(self, board: LoadBoard) -> None:
+        mapping: Any = board.ints.obj  # the mmap (see the module's last invariant)
+        words = np.frombuffer(mapping, dtype=np.int64, count=len(board.ints))
+        size = board.max_proxies * board.max_workers * WORKER_FIELDS
+        cells = words[board.cell_base:board.cell_base + size].reshape(
+            board.max_proxies, board.max_workers, WORKER_FIELDS)
+        self.in_flight = cells[:, :, W_IN_FLIGHT]
+        self.ttfb = cells.view(np.float64)[:, :, W_TTFB_EWMA]
+        engine = words[board.engine_base:board.engine_base + board.max_workers * ENGINE_FIELDS]
+        engine = engine.reshape(board.max_workers, ENGINE_FIELDS)
+        self.running = engine[:, E_RUNNING]
+        self.waiting = engine[:, E_WAITING]
 
 
-class Block:
-    """Getters over a fixed set of candidates: the whole list, or one block of a long one.
-
-    ``index[k]`` is the position in the candidate list of the block's k-th worker.
-    """
-
-    __slots__ = ("_engine", "_in_flight", "_ttfb", "floats", "index", "ints", "weights")
-
-    def __init__(self, env: PolicyEnv, workers: Sequence[Worker], index: list[int]) -> None:
-        board = env.board
-        stride = board.worker_stride()
-        base = [board.cell_word(0, w.slot) for w in workers]
-        self.index = index
-        self.ints, self.floats = board.ints, board.floats
-        proxies = range(env.proxies)
-        self._in_flight = [_getter([b + p * stride + W_IN_FLIGHT for b in base]) for p in proxies]
-        self._ttfb = [_getter([b + p * stride + W_TTFB_EWMA for b in base]) for p in proxies]
-        engine = [board.engine_word(w.slot) for w in workers]
-        self._engine = tuple(_getter([e + f for e in engine]) for f in (E_RUNNING, E_WAITING))
-        self.weights = [w.weight for w in workers]
-
-    def loads(self) -> list[int]:
-        """Global in-flight per worker (summed over proxies)."""
-        ints = self.ints
-        getters = self._in_flight
-        total: Any = getters[0](ints)
-        for g in getters[1:]:
-            total = map(add, total, g(ints))
-        return list(total)
-
-    def weighted_loads(self) -> list[float]:
-        return list(map(truediv, self.loads(), self.weights))
-
-    def ttfb_sums(self) -> list[float]:
-        """Time-to-first-byte EWMAs summed over proxies (0.0 where nobody measured yet).
-
-        Summing instead of averaging keeps this to one C-level read per proxy; once every
-        proxy has measured every worker the order is the same as the mean's.
-        """
-        floats = self.floats
-        total: Any = self._ttfb[0](floats)
-        for g in self._ttfb[1:]:
-            total = map(add, total, g(floats))
-        return list(total)
-
-    def engine_queue(self) -> list[int]:
-        """Engine running + waiting + router in-flight per worker (the last two correct for
-        requests sent since the last scrape)."""
-        running, waiting = self._engine
-        ints = self.ints
-        return list(map(add, map(add, running(ints), waiting(ints)), self.loads()))
-
-    def weighted_engine_queue(self) -> list[float]:
-        return list(map(truediv, self.engine_queue(), self.weights))
-
-
-Score = Callable[[Block], list[Any]]
+Score = Callable[["Columns", slice], np.ndarray]
+_minimum, _maximum = np.minimum.reduce, np.maximum.reduce  # without ndarray.min's Python wrapper
 
 
 class Columns:
-    """Board columns over one candidate list: the whole list as one block, or blocks to sample."""
+    """One candidate list's slots in scan order, with its weights, over the board's columns."""
 
-    __slots__ = ("blocks", "candidates", "exact", "whole")
+    __slots__ = ("_all", "_in_flight", "_inverse", "_pos", "_ramp", "_running", "_slots", "_ttfb",
+                 "_waiting", "candidates", "exact", "size")
 
     def __init__(self, env: PolicyEnv, candidates: Sequence[Worker],
                  positions: list[int] | None = None) -> None:
         """``positions``: scan only these candidates, exactly (a one-off sample of a retry's list)."""
+        arrays = env.arrays()
+        proxies = range(env.proxies)
+        self._in_flight = [arrays.in_flight[p] for p in proxies]
+        self._ttfb = [arrays.ttfb[p] for p in proxies]
+        self._running, self._waiting = arrays.running, arrays.waiting
         self.candidates = candidates
         n = len(candidates)
         self.exact = positions is not None or n <= EXACT_LIMIT
-        if self.exact:
-            index = list(range(n)) if positions is None else positions
-            self.whole = Block(env, [candidates[i] for i in index], index)
-            self.blocks = [self.whole]
-            return
-        order = list(range(n))
-        random.Random(_SHUFFLE_SEED).shuffle(order)
-        # n // BLOCK blocks; the remainder joins the last, so every block holds >= BLOCK workers.
-        cuts = [i * BLOCK for i in range(n // BLOCK)] + [n]
-        self.blocks = [Block(env, [candidates[i] for i in order[a:b]], order[a:b])
-                       for a, b in pairwise(cuts)]
-        self.whole = self.blocks[0]  # unused for sampled lists; set for type stability
+        if positions is not None:
+            order = positions
+        elif self.exact:
+            order = list(range(n))
+        else:
+            order = list(range(n))
+            random.Random(_SHUFFLE_SEED).shuffle(order)
+            order += order[:SAMPLE]  # a window that starts near the end wraps around
+        self._pos = order
+        self.size = len(order) if self.exact else n
+        self._all = slice(0, self.size)
+        self._slots = np.array([candidates[i].slot for i in order], dtype=np.intp)
+        weights = np.array([candidates[i].weight for i in order], dtype=np.float64)
+        self._inverse = None if (weights == weights[0]).all() else 1.0 / weights
+        m = self.size
+        ramp = np.arange(m, dtype=np.float64) * (TIE_SPAN / max(m, 1))
+        self._ramp = np.concatenate((ramp, ramp))
 
-    def scanned(self, rng: random.Random) -> tuple[Block, ...]:
-        """The blocks a decision reads: the whole list, or two distinct random blocks."""
-        if self.exact:
-            return (self.whole,)
-        blocks = self.blocks
-        nb = len(blocks)
-        i = int(rng.random() * nb)
-        return blocks[i], blocks[(i + 1 + int(rng.random() * (nb - 1))) % nb]
+    # -- scores over a window of the scan order ------------------------------------------
 
-    def argmin(self, score: Score, rng: random.Random, tie: int | None = None) -> tuple[int, Any]:
+    def loads(self, window: slice) -> np.ndarray:
+        """Global in-flight (summed over proxies) of the window's candidates."""
+        idx = self._slots[window]
+        rows = self._in_flight
+        total = rows[0][idx]
+        for row in rows[1:]:
+            total += row[idx]
+        return total
+
+    def weighted_loads(self, window: slice) -> np.ndarray:
+        total = self.loads(window)
+        return total if self._inverse is None else total * self._inverse[window]
+
+    def ttfb_sums(self, window: slice) -> np.ndarray:
+        """Time-to-first-byte EWMAs summed over proxies (0.0 where nobody measured yet).
+
+        Summing instead of averaging keeps this to one read per proxy; once every proxy has
+        measured every worker the order is the same as the mean's.
+        """
+        idx = self._slots[window]
+        rows = self._ttfb
+        total = rows[0][idx]
+        for row in rows[1:]:
+            total += row[idx]
+        return total
+
+    def weighted_engine_queue(self, window: slice) -> np.ndarray:
+        """(Engine running + waiting + router in-flight) ÷ weight; the in-flight count corrects
+        for requests sent since the last scrape."""
+        idx = self._slots[window]
+        total = self.loads(window)
+        total += self._running[idx]
+        total += self._waiting[idx]
+        return total if self._inverse is None else total * self._inverse[window]
+
+    # -- decisions -----------------------------------------------------------------------
+
+    def _window(self, rng: random.Random) -> slice:
+        if self.exact:
+            return self._all
+        start = int(rng.random() * self.size)
+        return slice(start, start + SAMPLE)
+
+    def argmin(self, score: Score, rng: random.Random, tie: int | None = None) -> tuple[int, float]:
         """(position in the candidate list, score) of the lowest-scoring scanned candidate.
 
         On an exact scan a tie goes to the first from position ``tie`` (wrapping; random when
         None); a sample is in random order already, so its first lowest wins.
         """
+        window = self._window(rng)
+        scores = score(self, window)
         if self.exact:
-            scores = score(self.whole)
-            k = _first_min(scores, int(rng.random() * len(scores)) if tie is None else tie % len(scores))
-            return self.whole.index[k], scores[k]
-        a, b = self.scanned(rng)
-        scores = score(a) + score(b)
-        low = min(scores)
-        k = scores.index(low)
-        size = len(a.index)
-        return (a.index[k] if k < size else b.index[k - size]), low
+            m = self.size
+            start = int(rng.random() * m) if tie is None else tie % m
+            k = int((scores + self._ramp[m - start:2 * m - start]).argmin())
+        else:
+            k = int(scores.argmin())
+        return self._pos[window.start + k], float(scores[k])
 
-    def min_max_loads(self, rng: random.Random) -> tuple[int, int, int]:
-        """(position of the least loaded, its load, the highest load) over the scanned candidates,
-        by global in-flight (not weighted, as sglang's balance check)."""
-        if self.exact:
-            loads = self.whole.loads()
-            k = _first_min(loads, int(rng.random() * len(loads)))
-            return self.whole.index[k], loads[k], max(loads)
-        a, b = self.scanned(rng)
-        loads = a.loads() + b.loads()
-        low = min(loads)
-        k = loads.index(low)
-        size = len(a.index)
-        return (a.index[k] if k < size else b.index[k - size]), low, max(loads)
+    def load_range(self, rng: random.Random) -> tuple[int, int]:
+        """(lowest, highest) global in-flight over the scanned candidates, not weighted
+        (sglang's balance check)."""
+        loads = self.loads(self._window(rng))
+        return int(_minimum(loads)), int(_maximum(loads))
 
     def total_load(self, rng: random.Random) -> float:
-        """Global in-flight summed over the candidates: exact, or scaled up from a sample of a
-        long list."""
-        if self.exact:
-            return sum(self.whole.loads()) * len(self.candidates) // len(self.whole.index)
-        total = count = 0
-        for block in self.scanned(rng):
-            total += sum(block.loads())
-            count += len(block.index)
-        return total * len(self.candidates) / count
-
-
-def _first_min(scores: list[Any], start: int) -> int:
-    """Index of the smallest score; among equals the first from ``start`` (wrapping)."""
-    low = min(scores)
-    try:
-        return scores.index(low, start)
-    except ValueError:
-        return scores.index(low)
+        """Global in-flight summed over the candidates: exact, or scaled up from a sample."""
+        window = self._window(rng)
+        total = int(self.loads(window).sum())
+        if self.exact and self.size == len(self.candidates):
+            return total
+        return total * len(self.candidates) / (window.stop - window.start)
 
 
 def columns_for(env: PolicyEnv, candidates: Sequence[Worker], stable: bool,
