@@ -38,9 +38,10 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     fleet.add_argument("--capacity", default="8",
                        help='concurrent requests per worker: N, or shares like "90%%:100,10%%:50" '
                             "(default 8)")
-    fleet.add_argument("--queue-limit", default="1x",
-                       help="requests a worker queues beyond its capacity before refusing: N, Nx (times "
-                            "its capacity) or none (default 1x)")
+    fleet.add_argument("--queue-limit", default="none",
+                       help="requests a worker queues beyond its capacity before refusing (503, retried "
+                            "elsewhere): N, Nx (times its capacity) or none, as vLLM and SGLang by "
+                            "default (default none)")
     fleet.add_argument("--weights", choices=("capacity", "equal"), default="capacity",
                        help="worker weights proportional to capacity, or all equal (default capacity)")
     fleet.add_argument("--proxies", type=int, default=1, help="proxy processes; each request lands on "

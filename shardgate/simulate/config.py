@@ -68,7 +68,7 @@ class SimConfig(msgspec.Struct, kw_only=True):
 
     workers: int = 100
     capacity: str = "8"                 # slots per worker, or shares: "90%:100,10%:50"
-    queue_limit: str = "1x"             # waiting requests per worker: N, Nx (x capacity), none
+    queue_limit: str = "none"           # waiting requests per worker: N, Nx (x capacity), none
     weights: str = "capacity"           # worker weights: "capacity" (proportional) or "equal"
     requests: int = 10_000
     rate: float | None = None           # Poisson arrivals per second (default: from load)

@@ -207,7 +207,7 @@ class Simulation:
         first = t + costs.first_token(req.prompt, cached) * sw.slow
         req.first_at = first
         req.done_at = first + costs.decode(req.output) * sw.slow
-        sw.running.add(req)
+        sw.running[req] = None
         # DONE is pushed when FIRST is handled: the heap holds one event per running request.
         heapq.heappush(self.events, (first, next(self.seq), FIRST, req, req.attempt))
 
@@ -222,7 +222,7 @@ class Simulation:
         fig.completed += 1
         req.cell = settle(self.prod.proxy_views[req.proxy], req.cell, True, t - req.sent)
         sw = self.workers[req.slot]
-        sw.running.discard(req)
+        del sw.running[req]
         sw.load -= 1
         sw.remember(req, self.costs.kv_cache_tokens)
         self.workload.finished(req, t)

@@ -6,9 +6,11 @@ report (:func:`summarize`), and print policies side by side (:func:`table`).
 Definitions (also in docs/simulator.md):
 - *load* of a worker = its requests in flight (running + queued), the router's own measure.
   It is sampled ``samples`` times, evenly over the arrival window, across the live workers; each
-  sample gives max/mean, p99/p50 and the coefficient of variation (std/mean); the report shows
-  their averages over the samples (a sample whose mean or p50 is 0 is left out of that ratio)
-  and the peak (the highest load any worker had at a sample).
+  sample gives the max, mean, p50, p99 and standard deviation. The report shows ratios of their
+  averages over the samples: max/mean = avg(max) / avg(mean), p99/p50 = avg(p99) / avg(p50),
+  CV = avg(std) / avg(mean). Averaging the figures before dividing weighs each sample by its
+  load, so the nearly idle first moments of a run (where one request on one worker makes max/mean
+  huge) do not swamp the rest. ``peak``: the highest load any worker had at a sample.
 - *requests per worker*: attempts routed to each worker over the run (max/mean, CV).
 - percentiles are nearest-rank; TTFT and end-to-end latency are simulated seconds from arrival,
   so queueing and retries count.
@@ -53,7 +55,7 @@ class Figures:
         self.cached_tokens = 0
         self.e2e: list[float] = []
         self.ttfts: dict[int, list[float]] = {}
-        self.samples: list[tuple[float, float, float, float, float, float]] = []  # t, mean, max, p50, p99, cv
+        self.samples: list[tuple[float, float, float, float, float, float]] = []  # t, mean, max, p50, p99, std
         self.served: list[int] = []
         self.sim_seconds = 0.0
         self.wall_seconds = 0.0
@@ -72,12 +74,18 @@ class Figures:
         total = sum(loads)
         mean = total / n
         var = max(0.0, sum(map(mul, loads, loads)) / n - mean * mean)
-        cv = math.sqrt(var) / mean if mean else 0.0
-        self.samples.append((t, mean, float(loads[-1]), float(pct(loads, 0.5)), float(pct(loads, 0.99)), cv))
+        self.samples.append((t, mean, float(loads[-1]), float(pct(loads, 0.5)), float(pct(loads, 0.99)),
+                             math.sqrt(var)))
 
 
 def _avg(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def _ratio(samples: list[tuple[float, ...]], top: int, bottom: int) -> float | None:
+    """avg(field ``top``) / avg(field ``bottom``) over the samples (None when the bottom is 0)."""
+    below = sum(s[bottom] for s in samples)
+    return sum(s[top] for s in samples) / below if below else None
 
 
 def _r(value: float | None, digits: int = 3) -> float | None:
@@ -91,7 +99,7 @@ def summarize(fig: Figures) -> dict[str, Any]:
     served = fig.served or [0]
     mean_served = sum(served) / len(served)
     var_served = sum((s - mean_served) ** 2 for s in served) / len(served)
-    busy = [s for s in fig.samples if s[1] > 0]
+    samples = fig.samples
     requests = fig.completed + fig.rejected + fig.failed
     return {
         "policy": fig.policy,
@@ -106,12 +114,12 @@ def summarize(fig: Figures) -> dict[str, Any]:
         "queued_share": _r(fig.queued / requests if requests else 0.0, 4),
         "mean_queue_wait_s": _r(fig.queue_wait / fig.queued if fig.queued else 0.0, 4),
         "load": {
-            "max_over_mean": _r(_avg([s[2] / s[1] for s in busy])),
-            "p99_over_p50": _r(_avg([s[4] / s[3] for s in busy if s[3] > 0])),
-            "cv": _r(_avg([s[5] for s in busy])),
-            "peak": max((s[2] for s in fig.samples), default=0.0),
-            "mean": _r(_avg([s[1] for s in fig.samples])),
-            "samples": len(fig.samples),
+            "max_over_mean": _r(_ratio(samples, 2, 1)),
+            "p99_over_p50": _r(_ratio(samples, 4, 3)),
+            "cv": _r(_ratio(samples, 5, 1)),
+            "peak": max((s[2] for s in samples), default=0.0),
+            "mean": _r(_avg([s[1] for s in samples])),
+            "samples": len(samples),
         },
         "requests_per_worker": {
             "max": max(served), "min": min(served), "mean": _r(mean_served),
@@ -128,7 +136,8 @@ def summarize(fig: Figures) -> dict[str, Any]:
         "pick_us_mean": _r(fig.pick_ns / fig.picks / 1000 if fig.picks else None, 2),
         "sim_seconds": _r(fig.sim_seconds, 3),
         "wall_seconds": _r(fig.wall_seconds, 2),
-        "series": [[_r(s[0], 3), _r(s[1], 3), _r(s[5], 4)] for s in fig.samples],  # t, mean load, cv
+        # t, mean load, CV of that sample (the chart's curve)
+        "series": [[_r(s[0], 3), _r(s[1], 3), _r(s[5] / s[1] if s[1] else 0.0, 4)] for s in samples],
     }
 
 

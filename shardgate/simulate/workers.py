@@ -63,7 +63,9 @@ class SimWorker:
         self.queue_limit = queue_limit
         self.slow = 1.0
         self.alive = True
-        self.running: set[Request] = set()
+        # A dict, not a set: insertion order, so a dying worker's requests are retried in the
+        # same order in every run (a set of objects iterates in memory-address order).
+        self.running: dict[Request, None] = {}
         self.queue: list[tuple[int, int, Request]] = []  # (-priority, arrival order, request)
         self.load = 0
         self.served = 0  # attempts started here (requests routed to it)

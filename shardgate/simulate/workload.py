@@ -86,7 +86,7 @@ class Dist:
         if kind == "fixed":
             value = self.a
         elif kind == "uniform":
-            value = rng.randint(int(self.a), int(self.b))
+            value = self.a + int(rng.random() * (self.b - self.a + 1))
         elif kind == "exp":
             value = rng.expovariate(1.0 / self.a)
         else:
@@ -182,11 +182,11 @@ class Conversation:
         """(prompt tokens, body) of the next turn; its question and answer join the history."""
         self.turn += 1
         parts = self.parts
-        parts.append(_FILLED % (b"user", filler(f"c{self.id}u{self.turn}", user_tokens).encode()))
+        parts.append(_message(b"user", b"c%du%d " % (self.id, self.turn), user_tokens))
         parts.append(b'],"max_tokens":%d}' % output_tokens)
         body = b"".join(parts)
         parts[-1] = b","
-        parts.append(_FILLED % (b"assistant", filler(f"c{self.id}a{self.turn}", output_tokens).encode()))
+        parts.append(_message(b"assistant", b"c%da%d " % (self.id, self.turn), output_tokens))
         parts.append(b",")
         prompt = self.tokens + user_tokens
         self.tokens = prompt + output_tokens
@@ -198,8 +198,20 @@ def system_message(text: str) -> bytes:
     return msgspec.json.encode({"role": "system", "content": text}) if text else b""
 
 
-# Filler text is letters, digits and spaces only: nothing to escape in JSON.
-_FILLED = b'{"role":"%s","content":"%s"}'
+def _message(role: bytes, tag: bytes, tokens: int) -> bytes:
+    """A message of ``tokens`` tokens' worth of text that starts with its unique ``tag``.
+
+    The rest is a slice of one fixed text: a prefix stays unique to its conversation from the
+    first tag on, and no text is generated per request. Letters, digits and spaces only, so
+    nothing needs escaping in JSON.
+    """
+    chars = tokens * CHARS_PER_TOKEN
+    if chars > len(_TEXT):
+        return b'{"role":"%s","content":"%s"}' % (role, filler(tag.decode(), tokens).encode())
+    return b'{"role":"%s","content":"%s%s"}' % (role, tag[:chars], _TEXT[:max(0, chars - len(tag))])
+
+
+_TEXT = b" ".join(b"w%x" % (i * 2654435761 % 4096) for i in range(60_000))[:256 * 1024]
 
 
 def filler(tag: str, tokens: int) -> str:
@@ -247,7 +259,7 @@ class Generated:
         if ready and ready[0][0] <= now:
             conv = heapq.heappop(ready)[2]
         else:
-            sys = rng.randrange(len(self.system)) if self.system else -1
+            sys = int(rng.random() * len(self.system)) if self.system else -1
             conv = Conversation(self.started, f"conv-{self.started}", sys,
                                 self.system[sys] if sys >= 0 else b"", self.system_tokens if sys >= 0 else 0,
                                 self.turns.sample(rng))
