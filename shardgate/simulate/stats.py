@@ -55,7 +55,8 @@ class Figures:
         self.cached_tokens = 0
         self.e2e: list[float] = []
         self.ttfts: dict[int, list[float]] = {}
-        self.samples: list[tuple[float, float, float, float, float, float]] = []  # t, mean, max, p50, p99, std
+        # (t, mean, max, p50, p99, std) of the live workers' loads
+        self.samples: list[tuple[float, float, float, float, float, float]] = []
         self.served: list[int] = []
         self.sim_seconds = 0.0
         self.wall_seconds = 0.0
