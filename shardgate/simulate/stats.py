@@ -83,7 +83,7 @@ def _avg(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _ratio(samples: list[tuple[float, ...]], top: int, bottom: int) -> float | None:
+def _ratio(samples: Sequence[tuple[float, ...]], top: int, bottom: int) -> float | None:
     """avg(field ``top``) / avg(field ``bottom``) over the samples (None when the bottom is 0)."""
     below = sum(s[bottom] for s in samples)
     return sum(s[top] for s in samples) / below if below else None
