@@ -27,9 +27,11 @@ per-snapshot structures), 15 measured batches after a warm-up, GC left on. A
 batch's figure is its time divided by its decisions; the table shows the median and the
 nearest-rank p99 (with 15 batches: the maximum) of those figures.
 
-Targets (issue 3): median <= 2 us for round_robin, random, power_of_two and consistent_hash with
-10,000 workers in the model; <= 20 us for the others with 100 workers (their growth to 10,000 is
-reported, not judged). Prints a table and, last, one JSON line. Usage::
+Targets (issue 14): median <= 2 us for the O(1) policies (round_robin, random, power_of_two,
+consistent_hash) at the largest fleet size; every other policy <= 5 us at the smallest size (100)
+and <= 20 us at the largest (10,000). Beyond 1,024 candidates the scanning policies compare a
+sample of 64 (``proxy_workers.policies.scan``); ``--quality`` reports what that costs in load
+terms. Prints a table and, last, one JSON line. Usage::
 
     PYTHONPATH=. python3 loadtest/bench_policies.py
     PYTHONPATH=. python3 loadtest/bench_policies.py --sizes 100,1000,10000 --policies least_connections
@@ -87,8 +89,9 @@ PROXY = 0             # the proxy this process plays
 CLIENT = b"10.20.30.40"
 
 FAST_POLICIES = ("round_robin", "random", "power_of_two", "consistent_hash")
-TARGET_FAST_US = 2.0    # at the largest fleet size (10,000)
-TARGET_OTHER_US = 20.0  # at the smallest fleet size (100)
+TARGET_FAST_US = 2.0     # at the largest fleet size (10,000)
+TARGET_SMALL_US = 5.0    # the others, at the smallest fleet size (100)
+TARGET_LARGE_US = 20.0   # the others, at the largest fleet size (10,000)
 
 # The seed reports' figures, printed for context.
 SEED_ZIG_US = 0.8
@@ -346,8 +349,8 @@ def measure_full_path(table: RoutingTable, settings: Settings, board: LoadBoard,
         t0 = time.perf_counter_ns()
         for request in reqs:
             route, ctx = prepare(proc, request)
-            worker = route.pick(ctx, [])
-            ints[decision0 + POLICY_INDEX[route.policy.name] * 2 + ctx.fallback] += 1
+            worker = route.pick(ctx, [])  # type: ignore[union-attr]  # http_regular: a ModelRoute
+            ints[decision0 + POLICY_INDEX[route.policy.name] * 2 + ctx.fallback] += 1  # type: ignore[union-attr]
             del worker
         return time.perf_counter_ns() - t0
 
@@ -515,14 +518,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def judge(policies: Sequence[str], sizes: list[int], by_size: dict[int, Any]) -> dict[str, Any]:
-    """Target per policy: fast ones at the largest size, the others at the smallest."""
+    """Targets per policy: the O(1) ones at the largest size; the others at the smallest and
+    at the largest."""
     out = {}
     for name in policies:
-        fast = name in FAST_POLICIES
-        size = sizes[-1] if fast else sizes[0]
-        limit = TARGET_FAST_US if fast else TARGET_OTHER_US
-        median = by_size[size]["policies"][name]["median_us"]
-        out[name] = {"target_us": limit, "at_workers": size, "median_us": median, "pass": median <= limit}
+        if name in FAST_POLICIES:
+            limits = [(sizes[-1], TARGET_FAST_US)]
+        else:
+            limits = sorted({(sizes[0], TARGET_SMALL_US), (sizes[-1], TARGET_LARGE_US)})
+        checks = []
+        for size, limit in limits:
+            median = by_size[size]["policies"][name]["median_us"]
+            checks.append({"target_us": limit, "at_workers": size, "median_us": median,
+                           "pass": median <= limit})
+        out[name] = {"checks": checks, "pass": all(c["pass"] for c in checks)}
     return out
 
 
@@ -537,7 +546,7 @@ def _print_table(args: argparse.Namespace, sizes: list[int], policies: Sequence[
           f"load avg {info['loadavg_before'][0]:.2f} -> {info['loadavg_after'][0]:.2f}")
     print(f"per decision: route.pick(fresh RequestContext); median (p99) over {args.batches} batches "
           f"of up to {args.batch} decisions, in us")
-    head = f"  {'policy':<38} {f'@{small}':>17} {f'@{large}':>19} {'x':>7}  {'target':<15} {'':<4}"
+    head = f"  {'policy':<38} {f'@{small}':>17} {f'@{large}':>19} {'x':>7}  {'target (us)':<22} {'':<4}"
     print(head)
     print("  " + "-" * (len(head) - 2))
 
@@ -554,12 +563,12 @@ def _print_table(args: argparse.Namespace, sizes: list[int], policies: Sequence[
     for name in policies:
         a, b = by_size[small]["policies"][name], by_size[large]["policies"][name]
         v = verdicts[name]
-        target = f"<= {v['target_us']:g} us @{v['at_workers']}"
-        print(f"  {name:<38} {cell(a, 17)} {cell(b, 19)} {growth(a, b)}  {target:<15} "
+        target = ", ".join(f"<= {c['target_us']:g} @{c['at_workers']}" for c in v["checks"])
+        print(f"  {name:<38} {cell(a, 17)} {cell(b, 19)} {growth(a, b)}  {target:<22} "
               f"{'pass' if v['pass'] else 'FAIL'}")
     for label in by_size[small]["extras"]:
         a, b = by_size[small]["extras"].get(label), by_size[large]["extras"].get(label)
-        print(f"  {label:<38} {cell(a, 17)} {cell(b, 19)} {growth(a, b)}  {'(info)':<15}")
+        print(f"  {label:<38} {cell(a, 17)} {cell(b, 19)} {growth(a, b)}  {'(info)':<22}")
     print("  timing loop itself (no-op call per context): "
           + ", ".join(f"{by_size[n]['loop_overhead_us'] * 1000:.0f} ns @{n}" for n in sizes))
     failed = [n for n, v in verdicts.items() if not v["pass"]]

@@ -16,12 +16,13 @@ Invariants:
 - Up to ``EXACT_LIMIT`` candidates the answer is the exact argmin; ties go to the first from a
   caller-chosen start (a ramp of tiny offsets, far below any real difference, added before the
   argmin), so an idle fleet is spread over rather than piled onto the first worker.
-- A longer list is put once (per list: per snapshot for a route's) in a shuffled order; a decision
-  reads ``SAMPLE`` consecutive candidates of that order from a random start and takes the lowest
-  (best of d random choices, d = 64). Reading a whole 10,000-worker column costs ~0.7 ms in
+- A longer list is put once (per list: per snapshot for a route's) in a shuffled order, which
+  decisions sweep ``SAMPLE`` candidates at a time; each decision reads the next window and the
+  ``MEMORY`` runners-up of the previous decision (re-read, so never stale) and takes the lowest:
+  best of d choices with memory, which finds a worker that just freed up within n / SAMPLE
+  decisions and keeps it until used. Reading a whole 10,000-worker column costs ~0.7 ms in
   Python and ~35-110 us in numpy (each worker's cell is its own cache line), 2-5x the whole
-  decision budget; the best of 64 is the exact minimum whenever 1 in 64 workers share it, and
-  otherwise a worker close to it (power of d choices: the maximum load falls as ln ln n / ln d).
+  decision budget. ``loadtest/policy_sampling.py`` measures the cost in load terms.
 - Lists that live for one request (a retry's, without the workers already tried) are not put in
   order: a long one is sampled directly (``SAMPLE`` random candidates, scanned exactly).
 - The numpy views export the board's mapping itself, not ``LoadBoard.ints``, so closing the
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 
 EXACT_LIMIT = 1024
 SAMPLE = 64
+MEMORY = 8  # sampled scans remember this many runners-up (Mitzenmacher, Prabhakar, Shah 2002)
 TIE_SPAN = 1e-7  # the tie-breaking ramp's total height: below any difference of load ÷ weight
 _SHUFFLE_SEED = 0x5EED  # the same order in every proxy (tidy, not needed for correctness)
 
@@ -75,15 +77,15 @@ class BoardArrays:
         self.waiting = engine[:, E_WAITING]
 
 
-Score = Callable[["Columns", slice], np.ndarray]
+Score = Callable[["Columns", slice], np.ndarray]  # a window, or an array of scan positions
 _minimum, _maximum = np.minimum.reduce, np.maximum.reduce  # without ndarray.min's Python wrapper
 
 
 class Columns:
     """One candidate list's slots in scan order, with its weights, over the board's columns."""
 
-    __slots__ = ("_all", "_in_flight", "_inverse", "_pos", "_ramp", "_running", "_slots", "_ttfb",
-                 "_waiting", "candidates", "exact", "size")
+    __slots__ = ("_all", "_in_flight", "_inverse", "_memory", "_next", "_order", "_pos", "_ramp",
+                 "_running", "_slots", "_ttfb", "_waiting", "candidates", "exact", "size")
 
     def __init__(self, env: PolicyEnv, candidates: Sequence[Worker],
                  positions: list[int] | None = None) -> None:
@@ -113,6 +115,9 @@ class Columns:
         m = self.size
         ramp = np.arange(m, dtype=np.float64) * (TIE_SPAN / max(m, 1))
         self._ramp = np.concatenate((ramp, ramp))
+        self._order = np.arange(len(order), dtype=np.intp)  # positions in the scan order
+        self._memory = np.empty(0, dtype=np.intp)
+        self._next = env.proxy * SAMPLE % m  # proxies sweep from different places
 
     # -- scores over a window of the scan order ------------------------------------------
 
@@ -154,26 +159,33 @@ class Columns:
     # -- decisions -----------------------------------------------------------------------
 
     def _window(self, rng: random.Random) -> slice:
+        """Where a sampled read starts: the next ``SAMPLE`` candidates of the sweep."""
         if self.exact:
             return self._all
-        start = int(rng.random() * self.size)
+        start = self._next
+        self._next = (start + SAMPLE) % self.size
         return slice(start, start + SAMPLE)
 
     def argmin(self, score: Score, rng: random.Random, tie: int | None = None) -> tuple[int, float]:
         """(position in the candidate list, score) of the lowest-scoring scanned candidate.
 
         On an exact scan a tie goes to the first from position ``tie`` (wrapping; random when
-        None); a sample is in random order already, so its first lowest wins.
+        None). A sampled scan reads the sweep's next window and the remembered candidates,
+        takes the lowest, and remembers the ``MEMORY`` next lowest for the next decision.
         """
-        window = self._window(rng)
-        scores = score(self, window)
         if self.exact:
+            scores = score(self, self._all)
             m = self.size
             start = int(rng.random() * m) if tie is None else tie % m
             k = int((scores + self._ramp[m - start:2 * m - start]).argmin())
-        else:
-            k = int(scores.argmin())
-        return self._pos[window.start + k], float(scores[k])
+            return self._pos[k], float(scores[k])
+        window = self._window(rng)
+        read = np.concatenate((self._order[window], self._memory))
+        scores = score(self, read)  # type: ignore[arg-type]
+        best = np.argpartition(scores, MEMORY)[:MEMORY + 1]
+        k = int(best[scores[best].argmin()])
+        self._memory = read[best[best != k]]
+        return self._pos[int(read[k])], float(scores[k])
 
     def load_range(self, rng: random.Random) -> tuple[int, int]:
         """(lowest, highest) global in-flight over the scanned candidates, not weighted

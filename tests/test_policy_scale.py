@@ -1,0 +1,123 @@
+"""The scanning policies on large fleets: exact up to ``scan.EXACT_LIMIT`` candidates, sampled
+beyond, global (summed over proxies) either way, and safe on a retry's shortened list.
+
+Role: behaviour only (no timing; speed is ``loadtest/bench_policies.py``'s job, and the quality
+cost of sampling ``loadtest/policy_sampling.py``'s). Fleets are real: one model's workers in a
+snapshot, two proxies' ``PolicyEnv`` over one load board in POSIX shared memory.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+
+from proxy_workers.policies import scan
+from proxy_workers.policies.base import PolicyEnv
+from proxy_workers.routing.table import ModelRoute
+from shm.loadboard import W_IN_FLIGHT, W_REQUESTS, W_TTFB_EWMA, LoadBoard, board_size
+from shm.segment import Segment, new_instance_id, segment_name
+from shm.settings import Settings
+from tests.test_policies_unit import request, table, workers
+
+MAX_PROXIES, MAX_WORKERS = 4, 2048
+LARGE = 1500  # above scan.EXACT_LIMIT: sampled
+assert LARGE > scan.EXACT_LIMIT
+
+
+class Board:
+    """A load board in a fresh segment, with helpers to set global load."""
+
+    def __init__(self) -> None:
+        self.segment = Segment.create(segment_name(new_instance_id(), "board"),
+                                      board_size(MAX_PROXIES, MAX_WORKERS))
+        self.board = LoadBoard.create(self.segment, MAX_PROXIES, MAX_WORKERS)
+
+    def env(self, proxy: int = 0, **settings: object) -> PolicyEnv:
+        return PolicyEnv(self.board, proxy, 2, Settings(max_workers=MAX_WORKERS, **settings), None)  # type: ignore[arg-type]
+
+    def set(self, proxy: int, slot: int, field: int, value: float) -> None:
+        word = self.board.cell_word(proxy, slot, field)
+        if isinstance(value, float):
+            self.board.floats[word] = value
+        else:
+            self.board.ints[word] = value
+
+    def in_flight(self, slot: int) -> int:
+        return self.board.worker_in_flight(slot, 2)
+
+
+@pytest.fixture
+def shared() -> Iterator[Board]:
+    b = Board()
+    yield b
+    b.board.close()  # the policies' numpy views do not hold the board's memoryviews
+    b.segment.close()
+    b.segment.unlink()
+
+
+def route_of(b: Board, policy: str, n: int, proxy: int = 0) -> ModelRoute:
+    return table(b.env(proxy=proxy, policy=policy), workers(n)).routes["m"]
+
+
+def test_a_large_fleet_is_sampled_and_still_finds_the_idle_half(shared: Board) -> None:
+    rng = random.Random(1)
+    idle = set(rng.sample(range(LARGE), LARGE // 2))
+    for slot in range(LARGE):
+        if slot not in idle:  # held by the other proxy: only the global sum shows it
+            shared.set(1, slot, W_IN_FLIGHT, 3)
+    route = route_of(shared, "least_connections", LARGE)
+    picks = Counter(route.pick(request()).slot for _ in range(300))
+    assert set(picks) <= idle
+    assert len(picks) > 100  # spread over the idle workers, not one
+
+
+def test_up_to_the_exact_limit_the_single_idle_worker_is_found(shared: Board) -> None:
+    n = scan.EXACT_LIMIT
+    for slot in range(n):
+        shared.set(1, slot, W_IN_FLIGHT, 2)
+    shared.set(1, 777, W_IN_FLIGHT, 0)
+    shared.set(0, 777, W_IN_FLIGHT, 1)  # 1 < 2: the least loaded overall
+    for policy in ("least_connections", "session_affinity", "cache_aware"):
+        route = route_of(shared, policy, n)
+        assert {route.pick(request()).slot for _ in range(20)} == {777}, policy
+
+
+def test_least_latency_samples_large_fleets_over_both_proxies(shared: Board) -> None:
+    for slot in range(LARGE):
+        for proxy in (0, 1):
+            shared.set(proxy, slot, W_REQUESTS, 10)
+            shared.set(proxy, slot, W_TTFB_EWMA, 0.5 if slot % 2 else 0.1)
+    shared.set(1, 2, W_TTFB_EWMA, 5.0)  # slot 2 is fast for proxy 0 only
+    route = route_of(shared, "least_latency", LARGE)
+    picks = {route.pick(request()).slot for _ in range(200)}
+    assert all(slot % 2 == 0 for slot in picks) and 2 not in picks
+
+
+def test_a_retry_on_a_large_fleet_never_repeats_a_tried_worker(shared: Board) -> None:
+    for policy in ("least_connections", "least_latency", "session_affinity", "cache_aware",
+                   "consistent_hash_bounded"):
+        route = route_of(shared, policy, LARGE)
+        tried = list(range(0, LARGE, 2))  # half the fleet already failed this request
+        for _ in range(30):
+            assert route.pick(request(key="k"), tried).slot % 2 == 1, policy
+
+
+def test_bounded_hash_keeps_keys_on_their_owner_on_an_idle_large_fleet(shared: Board) -> None:
+    route = route_of(shared, "consistent_hash_bounded", LARGE)
+    for i in range(50):
+        ctx = request(key=f"user-{i}")
+        first = route.pick(ctx).slot
+        assert route.pick(request(key=f"user-{i}")).slot == first
+        assert not ctx.fallback
+
+
+def test_every_proxy_reads_the_same_global_loads(shared: Board) -> None:
+    busy = set(range(0, scan.EXACT_LIMIT, 3))
+    for slot in busy:
+        shared.set(slot % 2, slot, W_IN_FLIGHT, 4)  # spread over both proxies' cells
+    routes = [route_of(shared, "least_connections", scan.EXACT_LIMIT, proxy=p) for p in (0, 1)]
+    for route in routes:
+        assert not {route.pick(request()).slot for _ in range(50)} & busy
