@@ -106,15 +106,23 @@ class QuotaAware(Policy):
 
     def _best(self, workers: Sequence[Worker], minute: int, weight: float, tokens: int,
               headroom: float) -> tuple[Worker | None, float]:
+        """The worker with the most budget left after this request (equal budgets: fewer in
+        flight, read only then), among those within ``headroom``."""
         in_flight = self.env.load.in_flight
-        best, best_ratio = None, float("inf")
+        best: Worker | None = None
+        best_ratio, best_load = float("inf"), -1
         for w in workers:
             ratio = self._ratio(w, minute, weight, tokens)
-            if ratio > headroom:
+            if ratio > headroom or ratio > best_ratio:
                 continue
-            key = ratio + in_flight(w.slot) * 1e-6  # equal budgets: fewer in flight wins
-            if key < best_ratio:
-                best, best_ratio = w, key
+            if ratio == best_ratio and best is not None:
+                if best_load < 0:
+                    best_load = in_flight(best.slot)
+                load = in_flight(w.slot)
+                if load < best_load:
+                    best, best_load = w, load
+            else:
+                best, best_ratio, best_load = w, ratio, -1
         return best, best_ratio
 
     def _ratio(self, w: Worker, minute: int, weight: float, tokens: int) -> float:

@@ -97,24 +97,26 @@ def prompt_parts(fields: PromptFields) -> tuple[str, list[tuple[int, str]]]:
     completions prompts); a prefix ending at a message end is what an earlier turn sent whole.
     """
     parts: list[str] = []
+    ends: list[tuple[int, str]] = []
+    at = -1  # the first part has no newline before it
     if fields.messages is not None:
-        roles: list[str] = []
         for m in fields.messages:
-            if isinstance(m.content, str):
-                parts.append(f"{m.role}:{m.content}")
-            elif m.content:
-                parts.append(m.role + ":" + "".join(p.text or "" for p in m.content))
+            content = m.content
+            if isinstance(content, str):
+                part = f"{m.role}:{content}"
+            elif content:
+                part = m.role + ":" + "".join(p.text or "" for p in content)
             else:
                 continue
-            roles.append(m.role)
-    else:
-        prompt = fields.prompt
-        parts = prompt if isinstance(prompt, list) else [prompt] if prompt else []
-        roles = [""] * len(parts)
-    ends, at = [], -1  # the first part has no newline before it
-    for part, role in zip(parts, roles, strict=True):
+            parts.append(part)
+            at += 1 + (len(part) if part.isascii() else len(part.encode()))
+            ends.append((at, m.role))
+        return "\n".join(parts), ends
+    prompt = fields.prompt
+    for part in prompt if isinstance(prompt, list) else [prompt] if prompt else []:
+        parts.append(part)
         at += 1 + (len(part) if part.isascii() else len(part.encode()))
-        ends.append((at, role))
+        ends.append((at, ""))
     return "\n".join(parts), ends
 
 
