@@ -182,3 +182,11 @@ def test_trace_replay_matches_the_real_router(policy: str, tmp_path: Path,
         assert sorted(simulated.values()) == sorted(real.values()) == [6, 7, 7]
     else:
         assert simulated == real
+
+
+def test_parallel_runs_give_the_same_figures() -> None:
+    config = SimConfig(workers=12, requests=600, seed=9)
+    policies = ["round_robin", "power_of_two", "least_connections"]
+    one = simulate(config, policies, jobs=1)
+    two = simulate(config, policies, jobs=2)
+    assert [strip(r) for r in one] == [strip(r) for r in two]

@@ -33,6 +33,8 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     what = p.add_argument_group("policies")
     what.add_argument("--policy", help="the policy to simulate (default: the router's default policy)")
     what.add_argument("--compare", help="comma-separated policies, run on the same fleet and traffic")
+    what.add_argument("--jobs", type=int, help="policies simulated at once, each in its own process "
+                      "(default: one per CPU; 1 gives the steadiest decisions/s)")
     fleet = p.add_argument_group("fleet")
     fleet.add_argument("--workers", type=int, default=100, help="workers serving the model (default 100)")
     fleet.add_argument("--capacity", default="8",
@@ -141,7 +143,7 @@ class Bar:
 
 def run(args: argparse.Namespace) -> int:
     from proxy_workers.policies.registry import POLICIES
-    from shardgate.simulate.run import simulate
+    from shardgate.simulate.run import default_jobs, simulate
     from shardgate.simulate.stats import table
     from shardgate.simulate.workload import SpecError
     from shm.settings import Settings
@@ -155,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_of(args)
         started = time.perf_counter()
-        reports = simulate(config, names, Bar(not args.no_progress).for_policy)
+        jobs = args.jobs if args.jobs is not None else default_jobs(len(names))
+        reports = simulate(config, names, Bar(not args.no_progress).for_policy, jobs)
         elapsed = time.perf_counter() - started
     except (SpecError, OSError) as exc:
         print(f"shardgate simulate: {exc}", file=sys.stderr)
