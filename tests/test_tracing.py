@@ -35,9 +35,6 @@ from shardgate import launch
 TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-01\Z")
 CLIENT_TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 CLIENT_STATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
-# The gRPC path sends call_metadata(request) once grpc/exchange.py's _open uses it.
-GRPC_WIRING = pytest.mark.xfail(strict=True,
-                                reason="grpc/exchange.py still sends worker_metadata(request_id)")
 
 
 class Fleet:
@@ -201,7 +198,6 @@ def test_both_pd_legs_carry_the_same_context(fleet: Fleet) -> None:
 # -- gRPC ------------------------------------------------------------------------------------------
 
 
-@GRPC_WIRING
 def test_grpc_workers_get_the_context_as_metadata(fleet: Fleet) -> None:
     fleet.chat("g1", {"traceparent": CLIENT_TP, "tracestate": CLIENT_STATE})
     seen = grpc_stats(fleet.grpc)["last_metadata"]
@@ -211,7 +207,6 @@ def test_grpc_workers_get_the_context_as_metadata(fleet: Fleet) -> None:
     assert TRACEPARENT.match(seen["traceparent"]) and "tracestate" not in seen
 
 
-@GRPC_WIRING
 def test_both_grpc_pd_legs_carry_the_same_context(fleet: Fleet) -> None:
     fleet.chat("gpd", {"traceparent": CLIENT_TP})
     for leg in (fleet.gprefill, fleet.gdecode):
@@ -392,7 +387,6 @@ def _chat(router: Any, headers: dict[str, str] | None = None) -> None:
     assert status == 200, data
 
 
-@pytest.mark.xfail(strict=True, reason="needs `self.tracer = make_tracer()` in ProxyProcess (state.py)")
 def test_an_exporting_router_makes_its_span_the_workers_parent(exporting: tuple[Any, Any, Collector]) -> None:
     router, worker, _ = exporting
     _chat(router, {"traceparent": CLIENT_TP, "tracestate": CLIENT_STATE})
@@ -402,7 +396,6 @@ def test_an_exporting_router_makes_its_span_the_workers_parent(exporting: tuple[
     assert seen["tracestate"] == CLIENT_STATE
 
 
-@pytest.mark.xfail(strict=True, reason="needs proc.tracer and the request-end hook calling tracer.end")
 def test_an_exporting_router_sends_one_span_per_request(exporting: tuple[Any, Any, Collector]) -> None:
     router, worker, collector = exporting
     _chat(router, {"traceparent": CLIENT_TP})

@@ -37,7 +37,7 @@ import grpc
 
 from proxy_workers.errors import InternalError, RouterError, UpstreamTimeout
 from proxy_workers.forwarding.attempts import pick_worker
-from proxy_workers.forwarding.headers import relayed_metadata, worker_metadata
+from proxy_workers.forwarding.headers import call_metadata, relayed_metadata
 from proxy_workers.forwarding.retry import answer_retry_delay, retry_or_give_up
 from proxy_workers.grpc.failures import Failed, classify
 from proxy_workers.grpc.legs import Leg
@@ -292,7 +292,7 @@ class GrpcExchange:
         now = proc.loop.time()
         left = max(proc.settings.total_timeout - (now - self.started), 0.001)
         leg.call = proc.grpc_channels.stub(worker.url).Generate(
-            ask, timeout=left, metadata=worker_metadata(self.request.request_id))
+            ask, timeout=left, metadata=call_metadata(self.request))
         self.current, self.expired = leg, None
         self.phase, self.phase_started, self.last_io = WAIT_FIRST, now, now
         return leg

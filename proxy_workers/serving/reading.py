@@ -304,7 +304,7 @@ class RequestReader:
             if state:
                 parts.append(b"tracestate: %s\r\n" % state)
         # proc.tracer is None unless spans are exported (proxy_workers.serving.tracing).
-        if getattr(self.proc, "tracer", None) is not None:
+        if self.proc.tracer is not None:
             # The router's span (the fresh span id), a child of the client's; the worker's spans
             # are its children.
             return traceparent(trace, fresh[36:52], child_flags(flags))

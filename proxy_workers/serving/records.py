@@ -21,7 +21,7 @@ Invariants:
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shm.histograms import (
     LATENCY_BUCKETS,
@@ -44,8 +44,21 @@ from shm.histograms import (
 )
 
 if TYPE_CHECKING:
+    import asyncio
+
     from proxy_workers.contract import ClientRequest
-    from proxy_workers.serving.state import ProxyProcess
+
+
+class RecordingProcess(Protocol):
+    """What :func:`end_request` uses of its proxy process (``serving.state.ProxyProcess``)."""
+
+    loop: asyncio.AbstractEventLoop
+    ints: memoryview[int]
+    floats: memoryview[float]
+    model_blocks: dict[str, int]
+    other_block: int
+    access_log: Any  # serving.accesslog.AccessLog | None (that module imports this one)
+    tracer: Any      # serving.tracing.Tracer | None
 
 _N_OUT = len(OUTCOMES)
 _WHOLE_SUM = M_WHOLE + len(LATENCY_BUCKETS) + 1
@@ -90,7 +103,7 @@ class RequestRecord:
         return OUTCOMES[self.outcome]
 
 
-def end_request(proc: ProxyProcess, request: ClientRequest, exchange: object | None, outcome: int,
+def end_request(proc: RecordingProcess, request: ClientRequest, exchange: object | None, outcome: int,
                 status: int, started: float, sent: int) -> RequestRecord | None:
     """Record one ended request; ``exchange`` None for a refusal (``outcome`` O_REJECTED).
 
@@ -153,6 +166,7 @@ def end_request(proc: ProxyProcess, request: ClientRequest, exchange: object | N
                            tokens_in, tokens_out, retries, sent)
     if access is not None:
         access.write(record)
-    # tracing: the tracer (proxy_workers.serving.tracing, not there yet) ends the request's span
-    # here, from the same record: ``if tracer is not None: tracer.end(request, record)``.
+    if tracer is not None:  # the request's span (proxy_workers.serving.tracing), exported off the loop
+        tracer.end(request, model=model, router=ROUTERS[router], policy=policy, worker=worker, status=status,
+                   retries=retries, started=started, ended=now)
     return record

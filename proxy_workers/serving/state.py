@@ -19,7 +19,7 @@ import logging
 import os
 import random
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from proxy_workers.forwarding.retry import parse_statuses
 from proxy_workers.grpc.channels import GrpcChannels
@@ -29,6 +29,7 @@ from proxy_workers.routing.table import RoutingTable
 from proxy_workers.serving.accesslog import AccessLog
 from proxy_workers.serving.admission import Admission
 from proxy_workers.serving.auth import KeyGate, UpstreamKeys, gate_for
+from proxy_workers.serving.tracing import Tracer, make_tracer
 from shm.affinity import AffinityTable
 from shm.loadboard import P_DISCONNECTS, P_ERRORS, P_REJECTED, P_REQUESTS, P_RETRIES, LoadBoard
 from shm.schema import Snapshot
@@ -97,10 +98,10 @@ class ProxyProcess:
         self.model_blocks: dict[str, int] = {}
         self.other_block = board.model_word(index, 0)
         self._claim_models(snapshot)
-        # The access log (None: off) and the tracer (None: off; proxy_workers.serving.tracing
-        # sets it): what serving.records hands each ended request to.
+        # The access log and the tracer (each None when off): what serving.records hands each
+        # ended request to.
         self.access_log: AccessLog | None = AccessLog.open(snapshot.settings, index)
-        self.tracer: Any = None
+        self.tracer: Tracer | None = make_tracer()  # None unless spans are exported (docs/tracing.md)
         self._taking = False  # a new snapshot is being taken, step by step
         self.active: set[ClientExchange] = set()
         self.connections: set[Connection] = set()
