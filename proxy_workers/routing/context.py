@@ -150,8 +150,7 @@ class RequestContext:
         self.alias: str | None = None
         self._key: str | bool | None = False  # False: not computed yet
         self._hash: int | None = None
-        self._prompt: str | None = None
-        self._ends: list[tuple[int, str]] = []
+        self._prompt: str | None = None  # with _ends, set by prompt() (not here: every request)
 
     def routing_key(self) -> str | None:
         """The affinity key of this request, or None when it has none."""
@@ -190,7 +189,7 @@ class RequestContext:
                 self._prompt, self._ends = prompt_parts(_PROMPT_DECODER.decode(self.body)) \
                     if self.body else ("", [])
             except (msgspec.DecodeError, msgspec.ValidationError):
-                self._prompt = ""
+                self._prompt, self._ends = "", []
         return self._prompt
 
     def prompt_ends(self) -> list[tuple[int, str]]:
