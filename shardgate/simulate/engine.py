@@ -112,13 +112,14 @@ class Simulation:
         and is taken whenever it is due before the heap's first event (ties: the arrival first).
         """
         events, pop, t, arrived = self.events, heapq.heappop, 0.0, 0
+        arrive, first, done = self._arrive, self._first, self._done  # bound once: the hot calls
         inf = float("inf")
         nxt = next(arrivals, inf)
         while events or nxt < inf:
             if nxt < inf and (not events or nxt <= events[0][0]):
                 t = nxt
                 nxt = next(arrivals, inf)
-                self._arrive(t)
+                arrive(t)
                 arrived += 1
                 if arrived & 511 == 0:
                     self._tick(arrived, total)
@@ -126,10 +127,10 @@ class Simulation:
             t, _, kind, obj, attempt = pop(events)
             if kind == DONE:
                 if attempt == obj.attempt:  # type: ignore[attr-defined]
-                    self._done(obj, t)  # type: ignore[arg-type]
+                    done(obj, t)  # type: ignore[arg-type]
             elif kind == FIRST:
                 if attempt == obj.attempt:  # type: ignore[attr-defined]
-                    self._first(obj, t)  # type: ignore[arg-type]
+                    first(obj, t)  # type: ignore[arg-type]
             elif kind == SAMPLE:
                 self._sample(t, arrived < total)
             elif kind == SCRAPE:
@@ -160,9 +161,9 @@ class Simulation:
         ctx = RequestContext(MODEL, RoutingFields(model=MODEL, max_tokens=req.output), req.body, req.headers,
                              CLIENT, self.hash_headers, self.settings.hash_fallback)
         route, view = self.prod.routes[req.proxy], self.prod.proxy_views[req.proxy]
-        tried = req.tried
+        tried, workers, max_tries = req.tried, self.workers, self.settings.max_tries
         clock = time.perf_counter_ns
-        while len(tried) < self.settings.max_tries:
+        while len(tried) < max_tries:
             t0 = clock()
             try:
                 worker = route.pick(ctx, tried)
@@ -172,7 +173,7 @@ class Simulation:
             fig.pick_ns += clock() - t0
             fig.picks += 1
             slot = worker.slot
-            sw = self.workers[slot]
+            sw = workers[slot]
             tried.append(slot)
             cell = open_cell(view, slot)
             sw.served += 1

@@ -13,7 +13,7 @@ from typing import Any
 BARS = (
     ("TTFT p99 (s)", lambda r: r["ttft_s"]["p99"]),
     ("end-to-end p99 (s)", lambda r: r["e2e_s"]["p99"]),
-    ("load max/mean (avg over time)", lambda r: r["load"]["max_over_mean"] or 0.0),
+    ("load max/mean (time-averaged)", lambda r: r["load"]["max_over_mean"] or 0.0),
     ("prefix-cache hit rate (%)", lambda r: 100 * r["prefix_cache_hit_rate"]),
     ("decisions/s (policy code)", lambda r: r["decisions_per_s"] or 0),
 )

@@ -82,16 +82,17 @@ class Dist:
             raise SpecError(f"bad distribution {spec!r}: the mean must be positive")
 
     def sample(self, rng: random.Random) -> int:
-        kind = self.kind
-        if kind == "fixed":
-            value = self.a
+        kind = self.kind  # the default distributions' kind first: this runs ~3 times per request
+        if kind == "lognormal":
+            value = math.exp(rng.gauss(self.a, self.b))  # gauss: about twice lognormvariate's speed
         elif kind == "uniform":
             value = self.a + int(rng.random() * (self.b - self.a + 1))
-        elif kind == "exp":
-            value = rng.expovariate(1.0 / self.a)
+        elif kind == "fixed":
+            value = self.a
         else:
-            value = math.exp(rng.gauss(self.a, self.b))  # gauss: about twice lognormvariate's speed
-        return min(self.cap, max(1, round(value)))
+            value = rng.expovariate(1.0 / self.a)
+        drawn = int(value + 0.5)
+        return drawn if 1 <= drawn <= self.cap else (1 if drawn < 1 else self.cap)
 
     def mean(self) -> float:
         """The mean before clipping (what rate estimates use)."""
