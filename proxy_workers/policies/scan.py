@@ -78,7 +78,6 @@ class BoardArrays:
 
 
 Score = Callable[["Columns", slice], np.ndarray]  # a window, or an array of scan positions
-_minimum, _maximum = np.minimum.reduce, np.maximum.reduce  # without ndarray.min's Python wrapper
 
 
 class Columns:
@@ -190,8 +189,8 @@ class Columns:
     def load_range(self, rng: random.Random) -> tuple[int, int]:
         """(lowest, highest) global in-flight over the scanned candidates, not weighted
         (sglang's balance check)."""
-        loads = self.loads(self._window(rng))
-        return int(_minimum(loads)), int(_maximum(loads))
+        ordered = np.sort(self.loads(self._window(rng)))  # one call for both ends
+        return int(ordered[0]), int(ordered[-1])
 
     def total_load(self, rng: random.Random) -> float:
         """Global in-flight summed over the candidates: exact, or scaled up from a sample."""
