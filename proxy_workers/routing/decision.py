@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from proxy_workers.errors import BadRequest, RouterError
-from proxy_workers.routing.context import ROUTING_DECODER, RequestContext, json_too_deep
+from proxy_workers.errors import BadRequest, NoHealthyWorker, RouterError, clip
+from proxy_workers.routing import multipart
+from proxy_workers.routing.context import ROUTING_DECODER, RequestContext, RoutingFields, json_too_deep
 from proxy_workers.routing.selection import resolve_alias, select_router
 from proxy_workers.routing.table import ModelRoute, PDRoute, RoutingTable
 
@@ -65,12 +66,15 @@ def prepare(proc: RoutingProcess, request: ClientRequest,
     # Nesting is at most the count of opening brackets: two C-speed counts clear nearly every body.
     if body and body.count(91) + body.count(123) > proc.settings.max_json_depth:  # [ {
         limit = proc.settings.max_json_depth
-        if json_too_deep(body, limit):
+        if json_too_deep(body, limit) and not multipart.is_multipart(request.headers):
             raise _too_deep(limit)
+    form = False  # a multipart/form-data body (routing.multipart): only when it is not JSON
     try:
         fields = ROUTING_DECODER.decode(body) if body else None
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise _body_error(exc) from None
+        if not multipart.is_multipart(request.headers):
+            raise _body_error(exc) from None
+        fields, form = RoutingFields(model=multipart.model_span(request.headers, body)[0]), True
     except RecursionError:  # not expected after the depth check; never a 500 if it happens
         raise _too_deep(proc.settings.max_json_depth) from None
     model = fields.model if fields is not None else None
@@ -85,7 +89,7 @@ def prepare(proc: RoutingProcess, request: ClientRequest,
         ctx.alias = model
         model = ctx.model = resolve_alias(model, table.aliases, table.routes, proc.rng)
         if not dry_run:
-            retarget(request, model)
+            retarget(request, model, form)
             ctx.body = request.body
     preference = request.connection or proc.settings.connection_preference
     choice = table.router_choice.get((model, preference))
@@ -93,15 +97,39 @@ def prepare(proc: RoutingProcess, request: ClientRequest,
         router, why = _usable_router(table, model, preference)
         choice = table.router_choice[(model, preference)] = (router, why, table.route_in(router, model))
     ctx.router, ctx.router_reason, route = choice
+    if form and ctx.router != "http_regular":
+        route = _form_route(table, model, ctx)
     return route, ctx
 
 
-def retarget(request: ClientRequest, model: str) -> None:
+def prepare_any(proc: RoutingProcess, request: ClientRequest) -> tuple[ModelRoute, RequestContext]:
+    """The default route for a request about a worker, not a model (``ANY_WORKER`` paths,
+    :mod:`proxy_workers.routing.paths`): the body is not read for routing."""
+    ctx = RequestContext(None, None, request.body, request.headers, request.peer,
+                         proc.hash_headers, proc.settings.hash_fallback, explain=request.explain)
+    ctx.router, ctx.reason = "http_regular", "a request about a worker: round-robin over all workers"
+    return proc.latest_table().any, ctx
+
+
+def _form_route(table: RoutingTable, model: str, ctx: RequestContext) -> ModelRoute:
+    """A multipart body goes to a regular HTTP worker: the PD and gRPC paths rewrite JSON."""
+    if "http_regular" not in table.router_of.get(model, ()):
+        raise NoHealthyWorker(f"model '{clip(model)}' has no regular HTTP worker, and a multipart "
+                              f"request cannot go through {ctx.router}")
+    ctx.router, ctx.router_reason = "http_regular", f"multipart body: http_regular, not {ctx.router}"
+    return table.route_for(model)
+
+
+def retarget(request: ClientRequest, model: str, form: bool = False) -> None:
     """Rewrite the body's ``model`` to an alias's target, so the worker is asked for a model it serves.
 
-    The worker's Content-Length is computed when the request is sent (``Request.wire``), so
-    replacing the body is enough.
+    ``form``: the body is multipart/form-data; only the ``model`` field's value changes. The
+    worker's Content-Length is computed when the request is sent (``Request.wire``), so replacing
+    the body is enough.
     """
+    if form:
+        request.body = multipart.replace_model(request.headers, request.body, model)
+        return
     doc = msgspec.json.decode(request.body)  # prepare decoded it already: valid JSON
     doc["model"] = model
     request.body = _encode(doc)
@@ -111,6 +139,8 @@ def _usable_router(table: RoutingTable, model: str, preference: str) -> tuple[st
     """The selected router, unless it is a PD router without a healthy pair and a regular router
     of the model can serve: then the regular one (a PD model stays served while a side is down)."""
     available = table.router_of.get(model, ())
+    if not available and (model in table.snapshot.models or model in table.snapshot.model_policies):
+        raise NoHealthyWorker(_unservable(table, model))
     name, reason = select_router(model, available, preference)
     if name.endswith("_pd") and not table.route_in(name, model).candidates:
         rest = tuple(r for r in available if not r.endswith("_pd"))
@@ -122,6 +152,22 @@ def _usable_router(table: RoutingTable, model: str, preference: str) -> tuple[st
             if table.route_in(regular, model).candidates:
                 return regular, f"{name} has no healthy prefill/decode pair: fell back to {regular}"
     return name, reason
+
+
+def _unservable(table: RoutingTable, model: str) -> str:
+    """Why a configured model (a worker or the ``models:`` section names it) has no router: no
+    worker, or its workers' roles cannot form one (a PD model missing a side). A 503, not 404."""
+    roles: dict[str, int] = {}
+    for slot in table.snapshot.models.get(model, ()):
+        worker = table.by_slot[slot]
+        if worker is not None:
+            key = f"{worker.connection} {worker.type}"
+            roles[key] = roles.get(key, 0) + 1
+    if not roles:
+        return f"model '{clip(model)}' is configured (models: section) but no worker serves it"
+    have = ", ".join(f"{n} {k}" for k, n in sorted(roles.items()))
+    return (f"model '{clip(model)}' is configured but cannot be served: its workers ({have}) form "
+            "no router (a regular worker, or both a prefill and a decode worker, is needed)")
 
 
 def describe(route: ModelRoute, ctx: RequestContext, worker: Worker | None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import psutil
 from proxy_workers.errors import MethodNotAllowed, NotFound
 from proxy_workers.policies.registry import POLICY_INDEX
 from proxy_workers.routing.decision import describe, prepare
+from proxy_workers.routing.paths import PROXIED_PATHS
 from proxy_workers.routing.table import PDRoute, routable
 from proxy_workers.serving import dashboard
 from proxy_workers.serving.metrics import rejected_by_reason, render_metrics
@@ -64,7 +65,8 @@ def answer(proc: ProxyProcess, request: Request, ops: bool = False) -> tuple[int
     if handler is None and path.startswith("/v1/models/"):
         return _model(proc, path[len("/v1/models/"):])
     if handler is None:
-        raise NotFound(f"no route for {path}; the router proxies /v1/* and serves /health, "
+        raise NotFound(f"no route for {path}; the router proxies /v1/* and "
+                       + ", ".join(p.decode() for p in PROXIED_PATHS) + " and serves /health, "
                        "/readiness, /v1/models, /stats, /workers, /routers, /metrics, "
                        "/dashboard, POST /route/explain")
     if request.method not in (b"GET", b"HEAD"):

@@ -1,8 +1,10 @@
 """The client side of a proxy process: HTTP/1.1 parsing with httptools, dispatch, responses.
 
 Role: :class:`ClientProtocol` reads requests from one client connection, answers the router's own
-endpoints, and hands ``/v1/*`` requests to the exchange of the router that serves them (HTTP,
-HTTP PD or gRPC, :mod:`proxy_workers.serving.dispatch`; each a
+endpoints, and hands ``/v1/*`` requests, and the native paths of
+:data:`proxy_workers.routing.paths.PROXIED_PATHS` (looked up only off the ``/v1/`` path), to the
+exchange of the router that serves them (HTTP, HTTP PD or gRPC,
+:mod:`proxy_workers.serving.dispatch`; each a
 :class:`proxy_workers.contract.ClientExchange`; this class is their
 :class:`proxy_workers.contract.ClientSink`).
 
@@ -60,7 +62,8 @@ from proxy_workers.errors import (
     render_response,
 )
 from proxy_workers.forwarding.request import Request
-from proxy_workers.routing.decision import prepare
+from proxy_workers.routing.decision import prepare, prepare_any
+from proxy_workers.routing.paths import ANY_WORKER, PROXIED_PATHS
 from proxy_workers.serving import endpoints, rules
 from proxy_workers.serving.dispatch import DATA_PATHS
 from proxy_workers.serving.reading import CONTINUE, FEED_SLICE, RequestReader
@@ -266,12 +269,20 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
             if proc.gate is not None:
                 proc.gate.check(request)
             if not path.startswith(b"/v1/") or path.startswith(b"/v1/models"):
-                self._answer_locally(request)
-                return
-            if request.method in REFUSED_METHODS:
-                raise MethodNotAllowed(f"{request.method.decode()} is not supported on "
-                                       f"{clip(path.decode('latin-1'))}")
-            route, ctx = prepare(proc, request)
+                rule = PROXIED_PATHS.get(path)  # native endpoints (routing.paths): off the /v1/ path
+                if rule is None:
+                    self._answer_locally(request)
+                    return
+                if request.method not in rule.methods:
+                    raise MethodNotAllowed(f"{clip(path.decode('latin-1'))} accepts "
+                                           f"{', '.join(sorted(m.decode() for m in rule.methods))} only")
+                route, ctx = prepare_any(proc, request) if rule.route_by == ANY_WORKER else \
+                    prepare(proc, request)
+            else:
+                if request.method in REFUSED_METHODS:
+                    raise MethodNotAllowed(f"{request.method.decode()} is not supported on "
+                                           f"{clip(path.decode('latin-1'))}")
+                route, ctx = prepare(proc, request)
             if proc.limits_on:  # admission control: start, queue (self.exchange waits) or raise
                 proc.admission.arrive(self, request, route, ctx)
                 return

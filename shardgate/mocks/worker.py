@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from aiohttp import web
 
+from shardgate.mocks import native
 from shardgate.mocks import payloads as mp
 from shardgate.mocks import pd_worker as mock_pd
 
@@ -86,6 +87,7 @@ class MockWorker:
         self.last_headers: dict[str, str] = {}
         self.last_body: Any = None
         self.last_path = ""
+        self.last_raw: tuple[int, str] = (0, "")  # native endpoints: raw body's length, sha256
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -93,6 +95,7 @@ class MockWorker:
             "requests": self.requests, "completed": self.completed, "aborted": self.aborted,
             "dropped": self.dropped, "errors": self.errors, "in_flight": sum(self.in_flight.values()),
             "last_headers": self.last_headers, "last_body": self.last_body, "last_path": self.last_path,
+            "last_body_len": self.last_raw[0], "last_body_sha256": self.last_raw[1],
         }
 
     # --- plumbing -----------------------------------------------------------------------------
@@ -337,6 +340,7 @@ def build_app(cfg: MockConfig) -> web.Application:
     app.router.add_post("/mock/reset", worker.post_reset)
     app.router.add_get("/metrics", worker.metrics)
     app.router.add_get("/mock/bootstrap/{room}", worker.bootstrap_room)
+    native.add_routes(app, worker)
     return app
 
 
@@ -390,7 +394,7 @@ async def serve(cfg: MockConfig) -> int:
 
 def parse_args(argv: list[str] | None) -> MockConfig:
     p = argparse.ArgumentParser(
-        prog="python -m shardgate.mocks.worker", description="Fake OpenAI-compatible inference server."
+        prog="shardgate mock-worker", description="Fake OpenAI-compatible inference server."
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True, help="0 picks a free port")

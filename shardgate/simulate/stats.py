@@ -60,6 +60,7 @@ class Figures:
         self.served: list[int] = []
         self.sim_seconds = 0.0
         self.wall_seconds = 0.0
+        self.cpu_seconds = 0.0  # this process's CPU time over the run (wall time includes waiting for a CPU)
 
     def ttft(self, priority: int, seconds: float) -> None:
         got = self.ttfts.get(priority)
@@ -137,6 +138,7 @@ def summarize(fig: Figures) -> dict[str, Any]:
         "pick_us_mean": _r(fig.pick_ns / fig.picks / 1000 if fig.picks else None, 2),
         "sim_seconds": _r(fig.sim_seconds, 3),
         "wall_seconds": _r(fig.wall_seconds, 2),
+        "cpu_seconds": _r(fig.cpu_seconds, 2),
         # t, mean load, CV of that sample (the chart's curve)
         "series": [[_r(s[0], 3), _r(s[1], 3), _r(s[5] / s[1] if s[1] else 0.0, 4)] for s in samples],
     }
