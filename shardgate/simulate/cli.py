@@ -46,6 +46,9 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
                             "default (default none)")
     fleet.add_argument("--weights", choices=("capacity", "equal"), default="capacity",
                        help="worker weights proportional to capacity, or all equal (default capacity)")
+    fleet.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="router",
+                       help="a router setting, as in the deployment file (repeatable), e.g. "
+                            "--set balance_abs_threshold=8 --set cache_threshold=0.5")
     fleet.add_argument("--proxies", type=int, default=1, help="proxy processes; each request lands on "
                        "a random one (default 1)")
     traffic = p.add_argument_group("traffic")
@@ -106,11 +109,23 @@ def config_of(args: argparse.Namespace) -> Any:
         prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, turns=args.turns,
         think=args.think, system_prompts=args.system_prompts, system_tokens=args.system_tokens,
         priorities=args.priorities, fail=args.fail, slow=args.slow, detect=args.detect,
-        proxies=args.proxies, seed=args.seed, samples=args.samples,
+        proxies=args.proxies, seed=args.seed, samples=args.samples, router=_pairs(args.router),
         costs=CostModel(overhead=args.overhead_ms / 1e3, prefill_per_token=args.prefill_us_per_token / 1e6,
                         cached_per_token=args.cached_us_per_token / 1e6,
                         decode_per_token=args.decode_ms_per_token / 1e3,
                         kv_cache_tokens=args.kv_cache_tokens))
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    from shardgate.simulate.workload import SpecError
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise SpecError(f"bad --set {item!r}: use NAME=VALUE")
+        out[name.strip().replace("-", "_")] = value.strip()
+    return out
 
 
 class Bar:
@@ -156,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         config = config_of(args)
+        config.validate()
         started = time.perf_counter()
         jobs = args.jobs if args.jobs is not None else default_jobs(len(names))
         reports = simulate(config, names, Bar(not args.no_progress).for_policy, jobs)

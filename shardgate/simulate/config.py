@@ -90,6 +90,7 @@ class SimConfig(msgspec.Struct, kw_only=True):
     seed: int = 1
     samples: int = 100                  # load snapshots over the arrival window
     urls: list[str] | None = None       # worker URLs (default http://sim-N:8000)
+    router: dict[str, str] = {}         # router settings (shm.settings names), e.g. cache_threshold
 
     def validate(self) -> None:
         if self.workers < 1 or self.requests < 1 or self.proxies < 1:
@@ -99,6 +100,7 @@ class SimConfig(msgspec.Struct, kw_only=True):
         if (self.rate is not None and self.rate <= 0) or not 0 < self.load:
             raise SpecError("--rate and --load must be positive")
         self.scenarios()
+        self.settings()
         self.capacities()
         self.queue_limits([1])
         for spec in (self.prompt_tokens, self.output_tokens, self.turns):
@@ -142,8 +144,18 @@ class SimConfig(msgspec.Struct, kw_only=True):
         return self.urls or [f"http://sim-{i}:8000" for i in range(self.workers)]
 
     def settings(self) -> Settings:
-        """The router's defaults, with room for the fleet in shared memory."""
-        return msgspec.structs.replace(Settings(), max_workers=max(1, self.workers))
+        """The router's defaults and ``router`` overrides, with room for the fleet in shared memory.
+
+        Overrides are validated by the settings' own declarations (types and bounds)."""
+        base = msgspec.to_builtins(Settings())
+        unknown = sorted(set(self.router) - set(base))
+        if unknown:
+            raise SpecError(f"unknown router setting {', '.join(unknown)} (see docs/settings.md)")
+        try:
+            settings = msgspec.convert({**base, **self.router}, Settings, strict=False)
+        except msgspec.ValidationError as exc:
+            raise SpecError(f"bad router setting: {exc}") from None
+        return msgspec.structs.replace(settings, max_workers=max(1, self.workers))
 
     def workload(self, capacities: list[int]) -> Workload:
         """A fresh workload (each policy of a comparison gets the same one from the same seed)."""
