@@ -29,7 +29,7 @@ from itertools import accumulate
 from math import gcd
 from typing import TYPE_CHECKING, Protocol
 
-from proxy_workers.policies.scan import BoardArrays, Columns, columns_for
+from proxy_workers.policies.scan import BoardArrays, Columns, columns_for, load_numpy
 from shm.loadboard import W_IN_FLIGHT, WORKER_FIELDS, LoadBoard
 from shm.settings import Settings
 
@@ -127,10 +127,13 @@ class Policy:
 
     name = ""
     index = 0  # column of the decision counters (policy_registry.POLICY_INDEX)
+    scans = False  # compares workers' load figures (through ``scan``, which needs numpy)
 
     def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
         self.env = env
         self.rng = rng or random.Random()
+        if self.scans:
+            load_numpy()
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         raise NotImplementedError
@@ -262,6 +265,7 @@ class LeastConnections(Policy):
     ``scan.EXACT_LIMIT`` candidates, the best of ``scan.SAMPLE`` random ones beyond."""
 
     name = "least_connections"
+    scans = True
 
     def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
         super().__init__(env, rng)

@@ -100,6 +100,7 @@ class ConsistentHash(Policy):
 
 class ConsistentHashBounded(Policy):
     name = "consistent_hash_bounded"
+    scans = True
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         h = ctx.key_hash()

@@ -47,6 +47,7 @@ STALE_INTERVALS = 3
 
 class LeastLatency(Policy):
     name = "least_latency"
+    scans = True
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         # A worker nobody has measured yet scores 0: it gets tried, and so measured.
@@ -57,6 +58,7 @@ class LeastLatency(Policy):
 
 class LeastLoaded(Policy):
     name = "least_loaded"
+    scans = True
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         env = self.env
