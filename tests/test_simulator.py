@@ -201,3 +201,9 @@ def test_router_settings_reach_the_policies() -> None:
     assert tuned["load"]["cv"] < default["load"]["cv"]
     run = cli("--workers", "4", "--requests", "10", "--set", "cache_threshold=2")
     assert run.returncode == 2 and "cache_threshold" in run.stderr, run.stderr
+
+
+def test_priorities_are_served_first() -> None:
+    report = run_one("random", workers=20, requests=3000, load=0.95, priorities="80%:0,20%:1", seed=2)
+    by_priority = report["ttft_p99_s_by_priority"]
+    assert by_priority["1"] * 2 < by_priority["0"], by_priority
