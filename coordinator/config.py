@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,13 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
+from coordinator.compat import CompatError, add_compat_flags, native_policy, native_setting, translate
 from shm.keys import KeySourceError, client_keys, resolve, upstream_ref
 from shm.schema import ClientKey, ModelPolicy, WorkerSpec
 from shm.settings import DESCRIPTIONS, SETTING_NAMES, Settings
 
 ENV_PREFIX = "SHARDGATE_"
+_HINTS = typing.get_type_hints(Settings, include_extras=True)
 FILE_SECTIONS = ("workers", "models", "aliases")
 WORKER_SCHEMES = {"http": "http", "https": "http", "grpc": "grpc", "grpcs": "grpc"}
 
@@ -58,22 +61,37 @@ def env_name(setting: str) -> str:
     return ENV_PREFIX + setting.upper()
 
 
+def setting_kind(name: str) -> tuple[str, tuple[str, ...]]:
+    """(metavar, choices) of a setting, from its declared type: the help and the docs show both."""
+    hint = _HINTS[name]
+    while typing.get_origin(hint) is typing.Annotated:
+        hint = typing.get_args(hint)[0]
+    if typing.get_origin(hint) is typing.Literal:
+        choices = tuple(str(c) for c in typing.get_args(hint))
+        return ("{" + ",".join(choices) + "}" if len(choices) <= 4 else name.upper()), choices
+    return {int: "INT", float: "NUMBER", bool: "BOOL", str: "TEXT"}.get(hint, "VALUE"), ()
+
+
 def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per setting; values stay strings so msgspec does the converting and checking."""
     group = parser.add_argument_group("router settings (also SHARDGATE_<NAME> or the config file)")
     for name in SETTING_NAMES:
         default = getattr(Settings(), name)
-        text = f"{DESCRIPTIONS[name]} (default: {default})".replace("%", "%%")  # argparse %-formats help
-        group.add_argument(flag_name(name), dest=f"setting_{name}", metavar="VALUE", default=None,
+        metavar, choices = setting_kind(name)
+        valid = f" One of: {', '.join(choices)}." if len(choices) > 4 else ""
+        text = f"{DESCRIPTIONS[name]}{valid} (default: {default!r})".replace("%", "%%")  # argparse %-formats
+        group.add_argument(flag_name(name), dest=f"setting_{name}", metavar=metavar, default=None,
                            help=text)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.usage = "%(prog)s [--config FILE] [--worker URL ...] [--SETTING VALUE ...] [their flags ...]"
     parser.add_argument("--config", "-c", metavar="FILE", default=os.environ.get(ENV_PREFIX + "CONFIG"),
                         help="YAML deployment file (workers, models, settings).")
     parser.add_argument("--worker", "-w", action="append", default=[], metavar="URL",
                         help="A worker base URL; repeat for more (models are discovered).")
     add_setting_flags(parser)
+    add_compat_flags(parser)
 
 
 def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Config:
@@ -83,8 +101,13 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     env_settings = {n: environ[env_name(n)] for n in SETTING_NAMES if env_name(n) in environ}
     cli_settings = {n: getattr(args, f"setting_{n}") for n in SETTING_NAMES
                     if getattr(args, f"setting_{n}", None) is not None}
+    try:
+        cli_settings, foreign = translate(args, cli_settings)
+    except CompatError as exc:
+        raise ConfigError(str(exc)) from None
     settings = _settings(file_settings, env_settings, cli_settings, args.config)
-    workers = _workers(raw.get("workers") or [], args.config) + _cli_workers(args.worker)
+    workers = (_workers(raw.get("workers") or [], args.config) + _cli_workers(args.worker)
+               + [check_worker(w, f"{w.type} worker {w.url}") for w in foreign])
     models = _models(raw.get("models") or {}, args.config)
     aliases = _aliases(raw.get("aliases") or {}, args.config)
     _check_unique(workers)
@@ -129,12 +152,20 @@ def _settings(file: dict[str, Any], env: dict[str, str], cli: dict[str, str], pa
             if key not in SETTING_NAMES:
                 raise ConfigError(f"{source}: unknown setting '{key}'"
                                   f"{_suggest(key)}")
+            try:
+                values[key] = native_setting(key, values[key], _field_name(key, _label(source)))
+            except CompatError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
         try:
             msgspec.convert(values, Settings, strict=strict)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"{source}: {_field_message(exc, _label(source))}") from None
     merged = {**file, **env, **cli}
     return msgspec.convert(merged, Settings, strict=False)
+
+
+def _field_name(field: str, style: str) -> str:
+    return {"env": env_name(field), "flag": flag_name(field)}.get(style, field)
 
 
 def _label(source: str) -> str:
@@ -178,6 +209,14 @@ def _models(entries: Any, path: str | None) -> dict[str, ModelPolicy]:
     for name, entry in entries.items():
         if not isinstance(name, str):
             raise ConfigError(f"config file {path}: models: model name {name!r} must be a string")
+        if isinstance(entry, dict):
+            entry = dict(entry)
+            for key in ("policy", "prefill_policy", "decode_policy"):
+                if key in entry:
+                    try:
+                        entry[key] = native_policy(entry[key], f"models.{name}.{key}")
+                    except CompatError as exc:
+                        raise ConfigError(f"config file {path}: {exc}") from None
         out[name] = _convert(entry, ModelPolicy, f"models.{name}", path)
     return out
 

@@ -65,3 +65,15 @@ def metrics_markdown() -> str:
     header = METRICS_HEADER.replace("{latency}", ", ".join(map(str, LATENCY_BUCKETS))).replace(
         "{tpot}", ", ".join(map(str, TPOT_BUCKETS)))
     return header + "\n".join(rows) + "\n\nFixed label values:\n\n" + values + "\n"
+
+
+def migration_markdown() -> str:
+    from coordinator.compat import migration_markdown as text
+
+    return text()
+
+
+def reference_markdown() -> str:
+    from coordinator.reference import reference_markdown as text
+
+    return text()

@@ -1,9 +1,9 @@
 """The ``shardgate`` command: serve, check-config, mock-worker, demo, settings-doc, metrics-doc, registry,
 workers.
 
-Role: parse the command line and hand over to the right component. Exit codes: 0 success,
-2 configuration error (one line naming the field and the reason; nothing starts), 1 any other
-failure to start, 130 forced stop.
+Role: parse the command line and hand over to the right component. Exit codes (EXIT_CODES,
+also in docs/cli.md): 0 success, 2 configuration error or bad usage (one line naming the field and
+the reason; nothing starts), 1 any other failure to start, 130 forced stop.
 """
 
 from __future__ import annotations
@@ -12,29 +12,53 @@ import argparse
 import asyncio
 import sys
 
-from coordinator.config import ConfigError, add_config_flags, load_config
+from coordinator.config import Config, ConfigError, add_config_flags, load_config
+
+EXIT_CODES = (
+    (0, "success (check-config: the configuration is valid)"),
+    (1, "any other failure to start (a port in use, shared memory unavailable, ...)"),
+    (2, "a configuration error or bad usage: one line on stderr naming the field; nothing starts"),
+    (130, "stopped by Ctrl-C / forced stop"),
+)
+
+
+def checked_config(args: argparse.Namespace) -> Config:
+    """Every check serve runs: field by field (load_config), then the whole (coordinator.checks)."""
+    from coordinator import checks
+
+    config = load_config(args)
+    checks.check(config)
+    return config
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from coordinator.arbiter import Coordinator
-    from coordinator.discovery.core import dynamic_sources
     from shm.logformat import configure as configure_logging
 
-    config = load_config(args)
-    if not config.workers and not dynamic_sources(config.settings):
-        raise ConfigError("no workers: give --worker URL (repeatable), a config file with a "
-                          "'workers:' list, or a discovery source (registry_url, etcd_endpoints, "
-                          "admin_port)")
+    config = checked_config(args)
     configure_logging(config.settings.log_level, config.settings.log_format, "coordinator")
-    return uvloop.run(Coordinator(config, lambda: load_config(args)).run())
+    return uvloop.run(Coordinator(config, lambda: checked_config(args)).run())
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = load_config(args)
+    import json
+
+    try:
+        config = checked_config(args)
+    except ConfigError as exc:
+        if not args.json:
+            raise
+        print(json.dumps({"ok": False, "error": str(exc)}))
+        return exc.exit_code
     models = sorted({w.model for w in config.workers if w.model})
     unset = sum(1 for w in config.workers if not w.model)
+    if args.json:
+        print(json.dumps({"ok": True, "workers": len(config.workers), "models": models,
+                          "workers_to_discover": unset, "host": config.settings.host,
+                          "port": config.settings.port, "policy": config.settings.policy}))
+        return 0
     extra = f" (+{unset} to discover)" if unset else ""
     print(f"ok: {len(config.workers)} worker(s), models: {', '.join(models) or '-'}{extra}; "
           f"listen {config.settings.host}:{config.settings.port}, policy {config.settings.policy}")
@@ -66,9 +90,10 @@ def _workers(args: argparse.Namespace) -> int:
 
 
 def _settings_doc(args: argparse.Namespace) -> int:
-    from coordinator.docs import metrics_markdown, settings_markdown
+    from coordinator import docs
 
-    text = metrics_markdown() if args.command == "metrics-doc" else settings_markdown()
+    text = {"metrics-doc": docs.metrics_markdown, "migration-doc": docs.migration_markdown,
+            "reference-doc": docs.reference_markdown}.get(args.command, docs.settings_markdown)()
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)
@@ -78,14 +103,22 @@ def _settings_doc(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardgate", description="A router for LLM inference fleets.")
+    from shardgate import __version__
+
+    parser = argparse.ArgumentParser(prog="shardgate", description="A router for LLM inference fleets.",
+                                     epilog="exit codes: " + "; ".join(f"{c} {t}" for c, t in EXIT_CODES))
+    parser.add_argument("--version", action="version", version=f"shardgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    SUBPARSERS.clear()
+    SUBPARSERS.update(sub.choices)
     serve = sub.add_parser("serve", help="Run the router (coordinator + proxy processes).")
     add_config_flags(serve)
     serve.set_defaults(func=_serve)
     check = sub.add_parser("check-config", help="Validate a configuration without starting anything.")
     check.add_argument("file", nargs="?", help="YAML deployment file.")
+    check.add_argument("--json", action="store_true", help="Print the verdict as one JSON object.")
     add_config_flags(check)
+    check.usage = "%(prog)s [FILE] [--json] " + (check.usage or "").removeprefix("%(prog)s ")
     check.set_defaults(func=_check_config)
     for name, func, text in (("mock-worker", _mock_worker, "Run a fake OpenAI-compatible worker."),
                              ("demo", _demo, "Run the router with mock workers; prints curl lines."),
@@ -100,9 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     mdoc = sub.add_parser("metrics-doc", help="Print the metrics reference (Markdown).")
     mdoc.add_argument("--output", "-o", help="Write to this file instead of stdout.")
     mdoc.set_defaults(func=_settings_doc)
+    from shardgate.simulate import cli as simulate_cli
+
+    simulate_cli.add_parser(sub)
+    for name, text in (("migration-doc", "the sglang-router/vllm-router migration page"),
+                       ("reference-doc", "the workers, models, policies and admin API reference")):
+        d = sub.add_parser(name, help=f"Print {text} (Markdown).")
+        d.add_argument("--output", "-o", help="Write to this file instead of stdout.")
+        d.set_defaults(func=_settings_doc)
+    SUBPARSERS.update(sub.choices)
     return parser
 
 
+SUBPARSERS: dict[str, argparse.ArgumentParser] = {}
 PASSTHROUGH = {"mock-worker": _mock_worker, "demo": _demo, "registry": _registry, "workers": _workers}
 
 
@@ -111,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in PASSTHROUGH:
         # These parse their own flags; argparse's REMAINDER would swallow a leading --flag.
         return PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's own usage, not the top-level one
+        SUBPARSERS.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "file", None):
         args.config = args.file
     try:

@@ -203,7 +203,8 @@ def test_precedence_through_the_cli(tmp_path) -> None:
           - url: http://w1:80
             model: m1
     """)
-    assert listen_and_policy(run_cli("check-config")) == ("127.0.0.1:8080", "weighted_round_robin")
+    assert listen_and_policy(run_cli("check-config", "--worker", "http://w1:80")) == \
+        ("127.0.0.1:8080", "weighted_round_robin")
     assert listen_and_policy(run_cli("check-config", str(path))) == ("127.0.0.2:1111", "random")
     env = {"SHARDGATE_PORT": "2222", "SHARDGATE_POLICY": "round_robin"}
     assert listen_and_policy(run_cli("check-config", str(path), env=env)) == ("127.0.0.2:2222", "round_robin")
