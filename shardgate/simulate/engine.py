@@ -15,7 +15,10 @@ prefix cache and starts the next queued request.
 
 Invariants:
 - Events are (time, sequence, kind, request, attempt) in one heap; the sequence makes equal
-  times first-in first-out, so a run is a pure function of its inputs and seed.
+  times first-in first-out, so a run is a pure function of its inputs and seed. Arrivals come
+  in time order from the workload and wait outside the heap (an arrival goes before a heap
+  event of the same time). A request has one event in the heap at a time: its first token,
+  then its end.
 - An attempt that ended early (its worker died) bumps ``request.attempt``; its pending events
   then no longer match and are dropped when popped (no heap deletions).
 - A worker's ``load`` always equals the in-flight count its cells on the board add up to.
