@@ -249,6 +249,13 @@ def test_reference_matches_its_declarations() -> None:
         "regenerate: shardgate reference-doc -o docs/reference.md"
 
 
+def test_cli_page_matches_the_parser() -> None:
+    from shardgate.cli import cli_markdown
+
+    assert (ROOT / "docs/cli.md").read_text() == cli_markdown(), \
+        "regenerate: shardgate cli-doc -o docs/cli.md"
+
+
 def test_every_alias_names_a_real_policy() -> None:
     for alias in POLICY_ALIASES:
         assert (alias.ours or alias.closest.split()[0]) in POLICY_NAMES or alias.closest.startswith("--")
