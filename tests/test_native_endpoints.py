@@ -35,7 +35,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     w1 = launch.mock_worker(["m1"])
     w2 = launch.mock_worker(["m2"])
     dead = f"http://127.0.0.1:{free_port()}"
-    doc = {"health_interval": 0.3, "health_fall": 1,
+    doc = {"health_interval": 0.3, "health_fall": 1, "aliases": {"whisper": {"m2": 1}},
            "workers": [{"url": w1.url, "model": "m1"}, {"url": w2.url, "model": "m2"},
                        {"url": dead, "model": "down"},
                        {"url": f"http://127.0.0.1:{free_port()}", "model": "half", "type": "prefill"},
@@ -143,6 +143,25 @@ def test_a_multipart_request_reaches_its_models_worker_byte_for_byte(fleet: Flee
     seen = stats(worker)
     assert seen["last_path"] == path and seen["last_headers"]["content-type"] == content_type
     assert (seen["last_body_len"], seen["last_body_sha256"]) == (len(body), hashlib.sha256(body).hexdigest())
+
+
+def test_an_alias_in_a_multipart_body_is_rewritten_to_its_target_and_nothing_else(fleet: Fleet) -> None:
+    body = form({"model": "whisper", "language": "en"}, AUDIO)
+    content_type = f"multipart/form-data; boundary={BOUNDARY}"
+    status, headers, raw = http("POST", fleet.url + "/v1/audio/transcriptions", body,
+                                {"content-type": content_type})
+    assert status == 200, raw
+    assert headers["x-mock-worker"] == name(fleet.w2)
+    sent = body.replace(b"\r\n\r\nwhisper\r\n", b"\r\n\r\nm2\r\n", 1)
+    seen = stats(fleet.w2)
+    assert (seen["last_body_len"], seen["last_body_sha256"]) == (len(sent), hashlib.sha256(sent).hexdigest())
+
+
+def test_a_multipart_body_for_an_unknown_model_is_404(fleet: Fleet) -> None:
+    status, _, raw = http("POST", fleet.url + "/v1/audio/transcriptions", form({"model": "nope"}, b"RIFF"),
+                          {"content-type": f"multipart/form-data; boundary={BOUNDARY}"})
+    assert status == 404, raw
+    assert assert_openai_error(raw)["param"] == "model"
 
 
 def test_a_quoted_boundary_and_many_brackets_route_too(fleet: Fleet) -> None:

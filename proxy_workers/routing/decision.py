@@ -68,13 +68,12 @@ def prepare(proc: RoutingProcess, request: ClientRequest,
         limit = proc.settings.max_json_depth
         if json_too_deep(body, limit) and not multipart.is_multipart(request.headers):
             raise _too_deep(limit)
-    form = False  # a multipart/form-data body (routing.multipart): only when it is not JSON
     try:
         fields = ROUTING_DECODER.decode(body) if body else None
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        if not multipart.is_multipart(request.headers):
+        if not multipart.is_multipart(request.headers):  # looked at only when the body is not JSON
             raise _body_error(exc) from None
-        fields, form = RoutingFields(model=multipart.model_span(request.headers, body)[0]), True
+        return _prepare_form(proc, request, dry_run)
     except RecursionError:  # not expected after the depth check; never a 500 if it happens
         raise _too_deep(proc.settings.max_json_depth) from None
     model = fields.model if fields is not None else None
@@ -89,7 +88,7 @@ def prepare(proc: RoutingProcess, request: ClientRequest,
         ctx.alias = model
         model = ctx.model = resolve_alias(model, table.aliases, table.routes, proc.rng)
         if not dry_run:
-            retarget(request, model, form)
+            retarget(request, model)
             ctx.body = request.body
     preference = request.connection or proc.settings.connection_preference
     choice = table.router_choice.get((model, preference))
@@ -97,8 +96,6 @@ def prepare(proc: RoutingProcess, request: ClientRequest,
         router, why = _usable_router(table, model, preference)
         choice = table.router_choice[(model, preference)] = (router, why, table.route_in(router, model))
     ctx.router, ctx.router_reason, route = choice
-    if form and ctx.router != "http_regular":
-        route = _form_route(table, model, ctx)
     return route, ctx
 
 
@@ -111,25 +108,36 @@ def prepare_any(proc: RoutingProcess, request: ClientRequest) -> tuple[ModelRout
     return proc.latest_table().any, ctx
 
 
-def _form_route(table: RoutingTable, model: str, ctx: RequestContext) -> ModelRoute:
-    """A multipart body goes to a regular HTTP worker: the PD and gRPC paths rewrite JSON."""
+def _prepare_form(proc: RoutingProcess, request: ClientRequest,
+                  dry_run: bool) -> tuple[ModelRoute, RequestContext]:
+    """:func:`prepare` for a multipart/form-data body: the same steps (alias, router, route) by
+    its ``model`` form field (:mod:`proxy_workers.routing.multipart`), to a regular HTTP worker
+    only (the PD and gRPC paths rewrite JSON). Off the JSON path, so that path pays nothing."""
+    body = request.body
+    model = multipart.model_span(request.headers, body)[0]
+    table = proc.latest_table()
+    ctx = RequestContext(model, RoutingFields(model=model), body, request.headers, request.peer,
+                         proc.hash_headers, proc.settings.hash_fallback, explain=request.explain)
+    ctx.dry_run = dry_run
+    if model in table.aliases:
+        ctx.alias = model
+        model = ctx.model = resolve_alias(model, table.aliases, table.routes, proc.rng)
+        if not dry_run:
+            request.body = ctx.body = multipart.replace_model(request.headers, body, model)
     if "http_regular" not in table.router_of.get(model, ()):
+        router, _ = _usable_router(table, model, "any")  # raises for an unknown or unservable model
         raise NoHealthyWorker(f"model '{clip(model)}' has no regular HTTP worker, and a multipart "
-                              f"request cannot go through {ctx.router}")
-    ctx.router, ctx.router_reason = "http_regular", f"multipart body: http_regular, not {ctx.router}"
-    return table.route_for(model)
+                              f"body cannot go through {router}")
+    ctx.router, ctx.router_reason = "http_regular", "multipart body: regular HTTP workers only"
+    return table.route_for(model), ctx
 
 
-def retarget(request: ClientRequest, model: str, form: bool = False) -> None:
+def retarget(request: ClientRequest, model: str) -> None:
     """Rewrite the body's ``model`` to an alias's target, so the worker is asked for a model it serves.
 
-    ``form``: the body is multipart/form-data; only the ``model`` field's value changes. The
-    worker's Content-Length is computed when the request is sent (``Request.wire``), so replacing
-    the body is enough.
+    The worker's Content-Length is computed when the request is sent (``Request.wire``), so
+    replacing the body is enough.
     """
-    if form:
-        request.body = multipart.replace_model(request.headers, request.body, model)
-        return
     doc = msgspec.json.decode(request.body)  # prepare decoded it already: valid JSON
     doc["model"] = model
     request.body = _encode(doc)
