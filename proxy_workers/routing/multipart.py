@@ -71,6 +71,9 @@ def model_span(headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[str, in
             except UnicodeDecodeError:
                 raise BadRequest("the multipart 'model' field is not UTF-8", param="model",
                                  reason="bad_multipart") from None
+            if not model.strip():
+                raise BadRequest("the multipart 'model' field is empty", param="model",
+                                 reason="bad_multipart")
             return model.strip(), start, end
         # transport padding (RFC 2046) after the boundary is allowed: spaces and tabs
         eol = body.find(b"\r\n", pos, pos + 2 + 256)
