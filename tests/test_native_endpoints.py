@@ -21,6 +21,7 @@ from shardgate import launch
 from tests.conftest import assert_openai_error, free_port, get_json, http, wait_for, worker_row
 
 BOUNDARY = "----shardgate7MA4YWxkTrZu0gW"
+TOKEN = "native-endpoints-admin-token"
 
 
 class Fleet:
@@ -28,6 +29,8 @@ class Fleet:
                  dead: str) -> None:
         self.router, self.w1, self.w2, self.dead = router, w1, w2, dead
         self.url = router.url
+        self.admin = ""  # the coordinator's admin API
+        self.decode = ""  # the URL of half's decode worker
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +45,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                        {"url": f"http://127.0.0.1:{free_port()}", "model": "half", "type": "decode"}]}
     path: Path = tmp_path_factory.mktemp("native") / "fleet.yaml"
     path.write_text(json.dumps(doc))  # JSON is YAML
-    router = launch.router([], "--port", str(free_port()), "--proxies", "1", config=str(path))
+    admin_port = free_port()
+    router = launch.router([], "--port", str(free_port()), "--proxies", "1", "--admin-port",
+                           str(admin_port), config=str(path), env={"SHARDGATE_ADMIN_TOKEN": TOKEN})
     try:
         f = Fleet(router, w1, w2, dead)
+        f.admin = f"http://127.0.0.1:{admin_port}"
+        f.decode = doc["workers"][-1]["url"]
         wait_for(lambda: not worker_row(router, dead)["healthy"], what="the dead worker marked down")
         yield f
     finally:
@@ -222,3 +229,20 @@ def test_an_unknown_model_is_still_404(fleet: Fleet) -> None:
     status, _, raw = http("POST", fleet.url + "/generate", {"model": "nope", "text": "hi"})
     assert status == 404, raw
     assert "does not exist" in assert_openai_error(raw)["message"]
+
+
+def test_a_pd_model_that_lost_its_decode_side_gets_503_not_404(fleet: Fleet) -> None:
+    """Last in this module: it changes the fleet (the decode worker leaves through the admin API)."""
+    status, _, raw = http("POST", fleet.admin + "/admin/workers/remove", {"url": fleet.decode},
+                          {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200, raw
+    ask = {"model": "half", "messages": [{"role": "user", "content": "hi"}]}
+
+    def answer() -> tuple[int, dict[str, Any]] | None:
+        status, _, raw = http("POST", fleet.url + "/v1/chat/completions", ask)
+        err = assert_openai_error(raw)
+        return (status, err) if "cannot be served" in err["message"] else None
+
+    status, err = wait_for(answer, what="the snapshot without the decode worker")
+    assert status == 503
+    assert "'half' is configured" in err["message"] and "1 http prefill" in err["message"], err
