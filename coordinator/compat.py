@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import sys
 from typing import Any, NamedTuple
 
 from shm.schema import WorkerSpec
@@ -155,8 +154,10 @@ def add_compat_flags(parser: argparse.ArgumentParser) -> None:
                            f"{f.ours.replace('`', '')}.".replace("%", "%%"), **f.kwargs)
 
 
-def translate(args: argparse.Namespace, cli: dict[str, Any]) -> tuple[dict[str, Any], list[WorkerSpec]]:
-    """Their flags as native CLI settings (native flags in ``cli`` win) and extra worker specs."""
+def translate(args: argparse.Namespace, cli: dict[str, Any],
+              notes: list[str]) -> tuple[dict[str, Any], list[WorkerSpec]]:
+    """Their flags as native CLI settings (native flags in ``cli`` win) and extra worker specs;
+    where the translation is not exact, a line is appended to ``notes`` (shown once at start)."""
     def get(flag: str) -> Any:
         return getattr(args, _dest(flag), None)
 
@@ -172,6 +173,12 @@ def translate(args: argparse.Namespace, cli: dict[str, Any]) -> tuple[dict[str, 
     if (prefills or decodes) and not (get("--pd-disaggregation") or get("--vllm-pd-disaggregation")):
         raise CompatError("--prefill/--decode: need --pd-disaggregation (SGLang) or "
                           "--vllm-pd-disaggregation (vLLM)")
+    if get("--pd-disaggregation"):
+        # Known gap: the dialect is per model (ModelPolicy.pd_dialect) and CLI workers' models are
+        # discovered, so there is no model name to hang "bootstrap" on from the command line.
+        notes.append("--pd-disaggregation: SGLang's bootstrap PD protocol is set per model "
+                     "(models: {NAME: {pd_dialect: bootstrap}} in a config file); models without it use "
+                     "the two-phase (vLLM) protocol (docs/migration.md)")
     for entry in prefills:
         if len(entry) > 2:
             raise CompatError(f"--prefill: expected URL [BOOTSTRAP_PORT], got {' '.join(entry)}")
@@ -187,9 +194,9 @@ def translate(args: argparse.Namespace, cli: dict[str, Any]) -> tuple[dict[str, 
     side = dec or pre
     if pre and dec and native_policy(pre, "--prefill-policy") != native_policy(dec, "--decode-policy"):
         # Their documented PD command lines do this; refusing them would defeat the drop-in.
-        print(f"shardgate: note: --prefill-policy {pre} differs from --decode-policy {dec}; both sides "
-              f"use {dec} (per-side policies are per model: models: {{NAME: {{prefill_policy: ...}}}} "
-              "in a config file, docs/migration.md)", file=sys.stderr)
+        notes.append(f"--prefill-policy {pre} differs from --decode-policy {dec}; both sides use {dec} "
+                     "(per-side policies are per model: models: {NAME: {prefill_policy: ...}} in a "
+                     "config file, docs/migration.md)")
     logic = get("--routing-logic")
     for flag, value in (("--decode-policy" if dec else "--prefill-policy", side),
                         ("--routing-logic", logic)):

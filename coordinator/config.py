@@ -51,6 +51,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     config_file: str | None = None
     # Client API keys as digests (shm.keys.client_keys): what the snapshot carries.
     client_keys: tuple[ClientKey, ...] = ()
+    # Where a foreign flag was translated approximately (coordinator.compat); shown once at start.
+    notes: tuple[str, ...] = ()
 
 
 def flag_name(setting: str) -> str:
@@ -101,8 +103,9 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     env_settings = {n: environ[env_name(n)] for n in SETTING_NAMES if env_name(n) in environ}
     cli_settings = {n: getattr(args, f"setting_{n}") for n in SETTING_NAMES
                     if getattr(args, f"setting_{n}", None) is not None}
+    notes: list[str] = []
     try:
-        cli_settings, foreign = translate(args, cli_settings)
+        cli_settings, foreign = translate(args, cli_settings, notes)
     except CompatError as exc:
         raise ConfigError(str(exc)) from None
     settings = _settings(file_settings, env_settings, cli_settings, args.config)
@@ -122,7 +125,7 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str] | None = No
         raise ConfigError(f"max_workers: {len(workers)} workers are listed but max_workers is "
                           f"{settings.max_workers}")
     return Config(settings=settings, workers=tuple(workers), models=models, aliases=aliases,
-                  config_file=args.config, client_keys=keys)
+                  config_file=args.config, client_keys=keys, notes=tuple(notes))
 
 
 def read_file(path: str) -> dict[str, Any]:

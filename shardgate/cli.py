@@ -31,6 +31,11 @@ def checked_config(args: argparse.Namespace) -> Config:
     return config
 
 
+def _show_notes(config: Config) -> None:
+    for note in config.notes:
+        print(f"shardgate: note: {note}", file=sys.stderr)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
@@ -38,6 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
     from shm.logformat import configure as configure_logging
 
     config = checked_config(args)
+    _show_notes(config)
     configure_logging(config.settings.log_level, config.settings.log_format, "coordinator")
     return uvloop.run(Coordinator(config, lambda: checked_config(args)).run())
 
@@ -52,6 +58,7 @@ def _check_config(args: argparse.Namespace) -> int:
             raise
         print(json.dumps({"ok": False, "error": str(exc)}))
         return exc.exit_code
+    _show_notes(config)
     models = sorted({w.model for w in config.workers if w.model})
     unset = sum(1 for w in config.workers if not w.model)
     if args.json:

@@ -86,6 +86,7 @@ def test_sglang_router_pd_command_line(procs) -> None:
     assert worker_stats(p)["requests"] == 1 and worker_stats(d)["requests"] == 1
     assert "http_pd" in json.dumps(get_json(router.url + "/routers"))
     assert "--prefill-policy cache_aware differs" in router.stderr_text()
+    assert "pd_dialect: bootstrap" in router.stderr_text()
 
 
 def test_vllm_router_command_lines(procs) -> None:
