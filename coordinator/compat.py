@@ -55,7 +55,8 @@ POLICY_ALIASES: tuple[PolicyAlias, ...] = (
                 "the session header (--session-key, set as hash_headers) on a hash ring, as the "
                 "production-stack's session router does"),
     PolicyAlias("prefixaware", STACK, "cache_aware", "", "longest-prefix match picks the worker"),
-    PolicyAlias("prefix_aware", STACK, "cache_aware", "", "longest-prefix match picks the worker"),
+    PolicyAlias("prefix_aware", f"{STACK} (spelling variant)", "cache_aware", "",
+                "longest-prefix match picks the worker"),
     PolicyAlias("least_load", SGL, "least_loaded", "",
                 "fewest running + waiting requests as the workers report them"),
     PolicyAlias("prefix_hash", SGL, None, "cache_aware",
@@ -115,15 +116,24 @@ FLAGS: tuple[CompatFlag, ...] = (
                {"nargs": "+", "action": "append", "metavar": ("URL", "BOOTSTRAP_PORT"), "default": []}),
     CompatFlag("--decode", f"{SGL}, {VLLM}", "a worker with `type: decode`",
                {"action": "append", "metavar": "URL", "default": []}),
-    CompatFlag("--prefill-policy", f"{SGL}, {VLLM}", "`policy` when no `--decode-policy`; a different "
-               "prefill policy is per model (`prefill_policy`; a note says so)", {"metavar": "POLICY"}),
-    CompatFlag("--decode-policy", f"{SGL}, {VLLM}", "`policy` (the decode side's; unless `--policy`)",
+    CompatFlag("--prefill-policy", f"{SGL}, {VLLM}", "`policy` when neither `--policy` nor `--decode-policy` "
+               "is given; a prefill policy unlike the decode one is per model (`prefill_policy`; a note "
+               "at start says so)", {"metavar": "POLICY"}),
+    CompatFlag("--decode-policy", f"{SGL}, {VLLM}", "`policy` unless `--policy` is given",
                {"metavar": "POLICY"}),
     CompatFlag("--request-timeout-secs", f"{SGL}, {VLLM}", "`total_timeout`",
                {"metavar": "SECONDS", "type": float}),
     CompatFlag("--prometheus-port", f"{SGL}, {VLLM}", "`ops_port` (the back office: /metrics and more)",
                {"metavar": "PORT", "type": int}),
     CompatFlag("--prometheus-host", f"{SGL}, {VLLM}", "`ops_host`", {"metavar": "HOST"}),
+    CompatFlag("--health-check-interval-secs", SGL, "`health_interval`",
+               {"metavar": "SECONDS", "type": float}),
+    CompatFlag("--health-check-timeout-secs", SGL, "`health_timeout`", {"metavar": "SECONDS", "type": float}),
+    CompatFlag("--health-failure-threshold", SGL, "`health_fall`", {"metavar": "N", "type": int}),
+    CompatFlag("--health-success-threshold", SGL, "`health_rise`", {"metavar": "N", "type": int}),
+    CompatFlag("--health-check-endpoint", SGL, "`health_path`", {"metavar": "PATH"}),
+    CompatFlag("--max-payload-size", SGL, "`max_body_size`", {"metavar": "BYTES", "type": int}),
+    CompatFlag("--log-json", SGL, "`log_format: json`", {"action": "store_true"}),
     CompatFlag("--static-backends", STACK, "`--worker URL` per comma-separated URL",
                {"metavar": "URL,URL..."}),
     CompatFlag("--static-models", STACK, "each static backend's `model` (in order)",
@@ -132,6 +142,13 @@ FLAGS: tuple[CompatFlag, ...] = (
     CompatFlag("--session-key", STACK, "`hash_headers` (the routing key header)", {"metavar": "HEADER"}),
 )
 
+# Their flags that are one native setting each, value unchanged.
+SETTING_FLAGS = {"--request-timeout-secs": "total_timeout", "--prometheus-port": "ops_port",
+                 "--prometheus-host": "ops_host", "--health-check-interval-secs": "health_interval",
+                 "--health-check-timeout-secs": "health_timeout", "--health-failure-threshold": "health_fall",
+                 "--health-success-threshold": "health_rise", "--health-check-endpoint": "health_path",
+                 "--max-payload-size": "max_body_size"}
+
 SHARED: tuple[tuple[str, str, str], ...] = (
     ("--host", f"{SGL}, {VLLM}, {STACK}", "`host` (ours defaults to 127.0.0.1)"),
     ("--port", f"{SGL}, {VLLM}, {STACK}", "`port`"),
@@ -139,6 +156,9 @@ SHARED: tuple[tuple[str, str, str], ...] = (
     ("--api-key", f"{SGL}, {VLLM}", "`api_key` (prefer SHARDGATE_API_KEY)"),
     ("--log-level", f"{SGL}, {VLLM}, {STACK}", "`log_level` (`warn` is read as `warning`)"),
     ("--max-concurrent-requests", f"{SGL}, {VLLM}", "`max_concurrent_requests` (-1, their 'off', is 0)"),
+    ("--cache-threshold", f"{SGL}, {VLLM}", "`cache_threshold` (same rule, same default)"),
+    ("--balance-abs-threshold", f"{SGL}, {VLLM}", "`balance_abs_threshold` (same rule, same default)"),
+    ("--balance-rel-threshold", f"{SGL}, {VLLM}", "`balance_rel_threshold` (same rule, same default)"),
 )
 
 
@@ -204,10 +224,11 @@ def translate(args: argparse.Namespace, cli: dict[str, Any],
             out["policy"] = native_policy(value, flag)
     if get("--session-key"):
         out["hash_headers"] = get("--session-key")
-    for flag, setting in (("--request-timeout-secs", "total_timeout"), ("--prometheus-port", "ops_port"),
-                          ("--prometheus-host", "ops_host")):
+    for flag, setting in SETTING_FLAGS.items():
         if get(flag) is not None:
             out[setting] = get(flag)
+    if get("--log-json"):
+        out["log_format"] = "json"
     return {**out, **cli}, workers
 
 

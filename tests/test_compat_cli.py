@@ -250,6 +250,18 @@ def test_reference_matches_its_declarations() -> None:
         "regenerate: shardgate reference-doc -o docs/reference.md"
 
 
+def test_every_translated_flag_names_a_setting() -> None:
+    from coordinator.compat import FLAGS, SETTING_FLAGS, SHARED
+    from shm.settings import SETTING_NAMES
+
+    assert set(SETTING_FLAGS.values()) <= set(SETTING_NAMES)
+    assert set(SETTING_FLAGS) <= {f.flag for f in FLAGS}
+    assert all(flag[2:].replace("-", "_") in SETTING_NAMES for flag, _, _ in SHARED)
+    result = run_cli("check-config", "--worker", "http://w:1", "--health-check-interval-secs", "60",
+                     "--prometheus-port", "8080")
+    assert result.returncode == 2 and "ops_port: must differ from port (8080)" in result.stderr
+
+
 def test_cli_page_matches_the_parser() -> None:
     from shardgate.cli import cli_markdown
 
