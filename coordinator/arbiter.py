@@ -45,10 +45,10 @@ from contextlib import aclosing
 import aiohttp
 import msgspec
 
-from coordinator import orphans, succession
+from coordinator import checks, orphans, succession
 from coordinator.admin import AdminAPI
 from coordinator.config import Config, ConfigError
-from coordinator.discovery.core import Discovery, dynamic_sources
+from coordinator.discovery.core import Discovery
 from coordinator.discovery.sources import merge
 from coordinator.fleet.membership import Fleet, FleetFull
 from coordinator.health import active, engine_metrics
@@ -149,11 +149,12 @@ class Coordinator:
         return self.publish()
 
     async def run(self) -> int:
-        log.info("starting: %d proxy process(es), max_workers %d, max_models %d", self.proxies,
-                 self.settings.max_workers, self.settings.max_models)
+        # The addresses first: a taken port is the boot's one message, before anything is logged.
         preflight(self.settings.host, self.settings.port)
         if self.settings.ops_port:
             preflight(self.settings.ops_host, self.settings.ops_port)
+        log.info("starting: %d proxy process(es), max_workers %d, max_models %d", self.proxies,
+                 self.settings.max_workers, self.settings.max_models)
         self.orphans = orphans.find(self.settings.host, self.settings.port)  # before stale segments go
         self._create_segments()
         try:
@@ -333,10 +334,9 @@ class Coordinator:
         before = self.discovery.file.specs
         try:
             config = self.reload_config()
-            if not config.workers and not dynamic_sources(config.settings):
-                # The same rule as at start: an empty list (say, a file caught half-written) would
-                # take every worker out of service.
-                raise ConfigError("no workers: the reloaded configuration lists none")
+            # The same checks as at start (an empty list, say a file caught half-written, would
+            # take every worker out of service).
+            checks.check(config)
             # These size the listeners, processes and shared-memory segments made at start.
             fixed = [n for n in ("host", "port", "proxies", "max_workers", "max_models", "snapshot_capacity",
                                  "admin_host", "admin_port", "ops_host", "ops_port")

@@ -43,7 +43,7 @@ def curl_lines(base: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shardgate demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="shardgate demo", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8080, help="router port (default 8080)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--proxies", type=int, default=2, help="proxy processes (default 2)")
