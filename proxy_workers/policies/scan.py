@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from shm.loadboard import (
     E_RUNNING,
@@ -49,10 +49,21 @@ from shm.loadboard import (
 if TYPE_CHECKING:
     import numpy as np
 
-    from proxy_workers.policies.base import PolicyEnv
     from shm.schema import Worker
 else:
     np = None  # imported by load_numpy()
+
+class ScanEnv(Protocol):
+    """What a scan needs of its policy environment (``policies.base.PolicyEnv``, which imports
+    this module: a Protocol keeps the import graph acyclic)."""
+
+    proxies: int
+    proxy: int
+
+    def arrays(self) -> BoardArrays: ...
+
+    def columns(self, candidates: Sequence[Worker]) -> Columns: ...
+
 
 EXACT_LIMIT = 1024
 SAMPLE = 64
@@ -98,7 +109,7 @@ class Columns:
     __slots__ = ("_all", "_in_flight", "_inverse", "_memory", "_next", "_order", "_pos", "_ramp",
                  "_running", "_slots", "_ttfb", "_waiting", "candidates", "exact", "size")
 
-    def __init__(self, env: PolicyEnv, candidates: Sequence[Worker],
+    def __init__(self, env: ScanEnv, candidates: Sequence[Worker],
                  positions: list[int] | None = None) -> None:
         """``positions``: scan only these candidates, exactly (a one-off sample of a retry's list)."""
         arrays = env.arrays()
@@ -213,7 +224,7 @@ class Columns:
         return total * len(self.candidates) / (window.stop - window.start)
 
 
-def columns_for(env: PolicyEnv, candidates: Sequence[Worker], stable: bool,
+def columns_for(env: ScanEnv, candidates: Sequence[Worker], stable: bool,
                 rng: random.Random) -> Columns:
     """Columns for ``candidates``: built once for lists that live as long as the snapshot
     (``stable``: a route's, a shard's); a long one-request list gets a one-off sample."""
