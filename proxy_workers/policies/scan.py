@@ -145,12 +145,7 @@ class Columns:
 
     def loads(self, window: slice) -> np.ndarray:
         """Global in-flight (summed over proxies) of the window's candidates."""
-        idx = self._slots[window]
-        rows = self._in_flight
-        total = rows[0][idx]
-        for row in rows[1:]:
-            total += row[idx]
-        return total
+        return _summed(self._in_flight, self._slots[window])
 
     def weighted_loads(self, window: slice) -> np.ndarray:
         total = self.loads(window)
@@ -162,12 +157,7 @@ class Columns:
         Summing instead of averaging keeps this to one read per proxy; once every proxy has
         measured every worker the order is the same as the mean's.
         """
-        idx = self._slots[window]
-        rows = self._ttfb
-        total = rows[0][idx]
-        for row in rows[1:]:
-            total += row[idx]
-        return total
+        return _summed(self._ttfb, self._slots[window])
 
     def weighted_engine_queue(self, window: slice) -> np.ndarray:
         """(Engine running + waiting + router in-flight) ÷ weight; the in-flight count corrects
@@ -222,6 +212,14 @@ class Columns:
         if self.exact and self.size == len(self.candidates):
             return total
         return total * len(self.candidates) / (window.stop - window.start)
+
+
+def _summed(rows: list[np.ndarray], idx: np.ndarray) -> np.ndarray:
+    """One figure of the slots ``idx``, summed over the proxies' rows (a fresh array)."""
+    total = rows[0][idx]
+    for row in rows[1:]:
+        total += row[idx]
+    return total
 
 
 def columns_for(env: ScanEnv, candidates: Sequence[Worker], stable: bool,
