@@ -18,19 +18,8 @@ import sys
 import time
 import urllib.request
 
-import psutil
-
 from shardgate import launch
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def proxies_rss_mb(router: launch.Launched) -> float:
-    return sum(p.memory_info().rss for p in psutil.Process(router.pid).children()) / 2**20
+from shardgate.launch import free_port, proxies_rss_mb
 
 
 def chat_ok(url: str) -> bool:

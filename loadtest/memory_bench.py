@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import resource
-import socket
 import sys
 import time
 from pathlib import Path
@@ -33,14 +32,9 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shardgate import launch
+from shardgate.launch import free_port
 
 MiB = 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def proxy_process(router: launch.Launched) -> psutil.Process:

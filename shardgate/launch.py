@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,20 @@ from signal import SIGKILL, SIGTERM
 
 READY_WORKER = re.compile(r"mock-worker ready on ((?:http|grpc)://\S+)")
 READY_ROUTER = re.compile(r"shardgate ready on (http://\S+)")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proxies_rss_mb(router: Launched) -> float:
+    """Resident memory of a launched router's proxy processes (its coordinator's children), MiB."""
+    import psutil
+
+    return sum(p.memory_info().rss for p in psutil.Process(router.pid).children()) / 2**20
 
 
 class Launched:
