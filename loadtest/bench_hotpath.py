@@ -1,9 +1,11 @@
 """The proxy's per-request Python cost, without sockets.
 
-Role: feed one chat request and one worker response through the real ``ClientProtocol``,
-``Exchange`` and ``UpstreamConnection`` objects with fake transports, and time the whole
-exchange. What ``peers.py`` measures also includes syscalls and the event loop; this isolates the
-part our code controls, so a change to the request path can be measured in seconds.
+Role: feed chat requests and worker responses through the real ``ClientProtocol``, ``Exchange``
+and ``UpstreamConnection`` objects with fake transports, and time the whole exchanges. Requests
+come in batches of BATCH, one per client connection, as a loaded proxy's loop iteration sees them,
+and each half-batch ends with the outbox's flush (its ``call_soon`` shared by the batch, as in
+the real loop). What ``peers.py`` measures also includes syscalls and the event loop; this
+isolates the part our code controls, so a change to the request path can be measured in seconds.
 
 Usage::
 
@@ -97,19 +99,30 @@ def setup(loop: asyncio.AbstractEventLoop) -> tuple[ProxyProcess, list[Segment]]
     return ProxyProcess(loop, 0, reader, board), [snap, board_seg]
 
 
-def one_exchange(proc: ProxyProcess, client: ClientProtocol,
-                 upstreams: dict[str, UpstreamConnection]) -> None:
-    """A keep-alive request on an open client connection, answered on a pooled worker socket."""
-    for url, conn in upstreams.items():  # both sockets idle in their pools, as in steady state
-        if conn.exchange is NO_OWNER and conn not in proc.pools.get(url).idle:
-            proc.pools.get(url).put(conn)
-    client.data_received(REQUEST)
-    exchange = client.exchange
-    assert exchange is not None and exchange.conn is not None
-    exchange.conn.data_received(RESPONSE)
+BATCH = 16  # requests per loop iteration: under peers.py's chat load a proxy sees ~20 per epoll wake
 
 
-def instructions_per_request(short: int = 1000, long: int = 6000) -> float:
+def one_batch(proc: ProxyProcess, clients: list[ClientProtocol],
+              upstreams: dict[str, list[UpstreamConnection]]) -> None:
+    """One loop iteration's worth of keep-alive requests (one per open client connection), then
+    the one carrying their answers from pooled worker sockets; each ends with the outbox's flush,
+    as the loop's iteration does (proxy_workers.outbox)."""
+    for url, conns in upstreams.items():  # every socket idle in its pool, as in steady state
+        pool = proc.pools.get(url)
+        for conn in conns:
+            if conn.exchange is NO_OWNER and conn not in pool.idle:
+                pool.put(conn)
+    for client in clients:
+        client.data_received(REQUEST)
+    proc.outbox.flush()
+    for client in clients:
+        exchange = client.exchange
+        assert exchange is not None and exchange.conn is not None
+        exchange.conn.data_received(RESPONSE)
+    proc.outbox.flush()
+
+
+def instructions_per_request(short: int = 100, long: int = 400) -> float:
     """Instructions per proxied request: callgrind totals of two loop lengths, differenced."""
     if shutil.which("valgrind") is None:
         raise SystemExit("--instructions needs valgrind (Debian: apt-get install -y valgrind)")
@@ -123,7 +136,7 @@ def instructions_per_request(short: int = 1000, long: int = 6000) -> float:
         if found is None:
             raise SystemExit(f"no callgrind total in its output:\n{out.stderr[-2000:]}")
         totals.append(int(found.group(1)))
-    return (totals[1] - totals[0]) / (long - short)
+    return (totals[1] - totals[0]) / (long - short) / BATCH
 
 
 def run_loop(count: int) -> None:
@@ -131,24 +144,28 @@ def run_loop(count: int) -> None:
     loop = uvloop.new_event_loop()
     proc, segments = setup(loop)
     try:
-        client, upstreams = connect(proc)
+        clients, upstreams = connect(proc)
         for _ in range(count):
-            one_exchange(proc, client, upstreams)
+            one_batch(proc, clients, upstreams)
     finally:
         for seg in segments:
             seg.unlink()
 
 
-def connect(proc: ProxyProcess) -> tuple[ClientProtocol, dict[str, UpstreamConnection]]:
-    """A client connection and one pooled connection per worker, on fake transports."""
-    client = ClientProtocol(proc)
-    client.connection_made(FakeTransport(("127.0.0.1", 50000)))
-    upstreams = {}
+def connect(proc: ProxyProcess) -> tuple[list[ClientProtocol], dict[str, list[UpstreamConnection]]]:
+    """BATCH client connections, and BATCH pooled connections per worker, on fake transports."""
+    clients = []
+    for i in range(BATCH):
+        client = ClientProtocol(proc)
+        client.connection_made(FakeTransport(("127.0.0.1", 50000 + i)))
+        clients.append(client)
+    upstreams: dict[str, list[UpstreamConnection]] = {}
     for url in ("http://127.0.0.1:9001", "http://127.0.0.1:9002"):
-        conn = UpstreamConnection(proc.pools.get(url))
-        conn.connection_made(FakeTransport(("127.0.0.1", 9000)))
-        upstreams[url] = conn
-    return client, upstreams
+        for _ in range(BATCH):
+            conn = UpstreamConnection(proc.pools.get(url))
+            conn.connection_made(FakeTransport(("127.0.0.1", 9000)))
+            upstreams.setdefault(url, []).append(conn)
+    return clients, upstreams
 
 
 def main() -> int:
@@ -168,23 +185,24 @@ def main() -> int:
     loop = uvloop.new_event_loop()  # the proxies run uvloop (its loop.time() is C, not Python)
     proc, segments = setup(loop)
     try:
-        client, upstreams = connect(proc)
-        for _ in range(2000):
-            one_exchange(proc, client, upstreams)
+        clients, upstreams = connect(proc)
+        batches = max(1, args.requests // BATCH)
+        for _ in range(2000 // BATCH):
+            one_batch(proc, clients, upstreams)
         if args.profile:
             profiler = cProfile.Profile()
             profiler.enable()
-            for _ in range(args.requests):
-                one_exchange(proc, client, upstreams)
+            for _ in range(batches):
+                one_batch(proc, clients, upstreams)
             profiler.disable()
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
             return 0
         rounds = []
         for _ in range(7):
             start = time.perf_counter_ns()
-            for _ in range(args.requests):
-                one_exchange(proc, client, upstreams)
-            rounds.append((time.perf_counter_ns() - start) / args.requests / 1000)
+            for _ in range(batches):
+                one_batch(proc, clients, upstreams)
+            rounds.append((time.perf_counter_ns() - start) / (batches * BATCH) / 1000)
         print(f"python per proxied request (no syscalls): median {statistics.median(rounds):.2f} us, "
               f"best {min(rounds):.2f} us over {len(rounds)} rounds of {args.requests}")
     finally:

@@ -52,6 +52,7 @@ import httptools
 
 from proxy_workers.forwarding.headers import NO_TOKENS, RESPONSE_DROP, connection_tokens, without_fields
 from proxy_workers.http.framing import MAX_RESPONSE_HEAD, TRAILERS, WorkerProtocolError, coding_lines
+from proxy_workers.outbox import Outbox
 
 if TYPE_CHECKING:
     from proxy_workers.contract import UpstreamConnectionView, UpstreamOwner
@@ -102,7 +103,7 @@ class _Interim:
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a worker."""
 
-    __slots__ = ("chunked", "conn_tokens", "content_type", "exchange", "head_room", "idle_since",
+    __slots__ = ("_outgoing", "chunked", "conn_tokens", "content_type", "exchange", "head_room", "idle_since",
                  "keep_alive", "length", "lines", "parser", "pool", "received", "transport", "until_eof")
 
     def __init__(self, pool: WorkerPool) -> None:
@@ -115,6 +116,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.until_eof = False  # the response body is delimited by the worker closing (RFC 9112 6.3)
         self.idle_since = 0.0
         self.head_room: int = MAX_RESPONSE_HEAD  # head bytes still allowed; 0 once the head is complete
+        self._outgoing = b""  # the request, sent at the end of this loop iteration (proxy_workers.outbox)
         self._reset()
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -292,9 +294,16 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset()
         self.received = False
         self.exchange = exchange
+        assert self.transport is not None  # a pooled or new connection is open when it is handed out
+        # One request per connection at a time: nothing else is held for it.
+        self._outgoing = data
+        self.pool.outbox.hold(self)
+
+    def flush_output(self) -> None:
+        out, self._outgoing = self._outgoing, b""
         transport = self.transport
-        assert transport is not None  # a pooled or new connection is open when it is handed out
-        transport.write(data)
+        if out and transport is not None and not transport.is_closing():
+            transport.write(out)
 
     def release(self, now: float) -> None:
         """Back to the pool if the response allows it, else closed."""
@@ -309,12 +318,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
+        self.flush_output()
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
         """Close at once (RST): the worker sees the client is gone and stops generating."""
         self.exchange = NO_OWNER
+        self._outgoing = b""  # an abort discards what is unsent
         if self.transport is not None:
             self.transport.abort()
 
@@ -322,11 +333,12 @@ class UpstreamConnection(asyncio.Protocol):
 class WorkerPool:
     """Idle keep-alive connections to one worker, plus what is needed to open new ones."""
 
-    __slots__ = ("authority", "host", "idle", "limit", "loop", "port", "ssl", "url")
+    __slots__ = ("authority", "host", "idle", "limit", "loop", "outbox", "port", "ssl", "url")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, url: str, limit: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, url: str, limit: int, outbox: Outbox) -> None:
         parts = urlsplit(url)
         self.loop = loop
+        self.outbox = outbox
         self.url = url
         self.host = parts.hostname or "127.0.0.1"
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
@@ -380,17 +392,18 @@ class WorkerPool:
 class Pools:
     """All worker pools of one proxy process, keyed by worker URL."""
 
-    __slots__ = ("limit", "loop", "pools")
+    __slots__ = ("limit", "loop", "outbox", "pools")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int, outbox: Outbox) -> None:
         self.loop = loop
+        self.outbox = outbox
         self.limit = limit
         self.pools: dict[str, WorkerPool] = {}
 
     def get(self, url: str) -> WorkerPool:
         pool = self.pools.get(url)
         if pool is None:
-            pool = self.pools[url] = WorkerPool(self.loop, url, self.limit)
+            pool = self.pools[url] = WorkerPool(self.loop, url, self.limit, self.outbox)
         return pool
 
     def retain(self, urls: set[str]) -> None:

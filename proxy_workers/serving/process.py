@@ -225,7 +225,7 @@ async def _shutdown(proc: ProxyProcess, server: asyncio.AbstractServer, sock: so
     while (now := loop.time()) < deadline:
         for conn in list(proc.connections):
             if conn.idle and conn.transport is not None and now >= max(stopped_at, conn.idle_since) + linger:
-                conn.transport.close()
+                conn.close()
         if not proc.active and not proc.connections and not _pending:
             break  # (connections still being attached are in _pending, not yet in proc.connections)
         await asyncio.sleep(0.05)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 from proxy_workers.forwarding.retry import parse_statuses
 from proxy_workers.grpc.channels import GrpcChannels
 from proxy_workers.http.upstream import Pools
+from proxy_workers.outbox import Outbox
 from proxy_workers.policies.base import PolicyEnv
 from proxy_workers.routing.table import RoutingTable
 from proxy_workers.serving.accesslog import AccessLog
@@ -57,6 +58,9 @@ class Connection(Protocol):
 
     def check_deadline(self, now: float, header_timeout: float, keepalive: float) -> None: ...
 
+    def close(self) -> None:
+        """Close once what was written is out."""
+
 
 class ProxyProcess:
     """State shared by every connection of one proxy process."""
@@ -66,9 +70,9 @@ class ProxyProcess:
     __slots__ = ("_table", "_taking", "access_log", "active", "admission", "admitted", "board", "cell0",
                  "cell_owner", "connections", "decision0", "draining", "env", "floats", "gate",
                  "grpc_channels", "hash_headers", "index", "ints", "limits_on", "loop", "model_blocks",
-                 "model_owner",
-                 "orphan_logged", "orphaned_since", "other_block", "pools", "reader", "retry_statuses",
-                 "retrying", "rid_counter", "rid_prefix", "rng", "row", "settings", "tracer", "upstream_keys")
+                 "model_owner", "orphan_logged", "orphaned_since", "other_block", "outbox", "pools", "reader",
+                 "retry_statuses", "retrying", "rid_counter", "rid_prefix", "rng", "row", "settings",
+                 "tracer", "upstream_keys")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, index: int, reader: SnapshotReader,
                  board: LoadBoard, affinity: AffinityTable | None = None) -> None:
@@ -88,7 +92,8 @@ class ProxyProcess:
         self.env = PolicyEnv(board, index, snapshot.proxies, snapshot.settings, affinity)
         self.hash_headers = _hash_headers(snapshot.settings.hash_headers)
         self.rng = random.Random()
-        self.pools = Pools(loop, self.settings.pool_size)
+        self.outbox = Outbox(loop)  # writes sent together at the end of each loop iteration
+        self.pools = Pools(loop, self.settings.pool_size, self.outbox)
         self.grpc_channels = GrpcChannels()
         self._table = RoutingTable(snapshot, self.env, None)
         self.cell_owner: list[str | None] = []
