@@ -17,6 +17,7 @@ from collections import defaultdict
 
 from coordinator.config import Config, ConfigError
 from shm.schema import WorkerSpec
+from shm.settings import POLICY_FIELDS
 
 NEEDS_QUOTA = "quota_aware"
 
@@ -71,9 +72,10 @@ def _check_shards(model: str, workers: list[WorkerSpec]) -> None:
 
 
 def _check_policies(config: Config, by_model: dict[str, list[WorkerSpec]]) -> None:
-    uses: list[tuple[str, str, list[WorkerSpec]]] = [("policy", config.settings.policy, list(config.workers))]
+    uses: list[tuple[str, str, list[WorkerSpec]]] = [
+        (key, getattr(config.settings, key), list(config.workers)) for key in POLICY_FIELDS]
     for model, mp in config.models.items():
-        for key in ("policy", "prefill_policy", "decode_policy"):
+        for key in POLICY_FIELDS:
             value = getattr(mp, key)
             if value:
                 uses.append((f"models.{model}.{key}", value, by_model.get(model, [])))

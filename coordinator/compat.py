@@ -21,7 +21,7 @@ import difflib
 from typing import Any, NamedTuple
 
 from shm.schema import WorkerSpec
-from shm.settings import POLICY_NAMES
+from shm.settings import POLICY_FIELDS, POLICY_NAMES
 
 SGL = "sglang-router"
 VLLM = "vllm-router"
@@ -102,25 +102,19 @@ class CompatFlag(NamedTuple):
 
 
 # The foreign flags that are not already native settings flags. Native ones they share with us
-# (--host, --port, --policy, --api-key, --log-level, --max-concurrent-requests) are listed in
-# SHARED below for the migration page.
+# (--host, --port, --policy, --prefill-policy, --api-key, ...) are listed in SHARED below for the
+# migration page.
 FLAGS: tuple[CompatFlag, ...] = (
     CompatFlag("--worker-urls", f"{SGL}, {VLLM}", "`--worker URL` per URL",
                {"nargs": "+", "action": "extend", "metavar": "URL", "default": []}),
-    CompatFlag("--pd-disaggregation", SGL, "prefill/decode workers from `--prefill`/`--decode` "
-               "(models: `{m: {pd_dialect: bootstrap}}` in a file for SGLang's bootstrap protocol)",
-               {"action": "store_true"}),
-    CompatFlag("--vllm-pd-disaggregation", VLLM, "prefill/decode workers from `--prefill`/`--decode` "
-               "(two-phase PD, the default `pd_dialect`)", {"action": "store_true"}),
+    CompatFlag("--pd-disaggregation", SGL, "`pd_dialect: bootstrap` (SGLang's PD protocol), and "
+               "prefill/decode workers from `--prefill`/`--decode`", {"action": "store_true"}),
+    CompatFlag("--vllm-pd-disaggregation", VLLM, "`pd_dialect: two_phase` (vLLM's PD protocol), and "
+               "prefill/decode workers from `--prefill`/`--decode`", {"action": "store_true"}),
     CompatFlag("--prefill", f"{SGL}, {VLLM}", "a worker with `type: prefill` and `bootstrap_port`",
                {"nargs": "+", "action": "append", "metavar": ("URL", "BOOTSTRAP_PORT"), "default": []}),
     CompatFlag("--decode", f"{SGL}, {VLLM}", "a worker with `type: decode`",
                {"action": "append", "metavar": "URL", "default": []}),
-    CompatFlag("--prefill-policy", f"{SGL}, {VLLM}", "`policy` when neither `--policy` nor `--decode-policy` "
-               "is given; a prefill policy unlike the decode one is per model (`prefill_policy`; a note "
-               "at start says so)", {"metavar": "POLICY"}),
-    CompatFlag("--decode-policy", f"{SGL}, {VLLM}", "`policy` unless `--policy` is given",
-               {"metavar": "POLICY"}),
     CompatFlag("--request-timeout-secs", f"{SGL}, {VLLM}", "`total_timeout`",
                {"metavar": "SECONDS", "type": float}),
     CompatFlag("--prometheus-port", f"{SGL}, {VLLM}", "`ops_port` (the back office: /metrics and more)",
@@ -153,6 +147,10 @@ SHARED: tuple[tuple[str, str, str], ...] = (
     ("--host", f"{SGL}, {VLLM}, {STACK}", "`host` (ours defaults to 127.0.0.1)"),
     ("--port", f"{SGL}, {VLLM}, {STACK}", "`port`"),
     ("--policy", f"{SGL}, {VLLM}", "`policy` (names aliased, table below)"),
+    ("--prefill-policy", f"{SGL}, {VLLM}", "`prefill_policy`: the prefill side's policy (names aliased; "
+     "unset: `policy`)"),
+    ("--decode-policy", f"{SGL}, {VLLM}", "`decode_policy`: the decode side's policy (names aliased; "
+     "unset: `policy`)"),
     ("--api-key", f"{SGL}, {VLLM}", "`api_key` (prefer SHARDGATE_API_KEY)"),
     ("--log-level", f"{SGL}, {VLLM}, {STACK}", "`log_level` (`warn` is read as `warning`)"),
     ("--max-concurrent-requests", f"{SGL}, {VLLM}", "`max_concurrent_requests` (-1, their 'off', is 0)"),
@@ -193,12 +191,9 @@ def translate(args: argparse.Namespace, cli: dict[str, Any],
     if (prefills or decodes) and not (get("--pd-disaggregation") or get("--vllm-pd-disaggregation")):
         raise CompatError("--prefill/--decode: need --pd-disaggregation (SGLang) or "
                           "--vllm-pd-disaggregation (vLLM)")
-    if get("--pd-disaggregation"):
-        # Known gap: the dialect is per model (ModelPolicy.pd_dialect) and CLI workers' models are
-        # discovered, so there is no model name to hang "bootstrap" on from the command line.
-        notes.append("--pd-disaggregation: SGLang's bootstrap PD protocol is set per model "
-                     "(models: {NAME: {pd_dialect: bootstrap}} in a config file); models without it use "
-                     "the two-phase (vLLM) protocol (docs/migration.md)")
+    dialect = _pd_dialect(bool(get("--pd-disaggregation")), bool(get("--vllm-pd-disaggregation")))
+    if dialect:
+        out["pd_dialect"] = dialect
     for entry in prefills:
         if len(entry) > 2:
             raise CompatError(f"--prefill: expected URL [BOOTSTRAP_PORT], got {' '.join(entry)}")
@@ -210,18 +205,8 @@ def translate(args: argparse.Namespace, cli: dict[str, Any],
             port = int(entry[1])
         workers.append(WorkerSpec(url=entry[0], type="prefill", bootstrap_port=port))
     workers += [WorkerSpec(url=u, type="decode") for u in decodes]
-    pre, dec = get("--prefill-policy"), get("--decode-policy")
-    side = dec or pre
-    if pre and dec and native_policy(pre, "--prefill-policy") != native_policy(dec, "--decode-policy"):
-        # Their documented PD command lines do this; refusing them would defeat the drop-in.
-        notes.append(f"--prefill-policy {pre} differs from --decode-policy {dec}; both sides use {dec} "
-                     "(per-side policies are per model: models: {NAME: {prefill_policy: ...}} in a "
-                     "config file, docs/migration.md)")
-    logic = get("--routing-logic")
-    for flag, value in (("--decode-policy" if dec else "--prefill-policy", side),
-                        ("--routing-logic", logic)):
-        if value:
-            out["policy"] = native_policy(value, flag)
+    if get("--routing-logic"):
+        out["policy"] = native_policy(get("--routing-logic"), "--routing-logic")
     if get("--session-key"):
         out["hash_headers"] = get("--session-key")
     for flag, setting in SETTING_FLAGS.items():
@@ -232,9 +217,20 @@ def translate(args: argparse.Namespace, cli: dict[str, Any],
     return {**out, **cli}, workers
 
 
+def _pd_dialect(sglang: bool, vllm: bool) -> str | None:
+    """The ``pd_dialect`` their PD switch means (None: neither given); both at once is refused."""
+    if sglang and vllm:
+        raise CompatError("--pd-disaggregation (SGLang, bootstrap) and --vllm-pd-disaggregation (vLLM, "
+                          "two-phase) name different PD protocols; give one")
+    return "bootstrap" if sglang else "two_phase" if vllm else None
+
+
 def native_setting(name: str, value: Any, field: str) -> Any:
-    """A setting's value with their spellings read as ours (policy names, log levels, -1 = off)."""
-    if name == "policy":
+    """A setting's value with their spellings read as ours (policy names, log levels, -1 = off).
+    An optional policy setting (``prefill_policy``, ``decode_policy``) left empty or null is ""."""
+    if name in POLICY_FIELDS:
+        if name != "policy" and value in ("", None):
+            return ""
         return native_policy(value, field)
     if name == "log_level" and isinstance(value, str):
         return LOG_LEVEL_ALIASES.get(value.lower(), value.lower())
@@ -260,7 +256,8 @@ POLICY_HEADER = """
 ## Policy names
 
 Their names are accepted wherever a policy is (`--policy`, `--routing-logic`, `--prefill-policy`,
-`--decode-policy`, the file's `policy`, `models.NAME.policy`). A name with no equivalent is refused
+`--decode-policy`, the file's `policy`, `prefill_policy`, `decode_policy` and the same keys under
+`models.NAME`). A name with no equivalent is refused
 with one line naming the closest native policy.
 
 | their policy | used by | here | behaviour |
@@ -272,10 +269,15 @@ PD_NOTE = """
 
 `--pd-disaggregation --prefill URL [BOOTSTRAP_PORT] --decode URL` (repeatable) declares prefill
 and decode workers, exactly like `type: prefill` (with `bootstrap_port`) and `type: decode` entries
-in the file's `workers:` list. A model with both is served by the `http_pd` router. The PD
-protocol (`pd_dialect`) is per model: `two_phase` (vLLM, the default) or `bootstrap` (SGLang),
-set in the file as `models: {NAME: {pd_dialect: bootstrap}}`. Different prefill and decode
-policies are per model too (`prefill_policy`, `decode_policy`).
+in the file's `workers:` list. A model with both is served by the `http_pd` router.
+
+The PD protocol is the `pd_dialect` setting: `--pd-disaggregation` sets it to `bootstrap`
+(SGLang: prefill and decode at once, with bootstrap host/port/room), `--vllm-pd-disaggregation`
+to `two_phase` (vLLM: prefill first, its `kv_transfer_params` go to the decode; also the
+default). `--prefill-policy` and `--decode-policy` set each side's policy (`prefill_policy`,
+`decode_policy`; a side without one uses `policy`), as in sglang-router. A model's own
+`models: {NAME: {pd_dialect: ..., prefill_policy: ..., decode_policy: ..., policy: ...}}` in a
+file wins over all of these; a native flag (`--pd-dialect`) wins over its foreign spelling.
 """
 
 

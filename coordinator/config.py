@@ -29,7 +29,7 @@ import yaml
 from coordinator.compat import CompatError, add_compat_flags, native_policy, native_setting, translate
 from shm.keys import KeySourceError, client_keys, resolve, upstream_ref
 from shm.schema import ClientKey, ModelPolicy, WorkerSpec
-from shm.settings import DESCRIPTIONS, SETTING_NAMES, Settings
+from shm.settings import DESCRIPTIONS, POLICY_FIELDS, SETTING_NAMES, Settings
 
 ENV_PREFIX = "SHARDGATE_"
 _HINTS = typing.get_type_hints(Settings, include_extras=True)
@@ -80,7 +80,7 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> None:
     for name in SETTING_NAMES:
         default = getattr(Settings(), name)
         metavar, choices = setting_kind(name)
-        valid = f" One of: {', '.join(choices)}." if len(choices) > 4 else ""
+        valid = f" One of: {', '.join(c for c in choices if c)}." if len(choices) > 4 else ""
         text = f"{DESCRIPTIONS[name]}{valid} (default: {default!r})".replace("%", "%%")  # argparse %-formats
         group.add_argument(flag_name(name), dest=f"setting_{name}", metavar=metavar, default=None,
                            help=text)
@@ -214,7 +214,7 @@ def _models(entries: Any, path: str | None) -> dict[str, ModelPolicy]:
             raise ConfigError(f"config file {path}: models: model name {name!r} must be a string")
         if isinstance(entry, dict):
             entry = dict(entry)
-            for key in ("policy", "prefill_policy", "decode_policy"):
+            for key in POLICY_FIELDS:
                 if key in entry:
                     try:
                         entry[key] = native_policy(entry[key], f"models.{name}.{key}")

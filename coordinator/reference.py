@@ -46,10 +46,13 @@ QUOTA_FIELDS = {
 }
 MODEL_FIELDS = {
     "policy": "The model's policy (default: the global `policy`).",
-    "prefill_policy": "PD: the prefill side's policy (default: the model's policy).",
-    "decode_policy": "PD: the decode side's policy (default: the model's policy).",
+    "prefill_policy": "PD: the prefill side's policy (default: the model's `policy`, else the global "
+                      "`prefill_policy`, else the global `policy`).",
+    "decode_policy": "PD: the decode side's policy (default: the model's `policy`, else the global "
+                     "`decode_policy`, else the global `policy`).",
     "pd_dialect": "PD protocol: `two_phase` (vLLM: prefill first, its `kv_transfer_params` go to the "
-                  "decode) or `bootstrap` (SGLang: both at once with bootstrap host/port/room).",
+                  "decode) or `bootstrap` (SGLang: both at once with bootstrap host/port/room); "
+                  "null: the global `pd_dialect` setting (`--pd-disaggregation` makes it `bootstrap`).",
 }
 POLICIES = {
     "weighted_round_robin": "Smooth weighted round-robin (nginx's); plain round-robin with equal weights.",
@@ -174,7 +177,8 @@ def reference_markdown() -> str:
              + "\n".join(_fields(Quota, QUOTA_FIELDS)),
              "\n\n## Model entries (`models: {NAME: ...}`)\n\n| field | type | default | meaning |\n"
              "|---|---|---|---|\n" + "\n".join(_fields(ModelPolicy, MODEL_FIELDS)),
-             "\n\n## Policies (`policy`, `models.NAME.policy`)\n\n| policy | also accepted | picks |\n"
+             "\n\n## Policies (`policy`, `prefill_policy`, `decode_policy`, the same under `models.NAME`)\n\n"
+             "| policy | also accepted | picks |\n"
              "|---|---|---|\n" + "\n".join(f"| `{p}` | {', '.join(aliases.get(p, [])) or '-'} | "
                                            f"{POLICIES[p]} |" for p in POLICY_NAMES),
              ADMIN_INTRO

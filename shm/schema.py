@@ -24,7 +24,7 @@ from typing import Literal
 import msgspec
 
 from shm.hashing import Ring
-from shm.settings import Policy, Settings
+from shm.settings import PdDialect, Policy, Settings
 
 SCHEMA_VERSION = 1
 
@@ -96,11 +96,13 @@ class ModelPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     """Per-model overrides (config file ``models:`` section)."""
 
     policy: Policy | None = None
-    # Prefill/decode: each side may have its own policy (default: ``policy``), and the PD
-    # protocol the model's engines speak.
+    # Prefill/decode: each side may have its own policy, and the PD protocol the model's engines
+    # speak. None: not set for this model, so the fallbacks apply (the global settings of the
+    # same names; the order is proxy_workers.routing.table's). pd_dialect must stay Optional: a
+    # model that says "two_phase" outright wins over a global "bootstrap".
     prefill_policy: Policy | None = None
     decode_policy: Policy | None = None
-    pd_dialect: Literal["two_phase", "bootstrap"] = "two_phase"
+    pd_dialect: PdDialect | None = None
 
 
 class ClientKey(msgspec.Struct, frozen=True, kw_only=True, array_like=True):

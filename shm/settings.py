@@ -10,6 +10,8 @@ Invariants:
   variable is ``SHARDGATE_NAME``. Precedence: defaults < file < environment < CLI.
 - Each field carries a ``Meta(description=...)``; the first sentence is the CLI help.
 - Adding a field never breaks an old snapshot: every field has a default.
+- A setting that defers to another when unset (``prefill_policy``, ``decode_policy``) says so
+  with "", never None, so every value round-trips through its flag and environment variable.
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ Policy = Literal[
     "quota_aware",
 ]
 POLICY_NAMES: tuple[str, ...] = Policy.__args__  # type: ignore[attr-defined]
+# A policy name, or "" for "not set here: fall back" (the PD side settings below).
+PolicyOrUnset = Literal[Policy, ""]
+# The fields, here and in shm.schema.ModelPolicy, whose value is a policy name: every reader
+# (alias translation, checks, engine scraping) takes the list from here.
+POLICY_FIELDS: tuple[str, ...] = ("policy", "prefill_policy", "decode_policy")
+PdDialect = Literal["two_phase", "bootstrap"]
 
 Seconds = Annotated[float, Meta(gt=0)]
 
@@ -55,6 +63,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     policy: Annotated[Policy, _d("Load-balancing policy used when a model names none.")] = (
         "weighted_round_robin"
     )
+    # Prefill/decode (http_pd, grpc_pd). A model's own entry (models: {m: {...}}) wins over these;
+    # proxy_workers.routing.table holds the order in which they apply.
+    prefill_policy: Annotated[
+        PolicyOrUnset, _d("PD: the prefill side's policy for models that set none of their own "
+                          "(models.NAME.prefill_policy or .policy); empty: the policy setting.")
+    ] = ""
+    decode_policy: Annotated[
+        PolicyOrUnset, _d("PD: the decode side's policy for models that set none of their own "
+                          "(models.NAME.decode_policy or .policy); empty: the policy setting.")
+    ] = ""
+    pd_dialect: Annotated[
+        PdDialect, _d("PD protocol of models that set none (models.NAME.pd_dialect): 'two_phase' (vLLM: "
+                      "prefill first, its kv_transfer_params go to the decode) or 'bootstrap' (SGLang: "
+                      "both at once with bootstrap host/port/room).")
+    ] = "two_phase"
     hash_headers: Annotated[
         str, _d("Comma-separated request headers whose value is the routing key for consistent_hash "
                 "and session_affinity, tried in order, before the body's 'user' field.")

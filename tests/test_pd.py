@@ -454,6 +454,28 @@ def test_bootstrap_batched_completions_get_one_room_per_item(bootstrap: Fleet) -
     assert all(isinstance(r, int) and 0 <= r < 2**63 for r in rooms)
 
 
+def test_global_pd_dialect_applies_to_models_that_set_none(fleet: Fleet) -> None:
+    """``--pd-dialect bootstrap`` (what ``--pd-disaggregation`` sets) reaches a model without its own
+    ``pd_dialect``; a model that says ``two_phase`` outright keeps it."""
+    for model in ("llama", "qwen"):
+        fleet.worker(f"p-{model}", "prefill", model, bootstrap=True)
+        fleet.worker(f"d-{model}", "decode", model)
+    fleet.start(*NO_PASSIVE, "--pd-dialect", "bootstrap", models={"llama": {"pd_dialect": "two_phase"}})
+    for model, dialect in (("llama", "two_phase"), ("qwen", "bootstrap")):
+        prompt = f"global dialect {model}"
+        status, _, raw, decision = send(fleet, chat(model, content=prompt, max_tokens=3))
+        assert status == 200, raw
+        prefill, decode = pair_of(fleet, decision)
+        assert (prefill, decode) == (fleet.w[f"p-{model}"], fleet.w[f"d-{model}"])
+        sent_prefill, sent_decode = (worker_stats(w)["last_body"] for w in (prefill, decode))
+        if dialect == "bootstrap":
+            assert bootstrap_triple(sent_prefill) == bootstrap_triple(sent_decode)
+            assert "kv_transfer_params" not in sent_prefill
+        else:
+            assert sent_decode["kv_transfer_params"] == mock_pd.issue(name_of(prefill), prompt)
+            assert not any(k.startswith("bootstrap_") for k in (*sent_prefill, *sent_decode))
+
+
 # -- 4. failures ------------------------------------------------------------------------------------
 
 

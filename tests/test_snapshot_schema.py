@@ -181,3 +181,17 @@ def test_schema_of_reads_only_the_version() -> None:
     assert schema_of(crafted([1, 2, 3])) is None
     assert schema_of(crafted({"schema": "one"})) is None
     assert schema_of(b"\xc1") is None
+
+
+def test_a_models_unset_pd_dialect_stays_apart_from_an_explicit_two_phase() -> None:
+    """ModelPolicy.pd_dialect None means "the global setting"; "two_phase" said outright must reach
+    the proxies as such, or a global "bootstrap" would override it."""
+    from shm.schema import ModelPolicy, snapshot_decoder
+    from shm.settings import Settings
+
+    snap = Snapshot(settings=Settings(pd_dialect="bootstrap"),
+                    model_policies={"unset": ModelPolicy(), "own": ModelPolicy(pd_dialect="two_phase")})
+    decoded = snapshot_decoder().decode(encode_snapshot(snap))
+    assert decoded.model_policies["unset"].pd_dialect is None
+    assert decoded.model_policies["own"].pd_dialect == "two_phase"
+    assert decoded.settings.pd_dialect == "bootstrap" and decoded == snap

@@ -28,7 +28,7 @@ import aiohttp
 from coordinator.fleet.membership import Fleet, WorkerState
 from coordinator.health.grpc_probe import LoadChannels
 from shm.loadboard import E_KV_USAGE, E_RUNNING, E_SCRAPED_AT, E_WAITING, LoadBoard
-from shm.settings import Settings
+from shm.settings import POLICY_FIELDS, Settings
 
 RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
 WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
@@ -70,10 +70,8 @@ def parse_engine_metrics(text: str) -> Figures | None:
 
 def wanted(settings: Settings, model_policies: dict) -> bool:
     """True while some model routes by least_loaded, on either side of a PD pair too."""
-    return settings.policy == "least_loaded" or any(
-        "least_loaded" in (getattr(p, "policy", None), getattr(p, "prefill_policy", None),
-                           getattr(p, "decode_policy", None))
-        for p in model_policies.values())
+    return any(getattr(p, key, None) == "least_loaded"
+               for p in (settings, *model_policies.values()) for key in POLICY_FIELDS)
 
 
 async def scrape_one(session: aiohttp.ClientSession, url: str, timeout: float) -> Figures | None:

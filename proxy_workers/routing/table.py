@@ -8,6 +8,8 @@ Invariants:
 - Built only when the snapshot generation changes; a request pins the table it started with.
 - Candidates are healthy, non-draining HTTP workers of type ``regular`` (the http_regular
   router); prefill/decode and gRPC workers are reached through their own routers.
+- A PD route's side policies and dialect come from :func:`pd_policy_name` and :func:`pd_dialect`:
+  a model's own setting always wins over the global one (``pd_dialect`` None: not set).
 - Policy objects are carried over from the previous table by (model, policy name), so their state
   survives publishes.
 - Shards (the seed's Router): the request key picks a shard on the model's ring; the policy picks
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Literal
 
 from proxy_workers.errors import ModelNotFound, NoHealthyWorker, WorkersSaturated, clip
 from proxy_workers.policies.base import Policy, PolicyEnv
@@ -228,16 +231,15 @@ class RoutingTable:
                 router = f"{connection}_pd"
                 if model not in snapshot.routers.get(router, ()):
                     continue
-                override = snapshot.model_policies.get(model)
                 before = old_pd[router].get(model)
                 prefill = _route(model, kinds.get((model, connection, "prefill"), []), total,
-                                 (override.prefill_policy if override else None) or name, env,
+                                 pd_policy_name(snapshot, model, "prefill"), env,
                                  before.prefill if before else None)
                 decode = _route(model, kinds.get((model, connection, "decode"), []), total,
-                                (override.decode_policy if override else None) or name, env,
+                                pd_policy_name(snapshot, model, "decode"), env,
                                 before.decode if before else None)
-                dialect = override.pd_dialect if override else "two_phase"
-                self.pd_routes[router][model] = PDRoute(model, prefill, decode, dialect)
+                self.pd_routes[router][model] = PDRoute(model, prefill, decode,
+                                                        pd_dialect(snapshot, model))
 
     def route_in(self, router: str, model: str) -> ModelRoute | PDRoute:
         """The model's route in ``router`` (selection guarantees the router serves the model)."""
@@ -269,6 +271,27 @@ class RoutingTable:
 def _policy_name(snapshot: Snapshot, model: str) -> str:
     override = snapshot.model_policies.get(model)
     return (override.policy if override and override.policy else None) or snapshot.settings.policy
+
+
+def pd_policy_name(snapshot: Snapshot, model: str, side: Literal["prefill", "decode"]) -> str:
+    """A PD side's policy: the model's own first (its side's, then its ``policy``), then the
+    global side setting, then the global ``policy``. The one place this order is decided."""
+    override = snapshot.model_policies.get(model)
+    settings = snapshot.settings
+    if override is not None:
+        own = getattr(override, f"{side}_policy") or override.policy
+        if own:
+            return str(own)
+    return str(getattr(settings, f"{side}_policy") or settings.policy)
+
+
+def pd_dialect(snapshot: Snapshot, model: str) -> str:
+    """A PD model's protocol: its own ``pd_dialect`` when set (even to the default), else the
+    global ``pd_dialect`` setting."""
+    override = snapshot.model_policies.get(model)
+    if override is not None and override.pd_dialect is not None:
+        return override.pd_dialect
+    return snapshot.settings.pd_dialect
 
 
 def _route(model: str, candidates: list[Worker], serving: int, policy_name: str, env: PolicyEnv,
