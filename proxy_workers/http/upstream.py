@@ -103,7 +103,7 @@ class _Interim:
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a worker."""
 
-    __slots__ = ("_outgoing", "chunked", "conn_tokens", "content_type", "exchange", "head_room", "idle_since",
+    __slots__ = ("chunked", "conn_tokens", "content_type", "exchange", "head_room", "idle_since",
                  "keep_alive", "length", "lines", "parser", "pool", "received", "transport", "until_eof")
 
     def __init__(self, pool: WorkerPool) -> None:
@@ -116,7 +116,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.until_eof = False  # the response body is delimited by the worker closing (RFC 9112 6.3)
         self.idle_since = 0.0
         self.head_room: int = MAX_RESPONSE_HEAD  # head bytes still allowed; 0 once the head is complete
-        self._outgoing = b""  # the request, sent at the end of this loop iteration (proxy_workers.outbox)
         self._reset()
 
     # -- asyncio.Protocol ----------------------------------------------------------------
@@ -294,16 +293,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset()
         self.received = False
         self.exchange = exchange
-        assert self.transport is not None  # a pooled or new connection is open when it is handed out
-        # One request per connection at a time: nothing else is held for it.
-        self._outgoing = data
-        self.pool.outbox.hold(self)
-
-    def flush_output(self) -> None:
-        out, self._outgoing = self._outgoing, b""
         transport = self.transport
-        if out and transport is not None and not transport.is_closing():
-            transport.write(out)
+        assert transport is not None  # a pooled or new connection is open when it is handed out
+        self.pool.outbox.write(transport, data)  # sent at the end of this loop iteration
 
     def release(self, now: float) -> None:
         """Back to the pool if the response allows it, else closed."""
@@ -318,14 +310,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        self.flush_output()
         if self.transport is not None:
+            self.pool.outbox.flush()  # what was written goes out before the close
             self.transport.close()
 
     def abort(self) -> None:
         """Close at once (RST): the worker sees the client is gone and stops generating."""
         self.exchange = NO_OWNER
-        self._outgoing = b""  # an abort discards what is unsent
         if self.transport is not None:
             self.transport.abort()
 

@@ -86,9 +86,9 @@ REFUSED_METHODS = frozenset({b"HEAD", b"CONNECT", b"TRACE"})
 class ClientProtocol(RequestReader, asyncio.Protocol):
     """One client connection: its requests (read by :class:`RequestReader`), their answers, flow control."""
 
-    __slots__ = ("_blocked", "_draining_queue", "_held", "_outgoing", "_queued_bytes", "_stopped",
-                 "_write_paused", "err_status", "exchange", "parser", "peer", "proc", "queue", "req_started",
-                 "sent", "transport")
+    __slots__ = ("_blocked", "_draining_queue", "_held", "_queued_bytes", "_stopped", "_write_paused",
+                 "err_status", "exchange", "parser", "peer", "proc", "queue", "req_started", "sent",
+                 "transport")
 
     def __init__(self, proc: ProxyProcess) -> None:
         self.proc = proc
@@ -104,7 +104,6 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
         self._write_paused = False  # the client's write buffer is above its high-water mark
         self._blocked = False  # reading is paused: stopped, write-paused, or max_pipelined waiting
         self._held = b""  # the unparsed rest of a read, while blocked
-        self._outgoing = b""  # written this loop iteration, sent at its end (proxy_workers.outbox)
         self._draining_queue = False  # _drain_queue is on the stack
         self._queued_bytes = 0  # body bytes of the queued requests
         # The request being answered, for its record (serving.records): when it was dispatched,
@@ -387,25 +386,15 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
     # -- output ----------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Send ``data`` at the end of this loop iteration (proxy_workers.outbox), in order."""
+        """Send ``data``, at the end of this loop iteration (proxy_workers.outbox)."""
         if self.transport is not None:
             self.sent += len(data)
-            if self._outgoing:
-                self._outgoing += data  # rare: a second write in one iteration
-            else:
-                self._outgoing = data
-                self.proc.outbox.hold(self)
-
-    def flush_output(self) -> None:
-        out, self._outgoing = self._outgoing, b""
-        transport = self.transport
-        if out and transport is not None and not transport.is_closing():
-            transport.write(out)
+            self.proc.outbox.write(self.transport, data)
 
     def close(self) -> None:
         """Close the connection once what was written is out."""
-        self.flush_output()
         if self.transport is not None:
+            self.proc.outbox.flush()
             self.transport.close()
 
     def send_error(self, err: Refusal, request: ClientRequest) -> None:
