@@ -6,7 +6,11 @@ the generation counter moved.
 
 Invariants:
 - ``SCHEMA_VERSION`` changes only when a change is not backward compatible; every field added later
-  has a default, so an older proxy can read a newer snapshot during a rolling restart.
+  has a default, so a newer reader takes an older snapshot. The reverse does not hold: the
+  Structs refuse unknown fields, since the same Structs validate config files, where an unknown
+  key is a typo. No reader ever meets a newer writer: each coordinator has its own segments
+  (named by its instance id), and an upgrade starts a whole new generation, coordinator and
+  proxies, beside the old one (``coordinator.succession``).
 - ``Snapshot.schema`` is the compatibility rule: a reader takes a snapshot only when its ``schema``
   equals the reader's ``SCHEMA_VERSION`` (``shm.snapshot``). So that any reader can tell which
   version it was handed, the field keeps its name, its type (int) and its place (first) in every
