@@ -17,7 +17,7 @@ from proxy_workers.contract import ProcessView
 
 if TYPE_CHECKING:
     from proxy_workers.contract import UpstreamConnectionView
-    from proxy_workers.http.upstream import Pools
+    from proxy_workers.http.pools import Pools
 
 
 class HttpProcess(ProcessView, Protocol):

@@ -1,16 +1,14 @@
-"""Connections to workers: an asyncio Protocol parsing responses with httptools, and keep-alive pools.
+"""Connections to workers: an asyncio Protocol parsing responses with httptools.
 
 Role: carry one request at a time to a worker and feed the parsed response back to the attempt
 that owns the connection (a :class:`proxy_workers.contract.UpstreamOwner`: an HTTP exchange, a PD
-decode leg or a PD prefill leg).
+decode leg or a PD prefill leg). The keep-alive pools that open and keep these connections are
+:mod:`proxy_workers.http.pools`'.
 
 Invariants:
 - A connection belongs to at most one exchange; it returns to its pool only after a complete
   response that allows keep-alive, and never after an abort (a client disconnect closes it, which
   is how the worker learns to stop generating).
-- Pools are LIFO (the most recently used socket is the least likely to have been closed by the
-  worker) and bounded by the ``pool_size`` setting; idle sockets older than ``keepalive_timeout``
-  are closed by the proxy's periodic sweep.
 - A parse error from a worker never escapes: it becomes a 502 (before the head reached the
   client) or a truncated response (after).
 - Response header rules (what is relayed, what is hop-by-hop) are
@@ -43,19 +41,16 @@ Bounds (what a worker can make a proxy buffer, per connection):
 from __future__ import annotations
 
 import asyncio
-import ssl
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from proxy_workers.forwarding.headers import NO_TOKENS, RESPONSE_DROP, connection_tokens, without_fields
 from proxy_workers.http.framing import MAX_RESPONSE_HEAD, TRAILERS, WorkerProtocolError, coding_lines
-from proxy_workers.outbox import Outbox
 
 if TYPE_CHECKING:
     from proxy_workers.contract import UpstreamConnectionView, UpstreamOwner
+    from proxy_workers.http.pools import WorkerPool
 
 
 class _NoOwner:
@@ -319,91 +314,3 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = NO_OWNER
         if self.transport is not None:
             self.transport.abort()
-
-
-class WorkerPool:
-    """Idle keep-alive connections to one worker, plus what is needed to open new ones."""
-
-    __slots__ = ("authority", "host", "idle", "limit", "loop", "outbox", "port", "ssl", "url")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, url: str, limit: int, outbox: Outbox) -> None:
-        parts = urlsplit(url)
-        self.loop = loop
-        self.outbox = outbox
-        self.url = url
-        self.host = parts.hostname or "127.0.0.1"
-        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
-        self.port = parts.port or (443 if self.ssl else 80)
-        self.authority = parts.netloc.encode()
-        self.limit = limit
-        self.idle: list[UpstreamConnection] = []
-
-    def take(self) -> UpstreamConnection | None:
-        idle = self.idle
-        while idle:
-            conn = idle.pop()
-            if conn.transport is not None and not conn.transport.is_closing():
-                return conn
-        return None
-
-    def put(self, conn: UpstreamConnection) -> None:
-        if len(self.idle) < self.limit:
-            self.idle.append(conn)
-        else:
-            conn.close()
-
-    def forget(self, conn: UpstreamConnection) -> None:
-        try:
-            self.idle.remove(conn)
-        except ValueError:
-            pass
-
-    def connect(self, done: Callable[[asyncio.Future[Any]], None]) -> asyncio.Future[Any]:
-        """Open a new connection; ``done`` gets the future of (transport, protocol)."""
-        future = asyncio.ensure_future(self.loop.create_connection(
-            lambda: UpstreamConnection(self), self.host, self.port, ssl=self.ssl))
-        future.add_done_callback(done)
-        return future
-
-    def close_idle(self, older_than: float) -> None:
-        keep = []
-        for conn in self.idle:
-            if conn.idle_since < older_than:
-                conn.close()
-            else:
-                keep.append(conn)
-        self.idle[:] = keep
-
-    def close_all(self) -> None:
-        for conn in self.idle:
-            conn.close()
-        self.idle.clear()
-
-
-class Pools:
-    """All worker pools of one proxy process, keyed by worker URL."""
-
-    __slots__ = ("limit", "loop", "outbox", "pools")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int, outbox: Outbox) -> None:
-        self.loop = loop
-        self.outbox = outbox
-        self.limit = limit
-        self.pools: dict[str, WorkerPool] = {}
-
-    def get(self, url: str) -> WorkerPool:
-        pool = self.pools.get(url)
-        if pool is None:
-            pool = self.pools[url] = WorkerPool(self.loop, url, self.limit, self.outbox)
-        return pool
-
-    def retain(self, urls: set[str]) -> None:
-        """Drop pools of workers that left the fleet (their idle sockets are closed)."""
-        for url in list(self.pools):
-            if url not in urls:
-                self.pools.pop(url).close_all()
-
-    def sweep(self, older_than: float) -> None:
-        for pool in self.pools.values():
-            if pool.idle:
-                pool.close_idle(older_than)

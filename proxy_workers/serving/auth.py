@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from proxy_workers.contract import ClientRequest
     from proxy_workers.forwarding.request import Request
     from proxy_workers.grpc.channels import GrpcChannels
-    from proxy_workers.http.upstream import Pools
+    from proxy_workers.http.pools import Pools
     from shm.schema import ClientKey, Snapshot, Worker
 
 log = logging.getLogger("shardgate.proxy")

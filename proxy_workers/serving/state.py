@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from proxy_workers.forwarding.retry import parse_statuses
 from proxy_workers.grpc.channels import GrpcChannels
-from proxy_workers.http.upstream import Pools
+from proxy_workers.http.pools import Pools
 from proxy_workers.outbox import Outbox
 from proxy_workers.policies.base import PolicyEnv
 from proxy_workers.routing.table import RoutingTable
