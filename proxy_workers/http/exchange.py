@@ -7,18 +7,20 @@ it is a :class:`proxy_workers.contract.ClientExchange` towards the client and an
 an HTTP PD request, reporting to its :class:`PairOwner` instead of the client. Callback driven (no
 task per request) because a task costs more than the whole routing decision.
 
+What happens when an attempt fails or runs out of time (retries, a worker's answer retried
+elsewhere, the timeouts) is the :class:`proxy_workers.http.recovery.Recovery` mixin's, which
+also defines the phases.
+
 Invariants:
-- Picks, their counting and the worker cell's books go through :mod:`proxy_workers.forwarding.attempts`;
-  whether to retry is :func:`proxy_workers.forwarding.retry.retry_or_give_up`'s answer (retry only
-  while nothing reached the client, never the same worker, at most ``max_tries``; a
-  time-to-first-byte timeout is not retried). Once the response head is written, a failure
-  truncates the response instead (an SSE stream gets an error event first).
+- Picks, their counting and the worker cell's books go through :mod:`proxy_workers.forwarding.attempts`.
+  Once the response head is written, a failure truncates the response instead of being retried
+  (an SSE stream gets an error event first).
 - Every path ends in :meth:`Exchange._end` exactly once, which settles the load-board gauges.
 - A client that goes away aborts the worker connection at once so the GPU stops generating.
 - Back-pressure: while the client's socket is full (``pause_upstream``), the worker connection is
   not read once the head is relayed, so the proxy holds at most one read of the worker's body
-  beyond the client transport's high-water mark. The worker's silence is then the client's
-  doing: ``idle_timeout`` ends such a stream as a stalled client, never as a worker failure.
+  beyond the client transport's high-water mark (how the worker's silence is then judged:
+  :mod:`proxy_workers.http.recovery`).
 - What a worker's response may be (one final response, bounded head, transfer codings) is
   :mod:`proxy_workers.http.upstream`'s; an HTTP/1.0 client cannot receive a transfer coding, so a
   coded answer fails the attempt (RFC 9112 6.1) instead of reaching it undecodable.
@@ -28,14 +30,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from proxy_workers.errors import BadGateway, RouterError, UpstreamTimeout, error_body, reason
+from proxy_workers.errors import BadGateway, RouterError, error_body, reason
 from proxy_workers.forwarding.attempts import CLOSED, first_byte, open_cell, pick_worker, settle
-from proxy_workers.forwarding.retry import answer_retry_delay, retry_after, retry_or_give_up, stalled
+from proxy_workers.forwarding.retry import stalled
 from proxy_workers.forwarding.usage import stream_tokens, usage_tokens
 from proxy_workers.http.framing import WorkerProtocolError
-from proxy_workers.http.owners import DroppedAnswer
+from proxy_workers.http.recovery import CONNECT, DONE, STREAMING, WAIT_HEAD, Recovery
 from proxy_workers.routing.decision import describe, header_value
-from shm.loadboard import P_RETRIES_STATUS, W_ERR_STATUS
+from shm.loadboard import W_ERR_STATUS
 
 if TYPE_CHECKING:
     import asyncio
@@ -48,30 +50,20 @@ if TYPE_CHECKING:
     from shm.schema import Worker
 
 
-CONNECT, WAIT_HEAD, STREAMING, DONE, DROPPING, BACKOFF, HANDED_OFF = 0, 1, 2, 3, 4, 5, 6
-# HANDED_OFF: a PD decode leg whose pair is being replaced; the PD exchange carries on without it.
 _STATUS_LINES: dict[int, bytes] = {}  # status -> "HTTP/1.1 200 OK\r\n", built once per status
 
 
-class Exchange:
+class Exchange(Recovery):
     __slots__ = (
-        "_fresh_retry",
-        "answer_retries",
-        "backoff",
-        "cell",
         "chunked",
         "client",
-        "conn",
-        "connecting",
         "ctx",
         "events",
         "first_at",
         "head_sent",
-        "last_io",
         "out",
         "paused",
         "pd",
-        "phase",
         "phase_started",
         "proc",
         "request",
@@ -238,100 +230,7 @@ class Exchange:
         else:
             self.last_io = self.proc.loop.time()
 
-    # -- a worker's answer retried elsewhere (forwarding.retry's rules) ----------------------
-
-    def _drop_for_retry(self, conn: UpstreamConnectionView, status: int) -> bool:
-        """A retryable answer arrived before anything reached the client: if the retry rules allow
-        another try, the answer is read and dropped (True); else it is relayed as it came (False)."""
-        proc, pd = self.proc, self.pd
-        attempts = pd.pairs if pd is not None else len(self.tried)
-        now = proc.loop.time()
-        delay = answer_retry_delay(proc, attempts, self.answer_retries, self.answer_retries > 0,
-                                   now - self.started, retry_after(conn.lines))
-        upstream = self.conn
-        if delay is None or upstream is None or (pd is None and not self._untried_left()):
-            return False
-        why = f"{self._url()} answered {status}"
-        # A 5xx counts against the worker (passive health); a 408/429 says "not now", not "broken".
-        if status >= 500 and self.cell >= 0:
-            proc.ints[self.cell + W_ERR_STATUS] += 1
-        self.cell = settle(proc, self.cell, ok=False, count_error=status >= 500)
-        if not self.answer_retries:
-            proc.retrying += 1
-        self.answer_retries += 1
-        self.phase, self.last_io = DROPPING, now
-        upstream.exchange = DroppedAnswer(self, why, delay)
-        return True
-
-    def _untried_left(self) -> bool:
-        tried = self.tried
-        return any(w.slot not in tried for w in self.route.candidates)
-
-    def answer_dropped(self, why: str, delay: float, reusable: bool) -> None:
-        """The retried answer was read to its end (or its connection went): try the next worker."""
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            if reusable:
-                conn.release(self.proc.loop.time())
-            else:
-                conn.abort()
-        if self.phase != DROPPING:
-            return  # the request ended meanwhile (client gone, timed out)
-        pd = self.pd
-        if pd is not None:  # a decode leg: the PD exchange forms a new pair
-            # Not DONE: this runs inside the worker connection's callback, which ends by calling
-            # after_upstream_data, and DONE there would end the whole PD request.
-            self.phase = HANDED_OFF
-            self._release_budget()
-            self.proc.active.discard(self)
-            pd.decode_failed(self, why)
-            return
-        self.proc.count_retry()
-        self.proc.ints[self.proc.row + P_RETRIES_STATUS] += 1  # a retry for the worker's answer
-        self.phase = BACKOFF
-        self.backoff = self.proc.loop.call_later(delay, self._after_backoff, why)
-
-    def _after_backoff(self, why: str) -> None:
-        self.backoff = None
-        if self.phase == BACKOFF:
-            self._attempt(why)
-
-    def _release_budget(self) -> None:
-        if self.answer_retries:
-            self.proc.retrying -= 1
-            self.answer_retries = 0
-
-    def upstream_failed(self, conn: UpstreamConnectionView, why: str) -> None:
-        if conn is not self.conn or self.phase == DONE:
-            return
-        self.conn = None
-        if self.head_sent:
-            self._truncate(why)
-        elif self._fresh_retry and not conn.received:
-            # A pooled keep-alive socket the worker had already closed: same worker, new socket.
-            self.cell = settle(self.proc, self.cell, ok=False, count_error=False)
-            assert self.worker is not None  # a connection was in use: a worker was picked
-            self._use(self.worker)
-        else:
-            self._attempt_failed(why, connect_error=False)
-
     # -- endings ---------------------------------------------------------------------------
-
-    def _attempt_failed(self, why: str, connect_error: bool) -> None:
-        self._fresh_retry = False
-        self.cell = settle(self.proc, self.cell, ok=False, connect_error=connect_error)
-        if self.pd is not None:
-            # A PD decode leg does not retry alone: its prefill's KV went to this worker, so the
-            # PD exchange starts a new pair.
-            self.phase = DONE
-            self.proc.active.discard(self)
-            self.pd.decode_failed(self, why)
-            return
-        give_up = retry_or_give_up(self.proc, len(self.tried), why)
-        if give_up is None:
-            self._attempt(why)
-        else:
-            self._fail(give_up)
 
     def _url(self) -> str:
         return self.worker.url if self.worker is not None else "?"
@@ -430,57 +329,4 @@ class Exchange:
         conn = self.conn
         if conn is not None and conn.transport is not None:
             conn.transport.resume_reading()
-
-    def check_deadline(self, now: float) -> None:
-        """Called by the periodic sweep; enforces connect, first-byte, idle and total timeouts."""
-        settings = self.proc.settings
-        phase = self.phase
-        if now - self.started > settings.total_timeout:
-            self._time_out(f"request exceeded total_timeout={settings.total_timeout}s")
-        elif phase == CONNECT and now - self.phase_started > settings.connect_timeout:
-            self._abandon_connect()
-            self._attempt_failed(f"connect to {self._url()} timed out", connect_error=True)
-        elif phase == WAIT_HEAD and stalled(settings, now - self.phase_started, self.request.body):
-            conn, self.conn = self.conn, None
-            if conn is not None:
-                conn.abort()  # the worker may be wedged; the connection is not reused
-            self._attempt_failed(f"{self._url()} sent no response head within "
-                                 f"stall_timeout={settings.stall_timeout}s (stalled)", connect_error=False)
-        elif phase == WAIT_HEAD and now - self.phase_started > settings.first_byte_timeout:
-            self._time_out("worker sent no response within "
-                           f"first_byte_timeout={settings.first_byte_timeout}s")
-        elif phase in (STREAMING, DROPPING) and now - self.last_io > settings.idle_timeout:
-            if self.paused and phase == STREAMING:
-                self._client_stalled(f"client read nothing for idle_timeout={settings.idle_timeout}s")
-            else:
-                self._time_out(f"worker was silent for idle_timeout={settings.idle_timeout}s")
-
-    def _client_stalled(self, why: str) -> None:
-        """The client stopped reading a stream: the worker is released (not blamed), the client's
-        connection ends once what it holds is out."""
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abort()  # the worker stops generating for a reader that is not there
-        self.cell = settle(self.proc, self.cell, ok=False, count_error=False)
-        self._truncate(why)  # its SSE event is there should the client read again
-
-    def _abandon_connect(self) -> None:
-        """Stop whatever is pending before a worker connection is in use: a connect, a backoff."""
-        connecting, self.connecting = self.connecting, None
-        if connecting is not None:
-            connecting.cancel()
-        backoff, self.backoff = self.backoff, None
-        if backoff is not None:
-            backoff.cancel()
-
-    def _time_out(self, why: str) -> None:
-        self._abandon_connect()
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abort()
-        if self.head_sent:
-            self._truncate(why)
-        else:
-            self.cell = settle(self.proc, self.cell, ok=False)
-            self._fail(UpstreamTimeout(why))
 
