@@ -1,12 +1,12 @@
 """The router's timeouts for gRPC workers, end to end: connect, first message, idle stream, total.
 
 The HTTP path's timeouts are tested in ``test_proxy_e2e``; these tests hold the gRPC path
-(``proxy_workers/grpc/exchange.py``) to the same contract: a timeout before anything reached the
-client is a 504 in OpenAI's error shape and is not retried; after the head it truncates the SSE
-stream with an ``event: error``; either way the worker is told to stop (the mock counts the call
-``aborted``; the router also sends an ``Abort`` RPC, which a real engine needs to free the KV).
-Only a connect timeout is retried, on another worker; with none left the answer is a 502 naming
-the reason.
+(``proxy_workers/grpc/exchange.py``, its deadlines in ``proxy_workers/grpc/recovery.py``) to the
+same contract: a timeout before anything reached the client is a 504 in OpenAI's error shape
+and is not retried; after the head it truncates the SSE stream with an ``event: error``; either
+way the worker is told to stop (the mock counts the call ``aborted``; the router also sends an
+``Abort`` RPC, which a real engine needs to free the KV). Only a connect timeout is retried, on
+another worker; with none left the answer is a 502 naming the reason.
 
 A connect that never completes is produced on loopback by :class:`Blackhole`: a listener whose
 accept queue is full, so the kernel drops every SYN as a dead host would; with the tests' 1 s

@@ -9,14 +9,13 @@ and reports its end through ``client.exchange_done``, which counts it). It trans
 or one JSON object (its head: :mod:`proxy_workers.grpc.response`). One asyncio task per request:
 gRPC's API is coroutines, and a gRPC call costs far more than the task.
 
+Whether a failed leg is retried, and the deadlines the periodic sweep enforces, are the
+:class:`proxy_workers.grpc.recovery.GrpcRecovery` mixin's, which also defines the phases.
+
 Invariants:
-- Retry only while nothing reached the client: a failed worker (what counts as one:
-  :mod:`proxy_workers.grpc.failures`) is replaced by another, never one already tried, up to
-  ``max_tries``; its answer about the request itself (INVALID_ARGUMENT...) is relayed. After the
-  head is out a failure truncates the response (SSE: an ``event: error`` first), closing the connection.
-- Timeouts as the HTTP path: ``connect_timeout`` (channel not connected), ``first_byte_timeout``
-  (to the first message), ``idle_timeout`` (between messages), ``total_timeout`` (also sent as
-  the call's gRPC deadline, so the worker stops too). Only a connect timeout is retried.
+- After the head is out a failure truncates the response (SSE: an ``event: error`` first),
+  closing the connection; before, it is retried or answered (:mod:`proxy_workers.grpc.recovery`).
+- ``total_timeout`` is also sent as each call's gRPC deadline, so the worker stops too.
 - gRPC PD (vLLM's two-phase handoff): prefill (one token, ``do_remote_decode``) -> its opaque
   ``kv_transfer_params`` -> the decode request, unread. A failed prefill is replaced before decode
   starts; a decode that fails before the first byte gets a new pair; nothing is retried after.
@@ -35,17 +34,16 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from proxy_workers.errors import InternalError, RouterError, UpstreamTimeout
+from proxy_workers.errors import InternalError, RouterError
 from proxy_workers.forwarding.attempts import pick_worker
 from proxy_workers.forwarding.headers import call_metadata, relayed_metadata
-from proxy_workers.forwarding.retry import answer_retry_delay, retry_or_give_up
 from proxy_workers.grpc.failures import Failed, classify
 from proxy_workers.grpc.legs import Leg
+from proxy_workers.grpc.recovery import DONE, STREAMING, WAIT_FIRST, GrpcRecovery
 from proxy_workers.grpc.response import interrupted_event, response_head
 from proxy_workers.grpc.translate import Renderer, WorkerError, decode_request, prefill_request, to_request
 from proxy_workers.routing.decision import describe, header_value
 from proxy_workers.routing.table import ModelRoute, PDRoute
-from shm.loadboard import P_RETRIES_STATUS
 from shm.proto import worker_pb2 as pb
 
 if TYPE_CHECKING:
@@ -55,14 +53,12 @@ if TYPE_CHECKING:
     from shm.schema import Worker
 
 log = logging.getLogger("shardgate.proxy")
-WAIT_FIRST, STREAMING, DONE = 1, 2, 3
 
 
-class GrpcExchange:
-    __slots__ = ("answer_retries", "client", "ctx", "current", "expired", "first_at", "gone", "head_route",
-                 "head_sent", "head_worker", "last_io", "last_why", "legs", "paused", "phase",
-                 "phase_started", "picks", "prefill_worker", "proc", "render", "request", "route", "sse",
-                 "started", "task", "usage")
+class GrpcExchange(GrpcRecovery):
+    __slots__ = ("client", "ctx", "current", "first_at", "gone", "head_route", "head_sent", "head_worker",
+                 "last_io", "legs", "paused", "phase", "phase_started", "picks", "prefill_worker", "proc",
+                 "render", "request", "route", "sse", "started", "task", "usage")
 
     def __init__(self, proc: GrpcProcess, client: ClientSink, request: ClientRequest,
                  route: ModelRoute | PDRoute, ctx: RequestContext) -> None:
@@ -149,34 +145,6 @@ class GrpcExchange:
         if paused is not None and not paused.done():
             paused.set_result(None)
 
-    def check_deadline(self, now: float) -> None:
-        """Called by the periodic sweep: connect, first-message, idle and total timeouts."""
-        leg = self.current
-        if self.phase == DONE or self.expired is not None or leg is None or leg.call is None:
-            return
-        settings = self.proc.settings
-        waited = now - self.phase_started
-        if now - self.started > settings.total_timeout:
-            self._expire(leg, UpstreamTimeout(f"request exceeded total_timeout={settings.total_timeout}s"))
-        elif self.phase == WAIT_FIRST and waited > settings.connect_timeout and not leg.connected():
-            self._expire(leg, Failed(f"connect to {leg.worker.url} timed out", connect=True))
-        elif self.phase == WAIT_FIRST and waited > settings.first_byte_timeout:
-            self._expire(leg, UpstreamTimeout(
-                f"worker sent nothing within first_byte_timeout={settings.first_byte_timeout}s"))
-        elif self.phase == STREAMING and now - self.last_io > settings.idle_timeout:
-            who = "client read nothing" if self.paused is not None else "worker was silent"
-            self._expire(leg, UpstreamTimeout(f"{who} for idle_timeout={settings.idle_timeout}s"))
-
-    def _expire(self, leg: Leg, exc: BaseException) -> None:
-        if self.paused is not None:
-            # No read is pending: the wait for the client ends, and _read raises exc without
-            # blaming the worker (the client held it up).
-            self.expired = exc
-            self._wake()
-        elif not leg.call.done():
-            self.expired = exc
-            leg.call.cancel()  # the pending read raises CancelledError; _read turns it into exc
-
     # -- the two routers -----------------------------------------------------------------
 
     async def _regular(self, route: ModelRoute, req: pb.GenerateRequest) -> None:
@@ -252,33 +220,6 @@ class GrpcExchange:
         self.picks += 1
         tried.append(worker.slot)
         return worker
-
-    async def _retry(self, failed: Failed, tried: list[int], route: ModelRoute) -> None:
-        """Count a retry (after its backoff, for a worker's answer), or raise what ends the request:
-        the 502 when the retry rule allows no more, or the worker's own answer."""
-        self.last_why = failed.why
-        proc = self.proc
-        answer = failed.answer
-        if answer is None:
-            give_up = retry_or_give_up(proc, len(tried), failed.why)
-            if give_up is not None:
-                raise give_up
-            return
-        delay = answer_retry_delay(proc, len(tried), self.answer_retries, self.answer_retries > 0,
-                                   proc.loop.time() - self.started, None)
-        if delay is None or all(w.slot in tried for w in route.candidates):
-            raise answer
-        if not self.answer_retries:
-            proc.retrying += 1
-        self.answer_retries += 1
-        proc.count_retry()
-        proc.ints[proc.row + P_RETRIES_STATUS] += 1  # a retry for the worker's answer
-        await asyncio.sleep(delay)
-
-    def _release_budget(self) -> None:
-        if self.answer_retries:
-            self.proc.retrying -= 1
-            self.answer_retries = 0
 
     def _open(self, worker: Worker, req: pb.GenerateRequest) -> Leg:
         """Start a Generate call on ``worker``; it counts in flight from now."""
