@@ -1,6 +1,6 @@
 """gRPC channels to workers: one grpc.aio channel per worker URL per proxy process, cached.
 
-Role: what :mod:`proxy_workers.http.upstream`'s pools are to HTTP workers. A channel multiplexes every
+Role: what :mod:`proxy_workers.http.pools`' pools are to HTTP workers. A channel multiplexes every
 call to its worker over one HTTP/2 connection, so there is nothing to pool beyond the channel.
 
 Invariants:

@@ -26,20 +26,9 @@ Invariants:
   connection closes. Every refusal before a worker goes through :meth:`ClientProtocol.refuse`,
   which counts it once, by reason (:mod:`proxy_workers.serving.refusals`); every other request
   is counted when its exchange ends.
-- Bounded memory per connection (docs/security.md, "Memory"). Reading from the client stops
-  (``pause_reading``) while ``max_pipelined`` requests, or queued bodies of ``max_body_size``
-  bytes in all, wait; or while the client's own write buffer is above its high-water mark (and
-  then the next queued request waits until it drains). A read larger than FEED_SLICE is parsed a
-  slice at a time so that parsing stops there too, the rest held until reading resumes. A body is
-  accumulated in one bytearray. Worst case for one connection, B = max_body_size, H = the Python
-  objects of one head (~3 x max_head_size + 200 B x max_header_count, ~210 KiB by default)::
-
-      queued bodies < 2 B   +  the request being read ~2.1 B (bytearray, then its bytes copy)
-      + (max_pipelined + 1) x H  +  one slice of tiny requests past the cap (~0.6 MiB)
-      + one unparsed read held (<= 256 KiB)  +  llhttp's unfinished field (<= max_head_size)
-      + the write buffer's high-water mark (64 KiB) and one answer of the router's own
-
-  about 4 B + 4.5 MiB: ~133 MiB with the defaults (B = 32 MiB), ~4.6 MiB with B = 16 KiB.
+- Bounded memory per connection (docs/security.md, "Memory"): reading stops while requests,
+  or their bodies, wait past their caps, or while the client does not read what it is sent
+  (when, and the worst case: :mod:`proxy_workers.serving.flow`).
 """
 
 from __future__ import annotations
@@ -66,7 +55,8 @@ from proxy_workers.routing.decision import prepare, prepare_any
 from proxy_workers.routing.paths import ANY_WORKER, PROXIED_PATHS
 from proxy_workers.serving import endpoints, rules
 from proxy_workers.serving.dispatch import DATA_PATHS
-from proxy_workers.serving.reading import CONTINUE, FEED_SLICE, RequestReader
+from proxy_workers.serving.flow import InputFlow
+from proxy_workers.serving.reading import CONTINUE, FEED_SLICE
 from proxy_workers.serving.records import end_request
 from proxy_workers.serving.refusals import note_refusal
 from proxy_workers.serving.rules import CLEAN_PATHS
@@ -83,12 +73,12 @@ REFUSED_METHODS = frozenset({b"HEAD", b"CONNECT", b"TRACE"})
 # stop between slices when the pipelining cap is reached: what one read adds past it stays small.
 
 
-class ClientProtocol(RequestReader, asyncio.Protocol):
-    """One client connection: its requests (read by :class:`RequestReader`), their answers, flow control."""
+class ClientProtocol(InputFlow, asyncio.Protocol):
+    """One client connection: its requests (read by :class:`RequestReader`, when to read:
+    :class:`InputFlow`), their answers."""
 
-    __slots__ = ("_blocked", "_draining_queue", "_held", "_queued_bytes", "_stopped", "_write_paused",
-                 "err_status", "exchange", "parser", "peer", "proc", "queue", "req_started", "sent",
-                 "transport")
+    __slots__ = ("_draining_queue", "_queued_bytes", "err_status", "exchange", "parser", "peer", "proc",
+                 "queue", "req_started", "sent", "transport")
 
     def __init__(self, proc: ProxyProcess) -> None:
         self.proc = proc
@@ -151,17 +141,6 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
                     or len(self._headers) > self.proc.settings.max_header_count):
                 self._incomplete_head_refusal()
 
-    def _receive_in_slices(self, data: bytes | memoryview) -> None:
-        """Parse ``data`` FEED_SLICE bytes at a time; once blocked, hold the rest (or drop it, stopped)."""
-        view = memoryview(data)
-        for start in range(0, len(view), FEED_SLICE):
-            if self._stopped:
-                return
-            if self._blocked:
-                self._held += view[start:]
-                return
-            self.data_received(view[start:start + FEED_SLICE])
-
     def _incomplete_head_refusal(self) -> None:
         settings = self.proc.settings
         if len(self._url) > settings.max_head_size:  # on_url has every piece received so far
@@ -187,63 +166,7 @@ class ClientProtocol(RequestReader, asyncio.Protocol):
         # are freed now, not by the cyclic collector.
         self.parser = None  # type: ignore[assignment]
 
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        self._update_input()
-        if self.exchange is not None:
-            self.exchange.pause_upstream()
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self.exchange is not None:
-            self.exchange.resume_upstream()
-        elif self.queue:  # a queued request waited for the client to read (_drain_queue)
-            self._drain_queue()
-        self._update_input()
-
-    # -- reading: pause and resume ---------------------------------------------------------
-
-    def _stop(self) -> None:
-        """Parse nothing more on this connection (its last request is being answered)."""
-        self._stopped = True
-        self._held = b""
-        self._update_input()
-
-    def _update_input(self) -> None:
-        """Pause reading while stopped, write-paused, or while max_pipelined requests (or queued
-        bodies of max_body_size bytes in all) wait; else resume."""
-        settings = self.proc.settings
-        block = (self._stopped or self._write_paused or len(self.queue) >= settings.max_pipelined
-                 or self._queued_bytes >= settings.max_body_size)
-        if block == self._blocked:
-            return
-        self._blocked = block
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        if block:
-            transport.pause_reading()
-            # header_timeout is for a client that is slow to send, not for time we do not read.
-            self.reading_since = 0.0
-        elif self._held:
-            # Parsed from the loop, not from here: this may run inside a callback of the parser.
-            self.proc.loop.call_soon(self._release_held)
-        else:
-            self._resume_reading(transport)
-
-    def _release_held(self) -> None:
-        transport = self.transport
-        if self._blocked or transport is None or transport.is_closing():
-            return
-        held, self._held = self._held, b""
-        self._receive_in_slices(held)
-        if not self._blocked:
-            self._resume_reading(transport)
-
-    def _resume_reading(self, transport: asyncio.Transport) -> None:
-        if self._url:  # a request was partly read: its header_timeout starts again
-            self.reading_since = self.proc.loop.time()
-        transport.resume_reading()
+    # -- reading: a complete request, dispatched now or queued ------------------------------
 
     def _enqueue(self, request: Request) -> None:
         if self.exchange is None and not self.queue:

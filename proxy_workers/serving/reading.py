@@ -1,7 +1,8 @@
 """Reading one client request at a time from llhttp's callbacks, within the request limits.
 
 Role: :class:`RequestReader` is the parsing half of :class:`proxy_workers.serving.protocol.ClientProtocol`
-(which adds the connection, flow control, dispatch and answers). httptools calls its ``on_*``
+(which adds the connection, dispatch and answers; flow control: its base
+:class:`proxy_workers.serving.flow.InputFlow`). httptools calls its ``on_*``
 methods; each complete request becomes a :class:`proxy_workers.forwarding.request.Request`,
 handed to ``_enqueue``.
 
