@@ -41,7 +41,7 @@ Bounds (what a worker can make a proxy buffer, per connection):
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
@@ -50,7 +50,21 @@ from proxy_workers.http.framing import MAX_RESPONSE_HEAD, TRAILERS, WorkerProtoc
 
 if TYPE_CHECKING:
     from proxy_workers.contract import UpstreamConnectionView, UpstreamOwner
-    from proxy_workers.http.pools import WorkerPool
+    from proxy_workers.outbox import Outbox
+
+
+class ConnectionPool(Protocol):
+    """What a connection and its owners use of its pool (:class:`proxy_workers.http.pools.WorkerPool`).
+
+    A Protocol, so that only the pools, which make connections, import the other module (no import
+    cycle, not even a type-only one: tests/test_boundaries.py)."""
+
+    authority: bytes
+    outbox: Outbox
+
+    def put(self, conn: UpstreamConnection) -> None: ...
+
+    def forget(self, conn: UpstreamConnection) -> None: ...
 
 
 class _NoOwner:
@@ -101,7 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("chunked", "conn_tokens", "content_type", "exchange", "head_room", "idle_since",
                  "keep_alive", "length", "lines", "parser", "pool", "received", "transport", "until_eof")
 
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.exchange: UpstreamOwner = NO_OWNER
