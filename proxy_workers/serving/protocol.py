@@ -54,6 +54,7 @@ from proxy_workers.forwarding.request import Request
 from proxy_workers.routing.decision import prepare, prepare_any
 from proxy_workers.routing.paths import ANY_WORKER, PROXIED_PATHS
 from proxy_workers.serving import endpoints, rules
+from proxy_workers.serving.admission import Waiting
 from proxy_workers.serving.dispatch import DATA_PATHS
 from proxy_workers.serving.flow import InputFlow
 from proxy_workers.serving.reading import CONTINUE, FEED_SLICE
@@ -159,7 +160,7 @@ class ClientProtocol(InputFlow, asyncio.Protocol):
         if exchange is not None:
             exchange.client_gone()
             self._gone(exchange)
-            if hasattr(exchange, "figures"):  # not a request still waiting in admission's queue
+            if not isinstance(exchange, Waiting):  # still in admission's queue: no exchange, no record
                 end_request(self.proc, exchange.request, exchange, O_CLIENT_GONE, 0, self.req_started,
                             self.sent)
         # The parser refers back to this protocol: break the cycle so the connection's buffers
