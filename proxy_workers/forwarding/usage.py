@@ -17,7 +17,6 @@ import msgspec
 
 TAIL = 4096
 _USAGE = b'"usage":'
-_NEAR_END = 160  # a usage object with its closing braces is ~80-130 bytes
 
 
 class _Usage(msgspec.Struct):
@@ -34,11 +33,7 @@ def usage_tokens(last: bytes, before: bytes = b"") -> tuple[int, int] | None:
     Three C calls on the common path (find the last ``"usage":``, its closing brace, decode the
     object with msgspec): this runs once per request."""
     text = last
-    # The usage object ends an answer: look in its last bytes first (a match there is the last
-    # one in the whole text); only a usage further back, or none, costs a scan of all of it.
-    at = text.rfind(_USAGE, max(0, len(text) - _NEAR_END))
-    if at < 0:
-        at = text.rfind(_USAGE)
+    at = text.rfind(_USAGE)
     if at < 0:
         if not before:
             return None
