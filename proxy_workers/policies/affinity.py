@@ -166,7 +166,7 @@ class CacheAware(Policy):
         ends = ctx.prompt_ends()
         keys = prefix_keys(route.model, ctx.prompt(), settings.cache_block_chars, ends)
         if hi - lo > settings.balance_abs_threshold and hi > lo * settings.balance_rel_threshold:
-            worker = candidates[cols.argmin(Columns.loads, self.rng)[0]]
+            worker = candidates[cols.argmin(Columns.in_flight, self.rng)[0]]
             ctx.note("load imbalanced: least loaded worker", fallback=True, min_load=lo, max_load=hi)
         else:
             matched, rate = self._match(route, candidates, keys, ends)
