@@ -221,11 +221,19 @@ class Columns:
         self._memory = read[ranked[1:MEMORY + 1]]
         return self._pos[int(read[k])], float(scores[k]) * unit
 
-    def load_range(self, rng: random.Random) -> tuple[int, int]:
-        """(lowest, highest) global in-flight over the scanned candidates, not weighted
-        (sglang's balance check)."""
-        loads = self.loads(self._window())
-        return int(loads[loads.argmin()]), int(loads[loads.argmax()])  # argmin: cheaper than min
+    def read_loads(self, rng: random.Random) -> LoadRead:
+        """Global in-flight over what a decision scans, read once (cache_aware's balance rule
+        and its least-loaded choice both use it)."""
+        if self.exact:
+            start = int(rng.random() * self.size)
+            at = slice(start, start + self.size)
+        else:
+            at = self._window()
+        return LoadRead(self, at, self.loads(at))
+
+    def lowest(self, at: slice, scores: np.ndarray) -> int:
+        """Position in the candidate list of the first lowest of ``scores`` (read at ``at``)."""
+        return self._pos[at.start + int(scores.argmin())]
 
     def total_load(self, rng: random.Random) -> float:
         """Global in-flight summed over the candidates: exact, or scaled up from a sample."""
@@ -234,6 +242,34 @@ class Columns:
         if self.exact and self.size == len(self.candidates):
             return total
         return total * len(self.candidates) / (window.stop - window.start)
+
+
+class LoadRead:
+    """One read of global in-flight (``Columns.read_loads``): its lowest and highest figure,
+    then the least loaded candidate, unweighted or per unit of weight.
+
+    On an exact list the read covers every candidate from a random start, so the least loaded
+    comes from the same read (ties to the first from that start, as ``Columns.argmin``). On a
+    sampled list the read is the sweep's window, and the least loaded is ``Columns.argmin``'s
+    (the next window and the remembered runners-up).
+    """
+
+    __slots__ = ("_at", "_cols", "_loads", "high", "low")
+
+    def __init__(self, cols: Columns, at: slice, loads: np.ndarray) -> None:
+        self._cols, self._at, self._loads = cols, at, loads
+        self.low = int(loads[loads.argmin()])  # argmin and an item: cheaper than min() here
+        self.high = int(loads[loads.argmax()])
+
+    def least_loaded(self, rng: random.Random, weighted: bool) -> int:
+        """Position in the candidate list of the least loaded candidate (÷ weight if ``weighted``)."""
+        cols = self._cols
+        if not cols.exact:
+            return cols.argmin(Columns.weighted_loads if weighted else Columns.in_flight, rng)[0]
+        if not weighted:
+            return cols.lowest(self._at, self._loads)
+        scores, _ = cols._weighed(self._loads.copy(), self._at)
+        return cols.lowest(self._at, scores)
 
 
 def _weighing(weights: list[int]) -> tuple[np.ndarray | None, np.ndarray | None, float]:
