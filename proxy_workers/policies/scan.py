@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from math import lcm
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -106,6 +107,12 @@ class BoardArrays:
         return [first + f for f in fields]
 
 
+def _by_candidate(rows: list[np.ndarray]) -> np.ndarray:
+    """Index rows (one per figure summed) as one array of shape (positions, rows): the words of
+    a slice of positions are then contiguous, and one gather reads them all."""
+    return np.ascontiguousarray(np.stack(rows, axis=1))
+
+
 Score = Callable[["Columns", Any], "tuple[np.ndarray, float]"]  # (scores, unit) at scan positions
 MULTIPLIER_LIMIT = 1 << 20  # weights whose least common multiple is above this are divided by
 
@@ -121,7 +128,7 @@ class Columns:
     argmin. Index arrays, weights and factors are built here, once per candidate list.
     """
 
-    __slots__ = ("_engine", "_factors", "_flight", "_floats", "_memory", "_next", "_pos", "_queue",
+    __slots__ = ("_factors", "_flight", "_floats", "_memory", "_next", "_pos", "_positions", "_queue",
                  "_ttfb", "_unit", "_weights", "_words", "candidates", "exact", "size")
 
     def __init__(self, env: ScanEnv, candidates: Sequence[Worker],
@@ -142,11 +149,13 @@ class Columns:
         order += order if self.exact else order[:SAMPLE]  # any window is one slice
         self._pos = order
         slots = np.array([candidates[i].slot for i in order], dtype=np.intp)
-        self._flight = arrays.cell_words(slots, env.proxies, W_IN_FLIGHT)
-        self._ttfb = arrays.cell_words(slots, env.proxies, W_TTFB_EWMA)
-        self._engine = arrays.engine_words(slots, (E_RUNNING, E_WAITING))
-        self._queue = [*self._flight, *self._engine]  # engine queue + in flight
+        flight = arrays.cell_words(slots, env.proxies, W_IN_FLIGHT)
+        self._flight = _by_candidate(flight)
+        self._ttfb = _by_candidate(arrays.cell_words(slots, env.proxies, W_TTFB_EWMA))
+        engine = arrays.engine_words(slots, (E_RUNNING, E_WAITING))
+        self._queue = _by_candidate([*flight, *engine])  # engine queue + in flight
         self._weights, self._factors, self._unit = _weighing([candidates[i].weight for i in order])
+        self._positions = np.arange(len(order), dtype=np.intp)  # scan positions, for sampled reads
         self._memory = np.empty(0, dtype=np.intp)
         self._next = env.proxy * SAMPLE % self.size  # proxies sweep from different places
 
@@ -181,7 +190,7 @@ class Columns:
         """``totals`` ÷ weight, as integers times the weights' common multiple where it is
         small (exact: equal ratios tie), else as floats; and the unit that turns one back."""
         if self._factors is not None:
-            totals *= self._factors[at]
+            totals *= self._factors[at] if type(at) is slice else self._factors.take(at)
             return totals, self._unit
         if self._weights is not None:
             return totals / self._weights[at], 1.0
@@ -212,7 +221,7 @@ class Columns:
             k = int(scores.argmin())
             return self._pos[start + k], float(scores[k]) * unit
         window = self._window()
-        read = np.arange(window.start, window.stop, dtype=np.intp)
+        read = self._positions[window]
         if len(self._memory):
             read = np.concatenate((read, self._memory))
         scores, unit = score(self, read)
@@ -286,13 +295,22 @@ def _weighing(weights: list[int]) -> tuple[np.ndarray | None, np.ndarray | None,
     return None, np.array([multiple // max(w, 1) for w in weights], dtype=np.int64), 1.0 / multiple
 
 
-def _gather_sum(words: np.ndarray, rows: list[np.ndarray], at: Any) -> np.ndarray:
-    """The words indexed by ``rows[r][at]``, summed over ``r`` (one row per proxy): a gather
-    and an in-place add per row, cheaper here than one 2-D gather and ``sum(axis=0)``."""
-    total = words.take(rows[0][at])
-    for row in rows[1:]:
-        total += words.take(row[at])
-    return total
+def _gather_sum(words: np.ndarray, index: np.ndarray, at: Any) -> np.ndarray:
+    """The words at ``index[at]`` (shape (positions, rows)) summed over the rows: one gather,
+    then one add for two integer rows, else a product with a vector of ones (one call, cheaper
+    here than ``sum(axis=1)`` or an add per row)."""
+    read = words.take(index[at] if type(at) is slice else index.take(at, axis=0))  # 5x fancy's speed
+    rows = read.shape[1]
+    if rows == 1:
+        return read[:, 0]
+    if rows == 2 and read.dtype.kind == "i":
+        return read[:, 0] + read[:, 1]
+    return read @ _ones(rows, read.dtype)
+
+
+@lru_cache(maxsize=64)
+def _ones(rows: int, dtype: Any) -> np.ndarray:
+    return np.ones(rows, dtype=dtype)
 
 
 def columns_for(env: ScanEnv, candidates: Sequence[Worker], stable: bool,
