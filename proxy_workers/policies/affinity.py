@@ -19,8 +19,9 @@ Invariants:
   so holds in its cache.
 - cache_aware balances first: when ``max - min > balance_abs_threshold`` and
   ``max > min * balance_rel_threshold`` (in-flight over the model's workers, or over the sample
-  for long lists), the least loaded worker wins regardless of the cache (sglang's rule and
-  defaults: 0.3 / 64 / 1.5).
+  for long lists), the least loaded worker wins regardless of the cache (sglang's rule; its
+  defaults 0.3 / 64 / 1.5 except the absolute threshold, 4 here: 64 lets a shared system
+  prompt's conversations pile onto one worker, docs/simulator.md).
 """
 
 from __future__ import annotations
