@@ -12,6 +12,9 @@ Invariants:
 - A request without a routing key gets a random worker (reported as a fallback).
 - The load bound's mean is exact up to ``scan.EXACT_LIMIT`` candidates and a sample's (of
   ``scan.SAMPLE``) beyond, so proxies may disagree about a worker right at the bound.
+- Memos (a key's owner; for the bounded variant its first ``BACKUPS`` usable owners, with the
+  owners skipped before each) hold only ring positions, never loads, and belong to one candidate
+  list: a new snapshot brings a new list and an empty memo.
 """
 
 from __future__ import annotations
