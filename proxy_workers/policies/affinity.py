@@ -18,10 +18,11 @@ Invariants:
   an assistant message starts also counts that message, which the matched worker generated and
   so holds in its cache.
 - cache_aware balances first: when ``max - min > balance_abs_threshold`` and
-  ``max > min * balance_rel_threshold`` (in-flight over the model's workers, or over the sample
-  for long lists), the least loaded worker wins regardless of the cache (sglang's rule; its
-  defaults 0.3 / 64 / 1.5 except the absolute threshold, 4 here: 64 lets a shared system
-  prompt's conversations pile onto one worker, docs/simulator.md).
+  ``max > min * balance_rel_threshold`` (in-flight over the model's workers; for long lists over
+  the sample and the worker holding the prefix, which a sample alone would rarely include, so a
+  hot worker would never look imbalanced), the least loaded worker wins regardless of the
+  cache (sglang's rule; its defaults 0.3 / 64 / 1.5 except the absolute threshold, 4 here: 64
+  lets a shared system prompt's conversations pile onto one worker, docs/simulator.md).
 """
 
 from __future__ import annotations
@@ -169,21 +170,29 @@ class CacheAware(Policy):
         lo, hi = read.low, read.high
         ends = ctx.prompt_ends()
         keys = prefix_keys(route.model, ctx.prompt(), settings.cache_block_chars, ends)
-        if hi - lo > settings.balance_abs_threshold and hi > lo * settings.balance_rel_threshold:
+        matched, rate = None, 0.0
+        if not self._imbalanced(lo, hi):
+            matched, rate = self._match(route, candidates, keys, ends)
+            if matched is not None and read.sampled:  # a sample's max can miss the matched worker
+                hi = max(hi, env.load.in_flight(matched.slot))
+        if self._imbalanced(lo, hi):
             worker = candidates[read.least_loaded(self.rng, weighted=False)]
             ctx.note("load imbalanced: least loaded worker", fallback=True, min_load=lo, max_load=hi)
+        elif matched is not None and rate > settings.cache_threshold:
+            worker = matched
+            ctx.note("prefix cached on this worker", match_rate=round(rate, 3))
         else:
-            matched, rate = self._match(route, candidates, keys, ends)
-            if matched is not None and rate > settings.cache_threshold:
-                worker = matched
-                ctx.note("prefix cached on this worker", match_rate=round(rate, 3))
-            else:
-                worker = candidates[read.least_loaded(self.rng, weighted=True)]
-                ctx.note("prefix match below cache_threshold: least loaded worker", fallback=True,
-                         match_rate=round(rate, 3))
+            worker = candidates[read.least_loaded(self.rng, weighted=True)]
+            ctx.note("prefix match below cache_threshold: least loaded worker", fallback=True,
+                     match_rate=round(rate, 3))
         if not ctx.dry_run and env.affinity is not None and keys:
             self._remember(keys, worker.slot)
         return worker
+
+    def _imbalanced(self, low: int, high: int) -> bool:
+        """sglang's balance rule over global in-flight counts."""
+        settings = self.env.settings
+        return high - low > settings.balance_abs_threshold and high > low * settings.balance_rel_threshold
 
     def _remember(self, keys: list[tuple[int, int]], slot: int) -> None:
         env, written = self.env, self._written

@@ -274,6 +274,11 @@ class LoadRead:
         self.low = int(loads[loads.argmin()])  # argmin and an item: cheaper than min() here
         self.high = int(loads[loads.argmax()])
 
+    @property
+    def sampled(self) -> bool:
+        """Whether the read covers a sample of the list (not every candidate)."""
+        return not self._cols.exact
+
     def least_loaded(self, rng: random.Random, weighted: bool) -> int:
         """Position in the candidate list of the least loaded candidate (÷ weight if ``weighted``)."""
         cols = self._cols
