@@ -263,8 +263,9 @@ class LoadRead:
 
     On an exact list the read covers every candidate from a random start, so the least loaded
     comes from the same read (ties to the first from that start, as ``Columns.argmin``). On a
-    sampled list the read is the sweep's window, and the least loaded is ``Columns.argmin``'s
-    (the next window and the remembered runners-up).
+    sampled list the read is the sweep's window: the unweighted least loaded is the candidate
+    whose load is ``low``; the weighted one is ``Columns.argmin``'s (the next window and the
+    remembered runners-up).
     """
 
     __slots__ = ("_at", "_cols", "_loads", "high", "low")
@@ -282,10 +283,10 @@ class LoadRead:
     def least_loaded(self, rng: random.Random, weighted: bool) -> int:
         """Position in the candidate list of the least loaded candidate (÷ weight if ``weighted``)."""
         cols = self._cols
-        if not cols.exact:
-            return cols.argmin(Columns.weighted_loads if weighted else Columns.in_flight, rng)[0]
         if not weighted:
-            return cols.lowest(self._at, self._loads)
+            return cols.lowest(self._at, self._loads)  # the candidate ``low`` was read from
+        if not cols.exact:
+            return cols.argmin(Columns.weighted_loads, rng)[0]
         scores, _ = cols._weighed(self._loads.copy(), self._at)
         return cols.lowest(self._at, scores)
 
