@@ -307,19 +307,19 @@ def _weighing(weights: list[int]) -> tuple[np.ndarray | None, np.ndarray | None,
 
 def _gather_sum(words: np.ndarray, index: np.ndarray, at: Any) -> np.ndarray:
     """The words at ``index[at]`` (shape (positions, rows)) summed over the rows: one gather,
-    then one add for two integer rows, else a product with a vector of ones (one call, cheaper
-    here than ``sum(axis=1)`` or an add per row)."""
+    then one add for two rows, else a product with a vector of ones (one call, cheaper here
+    than ``sum(axis=1)`` or an add per row)."""
     read = words.take(index[at] if type(at) is slice else index.take(at, axis=0))  # 5x fancy's speed
     rows = read.shape[1]
     if rows == 1:
         return read[:, 0]
-    if rows == 2 and read.dtype.kind == "i":
+    if rows == 2:
         return read[:, 0] + read[:, 1]
-    return read @ _ones(rows, read.dtype)
+    return read @ _ones(rows, read.dtype.char)
 
 
 @lru_cache(maxsize=64)
-def _ones(rows: int, dtype: Any) -> np.ndarray:
+def _ones(rows: int, dtype: str) -> np.ndarray:
     return np.ones(rows, dtype=dtype)
 
 
