@@ -6,10 +6,10 @@ Role: ``least_connections``, ``least_latency``, ``least_loaded``, new assignment
 ``consistent_hash_bounded``'s load bound all ask "which candidate scores lowest" (or the total).
 :class:`Columns` answers with numpy over the board's words: index arrays built once per list
 (per snapshot for a route's), then per decision one gather, a sum over the proxies' columns, a
-multiplication by the weights' integer factors and an argmin, a handful of numpy calls whatever
-the list's length up to ``EXACT_LIMIT`` (~3-5 us at 100 workers on a shared 2-core machine, where
-a numpy call on 100 values costs ~0.5-1 us). In Python the reads alone cost ~25 ns per worker and
-proxy (a memoryview item each).
+multiplication by the weights' integer factors and an argmin: a handful of numpy calls whatever
+the list's length up to ``EXACT_LIMIT``, each ~0.5-1 us on 100 values on a shared 2-core machine
+(the whole pick: 7-9 us there, README "Performance"). In Python the reads alone cost ~25 ns per
+worker and proxy (a memoryview item each).
 
 Invariants:
 - Every figure is global: in-flight counts and TTFB EWMAs are summed over all proxies' cells of
