@@ -42,18 +42,23 @@ if TYPE_CHECKING:
 
 
 class LoadView:
-    """Read-only view of the load board for policies: global in-flight per worker slot."""
+    """Read-only view of the load board for policies: global in-flight per worker slot.
 
-    __slots__ = ("_ints", "_proxies", "_stride", "_word0")
+    A slot's cells are ``stride`` words apart from one proxy to the next; the offsets of proxies
+    1.. are kept as a tuple (rebuilt when the proxy count changes), so a read is a loop over it.
+    """
+
+    __slots__ = ("_ints", "_offsets", "_stride", "_word0")
 
     def __init__(self, board: LoadBoard, proxies: int) -> None:
         self._ints = board.ints
         self._word0 = board.cell_word(0, 0, W_IN_FLIGHT)
         self._stride = board.worker_stride()
-        self._proxies = max(1, proxies)
+        self._offsets: tuple[int, ...] = ()
+        self.set_proxies(proxies)
 
     def set_proxies(self, proxies: int) -> None:
-        self._proxies = max(1, proxies)
+        self._offsets = tuple(p * self._stride for p in range(1, max(1, proxies)))
 
     def word(self, slot: int) -> int:
         """Where proxy 0's in-flight count of ``slot`` is (``pair_at`` reads from there)."""
@@ -66,19 +71,19 @@ class LoadView:
     def pair_at(self, wa: int, wb: int) -> tuple[int, int]:
         """Global in-flight of the slots whose ``word`` is ``wa`` and ``wb`` (power_of_two's whole
         read)."""
-        ints, stride = self._ints, self._stride
+        ints = self._ints
         la, lb = ints[wa], ints[wb]
-        for p in range(1, self._proxies):
-            la += ints[wa + p * stride]
-            lb += ints[wb + p * stride]
+        for off in self._offsets:
+            la += ints[wa + off]
+            lb += ints[wb + off]
         return la, lb
 
     def in_flight(self, slot: int) -> int:
-        ints, stride = self._ints, self._stride
+        ints = self._ints
         word = self._word0 + slot * WORKER_FIELDS
-        total = 0
-        for p in range(self._proxies):
-            total += ints[word + p * stride]
+        total = ints[word]
+        for off in self._offsets:
+            total += ints[word + off]
         return total
 
 
