@@ -32,7 +32,8 @@ Targets (issue 14): median <= 2 us for the O(1) policies (round_robin, random, p
 consistent_hash) at the largest fleet size; every other policy <= 5 us at the smallest size (100)
 and <= 20 us at the largest (10,000). Beyond 1,024 candidates the scanning policies compare a
 sample of 64 (``proxy_workers.policies.scan``); ``--quality`` reports what that costs in load
-terms. Prints a table and, last, one JSON line. Usage::
+terms (``loadtest/policy_sampling.py``). Prints a table, each policy's decisions per second at
+the largest size (next to the seed's 550,000-800,000), and, last, one JSON line. Usage::
 
     PYTHONPATH=. python3 loadtest/bench_policies.py
     PYTHONPATH=. python3 loadtest/bench_policies.py --sizes 100,1000,10000 --policies least_connections
@@ -471,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2_000, help="warm-up decisions, at most (default 2000)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the inputs and board figures")
     parser.add_argument("--no-full-path", action="store_true", help="skip the decision.prepare path")
+    parser.add_argument("--quality", action="store_true",
+                        help="also measure what sampling costs least_connections in load terms at the "
+                             "largest size (loadtest/policy_sampling.py, sampled against exact)")
     args = parser.parse_args(argv)
     sizes = sorted({int(s) for s in args.sizes.split(",")})
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -505,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "seconds": round(time.perf_counter() - started, 1)}
     _print_table(args, sizes, policies, by_size, verdicts, inputs, info)
+    quality = sampling_quality(sizes[-1], args.seed) if args.quality else None
     result = {
         "model": MODEL, "sizes": sizes, "proxies": PROXIES, "keys": args.keys, "gc": "on",
         "batch": args.batch, "batches": args.batches, **info,
@@ -514,11 +519,35 @@ def main(argv: list[str] | None = None) -> int:
         "full_path": {str(n): by_size[n]["full_path"] for n in sizes},
         "loop_overhead_us": {str(n): by_size[n]["loop_overhead_us"] for n in sizes},
         "targets": verdicts,
+        "decisions_per_s": {name: {str(n): per_second(by_size[n]["policies"][name]) for n in sizes}
+                            for name in policies},
+        "sampling_quality": quality,
         "seed_reports": {"zig_avg_us": SEED_ZIG_US, "rust_py_bindings_per_s": list(SEED_RUST_PER_S),
                          "rust_py_bindings_us": [round(1e6 / r, 2) for r in reversed(SEED_RUST_PER_S)]},
     }
     print(json.dumps(result, separators=(",", ":")))
     return 0
+
+
+def per_second(figure: dict[str, Any]) -> int:
+    """Decisions per second of one thread at a median decision time."""
+    return round(1e6 / figure["median_us"]) if figure["median_us"] else 0
+
+
+def sampling_quality(n_workers: int, seed: int) -> dict[str, Any] | None:
+    """least_connections sampled against exact at ``n_workers`` (``loadtest/policy_sampling.py``,
+    4 in flight per unit of weight, 20,000 decisions); None below ``scan.EXACT_LIMIT``."""
+    from loadtest import policy_sampling  # it imports this module's fleet helpers
+    from proxy_workers.policies import scan
+
+    if n_workers <= scan.EXACT_LIMIT:
+        return None
+    result = policy_sampling.measure(n_workers, 4.0, 20_000, seed)
+    for mode, figures in result.items():
+        print(f"sampling quality @{n_workers}, least_connections {mode}: picked load - exact minimum "
+              f"{figures['mean_excess']:.4f} per unit of weight, picks at the minimum "
+              f"{figures['share_at_min']:.1%}, fleet max/mean load {figures['max_over_mean']:.3f}")
+    return result
 
 
 def judge(policies: Sequence[str], sizes: list[int], by_size: dict[int, Any]) -> dict[str, Any]:
@@ -575,6 +604,8 @@ def _print_table(args: argparse.Namespace, sizes: list[int], policies: Sequence[
         print(f"  {label:<38} {cell(a, 17)} {cell(b, 19)} {growth(a, b)}  {'(info)':<22}")
     print("  timing loop itself (no-op call per context): "
           + ", ".join(f"{by_size[n]['loop_overhead_us'] * 1000:.0f} ns @{n}" for n in sizes))
+    print("  decisions/s of one thread at the median, @" + f"{large}: " + ", ".join(
+        f"{name} {per_second(by_size[large]['policies'][name]):,}" for name in policies))
     failed = [n for n, v in verdicts.items() if not v["pass"]]
     print(f"  targets: {len(verdicts) - len(failed)}/{len(verdicts)} pass"
           + (f"; missed: {', '.join(failed)}" if failed else ""))

@@ -101,6 +101,21 @@ def run(board: LoadBoard, settings: Settings, n: int, load: float, decisions: in
             "max_over_mean": round(statistics.fmean(spread), 3) if spread else 0.0}
 
 
+def measure(workers: int, load: float, decisions: int, seed: int) -> dict[str, dict[str, float]]:
+    """``run`` sampled and exact on one scratch board (``loadtest/bench_policies.py --quality``)."""
+    settings = msgspec.structs.replace(Settings(), max_workers=max(workers, Settings().max_workers))
+    shm = Shm()
+    try:
+        _, board = shm.board(settings.max_workers, max_proxies_for(PROXIES))
+        try:
+            return {mode: run(board, settings, workers, load, decisions, seed, exact=mode == "exact")
+                    for mode in ("sampled", "exact")}
+        finally:
+            board.close()
+    finally:
+        shm.cleanup()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=10_000)
@@ -108,17 +123,7 @@ def main() -> int:
     parser.add_argument("--decisions", type=int, default=50_000, help="measured, after filling the fleet")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    settings = msgspec.structs.replace(Settings(), max_workers=max(args.workers, Settings().max_workers))
-    shm = Shm()
-    try:
-        _, board = shm.board(settings.max_workers, max_proxies_for(PROXIES))
-        try:
-            result = {mode: run(board, settings, args.workers, args.load, args.decisions, args.seed,
-                                exact=mode == "exact") for mode in ("sampled", "exact")}
-        finally:
-            board.close()
-    finally:
-        shm.cleanup()
+    result = measure(args.workers, args.load, args.decisions, args.seed)
     print(f"least_connections, {args.workers} workers, {args.load:g} in flight per unit of weight, "
           f"{args.decisions} decisions (sample of {scan.SAMPLE} beyond {scan.EXACT_LIMIT} candidates):")
     for mode, figures in result.items():

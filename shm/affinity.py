@@ -108,50 +108,50 @@ class AffinityTable:
     def record(self, proxy: int, key: int, slot: int, now: float, created: float | None = None) -> None:
         """Write ``key -> slot`` (seen now) into ``proxy``'s region."""
         key = key or 1
+        e, there = self._entry(self._base(proxy), key, slot + 1)
+        if there:
+            self.floats[e + A_SEEN] = now  # the common case: refresh only
+        else:
+            self._write(e, key, slot, now, now if created is None else created)
+
+    def record_many(self, proxy: int, keys: list[int], slot: int, now: float) -> None:
+        """``record`` for several keys of one worker (cache_aware's prefixes), one probe each."""
+        base, mark, floats = self._base(proxy), slot + 1, self.floats
+        for key in keys:
+            key = key or 1
+            e, there = self._entry(base, key, mark)
+            if there:
+                floats[e + A_SEEN] = now
+            else:
+                self._write(e, key, slot, now, now)
+
+    def _entry(self, base: int, key: int, mark: int) -> tuple[int, bool]:
+        """Where ``key`` goes in the region at ``base``: (its entry, True) when it is there for
+        slot ``mark - 1`` already; else (the entry to overwrite, False): the key's own, the first
+        empty one, or the least recently seen of its window."""
         words, floats, cap = self.words, self.floats, self.capacity
-        base = self._base(proxy)
         home = key % cap
         victim, victim_seen = -1, float("inf")
         for i in range(PROBES):
             e = base + ((home + i) % cap) * ENTRY_WORDS
             k = words[e]
             if k == key:
-                if words[e + A_SLOT] == slot + 1:
-                    floats[e + A_SEEN] = now  # the common case: refresh only
-                    return
-                victim = e
-                break
+                return e, words[e + A_SLOT] == mark
             if k == 0:
-                victim = e
-                break
+                return e, False
             seen = floats[e + A_SEEN]
             if seen < victim_seen:
                 victim, victim_seen = e, seen
-        words[victim] = 0
-        words[victim + A_SLOT] = slot + 1
-        floats[victim + A_CREATED] = now if created is None else created
-        floats[victim + A_SEEN] = now
-        words[victim] = key
+        return victim, False
 
-    def record_many(self, proxy: int, keys: list[int], slot: int, now: float) -> None:
-        """``record`` for several keys of one worker (cache_aware's prefixes): the common case,
-        a refresh of an entry already there, without a call per key."""
-        words, floats, cap = self.words, self.floats, self.capacity
-        base, mark = self._base(proxy), slot + 1
-        for key in keys:
-            key = key or 1
-            home = key % cap
-            for i in range(PROBES):
-                e = base + ((home + i) % cap) * ENTRY_WORDS
-                k = words[e]
-                if k == key and words[e + A_SLOT] == mark:
-                    floats[e + A_SEEN] = now
-                    break
-                if k == key or not k:
-                    self.record(proxy, key, slot, now)
-                    break
-            else:
-                self.record(proxy, key, slot, now)
+    def _write(self, e: int, key: int, slot: int, now: float, created: float) -> None:
+        """Fill entry ``e``: invalidate, write the fields, publish the key last (see above)."""
+        words, floats = self.words, self.floats
+        words[e] = 0
+        words[e + A_SLOT] = slot + 1
+        floats[e + A_CREATED] = created
+        floats[e + A_SEEN] = now
+        words[e] = key
 
     def forget(self, proxy: int, key: int) -> None:
         """Drop ``key`` from ``proxy``'s region (e.g. its worker failed).

@@ -98,8 +98,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
                                         "worker holding the prefix; below it, the least loaded worker.")
     ] = 0.3
     balance_abs_threshold: Annotated[
-        int, Meta(ge=0), _d("cache_aware: load is imbalanced when max - min in-flight exceeds this ...")
-    ] = 64
+        int, Meta(ge=0), _d("cache_aware: load is imbalanced when max - min in-flight exceeds this "
+                            "(sglang's default 64 lets a shared prompt pile onto one worker) ...")
+    ] = 4
     balance_rel_threshold: Annotated[
         float, Meta(ge=1.0), _d("... and max exceeds min times this; then the least loaded worker wins.")
     ] = 1.5

@@ -17,10 +17,11 @@ import pytest
 from proxy_workers.policies import scan
 from proxy_workers.policies.base import PolicyEnv
 from proxy_workers.routing.table import ModelRoute
+from shm.affinity import AffinityTable, table_size
 from shm.loadboard import W_IN_FLIGHT, W_REQUESTS, W_TTFB_EWMA, LoadBoard, board_size
 from shm.segment import Segment, new_instance_id, segment_name
 from shm.settings import Settings
-from tests.test_policies_unit import request, table, workers
+from tests.test_policies_unit import conversation, request, table, workers
 
 MAX_PROXIES, MAX_WORKERS = 4, 2048
 LARGE = 1500  # above scan.EXACT_LIMIT: sampled
@@ -121,3 +122,25 @@ def test_every_proxy_reads_the_same_global_loads(shared: Board) -> None:
     routes = [route_of(shared, "least_connections", scan.EXACT_LIMIT, proxy=p) for p in (0, 1)]
     for route in routes:
         assert not {route.pick(request()).slot for _ in range(50)} & busy
+
+
+def test_cache_aware_on_a_sampled_fleet_counts_the_worker_holding_the_prefix(shared: Board) -> None:
+    # A sample of the fleet rarely includes the worker that holds a popular prefix, so the
+    # balance rule counts that worker's load too: above the threshold the conversation moves.
+    seg = Segment.create(segment_name(new_instance_id(), "affinity"), table_size(MAX_PROXIES, 4096))
+    try:
+        affinity = AffinityTable.create(seg, MAX_PROXIES, 4096)
+        env = PolicyEnv(shared.board, 0, 2, Settings(max_workers=MAX_WORKERS, policy="cache_aware"),
+                        affinity)
+        route = table(env, workers(LARGE)).routes["m"]
+        home = route.pick(request(messages=conversation(1, "glaciers"))).slot
+        shared.set(1, home, W_IN_FLIGHT, 3)  # 3 - 0 is within the default threshold (4)
+        assert route.pick(request(messages=conversation(2, "glaciers"))).slot == home
+        shared.set(1, home, W_IN_FLIGHT, 9)  # 9 - 0 > 4 and 9 > 0 x 1.5: imbalanced
+        ctx = request(messages=conversation(3, "glaciers"))
+        assert route.pick(ctx).slot != home
+        assert ctx.fallback and "imbalanced" in ctx.reason and ctx.scores["max_load"] == 9
+        affinity.close()
+    finally:
+        seg.close()
+        seg.unlink()

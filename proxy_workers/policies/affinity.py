@@ -9,18 +9,20 @@ Invariants:
 - New assignments go to the least loaded worker (global in-flight ÷ weight; exact up to
   ``scan.EXACT_LIMIT`` candidates, the best of ``scan.SAMPLE`` random ones beyond). A
   reassignment after a worker failure claims precedence over the stale entry (``AffinityTable``).
-- cache_aware keys are 64-bit chained CRCs of the prompt's prefixes, so an identical prefix gives
-  identical keys in every process. Prefixes are keyed at checkpoint blocks (about two per
-  doubling of the prompt), at message ends (the last ``MAX_ENDS``) and at the prompt's end: a
-  32,000-character prompt costs ~20 table operations, not 500, and a follow-up turn, which
+- cache_aware keys are 64 bits of a prompt prefix: its length and a chained CRC-32 of its bytes,
+  so an identical prefix gives identical keys in every process. Prefixes are keyed at checkpoint
+  blocks (about two per doubling of the prompt), at message ends (the last ``MAX_ENDS``) and at
+  the prompt's end: a 32,000-character prompt costs ~20 table operations, not 500, and a follow-up turn, which
   starts with the whole previous prompt, matches all of it (its last key is a message end of the
   follow-up). The match rate is the matched bytes over the prompt's bytes; a match ending where
   an assistant message starts also counts that message, which the matched worker generated and
   so holds in its cache.
 - cache_aware balances first: when ``max - min > balance_abs_threshold`` and
-  ``max > min * balance_rel_threshold`` (in-flight over the model's workers, or over the sample
-  for long lists), the least loaded worker wins regardless of the cache (sglang's rule and
-  defaults: 0.3 / 64 / 1.5).
+  ``max > min * balance_rel_threshold`` (in-flight over the model's workers; for long lists over
+  the sample and the worker holding the prefix, which a sample alone would rarely include, so a
+  hot worker would never look imbalanced), the least loaded worker wins regardless of the
+  cache (sglang's rule; its defaults 0.3 / 64 / 1.5 except the absolute threshold, 4 here: 64
+  lets a shared system prompt's conversations pile onto one worker, docs/simulator.md).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from proxy_workers.policies.base import Policy, PolicyEnv
-from proxy_workers.policies.scan import Columns
 from proxy_workers.routing.context import RequestContext
 from shm.schema import Worker
 
@@ -42,7 +43,6 @@ if TYPE_CHECKING:
 
 MAX_BLOCKS = 512
 MAX_ENDS = 32  # message ends keyed per prompt: the latest, where follow-ups and branches match
-_SEED_B = 0x9E3779B9
 _MODEL_SEEDS: dict[str, int] = {}
 
 
@@ -70,25 +70,26 @@ def prefix_keys(model: str, text: str, block: int,
                 ends: Sequence[tuple[int, str]] = ()) -> list[tuple[int, int]]:
     """(bytes covered, 64-bit key) for each keyed prefix of ``text``, shortest first: checkpoint
     blocks, message ends (byte offsets, from ``RequestContext.prompt_ends``) and the whole text,
-    within the first ``MAX_BLOCKS`` blocks. A key depends only on the model and the prefix's bytes."""
+    within the first ``MAX_BLOCKS`` blocks. A key depends only on the model and the prefix's
+    bytes: the prefix's length (high 32 bits) and a CRC-32 chained over its pieces from a
+    per-model seed (low 32 bits; one C call per keyed prefix)."""
     data = text.encode()
     limit = min(len(data), MAX_BLOCKS * block)
     if limit == 0:
         return []
     offsets: Sequence[int] = _checkpoint_offsets((limit + block - 1) // block, block)
     if ends:
-        offsets = sorted({*offsets, *(e for e, _ in ends[-MAX_ENDS:] if e < limit)})
-    seed = _MODEL_SEEDS.get(model)
-    if seed is None:
-        seed = _MODEL_SEEDS[model] = zlib.crc32(model.encode())
-    view = memoryview(data)
-    a, b, out, at = seed, seed ^ _SEED_B, [], 0
-    crc = zlib.crc32
+        extra = [e for e, _ in ends[-MAX_ENDS:] if e < limit]
+        if extra:
+            offsets = sorted(set(offsets).union(extra))
+    crc = _MODEL_SEEDS.get(model)
+    if crc is None:
+        crc = _MODEL_SEEDS[model] = zlib.crc32(model.encode())
+    view, at, out = memoryview(data), 0, []
     for offset in (*offsets, limit):
-        chunk = view[at:offset]
-        a, b = crc(chunk, a), crc(chunk, b)
+        crc = zlib.crc32(view[at:offset], crc)
+        out.append((offset, (offset << 32) | crc))
         at = offset
-        out.append((offset, (a << 32) | b))
     return out
 
 
@@ -121,7 +122,12 @@ class SessionAffinity(Policy):
             return self.least_loaded(route, candidates)
         usable = _usable(route, candidates)
         now, ttl = time.time(), env.settings.session_ttl
-        found = env.affinity.lookup(h, env.proxies, now, ttl, usable.__contains__)
+        # The earliest live entry, usable or not: one probe answers both "whose session is it"
+        # and, when nobody's, "is it new"; only an unusable answer needs the filtered lookup.
+        found = env.affinity.lookup(h, env.proxies, now, ttl)
+        earliest = None if found is None else found[1]
+        if found is not None and found[0] not in usable:
+            found = env.affinity.lookup(h, env.proxies, now, ttl, usable.__contains__)
         if found is not None:
             slot, created = found
             if not ctx.dry_run:
@@ -129,7 +135,6 @@ class SessionAffinity(Policy):
             ctx.reason = "session's worker"
             return usable[slot]
         worker = self.least_loaded(route, candidates)
-        earliest = env.affinity.earliest(h, env.proxies, now, ttl)
         if earliest is None:
             ctx.reason = "new session: least loaded worker"
         else:
@@ -161,25 +166,33 @@ class CacheAware(Policy):
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         env, settings = self.env, self.env.settings
-        cols = self.columns(route, candidates)
-        lo, hi = cols.load_range(self.rng)
+        read = self.columns(route, candidates).read_loads(self.rng)
+        lo, hi = read.low, read.high
         ends = ctx.prompt_ends()
         keys = prefix_keys(route.model, ctx.prompt(), settings.cache_block_chars, ends)
-        if hi - lo > settings.balance_abs_threshold and hi > lo * settings.balance_rel_threshold:
-            worker = candidates[cols.argmin(Columns.loads, self.rng)[0]]
-            ctx.note("load imbalanced: least loaded worker", fallback=True, min_load=lo, max_load=hi)
-        else:
+        matched, rate = None, 0.0
+        if not self._imbalanced(lo, hi):
             matched, rate = self._match(route, candidates, keys, ends)
-            if matched is not None and rate > settings.cache_threshold:
-                worker = matched
-                ctx.note("prefix cached on this worker", match_rate=round(rate, 3))
-            else:
-                worker = self.least_loaded(route, candidates)
-                ctx.note("prefix match below cache_threshold: least loaded worker", fallback=True,
-                         match_rate=round(rate, 3))
+            if matched is not None and read.sampled:  # a sample's max can miss the matched worker
+                hi = max(hi, env.load.in_flight(matched.slot))
+        if self._imbalanced(lo, hi):
+            worker = candidates[read.least_loaded(self.rng, weighted=False)]
+            ctx.note("load imbalanced: least loaded worker", fallback=True, min_load=lo, max_load=hi)
+        elif matched is not None and rate > settings.cache_threshold:
+            worker = matched
+            ctx.note("prefix cached on this worker", match_rate=round(rate, 3))
+        else:
+            worker = candidates[read.least_loaded(self.rng, weighted=True)]
+            ctx.note("prefix match below cache_threshold: least loaded worker", fallback=True,
+                     match_rate=round(rate, 3))
         if not ctx.dry_run and env.affinity is not None and keys:
             self._remember(keys, worker.slot)
         return worker
+
+    def _imbalanced(self, low: int, high: int) -> bool:
+        """sglang's balance rule over global in-flight counts."""
+        settings = self.env.settings
+        return high - low > settings.balance_abs_threshold and high > low * settings.balance_rel_threshold
 
     def _remember(self, keys: list[tuple[int, int]], slot: int) -> None:
         env, written = self.env, self._written

@@ -23,6 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import random
+from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import accumulate
@@ -41,35 +42,48 @@ if TYPE_CHECKING:
 
 
 class LoadView:
-    """Read-only view of the load board for policies: global in-flight per worker slot."""
+    """Read-only view of the load board for policies: global in-flight per worker slot.
 
-    __slots__ = ("_ints", "_proxies", "_stride", "_word0")
+    A slot's cells are ``stride`` words apart from one proxy to the next; the offsets of proxies
+    1.. are kept as a tuple (rebuilt when the proxy count changes), so a read is a loop over it.
+    """
+
+    __slots__ = ("_ints", "_offsets", "_stride", "_word0")
 
     def __init__(self, board: LoadBoard, proxies: int) -> None:
         self._ints = board.ints
         self._word0 = board.cell_word(0, 0, W_IN_FLIGHT)
         self._stride = board.worker_stride()
-        self._proxies = max(1, proxies)
+        self._offsets: tuple[int, ...] = ()
+        self.set_proxies(proxies)
 
     def set_proxies(self, proxies: int) -> None:
-        self._proxies = max(1, proxies)
+        self._offsets = tuple(p * self._stride for p in range(1, max(1, proxies)))
+
+    def word(self, slot: int) -> int:
+        """Where proxy 0's in-flight count of ``slot`` is (``pair_at`` reads from there)."""
+        return self._word0 + slot * WORKER_FIELDS
 
     def pair(self, a: int, b: int) -> tuple[int, int]:
-        """Global in-flight of two slots in one call (power_of_two's whole read)."""
-        ints, stride = self._ints, self._stride
-        wa, wb = self._word0 + a * WORKER_FIELDS, self._word0 + b * WORKER_FIELDS
+        """Global in-flight of two slots in one call."""
+        return self.pair_at(self._word0 + a * WORKER_FIELDS, self._word0 + b * WORKER_FIELDS)
+
+    def pair_at(self, wa: int, wb: int) -> tuple[int, int]:
+        """Global in-flight of the slots whose ``word`` is ``wa`` and ``wb`` (power_of_two's whole
+        read)."""
+        ints = self._ints
         la, lb = ints[wa], ints[wb]
-        for p in range(1, self._proxies):
-            la += ints[wa + p * stride]
-            lb += ints[wb + p * stride]
+        for off in self._offsets:
+            la += ints[wa + off]
+            lb += ints[wb + off]
         return la, lb
 
     def in_flight(self, slot: int) -> int:
-        ints, stride = self._ints, self._stride
+        ints = self._ints
         word = self._word0 + slot * WORKER_FIELDS
-        total = 0
-        for p in range(self._proxies):
-            total += ints[word + p * stride]
+        total = ints[word]
+        for off in self._offsets:
+            total += ints[word + off]
         return total
 
 
@@ -140,6 +154,8 @@ class Policy:
 
     def columns(self, route: RouteView, candidates: Sequence[Worker]) -> Columns:
         """Board columns over ``candidates`` (exact, or sampled for long lists: see ``scan``)."""
+        if candidates is route.candidates:  # the common case, without the search of ``_stable``
+            return self.env.columns(candidates)
         return columns_for(self.env, candidates, _stable(route, candidates), self.rng)
 
     def least_loaded(self, route: RouteView, candidates: Sequence[Worker]) -> Worker:
@@ -281,9 +297,21 @@ class LeastConnections(Policy):
 
 
 class PowerOfTwo(Policy):
-    """Two distinct random candidates; the one with fewer in-flight requests (÷ weight) wins."""
+    """Two distinct random candidates; the one with fewer in-flight requests (÷ weight) wins.
+
+    The candidates' board words and weights are kept in two packed arrays per list (rebuilt when
+    the list changes), so a pick touches two array items and four board words, not two
+    ``Worker`` objects scattered over the heap (at 10,000 workers those misses cost more than
+    the rest of the pick).
+    """
 
     name = "power_of_two"
+
+    def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
+        super().__init__(env, rng)
+        self._list: Sequence[Worker] | None = None
+        self._words = array("q")
+        self._weights = array("q")
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         n = len(candidates)
@@ -292,10 +320,26 @@ class PowerOfTwo(Policy):
             return candidates[0]
         rand = self.rng.random
         i = int(rand() * n)
-        a = candidates[i]
         # The second draw skips the first: two equal draws would send to a busy worker unopposed.
-        b = candidates[(i + 1 + int(rand() * (n - 1))) % n]
+        j = (i + 1 + int(rand() * (n - 1))) % n
+        if candidates is not self._list:
+            if not _stable(route, candidates):  # a retry's list: read through the workers
+                return self._less_loaded(candidates[i], candidates[j], ctx)
+            self._index(candidates)
+        la, lb = self.env.load.pair_at(self._words[i], self._words[j])
+        if ctx.scores is not None:
+            ctx.scores["in_flight"] = {candidates[i].url: la, candidates[j].url: lb}
+        weights = self._weights
+        return candidates[i] if la * weights[j] <= lb * weights[i] else candidates[j]
+
+    def _less_loaded(self, a: Worker, b: Worker, ctx: RequestContext) -> Worker:
         la, lb = self.env.load.pair(a.slot, b.slot)
         if ctx.scores is not None:
             ctx.scores["in_flight"] = {a.url: la, b.url: lb}
         return a if la * b.weight <= lb * a.weight else b
+
+    def _index(self, candidates: Sequence[Worker]) -> None:
+        word = self.env.load.word
+        self._words = array("q", [word(w.slot) for w in candidates])
+        self._weights = array("q", [w.weight for w in candidates])
+        self._list = candidates

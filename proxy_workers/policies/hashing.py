@@ -12,6 +12,9 @@ Invariants:
 - A request without a routing key gets a random worker (reported as a fallback).
 - The load bound's mean is exact up to ``scan.EXACT_LIMIT`` candidates and a sample's (of
   ``scan.SAMPLE``) beyond, so proxies may disagree about a worker right at the bound.
+- Memos (a key's owner; for the bounded variant its first ``BACKUPS`` usable owners, with the
+  owners skipped before each) hold only ring positions, never loads, and belong to one candidate
+  list: a new snapshot brings a new list and an empty memo.
 """
 
 from __future__ import annotations
@@ -98,27 +101,50 @@ class ConsistentHash(Policy):
         return worker
 
 
+BACKUPS = 4  # owners per key that consistent_hash_bounded remembers (the owner and 3 backups)
+
+
 class ConsistentHashBounded(Policy):
+    """The key's owner unless it is above the load bound; then the next owner clockwise.
+
+    A key's first ``BACKUPS`` usable owners are memoised per candidate list (as
+    ``consistent_hash`` memoises the first), so a pick is a dictionary lookup, the total load
+    and a load read per owner tried; only keys whose remembered owners are all above the bound
+    walk the ring.
+    """
+
     name = "consistent_hash_bounded"
     scans = True
 
+    def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
+        super().__init__(env, rng)
+        self._memo: dict[str, tuple[tuple[Worker, int], ...]] = {}
+        self._memo_for: Sequence[Worker] | None = None
+
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
-        h = ctx.key_hash()
-        in_flight = self.env.load.in_flight
-        if h is None:
+        key = ctx.routing_key()
+        if key is None:
             ctx.note("no routing key: random worker", fallback=True)
             return candidates[int(self.rng.random() * len(candidates))]
-        n = len(candidates)
         # Over ``scan.EXACT_LIMIT`` candidates the total is estimated from a sample: reading every
         # worker would cost more than the whole decision budget, and the bound is loose anyway.
         total = self.columns(route, candidates).total_load(self.rng)
         # Capacity per worker, rounded up as in the bounded-loads paper (Mirrokni et al.): the +1
         # counts the request being placed, and the ceiling lets an idle fleet keep every key on
         # its owner (1 / n * factor alone is below one request for n > factor).
-        limit = ceil((total + 1) / n * self.env.settings.bounded_load_factor)
-        worker, skipped = ring_pick(route, candidates, h, lambda w: in_flight(w.slot) + 1 <= limit)
+        limit = ceil((total + 1) / len(candidates) * self.env.settings.bounded_load_factor)
+        in_flight = self.env.load.in_flight
+        worker: Worker | None = None
+        skipped = 0
+        for owner, before in self._owners(route, candidates, key, ctx):
+            if in_flight(owner.slot) + 1 <= limit:
+                worker, skipped = owner, before
+                break
+        else:
+            worker, skipped = ring_pick(route, candidates, ctx.key_hash(),  # type: ignore[arg-type]
+                                        lambda w: in_flight(w.slot) + 1 <= limit)
         if worker is None:
-            worker, _ = ring_pick(route, candidates, h)
+            worker, _ = ring_pick(route, candidates, ctx.key_hash())  # type: ignore[arg-type]
             ctx.note("every worker above the load bound: the key's worker anyway", fallback=True)
             return worker or candidates[0]
         if skipped:
@@ -127,3 +153,43 @@ class ConsistentHashBounded(Policy):
         else:
             ctx.reason = "key's worker on the ring (within the load bound)"
         return worker
+
+    def _owners(self, route: RouteView, candidates: Sequence[Worker], key: str,
+                ctx: RequestContext) -> tuple[tuple[Worker, int], ...]:
+        """The key's first ``BACKUPS`` usable owners clockwise, each with the owners skipped
+        before it (memoised for the route's list; computed for a retry's)."""
+        stable = candidates is route.candidates
+        if stable:
+            if self._memo_for is not candidates:
+                self._memo.clear()
+                self._memo_for = candidates
+            known = self._memo.get(key)
+            if known is not None:
+                return known
+        found = tuple(_walk_usable(route, candidates, ctx.key_hash(), BACKUPS))  # type: ignore[arg-type]
+        if stable:
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = found
+        return found
+
+
+def _walk_usable(route: RouteView, candidates: Sequence[Worker], h: int,
+                 count: int) -> list[tuple[Worker, int]]:
+    """Up to ``count`` usable owners clockwise from ``h``, each with the owners skipped before it
+    (the ``skipped`` that ``ring_pick`` would report had it stopped there)."""
+    ring = route.ring
+    if ring is None or not ring.points:
+        return []
+    owners = route.ring_workers
+    allowed = None if candidates is route.candidates else {w.slot for w in candidates}
+    out: list[tuple[Worker, int]] = []
+    skipped = 0
+    for owner in ring.walk(h):
+        w = owners[owner]
+        if w is not None and (allowed is None or w.slot in allowed):
+            out.append((w, skipped))
+            if len(out) >= count:
+                break
+        skipped += 1
+    return out

@@ -20,12 +20,13 @@ Invariants:
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from proxy_workers.errors import QuotaExceeded
-from proxy_workers.policies.base import Policy
+from proxy_workers.policies.base import Policy, PolicyEnv
 from proxy_workers.policies.quota import retry_after, seconds_until_within, used, window_at
 from proxy_workers.policies.scan import Columns
 from proxy_workers.routing.context import RequestContext
@@ -36,6 +37,7 @@ from shm.loadboard import (
     W_Q_PREV_TOKENS,
     W_Q_REQUESTS,
     W_Q_TOKENS,
+    WORKER_FIELDS,
 )
 from shm.schema import Worker
 
@@ -84,6 +86,11 @@ class QuotaAware(Policy):
 
     name = "quota_aware"
 
+    def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
+        super().__init__(env, rng)
+        board = env.board  # a PolicyEnv keeps its board for life
+        self._ints, self._stride, self._cell0 = board.ints, board.worker_stride(), board.cell_word(0, 0)
+
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         env = self.env
         minute, into, weight = window_at(time.time())
@@ -129,12 +136,13 @@ class QuotaAware(Policy):
 
     def _ratio(self, w: Worker, minute: int, weight: float, tokens: int) -> float:
         """Share of the worker's budget used once this request is counted (0: unlimited)."""
-        if not w.quota_rpm and not w.quota_tpm:
+        rpm, tpm = w.quota_rpm, w.quota_tpm
+        if not rpm and not tpm:
             return 0.0
         req, prev_req, tok, prev_tok = self._counts(w.slot, minute)
-        r = (used(req, prev_req, weight) + 1) / w.quota_rpm if w.quota_rpm else 0.0
-        t = (used(tok, prev_tok, weight) + tokens) / w.quota_tpm if w.quota_tpm else 0.0
-        return max(r, t)
+        r = (used(req, prev_req, weight) + 1) / rpm if rpm else 0.0
+        t = (used(tok, prev_tok, weight) + tokens) / tpm if tpm else 0.0
+        return r if r > t else t
 
     def _wait(self, workers: Sequence[Worker], minute: int, into: float, tokens: int,
               headroom: float) -> float | None:
@@ -158,11 +166,10 @@ class QuotaAware(Policy):
         """(requests, previous minute's requests, tokens, previous minute's tokens) over all
         proxies' cells, as of ``minute`` (a cell last written a minute ago holds only the
         previous minute; older cells hold nothing that still counts)."""
-        board, ints = self.env.board, self.env.board.ints
-        stride, word = board.worker_stride(), board.cell_word(0, slot)
+        ints, stride = self._ints, self._stride
+        cell = self._cell0 + slot * WORKER_FIELDS
         req = prev_req = tok = prev_tok = 0
-        for p in range(self.env.proxies):
-            cell = word + p * stride
+        for _ in range(self.env.proxies):
             at = ints[cell + W_Q_MINUTE]
             if at == minute:
                 req += ints[cell + W_Q_REQUESTS]
@@ -172,6 +179,7 @@ class QuotaAware(Policy):
             elif at == minute - 1:
                 prev_req += ints[cell + W_Q_REQUESTS]
                 prev_tok += ints[cell + W_Q_TOKENS]
+            cell += stride
         return req, prev_req, tok, prev_tok
 
     def _count(self, slot: int, minute: int, tokens: int) -> None:

@@ -4,18 +4,22 @@ lists up to ``EXACT_LIMIT``, samples of longer ones, both in numpy over the shar
 Role: ``least_connections``, ``least_latency``, ``least_loaded``, new assignments of
 ``session_affinity`` and ``cache_aware``, cache_aware's balance check and
 ``consistent_hash_bounded``'s load bound all ask "which candidate scores lowest" (or the total).
-:class:`Columns` answers with numpy views of the board's columns (no copies): a gather per proxy,
-an add, an argmin. In Python the same scan costs ~25 ns per worker and proxy for the reads alone
-(a memoryview item each), ~12 us at 100 workers with two proxies; numpy does it in ~2.5 us and
-grows by ~5 ns per worker, so exactness stays affordable to ``EXACT_LIMIT``.
+:class:`Columns` answers with numpy over the board's words: index arrays built once per list
+(per snapshot for a route's), then per decision one gather, a sum over the proxies' columns, a
+multiplication by the weights' integer factors and an argmin: a handful of numpy calls whatever
+the list's length up to ``EXACT_LIMIT``, each ~0.5-1 us on 100 values on a shared 2-core machine
+(the whole pick: 7-9 us there, README "Performance"). In Python the reads alone cost ~25 ns per
+worker and proxy (a memoryview item each).
 
 Invariants:
 - Every figure is global: in-flight counts and TTFB EWMAs are summed over all proxies' cells of
   the load board when read; engine figures are the coordinator's single copy. Nothing but slot
-  indexes is kept between decisions, so every proxy reads the same numbers.
+  indexes (as board word indexes) is kept between decisions, so every proxy reads the same numbers.
 - Up to ``EXACT_LIMIT`` candidates the answer is the exact argmin; ties go to the first from a
-  caller-chosen start (a ramp of tiny offsets, far below any real difference, added before the
-  argmin), so an idle fleet is spread over rather than piled onto the first worker.
+  caller-chosen start (the list is stored twice over, so the scan from any start is one slice
+  and argmin's first lowest is the first from there), so an idle fleet is spread over rather
+  than piled onto the first worker. Weighted scores are integers (load x lcm / weight) while the
+  weights' least common multiple is small, so equal ratios tie exactly.
 - A longer list is put once (per list: per snapshot for a route's) in a shuffled order, which
   decisions sweep ``SAMPLE`` candidates at a time; each decision reads the next window and the
   ``MEMORY`` runners-up of the previous decision (re-read, so never stale) and takes the lowest:
@@ -34,6 +38,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from functools import lru_cache
+from math import lcm
 from typing import TYPE_CHECKING, Any, Protocol
 
 from shm.loadboard import (
@@ -68,7 +74,6 @@ class ScanEnv(Protocol):
 EXACT_LIMIT = 1024
 SAMPLE = 64
 MEMORY = 8  # sampled scans remember this many runners-up (Mitzenmacher, Prabhakar, Shah 2002)
-TIE_SPAN = 1e-7  # the tie-breaking ramp's total height: below any difference of load ÷ weight
 _SHUFFLE_SEED = 0x5EED  # the same order in every proxy (tidy, not needed for correctness)
 
 
@@ -82,98 +87,125 @@ def load_numpy() -> None:
 
 
 class BoardArrays:
-    """numpy views of the board's per-worker columns: [proxy][slot] cells and engine rows."""
+    """numpy views of the whole board mapping, as int64 words and as float64 words, and where
+    a worker's cell and engine row start in them (``LoadBoard``'s layout)."""
 
-    __slots__ = ("in_flight", "running", "ttfb", "waiting")
+    __slots__ = ("cell_base", "engine_base", "floats", "stride", "words")
 
     def __init__(self, board: LoadBoard) -> None:
         mapping: Any = board.ints.obj  # the mmap (see the module's last invariant)
-        words = np.frombuffer(mapping, dtype=np.int64, count=len(board.ints))
-        size = board.max_proxies * board.max_workers * WORKER_FIELDS
-        cells = words[board.cell_base:board.cell_base + size].reshape(
-            board.max_proxies, board.max_workers, WORKER_FIELDS)
-        self.in_flight = cells[:, :, W_IN_FLIGHT]
-        self.ttfb = cells.view(np.float64)[:, :, W_TTFB_EWMA]
-        engine = words[board.engine_base:board.engine_base + board.max_workers * ENGINE_FIELDS]
-        engine = engine.reshape(board.max_workers, ENGINE_FIELDS)
-        self.running = engine[:, E_RUNNING]
-        self.waiting = engine[:, E_WAITING]
+        self.words = np.frombuffer(mapping, dtype=np.int64, count=len(board.ints))
+        self.floats = self.words.view(np.float64)
+        self.cell_base = board.cell_word(0, 0)
+        self.stride = board.worker_stride()  # proxy p's cell of a slot: + p * stride
+        self.engine_base = board.engine_word(0)
+
+    def cell_words(self, slots: np.ndarray, proxies: int, field: int) -> list[np.ndarray]:
+        """Word indexes of ``field`` in each proxy's cells of ``slots``: one array per proxy."""
+        first = self.cell_base + slots * WORKER_FIELDS + field
+        return [first + p * self.stride for p in range(proxies)]
+
+    def engine_words(self, slots: np.ndarray, fields: Sequence[int]) -> list[np.ndarray]:
+        """Word indexes of engine ``fields`` of ``slots``: one array per field."""
+        first = self.engine_base + slots * ENGINE_FIELDS
+        return [first + f for f in fields]
 
 
-Score = Callable[["Columns", slice], "np.ndarray"]  # a window, or an array of scan positions
+def _by_candidate(rows: list[np.ndarray]) -> np.ndarray:
+    """Index rows (one per figure summed) as one array of shape (positions, rows): the words of
+    a slice of positions are then contiguous, and one gather reads them all."""
+    return np.ascontiguousarray(np.stack(rows, axis=1))
+
+
+Score = Callable[["Columns", Any], "tuple[np.ndarray, float]"]  # (scores, unit) at scan positions
+MULTIPLIER_LIMIT = 1 << 20  # weights whose least common multiple is above this are divided by
 
 
 class Columns:
-    """One candidate list's slots in scan order, with its weights, over the board's columns."""
+    """One candidate list in scan order: for each scan position, the board words to read
+    (every proxy's in-flight and TTFB cells, the engine row) and the candidate's weight.
 
-    __slots__ = ("_all", "_in_flight", "_inverse", "_memory", "_next", "_order", "_pos", "_ramp",
-                 "_running", "_slots", "_ttfb", "_waiting", "candidates", "exact", "size")
+    Exact lists are stored twice over (positions ``m..2m-1`` repeat ``0..m-1``), so a scan that
+    starts at any position is one contiguous slice; sampled lists repeat their first ``SAMPLE``
+    positions for the same reason. A decision is then a few numpy calls on ~100 values: a
+    gather per proxy, in-place adds, a multiplication by the weights' integer factors, an
+    argmin. Index arrays, weights and factors are built here, once per candidate list.
+    """
+
+    __slots__ = ("_factors", "_flight", "_floats", "_memory", "_next", "_pos", "_positions", "_queue",
+                 "_ttfb", "_unit", "_weights", "_words", "candidates", "exact", "size")
 
     def __init__(self, env: ScanEnv, candidates: Sequence[Worker],
                  positions: list[int] | None = None) -> None:
         """``positions``: scan only these candidates, exactly (a one-off sample of a retry's list)."""
         arrays = env.arrays()
-        proxies = range(env.proxies)
-        self._in_flight = [arrays.in_flight[p] for p in proxies]
-        self._ttfb = [arrays.ttfb[p] for p in proxies]
-        self._running, self._waiting = arrays.running, arrays.waiting
+        self._words, self._floats = arrays.words, arrays.floats
         self.candidates = candidates
         n = len(candidates)
         self.exact = positions is not None or n <= EXACT_LIMIT
         if positions is not None:
-            order = positions
-        elif self.exact:
-            order = list(range(n))
+            order = list(positions)
         else:
             order = list(range(n))
-            random.Random(_SHUFFLE_SEED).shuffle(order)
-            order += order[:SAMPLE]  # a window that starts near the end wraps around
+            if not self.exact:
+                random.Random(_SHUFFLE_SEED).shuffle(order)
+        self.size = len(order)
+        order += order if self.exact else order[:SAMPLE]  # any window is one slice
         self._pos = order
-        self.size = len(order) if self.exact else n
-        self._all = slice(0, self.size)
-        self._slots = np.array([candidates[i].slot for i in order], dtype=np.intp)
-        weights = np.array([candidates[i].weight for i in order], dtype=np.float64)
-        self._inverse = None if (weights == weights[0]).all() else 1.0 / weights
-        m = self.size
-        ramp = np.arange(m, dtype=np.float64) * (TIE_SPAN / max(m, 1))
-        self._ramp = np.concatenate((ramp, ramp))
-        self._order = np.arange(len(order), dtype=np.intp)  # positions in the scan order
+        slots = np.array([candidates[i].slot for i in order], dtype=np.intp)
+        flight = arrays.cell_words(slots, env.proxies, W_IN_FLIGHT)
+        self._flight = _by_candidate(flight)
+        self._ttfb = _by_candidate(arrays.cell_words(slots, env.proxies, W_TTFB_EWMA))
+        engine = arrays.engine_words(slots, (E_RUNNING, E_WAITING))
+        self._queue = _by_candidate([*flight, *engine])  # engine queue + in flight
+        self._weights, self._factors, self._unit = _weighing([candidates[i].weight for i in order])
+        self._positions = np.arange(len(order), dtype=np.intp)  # scan positions, for sampled reads
         self._memory = np.empty(0, dtype=np.intp)
-        self._next = env.proxy * SAMPLE % m  # proxies sweep from different places
+        self._next = env.proxy * SAMPLE % self.size  # proxies sweep from different places
 
-    # -- scores over a window of the scan order ------------------------------------------
+    # -- figures and scores at scan positions (a slice or an index array) -----------------
 
-    def loads(self, window: slice) -> np.ndarray:
-        """Global in-flight (summed over proxies) of the window's candidates."""
-        return _summed(self._in_flight, self._slots[window])
+    def loads(self, at: Any) -> np.ndarray:
+        """Global in-flight (summed over proxies) of the candidates at ``at``."""
+        return _gather_sum(self._words, self._flight, at)
 
-    def weighted_loads(self, window: slice) -> np.ndarray:
-        total = self.loads(window)
-        return total if self._inverse is None else total * self._inverse[window]
+    def in_flight(self, at: Any) -> tuple[np.ndarray, float]:
+        """Score: global in-flight, not weighted (cache_aware's balance rule)."""
+        return _gather_sum(self._words, self._flight, at), 1.0
 
-    def ttfb_sums(self, window: slice) -> np.ndarray:
-        """Time-to-first-byte EWMAs summed over proxies (0.0 where nobody measured yet).
+    def weighted_loads(self, at: Any) -> tuple[np.ndarray, float]:
+        """Score: global in-flight ÷ weight."""
+        return self._weighed(_gather_sum(self._words, self._flight, at), at)
+
+    def ttfb_sums(self, at: Any) -> tuple[np.ndarray, float]:
+        """Score: time-to-first-byte EWMAs summed over proxies (0.0 where nobody measured yet).
 
         Summing instead of averaging keeps this to one read per proxy; once every proxy has
         measured every worker the order is the same as the mean's.
         """
-        return _summed(self._ttfb, self._slots[window])
+        return _gather_sum(self._floats, self._ttfb, at), 1.0
 
-    def weighted_engine_queue(self, window: slice) -> np.ndarray:
-        """(Engine running + waiting + router in-flight) ÷ weight; the in-flight count corrects
-        for requests sent since the last scrape."""
-        idx = self._slots[window]
-        total = self.loads(window)
-        total += self._running[idx]
-        total += self._waiting[idx]
-        return total if self._inverse is None else total * self._inverse[window]
+    def weighted_engine_queue(self, at: Any) -> tuple[np.ndarray, float]:
+        """Score: (engine running + waiting + router in-flight) ÷ weight; the in-flight count
+        corrects for requests sent since the last scrape."""
+        return self._weighed(_gather_sum(self._words, self._queue, at), at)
+
+    def _weighed(self, totals: np.ndarray, at: Any) -> tuple[np.ndarray, float]:
+        """``totals`` ÷ weight, as integers times the weights' common multiple where it is
+        small (exact: equal ratios tie), else as floats; and the unit that turns one back."""
+        if self._factors is not None:
+            totals *= self._factors[at] if type(at) is slice else self._factors.take(at)
+            return totals, self._unit
+        if self._weights is not None:
+            return totals / self._weights[at], 1.0
+        return totals, 1.0
 
     # -- decisions -----------------------------------------------------------------------
 
-    def _window(self, rng: random.Random) -> slice:
-        """Where a sampled read starts: the next ``SAMPLE`` candidates of the sweep."""
+    def _window(self) -> slice:
+        """What a read covers: every candidate, or the sweep's next ``SAMPLE``."""
         if self.exact:
-            return self._all
+            return slice(0, self.size)
         start = self._next
         self._next = (start + SAMPLE) % self.size
         return slice(start, start + SAMPLE)
@@ -182,44 +214,113 @@ class Columns:
         """(position in the candidate list, score) of the lowest-scoring scanned candidate.
 
         On an exact scan a tie goes to the first from position ``tie`` (wrapping; random when
-        None). A sampled scan reads the sweep's next window and the remembered candidates,
+        None): the scan reads the rotation that starts there, and argmin takes the first
+        lowest. A sampled scan reads the sweep's next window and the remembered candidates,
         takes the lowest, and remembers the ``MEMORY`` next lowest for the next decision.
         """
         if self.exact:
-            scores = score(self, self._all)
             m = self.size
             start = int(rng.random() * m) if tie is None else tie % m
-            k = int((scores + self._ramp[m - start:2 * m - start]).argmin())
-            return self._pos[k], float(scores[k])
-        window = self._window(rng)
-        read = np.concatenate((self._order[window], self._memory))
-        scores = score(self, read)  # type: ignore[arg-type]
-        best = np.argpartition(scores, MEMORY)[:MEMORY + 1]
-        k = int(best[scores[best].argmin()])
-        self._memory = read[best[best != k]]
-        return self._pos[int(read[k])], float(scores[k])
+            scores, unit = score(self, slice(start, start + m))
+            k = int(scores.argmin())
+            return self._pos[start + k], float(scores[k]) * unit
+        window = self._window()
+        read = self._positions[window]
+        if len(self._memory):
+            read = np.concatenate((read, self._memory))
+        scores, unit = score(self, read)
+        ranked = scores.argsort(kind="stable")
+        k = int(ranked[0])
+        self._memory = read[ranked[1:MEMORY + 1]]
+        return self._pos[int(read[k])], float(scores[k]) * unit
 
-    def load_range(self, rng: random.Random) -> tuple[int, int]:
-        """(lowest, highest) global in-flight over the scanned candidates, not weighted
-        (sglang's balance check)."""
-        ordered = np.sort(self.loads(self._window(rng)))  # one call for both ends
-        return int(ordered[0]), int(ordered[-1])
+    def read_loads(self, rng: random.Random) -> LoadRead:
+        """Global in-flight over what a decision scans, read once (cache_aware's balance rule
+        and its least-loaded choice both use it)."""
+        if self.exact:
+            start = int(rng.random() * self.size)
+            at = slice(start, start + self.size)
+        else:
+            at = self._window()
+        return LoadRead(self, at, self.loads(at))
+
+    def lowest(self, at: slice, scores: np.ndarray) -> int:
+        """Position in the candidate list of the first lowest of ``scores`` (read at ``at``)."""
+        return self._pos[at.start + int(scores.argmin())]
 
     def total_load(self, rng: random.Random) -> float:
         """Global in-flight summed over the candidates: exact, or scaled up from a sample."""
-        window = self._window(rng)
+        window = self._window()
         total = int(self.loads(window).sum())
         if self.exact and self.size == len(self.candidates):
             return total
         return total * len(self.candidates) / (window.stop - window.start)
 
 
-def _summed(rows: list[np.ndarray], idx: np.ndarray) -> np.ndarray:
-    """One figure of the slots ``idx``, summed over the proxies' rows (a fresh array)."""
-    total = rows[0][idx]
-    for row in rows[1:]:
-        total += row[idx]
-    return total
+class LoadRead:
+    """One read of global in-flight (``Columns.read_loads``): its lowest and highest figure,
+    then the least loaded candidate, unweighted or per unit of weight.
+
+    On an exact list the read covers every candidate from a random start, so the least loaded
+    comes from the same read (ties to the first from that start, as ``Columns.argmin``). On a
+    sampled list the read is the sweep's window: the unweighted least loaded is the candidate
+    whose load is ``low``; the weighted one is ``Columns.argmin``'s (the next window and the
+    remembered runners-up).
+    """
+
+    __slots__ = ("_at", "_cols", "_loads", "high", "low")
+
+    def __init__(self, cols: Columns, at: slice, loads: np.ndarray) -> None:
+        self._cols, self._at, self._loads = cols, at, loads
+        self.low = int(loads[loads.argmin()])  # argmin and an item: cheaper than min() here
+        self.high = int(loads[loads.argmax()])
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the read covers a sample of the list (not every candidate)."""
+        return not self._cols.exact
+
+    def least_loaded(self, rng: random.Random, weighted: bool) -> int:
+        """Position in the candidate list of the least loaded candidate (÷ weight if ``weighted``)."""
+        cols = self._cols
+        if not weighted:
+            return cols.lowest(self._at, self._loads)  # the candidate ``low`` was read from
+        if not cols.exact:
+            return cols.argmin(Columns.weighted_loads, rng)[0]
+        scores, _ = cols._weighed(self._loads.copy(), self._at)
+        return cols.lowest(self._at, scores)
+
+
+def _weighing(weights: list[int]) -> tuple[np.ndarray | None, np.ndarray | None, float]:
+    """(float weights or None, integer factors or None, unit) for ``Columns._weighed``: None
+    and None when all weights are equal (no weighing), factors = lcm ÷ weight when the least
+    common multiple is at most ``MULTIPLIER_LIMIT``, unit = 1 ÷ lcm."""
+    if all(w == weights[0] for w in weights):
+        return None, None, 1.0
+    multiple = 1
+    for w in set(weights):
+        multiple = lcm(multiple, max(w, 1))
+        if multiple > MULTIPLIER_LIMIT:
+            return np.array(weights, dtype=np.float64), None, 1.0
+    return None, np.array([multiple // max(w, 1) for w in weights], dtype=np.int64), 1.0 / multiple
+
+
+def _gather_sum(words: np.ndarray, index: np.ndarray, at: Any) -> np.ndarray:
+    """The words at ``index[at]`` (shape (positions, rows)) summed over the rows: one gather,
+    then one add for two rows, else a product with a vector of ones (one call, cheaper here
+    than ``sum(axis=1)`` or an add per row)."""
+    read = words.take(index[at] if type(at) is slice else index.take(at, axis=0))  # 5x fancy's speed
+    rows = read.shape[1]
+    if rows == 1:
+        return read[:, 0]
+    if rows == 2:
+        return read[:, 0] + read[:, 1]
+    return read @ _ones(rows, read.dtype.char)
+
+
+@lru_cache(maxsize=64)
+def _ones(rows: int, dtype: str) -> np.ndarray:
+    return np.ones(rows, dtype=dtype)
 
 
 def columns_for(env: ScanEnv, candidates: Sequence[Worker], stable: bool,
