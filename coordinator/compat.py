@@ -155,7 +155,8 @@ SHARED: tuple[tuple[str, str, str], ...] = (
     ("--log-level", f"{SGL}, {VLLM}, {STACK}", "`log_level` (`warn` is read as `warning`)"),
     ("--max-concurrent-requests", f"{SGL}, {VLLM}", "`max_concurrent_requests` (-1, their 'off', is 0)"),
     ("--cache-threshold", f"{SGL}, {VLLM}", "`cache_threshold` (same rule, same default)"),
-    ("--balance-abs-threshold", f"{SGL}, {VLLM}", "`balance_abs_threshold` (same rule, same default)"),
+    ("--balance-abs-threshold", f"{SGL}, {VLLM}", "`balance_abs_threshold` (same rule; default 4, "
+     "theirs 64: docs/simulator.md)"),
     ("--balance-rel-threshold", f"{SGL}, {VLLM}", "`balance_rel_threshold` (same rule, same default)"),
 )
 
