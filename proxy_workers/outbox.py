@@ -13,7 +13,8 @@ Invariants:
 - Order holds: one queue for every connection, written in the order it was filled; a connection
   that closes calls :meth:`Outbox.flush` first, so what it wrote goes out before its close. An
   aborted (or lost) connection's items are skipped: its transport is closing, and an abort
-  discards unsent data anyway.
+  discards unsent data anyway. A write that raises aborts its own connection (logged); the rest
+  of the queue is still written.
 - The flush runs within the iteration that queued it (``call_soon`` callbacks run after the
   iteration's I/O callbacks), so nothing waits on a timer or on more traffic: latency grows by
   microseconds. Items queued while a flush runs go out in the next iteration.
@@ -22,6 +23,9 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import logging
+
+log = logging.getLogger("shardgate.proxy")
 
 
 class Outbox:
@@ -47,4 +51,8 @@ class Outbox:
         queue, self._queue = self._queue, []
         for transport, data in queue:
             if not transport.is_closing():
-                transport.write(data)
+                try:
+                    transport.write(data)
+                except Exception:  # one connection's failure must not cost the others their writes
+                    log.exception("write to %s failed", transport.get_extra_info("peername"))
+                    transport.abort()
