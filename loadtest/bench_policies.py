@@ -60,7 +60,7 @@ from proxy_workers.forwarding.request import Request
 from proxy_workers.policies.affinity import prefix_keys
 from proxy_workers.policies.base import PolicyEnv
 from proxy_workers.policies.registry import POLICIES, POLICY_INDEX
-from proxy_workers.routing.context import ROUTING_DECODER, RequestContext, RoutingFields
+from proxy_workers.routing.context import ROUTING_DECODER, RequestContext, RoutingFields, parse_hash_headers
 from proxy_workers.routing.decision import prepare
 from proxy_workers.routing.table import ModelRoute, RoutingTable
 from shm.affinity import AffinityTable, table_size
@@ -239,11 +239,6 @@ class Contexts:
         return out
 
 
-def hash_headers_of(settings: Settings) -> tuple[bytes, ...]:
-    """As ``proxy_workers.serving.protocol._hash_headers``."""
-    return tuple(h.strip().lower().encode() for h in settings.hash_headers.split(",") if h.strip())
-
-
 def prime_affinity(table: AffinityTable, route: ModelRoute, inputs: Inputs, settings: Settings) -> None:
     """Steady state: every session and every prompt prefix already placed, seen by both proxies."""
     candidates, now = route.candidates, time.time()
@@ -326,7 +321,7 @@ class BenchProxy:
     def __init__(self, table: RoutingTable, settings: Settings) -> None:
         self._table = table
         self.settings = settings
-        self.hash_headers = hash_headers_of(settings)
+        self.hash_headers = parse_hash_headers(settings.hash_headers)
         self.rng = random.Random(7)
 
     def table(self) -> RoutingTable:
@@ -395,7 +390,7 @@ def bench_size(n_workers: int, policies: Sequence[str], args: argparse.Namespace
     fleet = Fleet(settings.max_workers)
     fleet.apply(worker_specs(n_workers))
     env = PolicyEnv(board, PROXY, PROXIES, settings, affinity)
-    hash_headers = hash_headers_of(settings)
+    hash_headers = parse_hash_headers(settings.hash_headers)
     generation = 0
 
     def snapshot_for(policy: str | None) -> Snapshot:

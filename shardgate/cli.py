@@ -45,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = checked_config(args)
     _show_notes(config)
     configure_logging(config.settings.log_level, config.settings.log_format, "coordinator")
-    return uvloop.run(Coordinator(config, lambda: checked_config(args)).run())
+    return uvloop.run(Coordinator(config, lambda: load_config(args)).run())  # it checks each reload
 
 
 def _check_config(args: argparse.Namespace) -> int:

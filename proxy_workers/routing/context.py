@@ -124,6 +124,11 @@ def prompt_text(fields: PromptFields) -> str:
     return prompt_parts(fields)[0]
 
 
+def parse_hash_headers(setting: str) -> tuple[bytes, ...]:
+    """The ``hash_headers`` setting as RequestContext reads it: lower-cased header names, in order."""
+    return tuple(h.strip().lower().encode() for h in setting.split(",") if h.strip())
+
+
 class RequestContext:
     __slots__ = ("_ends", "_hash", "_key", "_prompt", "alias", "body", "client", "dry_run", "explain",
                  "fallback", "fields", "hash_fallback", "hash_headers", "headers", "model", "reason",

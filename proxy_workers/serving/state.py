@@ -26,6 +26,7 @@ from proxy_workers.grpc.channels import GrpcChannels
 from proxy_workers.http.pools import Pools
 from proxy_workers.outbox import Outbox
 from proxy_workers.policies.base import PolicyEnv
+from proxy_workers.routing.context import parse_hash_headers
 from proxy_workers.routing.table import RoutingTable
 from proxy_workers.serving.accesslog import AccessLog
 from proxy_workers.serving.admission import Admission
@@ -90,7 +91,7 @@ class ProxyProcess:
             raise RuntimeError("no snapshot published yet")
         self.settings = snapshot.settings
         self.env = PolicyEnv(board, index, snapshot.proxies, snapshot.settings, affinity)
-        self.hash_headers = _hash_headers(snapshot.settings.hash_headers)
+        self.hash_headers = parse_hash_headers(snapshot.settings.hash_headers)
         self.rng = random.Random()
         self.outbox = Outbox(loop)  # writes sent together at the end of each loop iteration
         self.pools = Pools(loop, self.settings.pool_size, self.outbox)
@@ -218,7 +219,7 @@ class ProxyProcess:
         self.settings = snapshot.settings
         self.retry_statuses = parse_statuses(snapshot.settings.retry_statuses)
         self.env.update(snapshot.proxies, snapshot.settings)
-        self.hash_headers = _hash_headers(snapshot.settings.hash_headers)
+        self.hash_headers = parse_hash_headers(snapshot.settings.hash_headers)
         self.pools.limit = snapshot.settings.pool_size
         self._table = RoutingTable(snapshot, self.env, self._table)
         urls = {w.url for w in snapshot.workers}
@@ -263,6 +264,3 @@ def freeze_startup_heap() -> None:
     gc.collect()
     gc.freeze()
 
-
-def _hash_headers(setting: str) -> tuple[bytes, ...]:
-    return tuple(h.strip().lower().encode() for h in setting.split(",") if h.strip())

@@ -38,9 +38,9 @@ from itertools import count
 from coordinator.health.engine_metrics import wanted
 from proxy_workers.errors import RouterError
 from proxy_workers.forwarding.attempts import first_byte, open_cell, settle
-from proxy_workers.routing.context import RequestContext, RoutingFields
+from proxy_workers.routing.context import RequestContext, RoutingFields, parse_hash_headers
 from shardgate.simulate.config import Scenario, SimConfig
-from shardgate.simulate.harness import Production, hash_headers_of
+from shardgate.simulate.harness import Production
 from shardgate.simulate.stats import Figures
 from shardgate.simulate.workers import SimWorker
 from shardgate.simulate.workload import MODEL, Request, Workload
@@ -64,7 +64,7 @@ class Simulation:
         self.costs = config.costs
         self.rng = random.Random(f"{config.seed}:engine")
         self.settings = production.settings
-        self.hash_headers = hash_headers_of(self.settings)
+        self.hash_headers = parse_hash_headers(self.settings.hash_headers)
         self.events: list[tuple[float, int, int, object, int]] = []
         self.seq = count()
         self.fig = Figures(production.snapshot.model_policies[MODEL].policy or "", config.workers)

@@ -45,11 +45,6 @@ if TYPE_CHECKING:
     from proxy_workers.contract import ProcessView
 
 
-def hash_headers_of(settings: Settings) -> tuple[bytes, ...]:
-    """The routing-key headers, lower-cased bytes (as a proxy parses the setting)."""
-    return tuple(h.strip().lower().encode() for h in settings.hash_headers.split(",") if h.strip())
-
-
 def fleet_snapshot(urls: Sequence[str], weights: Sequence[int], settings: Settings, proxies: int) -> Snapshot:
     """One model served by every worker, as the coordinator would publish it (slot i = urls[i])."""
     fleet = Fleet(settings.max_workers)
