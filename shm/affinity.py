@@ -100,11 +100,6 @@ class AffinityTable:
                 break
         return best
 
-    def earliest(self, key: int, proxies: int, now: float, ttl: float) -> float | None:
-        """The earliest ``created`` of any live entry for ``key`` (usable or not)."""
-        found = self.lookup(key, proxies, now, ttl)
-        return None if found is None else found[1]
-
     def record(self, proxy: int, key: int, slot: int, now: float, created: float | None = None) -> None:
         """Write ``key -> slot`` (seen now) into ``proxy``'s region."""
         key = key or 1

@@ -2,7 +2,7 @@
 
 Role: the one place that says where a request's figures go in shared memory, so the proxies that
 write them (:mod:`proxy_workers.serving.records`) and the exposition that sums them at scrape time
-(:mod:`proxy_workers.serving.metrics`) agree word for word.
+(:mod:`proxy_workers.serving.metrics_board`) agree word for word.
 
 Layout of one *model block* (``MODEL_FIELDS`` words; one block per proxy per model index, index 0
 being ``model="other"``: unknown, absent, or past ``max_models``)::
@@ -58,8 +58,10 @@ M_DURATION_REST = M_WHOLE + HIST_WORDS
 M_TTFT_STREAM = M_DURATION_REST + HIST_WORDS
 M_TPOT = M_TTFT_STREAM + HIST_WORDS
 MODEL_FIELDS = M_TPOT + len(TPOT_BUCKETS) + 2
-FLOAT_SUMS = (M_WHOLE + HIST_WORDS - 1, M_DURATION_REST + HIST_WORDS - 1, M_TTFT_STREAM + HIST_WORDS - 1,
-              M_TPOT + len(TPOT_BUCKETS) + 1)
+# Each histogram's last word is its sum (a float word; the rest count).
+WHOLE_SUM, REST_SUM, TTFT_SUM = (M_WHOLE + HIST_WORDS - 1, M_DURATION_REST + HIST_WORDS - 1,
+                                 M_TTFT_STREAM + HIST_WORDS - 1)
+TPOT_SUM = M_TPOT + len(TPOT_BUCKETS) + 1
 DURATION_WORDS = (M_WHOLE, M_DURATION_REST)  # the exposed request-duration histogram
 TTFT_WORDS = (M_WHOLE, M_TTFT_STREAM)        # the exposed time-to-first-token histogram
 

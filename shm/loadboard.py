@@ -37,6 +37,8 @@ MAGIC = int.from_bytes(b"SGLOAD01", "little")
 # 4: proxy rows grew to 56 words (requests refused before routing, by reason).
 # 5: per-model blocks (requests by router/status/outcome, tokens, histograms), worker cells grew
 #    to 33 words (5xx answers, a TTFB histogram), retries by reason, max_models in the header.
+# 6: a whole answer (no stream) is recorded once, in M_WHOLE, serving both the duration and the
+#    TTFT histograms.
 LAYOUT_VERSION = 6
 HEADER_WORDS = 8
 

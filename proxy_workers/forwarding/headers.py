@@ -67,11 +67,6 @@ def relayed_metadata(metadata: Iterable[tuple[str, object]] | None) -> bytes:
     return b"".join(out)
 
 
-def worker_metadata(request_id: bytes) -> tuple[tuple[str, str], ...]:
-    """The gRPC metadata a worker call carries, without trace context (see :func:`call_metadata`)."""
-    return (("x-request-id", request_id.decode()),)
-
-
 def call_metadata(request: ClientRequest) -> tuple[tuple[str, str], ...]:
     """The gRPC metadata a worker call carries: the counterpart of the fields the router adds to
     an HTTP request (request id, trace context)."""

@@ -1,9 +1,10 @@
 """W3C Trace Context (``traceparent``, ``tracestate``) for the requests the router forwards.
 
 Role: the rules every data path shares for the trace context a worker gets. The client protocol
-(:mod:`proxy_workers.serving.reading`) applies them once per request and stores the result on the
-:class:`proxy_workers.forwarding.request.Request` (``traceparent``, ``tracestate``); the HTTP
-paths send it as header lines (in ``upstream_head``), the gRPC paths as metadata
+(:mod:`proxy_workers.serving.reading`) applies them once per request and writes the result as
+header lines of the request's ``upstream_head`` (:class:`proxy_workers.forwarding.request.Request`
+reads ``traceparent`` back from there); the HTTP paths send those lines, the gRPC paths the same
+values as metadata
 (:func:`proxy_workers.forwarding.headers.call_metadata`).
 
 Invariants:

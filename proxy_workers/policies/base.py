@@ -299,10 +299,11 @@ class LeastConnections(Policy):
 class PowerOfTwo(Policy):
     """Two distinct random candidates; the one with fewer in-flight requests (÷ weight) wins.
 
-    The candidates' board words and weights are kept in two packed arrays per list (rebuilt when
-    the list changes), so a pick touches two array items and four board words, not two
-    ``Worker`` objects scattered over the heap (at 10,000 workers those misses cost more than
-    the rest of the pick).
+    The route's candidates' board words and weights are kept in two packed arrays (rebuilt when
+    the snapshot changes the list), so a pick touches two array items and four board words, not
+    two ``Worker`` objects scattered over the heap (at 10,000 workers those misses cost more than
+    the rest of the pick). A shard's or a retry's list is read through its workers: indexing
+    those would rebuild the arrays whenever consecutive requests go to different shards.
     """
 
     name = "power_of_two"
@@ -323,7 +324,7 @@ class PowerOfTwo(Policy):
         # The second draw skips the first: two equal draws would send to a busy worker unopposed.
         j = (i + 1 + int(rand() * (n - 1))) % n
         if candidates is not self._list:
-            if not _stable(route, candidates):  # a retry's list: read through the workers
+            if candidates is not route.candidates:  # a shard's or a retry's: read through the workers
                 return self._less_loaded(candidates[i], candidates[j], ctx)
             self._index(candidates)
         la, lb = self.env.load.pair_at(self._words[i], self._words[j])

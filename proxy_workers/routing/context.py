@@ -120,10 +120,6 @@ def prompt_parts(fields: PromptFields) -> tuple[str, list[tuple[int, str]]]:
     return "\n".join(parts), ends
 
 
-def prompt_text(fields: PromptFields) -> str:
-    return prompt_parts(fields)[0]
-
-
 def parse_hash_headers(setting: str) -> tuple[bytes, ...]:
     """The ``hash_headers`` setting as RequestContext reads it: lower-cased header names, in order."""
     return tuple(h.strip().lower().encode() for h in setting.split(",") if h.strip())

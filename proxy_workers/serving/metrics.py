@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from proxy_workers.serving.metrics_board import model_families, proxy_families, worker_families
+from proxy_workers.serving.metrics_board import escape, model_families, proxy_families, worker_families
 from shm.loadboard import REFUSAL_REASONS, LoadBoard
 from shm.metricdefs import BY_NAME
 from shm.schema import Snapshot
@@ -46,10 +46,6 @@ def rejected_by_reason(proxies: list[dict[str, Any]]) -> dict[str, int]:
     out = {why: sum(int(p[f"refused_{why}"]) for p in proxies) for why in REFUSAL_REASONS}
     out["other"] = max(0, sum(int(p["rejected"]) for p in proxies) - sum(out.values()))
     return out
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def render_metrics(snap: Snapshot, proxies: list[dict[str, Any]], workers: list[dict[str, Any]],
@@ -88,21 +84,21 @@ def render_metrics(snap: Snapshot, proxies: list[dict[str, Any]], workers: list[
     lines.append(f"shardgate_coordinator_up {1 if coordinator_up else 0}")
     family("shardgate_discovery_source_up")
     for source, error in sorted(snap.sources.items()):
-        lines.append(f'shardgate_discovery_source_up{{source="{_escape(source)}"}} {0 if error else 1}')
+        lines.append(f'shardgate_discovery_source_up{{source="{escape(source)}"}} {0 if error else 1}')
     family("shardgate_notices")
     lines.append(f"shardgate_notices {len(snap.notices)}")
     family("shardgate_worker_ejected")
     for w in workers:
         ejected = 1 if w.get("ejected") else 0
-        lines.append(f'shardgate_worker_ejected{{worker="{_escape(w["url"])}"}} {ejected}')
+        lines.append(f'shardgate_worker_ejected{{worker="{escape(w["url"])}"}} {ejected}')
     family("shardgate_worker_healthy")
     for w in workers:
         ok = 1 if w["healthy"] and not w["draining"] else 0
-        lines.append(f'shardgate_worker_healthy{{worker="{_escape(w["url"])}"}} {ok}')
+        lines.append(f'shardgate_worker_healthy{{worker="{escape(w["url"])}"}} {ok}')
     for key, name in _WORKER_SERIES:
         family(name)
         for w in workers:
-            lines.append(f'{name}{{worker="{_escape(w["url"])}"}} {w[key]}')
+            lines.append(f'{name}{{worker="{escape(w["url"])}"}} {w[key]}')
     if board is not None:
         model_families(lines, family, snap, board)
         worker_families(lines, family, snap, board, workers)

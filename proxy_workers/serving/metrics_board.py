@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 Family = Callable[[str], None]
 
 
-def _escape(value: str) -> str:
+def escape(value: str) -> str:
+    """A Prometheus label value, escaped."""
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
@@ -68,7 +69,7 @@ def model_families(lines: list[str], family: Family, snap: Snapshot, board: Load
     family("shardgate_model_requests_total")
     n_out = len(OUTCOMES)
     for model, bases in blocks.items():
-        label = _escape(model)
+        label = escape(model)
         for router, router_name in enumerate(ROUTERS):
             for klass in range(STATUS_CLASSES):
                 for outcome, outcome_name in enumerate(OUTCOMES):
@@ -81,7 +82,7 @@ def model_families(lines: list[str], family: Family, snap: Snapshot, board: Load
                         ("shardgate_output_tokens_total", M_TOKENS_OUT)):
         family(name)
         for model, bases in blocks.items():
-            lines.append(f'{name}{{model="{_escape(model)}"}} {sum(ints[b + field] for b in bases)}')
+            lines.append(f'{name}{{model="{escape(model)}"}} {sum(ints[b + field] for b in bases)}')
     fields: tuple[tuple[str, int | tuple[int, ...], tuple[float, ...]], ...] = (
         ("shardgate_request_duration_seconds", DURATION_WORDS, LATENCY_BUCKETS),
         ("shardgate_time_to_first_token_seconds", TTFT_WORDS, LATENCY_BUCKETS),
@@ -89,7 +90,7 @@ def model_families(lines: list[str], family: Family, snap: Snapshot, board: Load
     for name, words, bounds in fields:
         family(name)
         for model, bases in blocks.items():
-            _histogram(lines, name, f'model="{_escape(model)}"', board, words, bounds, bases)
+            _histogram(lines, name, f'model="{escape(model)}"', board, words, bounds, bases)
 
 
 def worker_families(lines: list[str], family: Family, snap: Snapshot, board: LoadBoard,
@@ -98,11 +99,11 @@ def worker_families(lines: list[str], family: Family, snap: Snapshot, board: Loa
     proxies = range(snap.proxies)
     family("shardgate_worker_info")
     for w in workers:
-        lines.append(f'shardgate_worker_info{{worker="{_escape(w["url"])}",type="{w["type"]}",'
+        lines.append(f'shardgate_worker_info{{worker="{escape(w["url"])}",type="{w["type"]}",'
                      f'connection="{w["connection"]}"}} 1')
     family("shardgate_worker_errors_by_kind_total")
     for w in workers:
-        url = _escape(w["url"])
+        url = escape(w["url"])
         status = board.cell_figure(w["slot"], snap.proxies, W_ERR_STATUS)
         connect = int(w["connect_errors"])
         other = max(int(w["errors"]) - connect - status, 0)
@@ -111,7 +112,7 @@ def worker_families(lines: list[str], family: Family, snap: Snapshot, board: Loa
     family("shardgate_worker_first_byte_seconds")
     for w in workers:
         cells = [board.cell_word(p, w["slot"]) for p in proxies]
-        _histogram(lines, "shardgate_worker_first_byte_seconds", f'worker="{_escape(w["url"])}"', board,
+        _histogram(lines, "shardgate_worker_first_byte_seconds", f'worker="{escape(w["url"])}"', board,
                    W_TTFB_HIST, LATENCY_BUCKETS, cells)
 
 

@@ -133,6 +133,8 @@ async def _serve(index: int, reader: SnapshotReader, board: LoadBoard, affinity:
     sweeper.cancel()
     if proc.access_log is not None:
         proc.access_log.close()  # what is queued is written before the process exits
+    if proc.tracer is not None:
+        proc.tracer.close()  # and the spans still queued are exported
     log.info("stopped")
 
 

@@ -10,7 +10,8 @@ Invariants:
 - One record per request; the figures come from the exchange's ``figures()`` (status, first
   chunk time, tokens, worker, retries, model, policy), never from the request's body.
 - Metrics cost a few word increments on this proxy's own model block (single writer); buckets
-  are found by ``bisect`` on a small tuple. Nothing here allocates but the record itself.
+  are found by ``bisect`` on a small tuple. Nothing here allocates but the exchange's
+  ``figures()`` tuple and, when the access log or the tracer is on, the record.
 - Bounded labels: a model without an index in the snapshot (unknown, absent, or past
   ``max_models``) is written to block 0, ``model="other"``.
 - TTFT: a stream's is the time to its first chunk to the client; a whole (non-streamed) answer's
@@ -37,10 +38,14 @@ from shm.histograms import (
     O_SUCCESS,
     OUTCOMES,
     R_NONE,
+    REST_SUM,
     ROUTER_INDEX,
     ROUTERS,
     STATUS_CLASSES,
     TPOT_BUCKETS,
+    TPOT_SUM,
+    TTFT_SUM,
+    WHOLE_SUM,
 )
 
 if TYPE_CHECKING:
@@ -61,10 +66,6 @@ class RecordingProcess(Protocol):
     tracer: Any      # serving.tracing.Tracer | None
 
 _N_OUT = len(OUTCOMES)
-_WHOLE_SUM = M_WHOLE + len(LATENCY_BUCKETS) + 1
-_REST_SUM = M_DURATION_REST + len(LATENCY_BUCKETS) + 1
-_TTFT_SUM = M_TTFT_STREAM + len(LATENCY_BUCKETS) + 1
-_TPOT_SUM = M_TPOT + len(TPOT_BUCKETS) + 1
 
 
 class RequestRecord:
@@ -141,13 +142,13 @@ def end_request(proc: RecordingProcess, request: ClientRequest, exchange: object
         floats = proc.floats
         if whole:  # one observation serves the duration and the TTFT histograms (shm.histograms)
             ints[base + M_WHOLE + bisect_left(LATENCY_BUCKETS, duration)] += 1
-            floats[base + _WHOLE_SUM] += duration
+            floats[base + WHOLE_SUM] += duration
         else:
             ints[base + M_DURATION_REST + bisect_left(LATENCY_BUCKETS, duration)] += 1
-            floats[base + _REST_SUM] += duration
+            floats[base + REST_SUM] += duration
             if ttft >= 0.0:
                 ints[base + M_TTFT_STREAM + bisect_left(LATENCY_BUCKETS, ttft)] += 1
-                floats[base + _TTFT_SUM] += ttft
+                floats[base + TTFT_SUM] += ttft
         if tokens_in:
             ints[base + M_TOKENS_IN] += tokens_in
         if tokens_out:
@@ -155,7 +156,7 @@ def end_request(proc: RecordingProcess, request: ClientRequest, exchange: object
             if first_at and tokens_out > 1:
                 tpot = (now - first_at) / (tokens_out - 1)
                 ints[base + M_TPOT + bisect_left(TPOT_BUCKETS, tpot)] += 1
-                floats[base + _TPOT_SUM] += tpot
+                floats[base + TPOT_SUM] += tpot
     # -- the record's consumers: the access log and the tracer (both off: None) -----------------------
     # The record is made only when one of them is on: with both off (the default) a request pays
     # two attribute checks, not an object.

@@ -9,9 +9,10 @@ reads the other standard ``OTEL_EXPORTER_OTLP_*`` variables itself (headers, tim
 it off.
 
 Invariants:
-- Off, it costs nothing: no import of the SDK, and the request path only checks
-  ``proc.tracer is not None`` where a client sent a traceparent (the trace context itself is
-  :mod:`proxy_workers.forwarding.tracecontext`'s, on or off).
+- Off, it costs next to nothing: no import of the SDK, and the request path checks
+  ``proc.tracer is not None`` where a client sent a traceparent and once as a request ends
+  (:mod:`proxy_workers.serving.records`); the trace context itself is
+  :mod:`proxy_workers.forwarding.tracecontext`'s, on or off.
 - On, the router's span is the one whose id the workers got as their parent (the span id in
   ``request.traceparent``); its parent is the client's span when the client sent a valid
   traceparent (read back from ``request.headers``), else it is a root. A request whose traceparent
@@ -65,7 +66,7 @@ class Tracer:
         (``""`` when none was made); ``worker``: the URL of the worker that answered (``""``:
         none, e.g. a refusal); ``status``: the HTTP status sent to the client (0: none, the
         client left); ``retries``: attempts after the first; ``started``, ``ended``: the event
-        loop's clock (``loop.time()``, monotonic seconds) when the request was read and when its
+        loop's clock (``loop.time()``, monotonic seconds) when the request was dispatched and when its
         response ended. Cheap when the request is not sampled; never raises.
         """
         tp = request.traceparent
