@@ -12,9 +12,9 @@ Invariants:
 
 from __future__ import annotations
 
-import difflib
 from collections import defaultdict
 
+from coordinator.compat import did_you_mean
 from coordinator.config import Config, ConfigError
 from shm.schema import WorkerSpec
 from shm.settings import POLICY_FIELDS
@@ -91,13 +91,8 @@ def _check_names(config: Config, served: set[str]) -> None:
         for model in targets:
             if model not in served:
                 raise ConfigError(f"aliases.{alias}.{model}: no worker serves model '{model}'"
-                                  f"{_did_you_mean(model, known)}; models: {', '.join(known) or '-'}")
+                                  f"{did_you_mean(model, known)}; models: {', '.join(known) or '-'}")
     for model in config.models:
         if model not in served and model not in config.aliases:
             raise ConfigError(f"models.{model}: no worker serves this model"
-                              f"{_did_you_mean(model, known)}; models: {', '.join(known) or '-'}")
-
-
-def _did_you_mean(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+                              f"{did_you_mean(model, known)}; models: {', '.join(known) or '-'}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from shm.schema import WorkerSpec
@@ -89,9 +90,15 @@ def native_policy(value: Any, field: str) -> Any:
             return alias.ours
         raise CompatError(f"{field}: '{value}' ({alias.tools}) has no equivalent here; closest: "
                           f"{alias.closest} ({alias.note})")
-    close = difflib.get_close_matches(value, list(POLICY_NAMES) + list(_ALIASES), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    hint = did_you_mean(value, list(POLICY_NAMES) + list(_ALIASES))
     raise CompatError(f"{field}: unknown policy '{value}'{hint}; valid: {', '.join(POLICY_NAMES)}")
+
+
+def did_you_mean(name: str, known: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` naming the closest of ``known``, or "" when none is close: the
+    hint every config error gives for a misspelt name."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class CompatFlag(NamedTuple):

@@ -26,7 +26,14 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
-from coordinator.compat import CompatError, add_compat_flags, native_policy, native_setting, translate
+from coordinator.compat import (
+    CompatError,
+    add_compat_flags,
+    did_you_mean,
+    native_policy,
+    native_setting,
+    translate,
+)
 from shm.keys import KeySourceError, client_keys, resolve, upstream_ref
 from shm.schema import ClientKey, ModelPolicy, WorkerSpec
 from shm.settings import DESCRIPTIONS, POLICY_FIELDS, SETTING_NAMES, Settings
@@ -154,7 +161,7 @@ def _settings(file: dict[str, Any], env: dict[str, str], cli: dict[str, str], pa
         for key in values:
             if key not in SETTING_NAMES:
                 raise ConfigError(f"{source}: unknown setting '{key}'"
-                                  f"{_suggest(key)}")
+                                  f"{did_you_mean(key, SETTING_NAMES + FILE_SECTIONS)}")
             try:
                 values[key] = native_setting(key, values[key], _field_name(key, _label(source)))
             except CompatError as exc:
@@ -184,13 +191,6 @@ def _field_message(exc: msgspec.ValidationError, style: str) -> str:
     field = where.rstrip("`")
     name = {"env": env_name(field.split(".")[0].split("[")[0]), "flag": flag_name(field)}.get(style, field)
     return f"{name}: {reason}"
-
-
-def _suggest(key: str) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, SETTING_NAMES + FILE_SECTIONS, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _convert(value: Any, kind: Any, field: str, path: str | None) -> Any:

@@ -204,7 +204,7 @@ def main() -> int:
                 one_batch(proc, clients, upstreams)
             rounds.append((time.perf_counter_ns() - start) / (batches * BATCH) / 1000)
         print(f"python per proxied request (no syscalls): median {statistics.median(rounds):.2f} us, "
-              f"best {min(rounds):.2f} us over {len(rounds)} rounds of {args.requests}")
+              f"best {min(rounds):.2f} us over {len(rounds)} rounds of {batches * BATCH}")
     finally:
         for seg in segments:
             seg.unlink()

@@ -49,12 +49,6 @@ SCENARIOS = {"regular": "regular", "two_phase": "pd-two-phase", "bootstrap": "pd
 EXPECTED_ROUTER = {"regular": "http_regular", "two_phase": "http_pd", "bootstrap": "http_pd"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post_json(url: str, body: dict[str, Any], headers: dict[str, str] | None = None,
               ) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
@@ -144,7 +138,7 @@ def start_fleet(tmp: Path, ttft: float, tps: float) -> tuple[list[launch.Launche
         config = tmp / "deploy.yaml"
         config.write_text(json.dumps({"workers": workers,
                                       "models": {"pd-bootstrap": {"pd_dialect": "bootstrap"}}}))
-        router = launch.router([], "--port", str(free_port()), "--proxies", "1", config=str(config))
+        router = launch.router([], "--port", str(launch.free_port()), "--proxies", "1", config=str(config))
         procs.append(router)
     except BaseException:
         for proc in procs:

@@ -324,9 +324,6 @@ class BenchProxy:
         self.hash_headers = parse_hash_headers(settings.hash_headers)
         self.rng = random.Random(7)
 
-    def table(self) -> RoutingTable:
-        return self._table
-
     def latest_table(self) -> RoutingTable:
         return self._table
 

@@ -56,7 +56,6 @@ import math
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -370,12 +369,6 @@ class Load:
 # --- the fleet: mock workers and the router ---------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def url_port(url: str) -> int:
     return int(url.rsplit(":", 1)[1].rstrip("/"))
 
@@ -418,7 +411,7 @@ class Fleet:
         self.extra: list[launch.Launched] = []  # started during a phase; stopped with the fleet
         self.router: launch.Launched | None = None
         self.routers: list[launch.Launched] = []  # further routers started by the driver
-        self.port = free_port()
+        self.port = launch.free_port()
         self.config = workdir / "shardgate.yaml"
 
     def start_worker(self, port: int = 0) -> launch.Launched:

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = [launch.mock_worker(["m1"], *mock) for _ in range(3)]
     router = None
     try:
-        port = _free_port()
+        port = launch.free_port()
         router = launch.router([w.url for w in workers], "--port", str(port), "--proxies", str(args.proxies),
                                "--log-level", "warning")
         report = asyncio.run(load(router.url, args, workers[0]))
@@ -143,14 +143,6 @@ def main(argv: list[str] | None = None) -> int:
     report["promise_kept"] = report["client_errors"] <= bound
     print(json.dumps(report, indent=2))
     return 0 if report["promise_kept"] else 1
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 from shardgate import launch  # noqa: E402  (needs the path above)
-from shardgate.launch import free_port  # noqa: E402
 
 KINDS = ("chat", "stream", "session")
 READY_TIMEOUT = 30.0
@@ -289,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in models:
             for _ in range(args.workers_per_model):
                 workers.append(launch.mock_worker([model], *worker_flags))
-        router_flags = ["--port", str(free_port()), "--proxies", str(args.proxies)]
+        router_flags = ["--port", str(launch.free_port()), "--proxies", str(args.proxies)]
         if args.policy:
             router_flags += ["--policy", args.policy]
         router = launch.router([w.url for w in workers], *router_flags, *args.router_arg)

@@ -1,5 +1,5 @@
-"""The ``shardgate`` command: serve, check-config, mock-worker, demo, settings-doc, metrics-doc, registry,
-workers.
+"""The ``shardgate`` command: serve, check-config, mock-worker, demo, workers, registry, simulate,
+and the generated references (settings-doc, metrics-doc, cli-doc, migration-doc, reference-doc).
 
 Role: parse the command line and hand over to the right component. Exit codes (EXIT_CODES,
 also in docs/cli.md): 0 success, 2 configuration error or bad usage (one line naming the field and

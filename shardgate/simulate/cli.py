@@ -170,8 +170,7 @@ def run(args: argparse.Namespace) -> int:
               f"known: {', '.join(sorted(POLICIES))}", file=sys.stderr)
         return 2
     try:
-        config = config_of(args)
-        config.validate()
+        config = config_of(args)  # validated by simulate()
         started = time.perf_counter()
         jobs = args.jobs if args.jobs is not None else default_jobs(len(names))
         reports = simulate(config, names, Bar(not args.no_progress).for_policy, jobs)

@@ -139,7 +139,7 @@ def spread(n: int, shares: list[tuple[float, int]], rng: random.Random) -> list[
 class Request:
     """One client request; its fields after ``slot`` are the engine's bookkeeping."""
 
-    __slots__ = ("arrive", "attempt", "body", "cached", "cell", "conv", "done_at", "first_at", "headers",
+    __slots__ = ("arrive", "attempt", "body", "cell", "conv", "done_at", "first_at", "headers",
                  "output", "priority", "prompt", "proxy", "queued_at", "sent", "slot", "tried")
 
     def __init__(self, arrive: float, conv: Conversation, prompt: int, output: int, priority: int,
@@ -156,7 +156,6 @@ class Request:
         self.cell = -1            # the open load-board cell of the current attempt (-1: none)
         self.attempt = 0          # bumped when an attempt ends early, so its events are ignored
         self.tried: list[int] = []
-        self.cached = 0
         self.first_at = 0.0
         self.done_at = 0.0
         self.queued_at = -1.0     # when it entered a worker's queue (-1: not queued)
