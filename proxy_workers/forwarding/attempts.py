@@ -30,6 +30,7 @@ from shm.loadboard import (
     EWMA_ALPHA,
     W_ANSWERS,
     W_CONNECT_ERRORS,
+    W_ERR_STATUS,
     W_ERRORS,
     W_FAILS_IN_ROW,
     W_IN_FLIGHT,
@@ -105,12 +106,13 @@ def first_byte(proc: ProcessView, cell: int, waited: float, stream: bool) -> Non
 
 
 def settle(proc: ProcessView, cell: int, ok: bool, latency: float | None = None,
-           count_error: bool = True, connect_error: bool = False) -> int:
+           count_error: bool = True, connect_error: bool = False, server_error: bool = False) -> int:
     """Close an attempt's books if ``cell`` is still open; returns :data:`CLOSED` to store.
 
     In-flight goes back down; success or failure is recorded for passive health.
     ``count_error=False`` is for attempts that neither succeeded nor failed (cancelled, or a stale
-    pooled socket retried on the same worker).
+    pooled socket retried on the same worker). ``connect_error`` and ``server_error`` (the worker
+    answered 5xx) say what kind of failure it was, for the worker's figures.
     """
     if cell < 0:
         return -1  # CLOSED (a literal: this runs on every request)
@@ -126,5 +128,7 @@ def settle(proc: ProcessView, cell: int, ok: bool, latency: float | None = None,
         ints[cell + W_ERRORS] += 1
         if connect_error:
             ints[cell + W_CONNECT_ERRORS] += 1
+        elif server_error:
+            ints[cell + W_ERR_STATUS] += 1
         proc.floats[cell + W_LAST_ERROR] = time.time()
     return -1  # CLOSED

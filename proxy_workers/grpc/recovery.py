@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 from proxy_workers.errors import UpstreamTimeout
 from proxy_workers.forwarding.retry import answer_retry_delay, retry_or_give_up
 from proxy_workers.grpc.failures import Failed
-from shm.loadboard import P_RETRIES_STATUS
 
 if TYPE_CHECKING:
     from proxy_workers.grpc.channels import GrpcProcess
@@ -79,8 +78,7 @@ class GrpcRecovery:
         if not self.answer_retries:
             proc.retrying += 1
         self.answer_retries += 1
-        proc.count_retry()
-        proc.ints[proc.row + P_RETRIES_STATUS] += 1  # a retry for the worker's answer
+        proc.count_retry(answer=True)
         await asyncio.sleep(delay)
 
     def _release_budget(self) -> None:

@@ -37,7 +37,6 @@ from proxy_workers.forwarding.usage import stream_tokens, usage_tokens
 from proxy_workers.http.framing import WorkerProtocolError
 from proxy_workers.http.recovery import CONNECT, DONE, STREAMING, WAIT_HEAD, Recovery
 from proxy_workers.routing.decision import describe, header_value
-from shm.loadboard import W_ERR_STATUS
 
 if TYPE_CHECKING:
     import asyncio
@@ -238,9 +237,8 @@ class Exchange(Recovery):
     def _complete(self) -> None:
         conn, self.conn = self.conn, None
         now = self.proc.loop.time()
-        if self.server_error and self.cell >= 0:
-            self.proc.ints[self.cell + W_ERR_STATUS] += 1
-        self.cell = settle(self.proc, self.cell, not self.server_error, now - self.started)
+        error = self.server_error
+        self.cell = settle(self.proc, self.cell, not error, now - self.started, server_error=error)
         if conn is not None:
             conn.release(now)
         self._end(error=False)

@@ -27,7 +27,6 @@ from proxy_workers.errors import RouterError, UpstreamTimeout
 from proxy_workers.forwarding.attempts import settle
 from proxy_workers.forwarding.retry import answer_retry_delay, retry_after, retry_or_give_up, stalled
 from proxy_workers.http.owners import DroppedAnswer
-from shm.loadboard import P_RETRIES_STATUS, W_ERR_STATUS
 
 if TYPE_CHECKING:
     import asyncio
@@ -101,9 +100,7 @@ class Recovery:
             return False
         why = f"{self._url()} answered {status}"
         # A 5xx counts against the worker (passive health); a 408/429 says "not now", not "broken".
-        if status >= 500 and self.cell >= 0:
-            proc.ints[self.cell + W_ERR_STATUS] += 1
-        self.cell = settle(proc, self.cell, ok=False, count_error=status >= 500)
+        self.cell = settle(proc, self.cell, ok=False, count_error=status >= 500, server_error=True)
         if not self.answer_retries:
             proc.retrying += 1
         self.answer_retries += 1
@@ -134,8 +131,7 @@ class Recovery:
             self.proc.active.discard(self)
             pd.decode_failed(self, why)
             return
-        self.proc.count_retry()
-        self.proc.ints[self.proc.row + P_RETRIES_STATUS] += 1  # a retry for the worker's answer
+        self.proc.count_retry(answer=True)
         self.phase = BACKOFF
         self.backoff = self.proc.loop.call_later(delay, self._after_backoff, why)
 

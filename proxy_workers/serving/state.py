@@ -33,7 +33,15 @@ from proxy_workers.serving.admission import Admission
 from proxy_workers.serving.auth import KeyGate, UpstreamKeys, gate_for
 from proxy_workers.serving.tracing import Tracer, make_tracer
 from shm.affinity import AffinityTable
-from shm.loadboard import P_DISCONNECTS, P_ERRORS, P_REJECTED, P_REQUESTS, P_RETRIES, LoadBoard
+from shm.loadboard import (
+    P_DISCONNECTS,
+    P_ERRORS,
+    P_REJECTED,
+    P_REQUESTS,
+    P_RETRIES,
+    P_RETRIES_STATUS,
+    LoadBoard,
+)
 from shm.schema import Snapshot
 from shm.snapshot import SnapshotReader, gc_paused
 
@@ -239,8 +247,11 @@ class ProxyProcess:
         if error:
             self.ints[self.row + P_ERRORS] += 1
 
-    def count_retry(self) -> None:
+    def count_retry(self, answer: bool = False) -> None:
+        """One retry; ``answer``: of a worker's answer (a retryable status), counted apart too."""
         self.ints[self.row + P_RETRIES] += 1
+        if answer:
+            self.ints[self.row + P_RETRIES_STATUS] += 1
 
     def count_rejected(self) -> None:
         """A request the router refused before routing it (it is a request, and an error)."""
