@@ -11,6 +11,10 @@ Usage::
 
     PYTHONPATH=. python3 loadtest/bench_hotpath.py [--requests 20000] [--profile]
     PYTHONPATH=. python3 loadtest/bench_hotpath.py --instructions   # needs valgrind
+    SHARDGATE_PURE=1 PYTHONPATH=. python3 loadtest/bench_hotpath.py --profile  # the interpreted path
+
+It measures whichever request path the install runs (compiled or interpreted, proxy_workers.compiled;
+the output says which); cProfile sees only the entry points of compiled code, hence SHARDGATE_PURE=1.
 
 ``--instructions`` counts CPU instructions per request under callgrind (the difference of two runs
 of different lengths, so start-up cancels out). On a shared machine, where timings drift by 10-20%
@@ -33,6 +37,7 @@ import time
 
 import uvloop
 
+import proxy_workers
 from coordinator.fleet.membership import Fleet
 from proxy_workers.http.upstream import NO_OWNER, UpstreamConnection
 from proxy_workers.serving.protocol import ClientProtocol
@@ -180,7 +185,8 @@ def main() -> int:
         run_loop(args.loop_only)
         return 0
     if args.instructions:
-        print(f"instructions per proxied request: {instructions_per_request():,.0f}")
+        print(f"instructions per proxied request: {instructions_per_request():,.0f} "
+              f"({proxy_workers.BUILD} request path)")
         return 0
     loop = uvloop.new_event_loop()  # the proxies run uvloop (its loop.time() is C, not Python)
     proc, segments = setup(loop)
@@ -203,7 +209,8 @@ def main() -> int:
             for _ in range(batches):
                 one_batch(proc, clients, upstreams)
             rounds.append((time.perf_counter_ns() - start) / (batches * BATCH) / 1000)
-        print(f"python per proxied request (no syscalls): median {statistics.median(rounds):.2f} us, "
+        print(f"{proxy_workers.BUILD} request path, per proxied request (no syscalls): "
+              f"median {statistics.median(rounds):.2f} us, "
               f"best {min(rounds):.2f} us over {len(rounds)} rounds of {batches * BATCH}")
     finally:
         for seg in segments:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 from collections import Counter
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -25,8 +26,6 @@ import pytest
 
 from coordinator.fleet import topology
 from proxy_workers.errors import ModelNotFound, NoHealthyWorker, QuotaExceeded
-from proxy_workers.policies import affinity as policies_affinity
-from proxy_workers.policies import load as policies_load
 from proxy_workers.policies.base import PolicyEnv
 from proxy_workers.policies.registry import POLICIES, make_policy
 from proxy_workers.routing import selection
@@ -96,11 +95,12 @@ def shared() -> Iterator[Shared]:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """A hand-moved ``time.time`` for the affinity and quota policies: ``clock[0] = t``."""
+    """A hand-moved ``time.time`` for the affinity and quota policies: ``clock[0] = t``.
+
+    ``time.time`` itself is patched, not the policy modules' ``time`` global: compiled modules
+    (proxy_workers.compiled) do not look their globals up where a test could swap them."""
     now = [1_000_000.0 * 60 + 10.0]  # 10 s into a minute
-    fake = SimpleNamespace(time=lambda: now[0])
-    monkeypatch.setattr(policies_affinity, "time", fake)
-    monkeypatch.setattr(policies_load, "time", fake)
+    monkeypatch.setattr(time, "time", lambda: now[0])
     return now
 
 

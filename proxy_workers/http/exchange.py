@@ -121,7 +121,10 @@ class Exchange(Recovery):
         self.tried.append(worker.slot)
         self._use(worker)
 
-    start = _attempt  # the first attempt (the exchange joined ``proc.active`` when it was made)
+    def start(self) -> None:
+        """The first attempt (the exchange joined ``proc.active`` when it was made). A method, not an
+        alias: in a compiled class an assignment in the class body declares an attribute."""
+        self._attempt()
 
     def _use(self, worker: Worker) -> None:
         proc = self.proc

@@ -22,16 +22,6 @@ class WorkerProtocolError(Exception):
     it fails the attempt with its message as the reason (the connection is closed)."""
 
 
-class _Discard(list[bytes]):
-    """Where trailer fields go (they arrive through on_header after the head was relayed): always empty."""
-
-    def append(self, line: bytes) -> None:
-        pass
-
-
-TRAILERS: list[bytes] = _Discard()
-
-
 def coding_lines(value: bytes, chunked: bool, has_content: bool) -> tuple[list[bytes], bool]:
     """The lines to relay for one Transfer-Encoding field, and whether ``chunked`` is now the
     final coding; ``chunked`` says it already was (an earlier field)."""

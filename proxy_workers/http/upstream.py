@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 import httptools
 
 from proxy_workers.forwarding.headers import NO_TOKENS, RESPONSE_DROP, connection_tokens, without_fields
-from proxy_workers.http.framing import MAX_RESPONSE_HEAD, TRAILERS, WorkerProtocolError, coding_lines
+from proxy_workers.http.framing import MAX_RESPONSE_HEAD, WorkerProtocolError, coding_lines
 
 if TYPE_CHECKING:
     from proxy_workers.contract import UpstreamConnectionView, UpstreamOwner
@@ -230,7 +230,9 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         # Each field is classified once, here: a relayed one becomes its client-side line right
         # away (names lowercased; HTTP field names are case-insensitive), a hop-by-hop one is
-        # only noted for framing.
+        # only noted for framing. A field after the head (head_room 0) is a trailer: dropped.
+        if not self.head_room:
+            return
         low = name.lower()
         if low not in RESPONSE_DROP:
             self.lines.append(b"%s: %s\r\n" % (low, value))
@@ -243,15 +245,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self.chunked = True
             else:
                 self._codings(value)
-        elif low == b"connection" and value.lower() not in (b"close", b"keep-alive") and self.head_room:
+        elif low == b"connection" and value.lower() not in (b"close", b"keep-alive"):
             tokens = connection_tokens(value)
             self.conn_tokens = tokens if self.conn_tokens is None else self.conn_tokens | tokens
 
     def _codings(self, value: bytes) -> None:
         """A Transfer-Encoding other than a lone ``chunked``: llhttp frames the body by its last
         coding; every coding but a final ``chunked`` is relayed for the client to undo."""
-        if not self.head_room:
-            return  # in the trailer section: dropped with it
         content = self.parser.get_status_code() not in (204, 304)
         lines, self.chunked = coding_lines(value, self.chunked, content)
         self.lines += lines
@@ -267,7 +267,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self.length is None and not self.chunked:
             self.until_eof = status not in (204, 304)
         self.exchange.on_response_head(self, status)
-        self.lines = TRAILERS  # the head is relayed: fields that still come are trailers
 
     def _interim(self, status: int) -> None:
         if self.exchange is NO_OWNER:

@@ -28,7 +28,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import accumulate
 from math import gcd
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from proxy_workers.policies.scan import BoardArrays, Columns, columns_for, load_numpy
 from shm.loadboard import W_IN_FLIGHT, WORKER_FIELDS, LoadBoard
@@ -139,9 +139,11 @@ class RouteView(Protocol):
 class Policy:
     """Base class. Subclasses set ``name`` and implement ``pick``."""
 
-    name = ""
+    # ClassVar: read on the classes themselves (policies.registry); compiled, a plain class-body
+    # value would be an instance attribute's default instead.
+    name: ClassVar[str] = ""
+    scans: ClassVar[bool] = False  # compares workers' load figures (through ``scan``, which needs numpy)
     index = 0  # column of the decision counters (policy_registry.POLICY_INDEX)
-    scans = False  # compares workers' load figures (through ``scan``, which needs numpy)
 
     def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
         self.env = env

@@ -24,37 +24,12 @@ from typing import Any
 
 import msgspec
 
+from proxy_workers.routing.body_fields import PROMPT_DECODER, ROUTING_DECODER, PromptFields, RoutingFields
 from shm.hashing import key_hash
 
-
-class RoutingFields(msgspec.Struct):
-    """The part of a request body every request decodes."""
-
-    model: str | None = None
-    user: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+__all__ = ["ROUTING_DECODER", "PromptFields", "RequestContext", "RoutingFields"]
 
 
-class _Part(msgspec.Struct):
-    type: str = ""
-    text: str | None = None
-
-
-class _Message(msgspec.Struct):
-    role: str = ""
-    content: str | list[_Part] | None = None
-
-
-class PromptFields(msgspec.Struct):
-    """The prompt, for cache_aware: chat ``messages`` or completions ``prompt``."""
-
-    messages: list[_Message] | None = None
-    prompt: str | list[str] | None = None
-
-
-ROUTING_DECODER = msgspec.json.Decoder(RoutingFields)
-_PROMPT_DECODER = msgspec.json.Decoder(PromptFields)
 DEFAULT_OUTPUT_TOKENS = 256
 # Session and user keys repeat turn after turn; blake2b costs ~0.65 us, a dict hit ~0.05 us.
 KEY_HASH_MEMO = 65536
@@ -187,7 +162,7 @@ class RequestContext:
     def prompt(self) -> str:
         if self._prompt is None:
             try:
-                self._prompt, self._ends = prompt_parts(_PROMPT_DECODER.decode(self.body)) \
+                self._prompt, self._ends = prompt_parts(PROMPT_DECODER.decode(self.body)) \
                     if self.body else ("", [])
             except (msgspec.DecodeError, msgspec.ValidationError):
                 self._prompt, self._ends = "", []
