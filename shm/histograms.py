@@ -34,20 +34,26 @@ status classes and outcomes by the fixed tuples below. Single writer per block (
 
 from __future__ import annotations
 
+from typing import Final
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
 
 # Routers as labels; "none": refused before a router took the request.
 ROUTERS = ("http_regular", "http_pd", "grpc_regular", "grpc_pd", "none")
 ROUTER_INDEX = {name: i for i, name in enumerate(ROUTERS)}
-R_NONE = ROUTER_INDEX["none"]
+R_NONE: Final = 4  # ROUTER_INDEX["none"] (Final: inlined by compiled code)
+assert R_NONE == ROUTER_INDEX["none"]
 # Status classes by status // 100; class 0 ("none"): nothing was answered (the client left first).
-STATUS_CLASSES = 6
+STATUS_CLASSES: Final = 6
 STATUS_LABELS = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 # How a request ended (docs/metrics.md): answered below 400; answered 400+ or cut short after
 # routing; refused before any worker; client went away before the end.
 OUTCOMES = ("success", "error", "rejected", "client_gone")
-O_SUCCESS, O_ERROR, O_REJECTED, O_CLIENT_GONE = 0, 1, 2, 3
+O_SUCCESS: Final = 0
+O_ERROR: Final = 1
+O_REJECTED: Final = 2
+O_CLIENT_GONE: Final = 3
 
 M_REQUESTS = 0
 M_TOKENS_IN = M_REQUESTS + len(ROUTERS) * STATUS_CLASSES * len(OUTCOMES)

@@ -28,6 +28,7 @@ Invariants:
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from shm.histograms import LATENCY_BUCKETS, MODEL_FIELDS
 from shm.segment import Segment
@@ -43,17 +44,33 @@ LAYOUT_VERSION = 6
 HEADER_WORDS = 8
 
 # Proxy row fields.
-P_PID, P_STARTED, P_HEARTBEAT, P_REQUESTS, P_ERRORS, P_IN_FLIGHT = 0, 1, 2, 3, 4, 5
-P_DISCONNECTS, P_RETRIES, P_GENERATION, P_TORN_READS, P_RESTARTS, P_REJECTED = 6, 7, 8, 9, 10, 11
+P_PID: Final = 0
+P_STARTED: Final = 1
+P_HEARTBEAT: Final = 2
+P_REQUESTS: Final = 3
+P_ERRORS: Final = 4
+P_IN_FLIGHT: Final = 5
+P_DISCONNECTS: Final = 6
+P_RETRIES: Final = 7
+P_GENERATION: Final = 8
+P_TORN_READS: Final = 9
+P_RESTARTS: Final = 10
+P_REJECTED: Final = 11
 # Admission control (proxy_workers.serving.admission): queue depth (a gauge), requests admitted,
 # requests that waited and their total wait (seconds, float), refusals by reason, and requests
 # whose client left while queued.
-P_QUEUED, P_ADMITTED, P_QUEUE_WAITS, P_QUEUE_WAIT_SECONDS = 12, 13, 14, 15
-P_REJ_QUEUE_FULL, P_REJ_QUEUE_TIMEOUT, P_REJ_RATE_LIMITED, P_REJ_SHUTDOWN = 16, 17, 18, 19
-P_QUEUE_ABANDONED = 20
+P_QUEUED: Final = 12
+P_ADMITTED: Final = 13
+P_QUEUE_WAITS: Final = 14
+P_QUEUE_WAIT_SECONDS: Final = 15
+P_REJ_QUEUE_FULL: Final = 16
+P_REJ_QUEUE_TIMEOUT: Final = 17
+P_REJ_RATE_LIMITED: Final = 18
+P_REJ_SHUTDOWN: Final = 19
+P_QUEUE_ABANDONED: Final = 20
 # Retries by reason: P_RETRIES counts them all; this word those caused by a worker's answer (a
 # retryable status); the rest followed a failure (connect error, broken connection, stall).
-P_RETRIES_STATUS = 21
+P_RETRIES_STATUS: Final = 21
 # Requests refused before a worker (P_REJECTED), by reason: word P_REFUSED + i counts
 # REFUSAL_REASONS[i]. The names are the bounded label set of /metrics and /stats (errors carry
 # one; proxy_workers.serving.refusals counts them); a refusal of another reason is counted in
@@ -65,7 +82,7 @@ REFUSAL_REASONS = (
     "workers_saturated", "quota_exceeded", "rate_limit_exceeded", "queue_full", "queue_timeout",
     "shutting_down", "overloaded", "invalid_api_key", "internal_error",
 )
-P_REFUSED = 24
+P_REFUSED: Final = 24
 MAX_REFUSAL_REASONS = 32
 REFUSAL_INDEX = {name: i for i, name in enumerate(REFUSAL_REASONS)}
 PROXY_FIELDS = P_REFUSED + MAX_REFUSAL_REASONS
@@ -84,32 +101,47 @@ PROXY_FIELD_NAMES = {
 assert len(REFUSAL_REASONS) <= MAX_REFUSAL_REASONS
 
 # Worker cell fields.
-W_IN_FLIGHT, W_REQUESTS, W_ERRORS, W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR = 0, 1, 2, 3, 4, 5
-W_CONNECT_ERRORS, W_STREAMS = 6, 7
+W_IN_FLIGHT: Final = 0
+W_REQUESTS: Final = 1
+W_ERRORS: Final = 2
+W_LATENCY_EWMA: Final = 3
+W_TTFB_EWMA: Final = 4
+W_LAST_ERROR: Final = 5
+W_CONNECT_ERRORS: Final = 6
+W_STREAMS: Final = 7
 # quota_aware: a per-minute window (minute number, requests and tokens in it, and in the one before)
-W_Q_MINUTE, W_Q_REQUESTS, W_Q_TOKENS, W_Q_PREV_REQUESTS, W_Q_PREV_TOKENS = 8, 9, 10, 11, 12
+W_Q_MINUTE: Final = 8
+W_Q_REQUESTS: Final = 9
+W_Q_TOKENS: Final = 10
+W_Q_PREV_REQUESTS: Final = 11
+W_Q_PREV_TOKENS: Final = 12
 # Passive health: consecutive failed attempts on this worker by this proxy (0 after a success).
-W_FAILS_IN_ROW = 13
+W_FAILS_IN_ROW: Final = 13
 # Attempts whose response head (or first gRPC message) arrived: the worker is answering. Passive
 # health tells a stalled worker (attempts end only by being abandoned) from a slow one by it.
-W_ANSWERS = 14
+W_ANSWERS: Final = 14
 # Attempts the worker answered with a 5xx (errors by kind: connect, status, the rest "other").
-W_ERR_STATUS = 15
+W_ERR_STATUS: Final = 15
 # Time to the worker's first byte (response head, first gRPC message), a histogram over
 # shm.histograms.LATENCY_BUCKETS: non-cumulative bucket counts (+Inf last), then the sum.
-W_TTFB_HIST = 16
-W_TTFB_SUM = W_TTFB_HIST + len(LATENCY_BUCKETS) + 1
-WORKER_FIELDS = W_TTFB_SUM + 1
+W_TTFB_HIST: Final = 16
+# Literal (Final, so that compiled code inlines them: docs/compiled-hot-path.md), checked below.
+W_TTFB_SUM: Final = 32  # W_TTFB_HIST + len(LATENCY_BUCKETS) + 1
+WORKER_FIELDS: Final = W_TTFB_SUM + 1
+assert W_TTFB_SUM == W_TTFB_HIST + len(LATENCY_BUCKETS) + 1
 WORKER_FLOAT_FIELDS = frozenset({W_LATENCY_EWMA, W_TTFB_EWMA, W_LAST_ERROR, W_TTFB_SUM})
 
 # Engine rows: what the worker itself reports (vLLM / SGLang metrics), scraped by the coordinator.
-E_RUNNING, E_WAITING, E_KV_USAGE, E_SCRAPED_AT = 0, 1, 2, 3
-ENGINE_FIELDS = 4
+E_RUNNING: Final = 0
+E_WAITING: Final = 1
+E_KV_USAGE: Final = 2
+E_SCRAPED_AT: Final = 3
+ENGINE_FIELDS: Final = 4
 ENGINE_FLOAT_FIELDS = frozenset({E_KV_USAGE, E_SCRAPED_AT})
 
 MAX_POLICIES = 32
 
-EWMA_ALPHA = 0.2
+EWMA_ALPHA: Final = 0.2
 
 
 def board_size(max_proxies: int, max_workers: int, max_models: int = 64) -> int:

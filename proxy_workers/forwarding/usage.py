@@ -13,9 +13,11 @@ an answer; JSON escapes quotes inside strings, so generated text cannot fake the
 
 from __future__ import annotations
 
+from typing import Final
+
 import msgspec
 
-TAIL = 4096
+TAIL: Final = 4096
 _USAGE = b'"usage":'
 
 

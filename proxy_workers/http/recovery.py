@@ -21,7 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy_workers.errors import RouterError, UpstreamTimeout
 from proxy_workers.forwarding.attempts import settle
@@ -38,7 +38,13 @@ if TYPE_CHECKING:
     from shm.schema import Worker
 
 
-CONNECT, WAIT_HEAD, STREAMING, DONE, DROPPING, BACKOFF, HANDED_OFF = 0, 1, 2, 3, 4, 5, 6
+CONNECT: Final = 0
+WAIT_HEAD: Final = 1
+STREAMING: Final = 2
+DONE: Final = 3
+DROPPING: Final = 4
+BACKOFF: Final = 5
+HANDED_OFF: Final = 6
 # HANDED_OFF: a PD decode leg whose pair is being replaced; the PD exchange carries on without it.
 
 

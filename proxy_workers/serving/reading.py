@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from itertools import chain
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy_workers.errors import BadRequest, BodyTooLarge, RouterError, VersionNotSupported
 from proxy_workers.forwarding.headers import (
@@ -58,7 +58,7 @@ from proxy_workers.forwarding.tracecontext import (
 )
 from proxy_workers.serving import rules
 
-FEED_SLICE = 16 * 1024  # the most the connection feeds the parser at once (ClientProtocol)
+FEED_SLICE: Final = 16 * 1024  # the most the connection feeds the parser at once (ClientProtocol)
 
 if TYPE_CHECKING:
     from collections import deque
