@@ -59,9 +59,9 @@ def _ext_modules() -> list:
         return []
     paths = [str(compiled.source_path(m, HERE).relative_to(HERE)) for m in compiled.MODULES]
     try:
-        # Third-party packages are never read (--no-site-packages): their types are Any, so what is
-        # compiled, and which values compiled code checks, does not depend on what the build
-        # environment happens to hold (pip's isolated one holds none of them).
+        # A dependency the build environment lacks reads as Any (unchecked). The ones whose types
+        # the compiled code relies on (msgspec, httptools) are build requirements (pyproject.toml),
+        # so what compiled code checks does not depend on the environment.
         flags = ["--ignore-missing-imports"]
         modules = mypycify([*flags, *paths], opt_level="3", group_name="shardgate_compiled")
     except BaseException as exc:  # mypyc reports type errors with SystemExit

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -30,6 +31,18 @@ PEERS = Path(__file__).resolve().parent.parent.parent / "shared" / "bench" / "pe
 DEFAULT_CMD = "shardgate serve --worker {w1} --worker {w2} --port {port} --proxies {proxies}"
 TARGETS = {"chat": 2.0, "stream": 1.5}
 _ROUND = re.compile(r"round (\d+) (\S+)\s+([\d.]+) us/")
+
+
+def host_steal_seconds() -> float:
+    """CPU time the hypervisor took from this VM's vCPUs so far (/proc/stat's steal column).
+
+    On this project's 2-vCPU VM it is what makes runs of the same code differ by up to 40%: a run
+    with a few seconds of steal costs more per request, for the router and nginx alike."""
+    try:
+        with open("/proc/stat") as stat:
+            return int(stat.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def one_run(args: argparse.Namespace) -> list[float]:
@@ -55,20 +68,25 @@ def main() -> int:
     target = TARGETS[args.scenario]
     every: list[float] = []
     runs: list[float] = []
+    steals: list[float] = []
     for run in range(1, args.runs + 1):
+        before = host_steal_seconds()
         ratios = one_run(args)
+        steals.append(host_steal_seconds() - before)
         if not ratios:
             print(f"run {run}: no figures (is the router command right?)", flush=True)
             continue
         runs.append(statistics.median(ratios))
         every += ratios
-        print(f"run {run}: {runs[-1]:.3f} (rounds {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+        print(f"run {run}: {runs[-1]:.3f} (rounds {', '.join(f'{r:.2f}' for r in ratios)}); "
+              f"host steal {steals[-1]:.1f} s", flush=True)
     if not every:
         return 1
     within = sum(r <= target for r in every)
     summary = {"scenario": args.scenario, "target": target, "runs": [round(r, 3) for r in runs],
                "rounds": [round(r, 3) for r in every], "median_round": round(statistics.median(every), 3),
-               "rounds_within_target": within, "rounds_total": len(every)}
+               "rounds_within_target": within, "rounds_total": len(every),
+               "host_steal_seconds": [round(s, 1) for s in steals]}
     print(f"median of {len(every)} rounds: {summary['median_round']} (target {target}); "
           f"{within} of {len(every)} rounds within it")
     print(json.dumps(summary))

@@ -83,11 +83,31 @@ class ClientRequest(Protocol):
     def with_body(self, body: bytes) -> ClientRequest: ...
 
 
+# What an ended request's record reads of its exchange (serving.records): the status relayed (0:
+# none), when a stream's first chunk went out (0.0: none), input and output tokens, the URL of the
+# worker that answered last, retries, model and policy.
+Figures = tuple[int, float, int, int, str, int, str, str]
+
+
+class RoutedContext(Protocol):
+    """The routing context as a request's record reads it."""
+
+    @property
+    def router(self) -> str: ...
+
+
 class ClientExchange(Protocol):
     """One proxied request, as its client connection and the sweep see it."""
 
     @property
     def request(self) -> ClientRequest: ...
+
+    @property
+    def ctx(self) -> RoutedContext: ...
+
+    def figures(self) -> Figures:
+        """The request's record (serving.records), read once, when it ends."""
+        ...
 
     @property
     def head_sent(self) -> bool:

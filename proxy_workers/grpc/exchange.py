@@ -47,7 +47,7 @@ from proxy_workers.routing.table import ModelRoute, PDRoute
 from shm.proto import worker_pb2 as pb
 
 if TYPE_CHECKING:
-    from proxy_workers.contract import ClientRequest, ClientSink
+    from proxy_workers.contract import ClientRequest, ClientSink, Figures
     from proxy_workers.grpc.channels import GrpcProcess
     from proxy_workers.routing.context import RequestContext
     from shm.schema import Worker
@@ -318,7 +318,7 @@ class GrpcExchange(GrpcRecovery):
         except grpc.aio.AioRpcError:
             pass
 
-    def figures(self) -> tuple[int, float, int, int, str, int, str, str]:
+    def figures(self) -> Figures:
         """The request's record (serving.records): 200 once the head is out; retries are the
         workers picked past those a request needs (one; two for PD)."""
         worker, route = self.head_worker, self.head_route

@@ -41,7 +41,7 @@ from proxy_workers.routing.decision import describe, header_value
 if TYPE_CHECKING:
     import asyncio
 
-    from proxy_workers.contract import ClientRequest, ClientSink, UpstreamConnectionView
+    from proxy_workers.contract import ClientRequest, ClientSink, Figures, UpstreamConnectionView
     from proxy_workers.http.owners import HttpProcess, PairOwner
     from proxy_workers.http.upstream import UpstreamConnection
     from proxy_workers.routing.context import RequestContext
@@ -280,7 +280,7 @@ class Exchange(Recovery):
 
     # -- called from outside ---------------------------------------------------------------
 
-    def figures(self) -> tuple[int, float, int, int, str, int, str, str]:
+    def figures(self) -> Figures:
         """What the request's record needs (serving.records): status relayed (0: none), time of
         the first chunk of a stream (0.0: none or not a stream), input and output tokens, the
         worker's URL, retries, model and policy."""

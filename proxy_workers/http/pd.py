@@ -54,7 +54,7 @@ from proxy_workers.http.exchange import Exchange
 if TYPE_CHECKING:
     import asyncio
 
-    from proxy_workers.contract import ClientRequest, ClientSink, UpstreamConnectionView
+    from proxy_workers.contract import ClientRequest, ClientSink, Figures, UpstreamConnectionView
     from proxy_workers.http.owners import HttpProcess
     from proxy_workers.http.upstream import UpstreamConnection
     from proxy_workers.routing.context import RequestContext
@@ -374,7 +374,7 @@ class PDExchange:
         self.client.send_error(err, self.request)
         self._finish(error=True)
 
-    def figures(self) -> tuple[int, float, int, int, str, int, str, str]:
+    def figures(self) -> Figures:
         """The request's record (serving.records): the decode leg's answer, when one started;
         retries count every prefill and decode attempt past the first of each."""
         decode = self.answered or self.decode

@@ -55,7 +55,7 @@ from shm.loadboard import (
 if TYPE_CHECKING:
     import asyncio
 
-    from proxy_workers.contract import ClientExchange, ClientRequest, Refusal
+    from proxy_workers.contract import ClientExchange, ClientRequest, Figures, Refusal
     from proxy_workers.routing.context import RequestContext
     from shm.settings import Settings
 
@@ -204,6 +204,11 @@ class Waiting:
 
     def resume_upstream(self) -> None:
         pass
+
+    def figures(self) -> Figures:
+        """Nothing answered yet (a request still queued is never recorded as an exchange: the
+        client connection ends it without a record if the client leaves meanwhile)."""
+        return 0, 0.0, 0, 0, "", 0, "", ""
 
 
 class Admission:

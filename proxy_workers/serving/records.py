@@ -51,7 +51,7 @@ from shm.histograms import (
 if TYPE_CHECKING:
     import asyncio
 
-    from proxy_workers.contract import ClientRequest
+    from proxy_workers.contract import ClientExchange, ClientRequest
 
 
 class RecordingProcess(Protocol):
@@ -104,7 +104,7 @@ class RequestRecord:
         return OUTCOMES[self.outcome]
 
 
-def end_request(proc: RecordingProcess, request: ClientRequest, exchange: object | None, outcome: int,
+def end_request(proc: RecordingProcess, request: ClientRequest, exchange: ClientExchange | None, outcome: int,
                 status: int, started: float, sent: int) -> RequestRecord | None:
     """Record one ended request; ``exchange`` None for a refusal (``outcome`` O_REJECTED).
 
@@ -119,9 +119,8 @@ def end_request(proc: RecordingProcess, request: ClientRequest, exchange: object
         router, model, policy, worker, first_at, tokens_in, tokens_out, retries = \
             R_NONE, request.model or "", "", "", 0.0, 0, 0, 0
     else:
-        figures = exchange.figures()  # type: ignore[attr-defined]
-        relayed, first_at, tokens_in, tokens_out, worker, retries, model, policy = figures
-        router = ROUTER_INDEX[exchange.ctx.router]  # type: ignore[attr-defined]
+        relayed, first_at, tokens_in, tokens_out, worker, retries, model, policy = exchange.figures()
+        router = ROUTER_INDEX[exchange.ctx.router]
         if relayed and not status:
             status = relayed
         if outcome == O_SUCCESS and status >= 400:
