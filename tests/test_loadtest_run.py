@@ -148,7 +148,9 @@ def test_ctrl_c_still_reports_and_stops_everything(tmp_path: Path) -> None:
             proc.wait()
     assert proc.returncode == 0, started + stdout + stderr
     record = last_json(stdout)
-    assert record["interrupted"] is True
+    # Seen failing twice in full fresh-clone runs and never alone: the whole output says whether
+    # locust ended on its own or the runner never saw the SIGINT.
+    assert record["interrupted"] is True, started + stdout + stderr
     rows = rows_by_name(record)
     assert rows["Aggregated"]["count"] == sum(r["count"] for name, r in rows.items() if name != "Aggregated")
     assert (results / "report.html").is_file() and (results / "locust_llm.csv").is_file()
