@@ -43,6 +43,9 @@ MAGIC = int.from_bytes(b"SGLOAD01", "little")
 LAYOUT_VERSION = 6
 HEADER_WORDS = 8
 
+# Word offsets are Final literals: the compiled request path inlines them instead of looking them
+# up at each use (docs/compiled-hot-path.md).
+
 # Proxy row fields.
 P_PID: Final = 0
 P_STARTED: Final = 1
@@ -125,7 +128,7 @@ W_ERR_STATUS: Final = 15
 # Time to the worker's first byte (response head, first gRPC message), a histogram over
 # shm.histograms.LATENCY_BUCKETS: non-cumulative bucket counts (+Inf last), then the sum.
 W_TTFB_HIST: Final = 16
-# Literal (Final, so that compiled code inlines them: docs/compiled-hot-path.md), checked below.
+# Literal (Final, see above), checked against the buckets just below.
 W_TTFB_SUM: Final = 32  # W_TTFB_HIST + len(LATENCY_BUCKETS) + 1
 WORKER_FIELDS: Final = W_TTFB_SUM + 1
 assert W_TTFB_SUM == W_TTFB_HIST + len(LATENCY_BUCKETS) + 1
