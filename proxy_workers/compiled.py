@@ -87,10 +87,13 @@ def compiled_files(root: Path = ROOT) -> list[Path]:
     return found
 
 
-def state(root: Path = ROOT, environ: Mapping[str, str] = os.environ) -> str:
+def state(root: Path = ROOT, environ: Mapping[str, str] = os.environ, compiled: bool | None = None) -> str:
     """"compiled", "pure" (no compiled modules, or ``SHARDGATE_PURE=1``) or "stale" (compiled,
-    but a source changed since the build: the sources run)."""
-    if not compiled_files(root) or environ.get(PURE_ENV) == "1":
+    but a source changed since the build: the sources run). ``compiled``: whether extension
+    modules are present, when the caller already looked (:func:`compiled_files`)."""
+    if compiled is None:
+        compiled = bool(compiled_files(root))
+    if not compiled or environ.get(PURE_ENV) == "1":
         return "pure"
     try:
         built = (root / "proxy_workers" / STAMP_NAME).read_text().strip()
@@ -114,8 +117,9 @@ class _SourcesFirst(importlib.abc.MetaPathFinder):
 
 def guard() -> str:
     """Run once, on importing ``proxy_workers``; returns :func:`state`'s answer."""
-    current = state()
-    if current != "compiled" and compiled_files():
+    present = bool(compiled_files())
+    current = state(compiled=present)
+    if current != "compiled" and present:
         if not any(isinstance(f, _SourcesFirst) for f in sys.meta_path):
             sys.meta_path.insert(0, _SourcesFirst(ROOT))
         if current == "stale":
