@@ -38,6 +38,7 @@ PURE_ENV = "SHARDGATE_PURE"
 # compiled class cannot be subclassed or patched from Python).
 MODULES: tuple[str, ...] = (
     "proxy_workers.outbox",
+    "proxy_workers.process_view",
     "proxy_workers.forwarding.attempts",
     "proxy_workers.forwarding.request",
     "proxy_workers.forwarding.usage",

@@ -11,10 +11,12 @@ depend on interfaces instead of on each other's classes:
   (start, client gone, back-pressure, deadlines);
 - :class:`UpstreamOwner`: what an HTTP attempt offers the worker connection that carries it (the
   parsed response, piece by piece);
-- :class:`ProcessView`: what every path may use of its proxy process (loop, load-board words,
-  settings, counters);
 - :class:`ClientRequest` and :class:`Refusal`: a parsed request and a router error, as the paths
   see them.
+
+What every path reads of its proxy process is state, not behaviour: a class,
+:class:`proxy_workers.process_view.ProcessView` (compiled code reads a class's attributes at fixed
+offsets).
 
 Invariants:
 - This module imports nothing from ``proxy_workers``; it is at the bottom of the package's import
@@ -26,11 +28,7 @@ Invariants:
 
 from __future__ import annotations
 
-import asyncio
-import random
 from typing import Protocol
-
-from shm.settings import Settings
 
 
 class Refusal(Protocol):
@@ -175,29 +173,6 @@ class UpstreamOwner(Protocol):
         ...
 
     def upstream_failed(self, conn: UpstreamConnectionView, why: str) -> None: ...
-
-
-class ProcessView(Protocol):
-    """What the data paths use of their proxy process (:class:`proxy_workers.serving.state.ProxyProcess`)."""
-
-    loop: asyncio.AbstractEventLoop
-    ints: memoryview[int]  # the load board's words, as int64 and as float64 (same memory)
-    floats: memoryview[float]
-    cell0: int  # this process's first worker cell
-    decision0: int  # this process's first decision counter
-    row: int  # this process's row
-    settings: Settings
-    rng: random.Random
-    draining: bool
-    active: set[ClientExchange]  # running exchanges (the sweep checks their deadlines)
-    retry_statuses: frozenset[int]  # worker answers retried elsewhere (the settings', parsed)
-    retrying: int  # requests of this process retrying a worker's answer now (the retry budget)
-
-    def next_request_id(self) -> bytes: ...
-
-    def count_retry(self, answer: bool = False) -> None: ...
-
-    def count_disconnect(self) -> None: ...
 
 
 class RequestGate(Protocol):

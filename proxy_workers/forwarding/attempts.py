@@ -45,8 +45,8 @@ from shm.loadboard import (
 )
 
 if TYPE_CHECKING:
-    from proxy_workers.contract import ProcessView
     from proxy_workers.policies.base import Policy
+    from proxy_workers.process_view import ProcessView
     from proxy_workers.routing.context import RequestContext
     from shm.schema import Worker
 

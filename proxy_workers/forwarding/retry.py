@@ -38,7 +38,7 @@ import msgspec
 from proxy_workers.errors import BadGateway, RouterError
 
 if TYPE_CHECKING:
-    from proxy_workers.contract import ProcessView
+    from proxy_workers.process_view import ProcessView
     from shm.settings import Settings
 
 # Answers that say "not now" rather than "this request is wrong": another worker may take them.

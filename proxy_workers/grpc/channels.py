@@ -20,9 +20,8 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from proxy_workers.contract import ProcessView
 from shm.proto import RECONNECT_OPTIONS, open_channel
 
 if TYPE_CHECKING:
@@ -39,12 +38,6 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 0),
 )
-
-
-class GrpcProcess(ProcessView, Protocol):
-    """A proxy process as the gRPC path uses it: the common view plus its channels."""
-
-    grpc_channels: GrpcChannels
 
 
 class GrpcChannels:

@@ -48,7 +48,7 @@ from shm.proto import worker_pb2 as pb
 
 if TYPE_CHECKING:
     from proxy_workers.contract import ClientRequest, ClientSink, Figures
-    from proxy_workers.grpc.channels import GrpcProcess
+    from proxy_workers.process_view import ProcessView
     from proxy_workers.routing.context import RequestContext
     from shm.schema import Worker
 
@@ -60,7 +60,7 @@ class GrpcExchange(GrpcRecovery):
                  "last_io", "legs", "paused", "phase", "phase_started", "picks", "prefill_worker", "proc",
                  "render", "request", "route", "sse", "started", "task", "usage")
 
-    def __init__(self, proc: GrpcProcess, client: ClientSink, request: ClientRequest,
+    def __init__(self, proc: ProcessView, client: ClientSink, request: ClientRequest,
                  route: ModelRoute | PDRoute, ctx: RequestContext) -> None:
         self.proc = proc
         self.client = client

@@ -22,7 +22,7 @@ from proxy_workers.forwarding.attempts import first_byte, open_cell, settle
 from shm.proto import worker_pb2 as pb
 
 if TYPE_CHECKING:
-    from proxy_workers.grpc.channels import GrpcProcess
+    from proxy_workers.process_view import ProcessView
     from shm.schema import Worker
 
 _background: set[asyncio.Task[Any]] = set()  # Abort RPCs in flight (kept from the GC)
@@ -33,7 +33,7 @@ class Leg:
 
     __slots__ = ("call", "cell", "proc", "rid", "worker")
 
-    def __init__(self, proc: GrpcProcess, worker: Worker, rid: str) -> None:
+    def __init__(self, proc: ProcessView, worker: Worker, rid: str) -> None:
         self.proc = proc
         self.worker = worker
         self.rid = rid

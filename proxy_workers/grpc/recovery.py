@@ -29,8 +29,8 @@ from proxy_workers.forwarding.retry import answer_retry_delay, retry_or_give_up
 from proxy_workers.grpc.failures import Failed
 
 if TYPE_CHECKING:
-    from proxy_workers.grpc.channels import GrpcProcess
     from proxy_workers.grpc.legs import Leg
+    from proxy_workers.process_view import ProcessView
     from proxy_workers.routing.table import ModelRoute
 
 WAIT_FIRST, STREAMING, DONE = 1, 2, 3
@@ -47,7 +47,7 @@ class GrpcRecovery:
     last_why: str
 
     # Provided by the exchange (GrpcExchange), read here.
-    proc: GrpcProcess
+    proc: ProcessView
     current: Leg | None
     paused: asyncio.Future[None] | None
     phase: int

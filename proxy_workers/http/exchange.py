@@ -35,15 +35,18 @@ from proxy_workers.forwarding.attempts import CLOSED, first_byte, open_cell, pic
 from proxy_workers.forwarding.retry import stalled
 from proxy_workers.forwarding.usage import stream_tokens, usage_tokens
 from proxy_workers.http.framing import WorkerProtocolError
+from proxy_workers.http.pools import pool_for
 from proxy_workers.http.recovery import CONNECT, DONE, STREAMING, WAIT_HEAD, Recovery
 from proxy_workers.routing.decision import describe, header_value
 
 if TYPE_CHECKING:
     import asyncio
 
-    from proxy_workers.contract import ClientRequest, ClientSink, Figures, UpstreamConnectionView
-    from proxy_workers.http.owners import HttpProcess, PairOwner
+    from proxy_workers.contract import ClientSink, Figures, UpstreamConnectionView
+    from proxy_workers.forwarding.request import Request
+    from proxy_workers.http.owners import PairOwner
     from proxy_workers.http.upstream import UpstreamConnection
+    from proxy_workers.process_view import ProcessView
     from proxy_workers.routing.context import RequestContext
     from proxy_workers.routing.table import ModelRoute
     from shm.schema import Worker
@@ -77,7 +80,7 @@ class Exchange(Recovery):
         "worker",
     )
 
-    def __init__(self, proc: HttpProcess, client: ClientSink, request: ClientRequest,
+    def __init__(self, proc: ProcessView, client: ClientSink, request: Request,
                  route: ModelRoute, ctx: RequestContext) -> None:
         self.proc = proc
         self.client = client
@@ -132,7 +135,7 @@ class Exchange(Recovery):
         self.cell = open_cell(proc, worker.slot)
         now = proc.loop.time()
         self.phase, self.phase_started = CONNECT, now
-        pool = proc.pools.get(worker.url)
+        pool = pool_for(proc, worker.url)
         conn = None if self._fresh_retry else pool.take()
         if conn is not None:
             self._send(conn, True, now)
@@ -166,6 +169,8 @@ class Exchange(Recovery):
         if status >= 400 and status in self.proc.retry_statuses and self._drop_for_retry(conn, status):
             return
         req = self.request
+        upstream = self.conn  # ``conn`` itself, typed: compiled, its fields are read directly
+        assert upstream is not None
         self.status = status
         line = _STATUS_LINES.get(status)
         if line is None:
@@ -173,10 +178,11 @@ class Exchange(Recovery):
         # The worker's header lines arrive built, hop-by-hop fields already left out.
         out = self.out
         out.append(line)
-        out += conn.lines if conn.conn_tokens is None else conn.relayed_lines()
-        self.sse = conn.content_type.startswith(b"text/event-stream")
-        if conn.length is not None:
-            out.append(b"content-length: %s\r\n" % conn.length)
+        out += upstream.lines if upstream.conn_tokens is None else upstream.relayed_lines()
+        self.sse = upstream.content_type.startswith(b"text/event-stream")
+        length = upstream.length
+        if length is not None:
+            out.append(b"content-length: %s\r\n" % length)
         elif status not in (204, 304):
             # Unknown length (chunked or close-delimited upstream): re-chunk for HTTP/1.1
             # clients, close-delimit for HTTP/1.0 ones.

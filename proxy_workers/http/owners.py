@@ -1,5 +1,5 @@
-"""Who owns what on the HTTP paths: the process as they see it, a decode leg's PD request, and
-the owner of a worker connection whose answer is being dropped for a retry.
+"""Who owns what on the HTTP paths: a decode leg's PD request, and the owner of a worker
+connection whose answer is being dropped for a retry.
 
 Role: small interfaces and one small owner class, kept apart from the exchange state machine
 (:mod:`proxy_workers.http.exchange`) so that it stays readable and the PD exchange can name them
@@ -13,17 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from proxy_workers.contract import ProcessView
-
 if TYPE_CHECKING:
     from proxy_workers.contract import UpstreamConnectionView
-    from proxy_workers.http.pools import Pools
-
-
-class HttpProcess(ProcessView, Protocol):
-    """A proxy process as the HTTP paths use it: the common view plus the worker pools."""
-
-    pools: Pools
 
 
 class PairOwner(Protocol):

@@ -50,13 +50,15 @@ from proxy_workers.forwarding.handoff import (
 )
 from proxy_workers.forwarding.retry import refused_by_worker, retry_or_give_up
 from proxy_workers.http.exchange import Exchange
+from proxy_workers.http.pools import pool_for
 
 if TYPE_CHECKING:
     import asyncio
 
     from proxy_workers.contract import ClientRequest, ClientSink, Figures, UpstreamConnectionView
-    from proxy_workers.http.owners import HttpProcess
+    from proxy_workers.forwarding.request import Request
     from proxy_workers.http.upstream import UpstreamConnection
+    from proxy_workers.process_view import ProcessView
     from proxy_workers.routing.context import RequestContext
     from proxy_workers.routing.table import PDRoute
     from shm.schema import Worker
@@ -87,7 +89,7 @@ class PrefillLeg:
         self.cell = open_cell(pd.proc, worker.slot)  # held until the whole PD request ends
 
     def start(self) -> None:
-        pool = self.pd.proc.pools.get(self.worker.url)
+        pool = pool_for(self.pd.proc, self.worker.url)
         conn = pool.take()
         if conn is not None:
             self.reused = True
@@ -138,7 +140,7 @@ class PrefillLeg:
             if self.reused and not conn.received:
                 # A keep-alive socket the worker had already closed: same worker, new socket.
                 self.reused = False
-                self.connecting = self.pd.proc.pools.get(self.worker.url).connect(self._connected)
+                self.connecting = pool_for(self.pd.proc, self.worker.url).connect(self._connected)
                 return
             self.pd.prefill_failed(self, why)
 
@@ -172,7 +174,7 @@ class PDExchange:
     __slots__ = ("answered", "client", "ctx", "decode", "doc", "ended", "failed_prefill", "legs", "pairs",
                  "paused", "proc", "refused_status", "request", "route", "tried_decode", "tried_prefill")
 
-    def __init__(self, proc: HttpProcess, client: ClientSink, request: ClientRequest, route: PDRoute,
+    def __init__(self, proc: ProcessView, client: ClientSink, request: Request, route: PDRoute,
                  ctx: RequestContext) -> None:
         self.proc = proc
         self.client = client

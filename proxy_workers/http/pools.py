@@ -17,11 +17,14 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from proxy_workers.http.upstream import UpstreamConnection
 from proxy_workers.outbox import Outbox
+
+if TYPE_CHECKING:
+    from proxy_workers.process_view import ProcessView
 
 
 class WorkerPool:
@@ -110,3 +113,10 @@ class Pools:
         for pool in self.pools.values():
             if pool.idle:
                 pool.close_idle(older_than)
+
+
+def pool_for(proc: ProcessView, url: str) -> WorkerPool:
+    """The pool of the worker at ``url`` in ``proc``'s pools (the process holds them untyped:
+    :mod:`proxy_workers.process_view`; typed here, compiled code calls them directly)."""
+    pools: Pools = proc.pools
+    return pools.get(url)

@@ -31,9 +31,11 @@ from proxy_workers.http.owners import DroppedAnswer
 if TYPE_CHECKING:
     import asyncio
 
-    from proxy_workers.contract import ClientRequest, UpstreamConnectionView
-    from proxy_workers.http.owners import HttpProcess, PairOwner
+    from proxy_workers.contract import UpstreamConnectionView
+    from proxy_workers.forwarding.request import Request
+    from proxy_workers.http.owners import PairOwner
     from proxy_workers.http.upstream import UpstreamConnection
+    from proxy_workers.process_view import ProcessView
     from proxy_workers.routing.table import ModelRoute
     from shm.schema import Worker
 
@@ -65,8 +67,8 @@ class Recovery:
     phase: int
 
     # Provided by the exchange (Exchange), read here.
-    proc: HttpProcess
-    request: ClientRequest
+    proc: ProcessView
+    request: Request
     route: ModelRoute
     pd: PairOwner | None
     tried: list[int]

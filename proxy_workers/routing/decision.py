@@ -12,7 +12,7 @@ shard, fallback) is rendered by :func:`describe`, the seed's RoutingDecision.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -23,21 +23,9 @@ from proxy_workers.routing.selection import resolve_alias, select_router
 from proxy_workers.routing.table import ModelRoute, PDRoute, RoutingTable
 
 if TYPE_CHECKING:
-    import random
-
     from proxy_workers.contract import ClientRequest
+    from proxy_workers.process_view import ProcessView
     from shm.schema import Worker
-    from shm.settings import Settings
-
-
-class RoutingProcess(Protocol):
-    """What routing needs of its proxy process (:class:`proxy_workers.serving.state.ProxyProcess`)."""
-
-    settings: Settings
-    hash_headers: tuple[bytes, ...]
-    rng: random.Random
-
-    def latest_table(self) -> RoutingTable: ...
 
 _encode = msgspec.json.Encoder().encode
 # msgspec ends a validation message with the JSON path of the field: "... - at `$.model`".
@@ -59,13 +47,13 @@ def _too_deep(limit: int) -> BadRequest:
                       reason="json_too_deep")
 
 
-def prepare(proc: RoutingProcess, request: ClientRequest,
+def prepare(proc: ProcessView, request: ClientRequest,
             dry_run: bool = False) -> tuple[ModelRoute | PDRoute, RequestContext]:
     """The route and context for ``request``; raises RouterError (404, 503, 400) with a reason."""
     body = request.body
     # Nesting is at most the count of opening brackets: two C-speed counts clear nearly every body.
-    if body and body.count(91) + body.count(123) > proc.settings.max_json_depth:  # [ {
-        limit = proc.settings.max_json_depth
+    if body and body.count(91) + body.count(123) > proc.max_json_depth:  # [ {
+        limit = proc.max_json_depth
         if json_too_deep(body, limit) and not multipart.is_multipart(request.headers):
             raise _too_deep(limit)
     try:
@@ -75,11 +63,11 @@ def prepare(proc: RoutingProcess, request: ClientRequest,
             raise _body_error(exc) from None
         return _prepare_form(proc, request, dry_run)
     except RecursionError:  # not expected after the depth check; never a 500 if it happens
-        raise _too_deep(proc.settings.max_json_depth) from None
+        raise _too_deep(proc.max_json_depth) from None
     model = fields.model if fields is not None else None
     table = proc.latest_table()
     ctx = RequestContext(model, fields, request.body, request.headers, request.peer,
-                         proc.hash_headers, proc.settings.hash_fallback, explain=request.explain)
+                         proc.hash_headers, proc.hash_fallback, explain=request.explain)
     ctx.dry_run = dry_run
     if model is None:
         ctx.router, ctx.reason = "http_regular", "no model field: round-robin over all workers"
@@ -90,7 +78,7 @@ def prepare(proc: RoutingProcess, request: ClientRequest,
         if not dry_run:
             retarget(request, model)
             ctx.body = request.body
-    preference = request.connection or proc.settings.connection_preference
+    preference = request.connection or proc.connection_preference
     choice = table.router_choice.get((model, preference))
     if choice is None:
         router, why = _usable_router(table, model, preference)
@@ -99,16 +87,16 @@ def prepare(proc: RoutingProcess, request: ClientRequest,
     return route, ctx
 
 
-def prepare_any(proc: RoutingProcess, request: ClientRequest) -> tuple[ModelRoute, RequestContext]:
+def prepare_any(proc: ProcessView, request: ClientRequest) -> tuple[ModelRoute, RequestContext]:
     """The default route for a request about a worker, not a model (``ANY_WORKER`` paths,
     :mod:`proxy_workers.routing.paths`): the body is not read for routing."""
     ctx = RequestContext(None, None, request.body, request.headers, request.peer,
-                         proc.hash_headers, proc.settings.hash_fallback, explain=request.explain)
+                         proc.hash_headers, proc.hash_fallback, explain=request.explain)
     ctx.router, ctx.reason = "http_regular", "a request about a worker: round-robin over all workers"
     return proc.latest_table().any, ctx
 
 
-def _prepare_form(proc: RoutingProcess, request: ClientRequest,
+def _prepare_form(proc: ProcessView, request: ClientRequest,
                   dry_run: bool) -> tuple[ModelRoute, RequestContext]:
     """:func:`prepare` for a multipart/form-data body: the same steps (alias, router, route) by
     its ``model`` form field (:mod:`proxy_workers.routing.multipart`), to a regular HTTP worker
@@ -117,7 +105,7 @@ def _prepare_form(proc: RoutingProcess, request: ClientRequest,
     model = multipart.model_span(request.headers, body)[0]
     table = proc.latest_table()
     ctx = RequestContext(model, RoutingFields(model=model), body, request.headers, request.peer,
-                         proc.hash_headers, proc.settings.hash_fallback, explain=request.explain)
+                         proc.hash_headers, proc.hash_fallback, explain=request.explain)
     ctx.dry_run = dry_run
     if model in table.aliases:
         ctx.alias = model

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy_workers.contract import ClientSink
 from proxy_workers.errors import BadRequest, Overloaded, RateLimited, RouterError
-from proxy_workers.routing.decision import RoutingProcess, prepare
+from proxy_workers.routing.decision import prepare
 from proxy_workers.serving.ratelimit import RateLimiter, client_key
 from shm.loadboard import (
     P_ADMITTED,
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from proxy_workers.contract import ClientExchange, ClientRequest, Figures, Refusal
+    from proxy_workers.process_view import ProcessView
     from proxy_workers.routing.context import RequestContext
     from shm.settings import Settings
 
@@ -140,18 +141,6 @@ class AdmissionClient(ClientSink, Protocol):
     def refuse(self, err: Refusal, request: ClientRequest) -> None: ...
 
 
-class AdmissionProcess(RoutingProcess, Protocol):
-    """What admission uses of its proxy process (:class:`proxy_workers.serving.state.ProxyProcess`)."""
-
-    loop: asyncio.AbstractEventLoop
-    ints: memoryview[int]
-    floats: memoryview[float]
-    row: int
-    draining: bool
-
-    def count_disconnect(self) -> None: ...
-
-
 class AdmittedSink:
     """The client connection as an admitted exchange sees it: the end frees the admission place.
 
@@ -214,7 +203,7 @@ class Waiting:
 class Admission:
     """One proxy process's admission control (see the module docstring)."""
 
-    def __init__(self, proc: AdmissionProcess, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, proc: ProcessView, clock: Callable[[], float] | None = None) -> None:
         self.proc = proc
         self.clock = clock or proc.loop.time
         self.admitted: set[ClientExchange] = set()  # exchanges holding a place (ProxyProcess.admitted)

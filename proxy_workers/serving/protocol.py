@@ -138,8 +138,8 @@ class ClientProtocol(InputFlow, asyncio.Protocol):
             # fields so far are held, so it is refused once more than its budget of bytes (or of
             # fields) arrived; a complete head is checked exactly (on_headers_complete).
             if self._head_len and not self._head_done and (
-                    self._head_len > self.proc.settings.max_head_size
-                    or len(self._headers) > self.proc.settings.max_header_count):
+                    self._head_len > self.proc.max_head_size
+                    or len(self._headers) > self.proc.max_header_count):
                 self._incomplete_head_refusal()
 
     def _incomplete_head_refusal(self) -> None:
@@ -259,11 +259,12 @@ class ClientProtocol(InputFlow, asyncio.Protocol):
         proc = self.proc
         proc.active.discard(exchange)
         proc.count_request(error)
-        end_request(proc, exchange.request, exchange, O_ERROR if error else O_SUCCESS, self.err_status,
+        request = exchange.request
+        end_request(proc, request, exchange, O_ERROR if error else O_SUCCESS, self.err_status,
                     self.req_started, self.sent)
         if self.exchange is exchange:
             self.exchange = None
-        self._next(exchange.request)
+        self._next(request)
 
     def _gone(self, exchange: ClientExchange) -> None:
         """An exchange ended silently (``client_gone``): free its admission place, if it took one."""

@@ -153,7 +153,7 @@ class RequestReader:
 
     def _special_header(self, name: bytes, value: bytes) -> None:
         if name == b"content-length":
-            limit = self.proc.settings.max_body_size
+            limit = self.proc.max_body_size
             if int(value) > limit:
                 raise BodyTooLarge(f"request body of {int(value)} bytes exceeds max_body_size={limit}")
         elif name == b"connection":
@@ -171,9 +171,9 @@ class RequestReader:
         # The head budget. Each feed is at most FEED_SLICE bytes, so the head is at most the bytes
         # counted while it was incomplete (_head_len) plus one feed: within the budget by that
         # bound (nearly always), it is not measured; else it is, exactly (_check_head).
-        settings = self.proc.settings
-        if (self._head_len + FEED_SLICE > settings.max_head_size
-                or len(self._headers) > settings.max_header_count or self._hosts != 1):
+        proc = self.proc
+        if (self._head_len + FEED_SLICE > proc.max_head_size
+                or len(self._headers) > proc.max_header_count or self._hosts != 1):
             self._check_head()
         if self.parser.should_upgrade():
             # llhttp treats everything after an upgrading head as the new protocol, so a body
@@ -211,7 +211,7 @@ class RequestReader:
 
     def on_body(self, body: bytes) -> None:
         size = self._body_len + len(body)
-        if size > self.proc.settings.max_body_size:
+        if size > self.proc.max_body_size:
             raise BodyTooLarge(f"request body exceeds max_body_size={self.proc.settings.max_body_size}")
         self._body_len = size
         if size == len(body):

@@ -22,7 +22,7 @@ Invariants:
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 from shm.histograms import (
     LATENCY_BUCKETS,
@@ -49,21 +49,8 @@ from shm.histograms import (
 )
 
 if TYPE_CHECKING:
-    import asyncio
-
     from proxy_workers.contract import ClientExchange, ClientRequest
-
-
-class RecordingProcess(Protocol):
-    """What :func:`end_request` uses of its proxy process (``serving.state.ProxyProcess``)."""
-
-    loop: asyncio.AbstractEventLoop
-    ints: memoryview[int]
-    floats: memoryview[float]
-    model_blocks: dict[str, int]
-    other_block: int
-    access_log: Any  # serving.accesslog.AccessLog | None (that module imports this one)
-    tracer: Any      # serving.tracing.Tracer | None
+    from proxy_workers.process_view import ProcessView
 
 _N_OUT = len(OUTCOMES)
 
@@ -104,7 +91,7 @@ class RequestRecord:
         return OUTCOMES[self.outcome]
 
 
-def end_request(proc: RecordingProcess, request: ClientRequest, exchange: ClientExchange | None, outcome: int,
+def end_request(proc: ProcessView, request: ClientRequest, exchange: ClientExchange | None, outcome: int,
                 status: int, started: float, sent: int) -> RequestRecord | None:
     """Record one ended request; ``exchange`` None for a refusal (``outcome`` O_REJECTED).
 

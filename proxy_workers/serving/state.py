@@ -1,9 +1,8 @@
 """State of one proxy process, and one parsed request.
 
 Role: :class:`ProxyProcess` holds what every connection of a proxy process shares (snapshot
-reader, routing table, load board views, pools, counters). It satisfies the data paths' views of
-it (:class:`proxy_workers.contract.ProcessView` and its HTTP and gRPC extensions) and routing's
-(:class:`proxy_workers.routing.decision.RoutingProcess`).
+reader, routing table, load board views, pools, counters). What the request path reads of it is
+its base, :class:`proxy_workers.process_view.ProcessView`.
 
 Invariants: the routing table is rebuilt only when the snapshot generation moves: at once for a
 small snapshot, else in steps of one event-loop iteration each (:meth:`ProxyProcess.snapshot_steps`),
@@ -16,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import random
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
@@ -26,22 +24,15 @@ from proxy_workers.grpc.channels import GrpcChannels
 from proxy_workers.http.pools import Pools
 from proxy_workers.outbox import Outbox
 from proxy_workers.policies.base import PolicyEnv
+from proxy_workers.process_view import ProcessView
 from proxy_workers.routing.context import parse_hash_headers
 from proxy_workers.routing.table import RoutingTable
 from proxy_workers.serving.accesslog import AccessLog
 from proxy_workers.serving.admission import Admission
 from proxy_workers.serving.auth import KeyGate, UpstreamKeys, gate_for
-from proxy_workers.serving.tracing import Tracer, make_tracer
+from proxy_workers.serving.tracing import make_tracer
 from shm.affinity import AffinityTable
-from shm.loadboard import (
-    P_DISCONNECTS,
-    P_ERRORS,
-    P_REJECTED,
-    P_REQUESTS,
-    P_RETRIES,
-    P_RETRIES_STATUS,
-    LoadBoard,
-)
+from shm.loadboard import LoadBoard
 from shm.schema import Snapshot
 from shm.snapshot import SnapshotReader, gc_paused
 
@@ -71,33 +62,26 @@ class Connection(Protocol):
         """Close once what was written is out."""
 
 
-class ProxyProcess:
-    """State shared by every connection of one proxy process."""
+class ProxyProcess(ProcessView):
+    """State shared by every connection of one proxy process (what the request path reads of it:
+    its base, :class:`proxy_workers.process_view.ProcessView`)."""
 
-    # Slots: every request reads several of these; past 30 attributes an instance dict stops
-    # sharing its keys and CPython's attribute caches miss (measured: +1.3k instructions/request).
-    __slots__ = ("_table", "_taking", "access_log", "active", "admission", "admitted", "board", "cell0",
-                 "cell_owner", "connections", "decision0", "draining", "env", "floats", "gate",
-                 "grpc_channels", "hash_headers", "index", "ints", "limits_on", "loop", "model_blocks",
-                 "model_owner", "orphan_logged", "orphaned_since", "other_block", "outbox", "pools", "reader",
-                 "retry_statuses", "retrying", "rid_counter", "rid_prefix", "rng", "row", "settings",
-                 "tracer", "upstream_keys")
+    # Slots: interpreted (SHARDGATE_PURE=1), past 30 attributes an instance dict stops sharing its
+    # keys and CPython's attribute caches miss (measured: +1.3k instructions/request).
+    __slots__ = ("_table", "_taking", "admission", "admitted", "board", "cell_owner", "connections", "env",
+                 "gate", "limits_on", "model_owner", "orphan_logged", "orphaned_since", "outbox", "reader",
+                 "upstream_keys")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, index: int, reader: SnapshotReader,
                  board: LoadBoard, affinity: AffinityTable | None = None) -> None:
+        super().__init__(board, index)
         self.loop = loop
-        self.index = index
         self.reader = reader
         self.board = board
-        self.ints = board.ints
-        self.floats = board.floats
-        self.cell0 = board.cell_word(index, 0)
-        self.decision0 = board.decision_word(index, 0)
-        self.row = board.proxy_word(index, 0)
         snapshot = reader.current()
         if snapshot is None:
             raise RuntimeError("no snapshot published yet")
-        self.settings = snapshot.settings
+        self.use_settings(snapshot.settings)
         self.env = PolicyEnv(board, index, snapshot.proxies, snapshot.settings, affinity)
         self.hash_headers = parse_hash_headers(snapshot.settings.hash_headers)
         self.rng = random.Random()
@@ -109,23 +93,21 @@ class ProxyProcess:
         self._claim_cells(snapshot)
         # Per-model figures (serving.records): model -> this proxy's block; block 0 is "other".
         self.model_owner: list[str | None] = [None] * (board.max_models + 1)
-        self.model_blocks: dict[str, int] = {}
+        self.model_blocks = {}
         self.other_block = board.model_word(index, 0)
         self._claim_models(snapshot)
         # The access log and the tracer (each None when off): what serving.records hands each
         # ended request to.
-        self.access_log: AccessLog | None = AccessLog.open(snapshot.settings, index)
-        self.tracer: Tracer | None = make_tracer()  # None unless spans are exported (docs/tracing.md)
+        self.access_log = AccessLog.open(snapshot.settings, index)
+        self.tracer = make_tracer()  # None unless spans are exported (docs/tracing.md)
         self._taking = False  # a new snapshot is being taken, step by step
-        self.active: set[ClientExchange] = set()
+        self.active = set()
         self.connections: set[Connection] = set()
         self.draining = False
         self.retry_statuses = parse_statuses(self.settings.retry_statuses)
         self.retrying = 0
         self.orphaned_since = 0.0  # wall time the coordinator was found gone (0: it runs)
         self.orphan_logged = 0.0
-        self.rid_prefix = os.urandom(4).hex().encode()
-        self.rid_counter = 0
         # Admission control (docs/overload.md): ``limits_on`` is the one check a request pays
         # when every limit is off; ``admitted`` holds the exchanges that took a place.
         # Client API keys and workers' own keys (docs/api-keys.md): the gate is None when both
@@ -224,7 +206,7 @@ class ProxyProcess:
             if self.access_log is not None:
                 self.access_log.close()
             self.access_log = AccessLog.open(snapshot.settings, self.index)
-        self.settings = snapshot.settings
+        self.use_settings(snapshot.settings)
         self.retry_statuses = parse_statuses(snapshot.settings.retry_statuses)
         self.env.update(snapshot.proxies, snapshot.settings)
         self.hash_headers = parse_hash_headers(snapshot.settings.hash_headers)
@@ -237,32 +219,6 @@ class ProxyProcess:
         self.gate = gate_for(snapshot, keyed, self.gate if isinstance(self.gate, KeyGate) else None)
         self.limits_on = self.admission.update(snapshot.settings, snapshot.proxies, self.index,
                                                self._table.capped)
-
-    def next_request_id(self) -> bytes:
-        self.rid_counter += 1
-        return b"%s-%x" % (self.rid_prefix, self.rid_counter)
-
-    def count_request(self, error: bool) -> None:
-        self.ints[self.row + P_REQUESTS] += 1
-        if error:
-            self.ints[self.row + P_ERRORS] += 1
-
-    def count_retry(self, answer: bool = False) -> None:
-        """One retry; ``answer``: of a worker's answer (a retryable status), counted apart too."""
-        self.ints[self.row + P_RETRIES] += 1
-        if answer:
-            self.ints[self.row + P_RETRIES_STATUS] += 1
-
-    def count_rejected(self) -> None:
-        """A request the router refused before routing it (it is a request, and an error)."""
-        ints, row = self.ints, self.row
-        ints[row + P_REJECTED] += 1
-        ints[row + P_REQUESTS] += 1
-        ints[row + P_ERRORS] += 1
-
-    def count_disconnect(self) -> None:
-        self.ints[self.row + P_DISCONNECTS] += 1
-        self.ints[self.row + P_REQUESTS] += 1
 
 
 def freeze_startup_heap() -> None:

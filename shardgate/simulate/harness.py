@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
 
 import msgspec
 
@@ -33,6 +32,7 @@ from coordinator.fleet.membership import Fleet
 from coordinator.health.engine_metrics import write_figures
 from proxy_workers.policies.base import PolicyEnv
 from proxy_workers.policies.registry import POLICIES, POLICY_INDEX
+from proxy_workers.process_view import ProcessView
 from proxy_workers.routing.table import ModelRoute, RoutingTable
 from shardgate.simulate.workload import MODEL
 from shm.affinity import AffinityTable, table_size
@@ -41,9 +41,6 @@ from shm.schema import ModelPolicy, Snapshot, WorkerSpec
 from shm.segment import Segment, new_instance_id, segment_name
 from shm.settings import Settings
 
-if TYPE_CHECKING:
-    from proxy_workers.contract import ProcessView
-
 
 def fleet_snapshot(urls: Sequence[str], weights: Sequence[int], settings: Settings, proxies: int) -> Snapshot:
     """One model served by every worker, as the coordinator would publish it (slot i = urls[i])."""
@@ -51,23 +48,6 @@ def fleet_snapshot(urls: Sequence[str], weights: Sequence[int], settings: Settin
     fleet.apply([WorkerSpec(url=url, model=MODEL, weight=weight) for url, weight in zip(urls, weights,
                                                                                          strict=True)])
     return fleet.snapshot(settings, {}, proxies, 1, os.getpid())
-
-
-class SimProxy:
-    """What ``proxy_workers.forwarding.attempts`` reads of a proxy process: its board words."""
-
-    __slots__ = ("cell0", "decision0", "floats", "ints", "row")
-
-    def __init__(self, board: LoadBoard, row: int) -> None:
-        self.ints, self.floats = board.ints, board.floats
-        self.row = row
-        self.cell0 = board.cell_word(row, 0)
-        self.decision0 = board.decision_word(row, 0)
-
-    def view(self) -> ProcessView:
-        # The attempt functions read only the board words above; the rest of ProcessView
-        # (event loop, exchanges, retry budget) belongs to the serving layer, not simulated.
-        return cast("ProcessView", self)
 
 
 class Production:
@@ -100,7 +80,7 @@ class Production:
             seeded.index = POLICY_INDEX[policy]
             table.route_for(MODEL).policy = seeded
         self.routes: list[ModelRoute] = [t.route_for(MODEL) for t in self.tables]
-        self.proxy_views = [SimProxy(self.board, p).view() for p in range(proxies)]
+        self.proxy_views = [ProcessView(self.board, p) for p in range(proxies)]
 
     def _segment(self, name: str, size: int) -> Segment:
         seg = Segment.create(name, size)
