@@ -55,19 +55,30 @@ O_ERROR: Final = 1
 O_REJECTED: Final = 2
 O_CLIENT_GONE: Final = 3
 
-M_REQUESTS = 0
-M_TOKENS_IN = M_REQUESTS + len(ROUTERS) * STATUS_CLASSES * len(OUTCOMES)
-M_TOKENS_OUT = M_TOKENS_IN + 1
-HIST_WORDS = len(LATENCY_BUCKETS) + 2  # buckets, +Inf, sum
-M_WHOLE = M_TOKENS_OUT + 1
-M_DURATION_REST = M_WHOLE + HIST_WORDS
-M_TTFT_STREAM = M_DURATION_REST + HIST_WORDS
-M_TPOT = M_TTFT_STREAM + HIST_WORDS
-MODEL_FIELDS = M_TPOT + len(TPOT_BUCKETS) + 2
+# Word offsets in a model block are Final literals: the compiled request path inlines them
+# instead of looking them up at each use (docs/compiled-hot-path.md); the asserts below keep
+# them equal to what they are derived from.
+M_REQUESTS: Final = 0
+M_TOKENS_IN: Final = 120  # M_REQUESTS + routers x status classes x outcomes
+M_TOKENS_OUT: Final = 121
+HIST_WORDS: Final = 17  # len(LATENCY_BUCKETS) + 2: buckets, +Inf, sum
+M_WHOLE: Final = 122
+M_DURATION_REST: Final = 139  # M_WHOLE + HIST_WORDS
+M_TTFT_STREAM: Final = 156
+M_TPOT: Final = 173
+MODEL_FIELDS: Final = 188  # M_TPOT + len(TPOT_BUCKETS) + 2
 # Each histogram's last word is its sum (a float word; the rest count).
-WHOLE_SUM, REST_SUM, TTFT_SUM = (M_WHOLE + HIST_WORDS - 1, M_DURATION_REST + HIST_WORDS - 1,
-                                 M_TTFT_STREAM + HIST_WORDS - 1)
-TPOT_SUM = M_TPOT + len(TPOT_BUCKETS) + 1
+WHOLE_SUM: Final = 138  # M_WHOLE + HIST_WORDS - 1
+REST_SUM: Final = 155
+TTFT_SUM: Final = 172
+TPOT_SUM: Final = 187  # M_TPOT + len(TPOT_BUCKETS) + 1
+assert M_TOKENS_IN == M_REQUESTS + len(ROUTERS) * STATUS_CLASSES * len(OUTCOMES)
+assert M_TOKENS_OUT == M_TOKENS_IN + 1 and M_WHOLE == M_TOKENS_OUT + 1
+assert HIST_WORDS == len(LATENCY_BUCKETS) + 2
+assert (M_DURATION_REST, M_TTFT_STREAM, M_TPOT) == (M_WHOLE + HIST_WORDS, M_WHOLE + 2 * HIST_WORDS,
+                                                    M_WHOLE + 3 * HIST_WORDS)
+assert MODEL_FIELDS == M_TPOT + len(TPOT_BUCKETS) + 2 and TPOT_SUM == MODEL_FIELDS - 1
+assert (WHOLE_SUM, REST_SUM, TTFT_SUM) == (M_DURATION_REST - 1, M_TTFT_STREAM - 1, M_TPOT - 1)
 DURATION_WORDS = (M_WHOLE, M_DURATION_REST)  # the exposed request-duration histogram
 TTFT_WORDS = (M_WHOLE, M_TTFT_STREAM)        # the exposed time-to-first-token histogram
 

@@ -20,7 +20,6 @@ Invariants:
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -59,6 +58,18 @@ class Pickable(Protocol):
     policy: Policy
 
     def pick(self, ctx: RequestContext, exclude: Sequence[int] = ()) -> Worker: ...
+
+
+def bucket(bounds: tuple[float, ...], value: float) -> int:
+    """The histogram bucket of ``value``: the first bound >= it (``bisect_left``); len(bounds) for
+    +Inf. A scan from the smallest bound, compiled: the few bounds a request's times pass cost
+    less than a call to ``bisect``."""
+    index = 0
+    for bound in bounds:
+        if value <= bound:
+            return index
+        index += 1
+    return index
 
 
 def pick_worker(proc: ProcessView, route: Pickable, ctx: RequestContext, exclude: Sequence[int],
@@ -100,7 +111,7 @@ def first_byte(proc: ProcessView, cell: int, waited: float, stream: bool) -> Non
     floats[cell + W_TTFB_SUM] += waited
     ints = proc.ints
     ints[cell + W_ANSWERS] += 1
-    ints[cell + W_TTFB_HIST + bisect_left(LATENCY_BUCKETS, waited)] += 1  # the per-worker histogram
+    ints[cell + W_TTFB_HIST + bucket(LATENCY_BUCKETS, waited)] += 1  # the per-worker histogram
     if stream:
         ints[cell + W_STREAMS] += 1
 

@@ -13,7 +13,9 @@ Invariants:
   values are read aside and kept when valid (trace context:
   :mod:`proxy_workers.forwarding.tracecontext`).
 - Names are compared lowercased (HTTP field names are case-insensitive); relayed lines are
-  written lowercased.
+  written lowercased. :func:`field_name` lowercases through a bounded cache of the names seen,
+  so a usual name costs a dict lookup and comes back with its hash computed for the set lookups
+  that follow.
 - gRPC: a worker's ``x-*`` initial metadata is relayed like an HTTP worker's extension headers,
   except the router's own (``x-request-id``, ``x-shardgate-*``); towards the worker the request id
   travels as ``x-request-id`` metadata, the trace context as ``traceparent``/``tracestate``
@@ -23,28 +25,43 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from proxy_workers.contract import ClientRequest
 
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                        b"transfer-encoding", b"upgrade"})
+HOP_BY_HOP: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                               b"transfer-encoding", b"upgrade"})
+# (Final: compiled code reads these sets directly, not by name.)
 # Client fields never forwarded as they are: hop-by-hop, per-hop credentials, framing (the
 # router re-frames the body), Host (the worker's), Expect (answered here), and the router's own.
-REQUEST_DROP = HOP_BY_HOP | {b"proxy-authorization", b"host", b"content-length", b"expect",
-                             b"x-forwarded-for", b"x-request-id"}
+REQUEST_DROP: Final = HOP_BY_HOP | {b"proxy-authorization", b"host", b"content-length", b"expect",
+                                    b"x-forwarded-for", b"x-request-id"}
 # Worker fields never relayed as they are: hop-by-hop, framing (re-framed per client), per-hop
 # credentials, and the request id the router sets.
-RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-request-id", b"proxy-authenticate"}
+RESPONSE_DROP: Final = HOP_BY_HOP | {b"content-length", b"x-request-id", b"proxy-authenticate"}
 # Headers the router reads itself but still forwards.
-ROUTER_READS = frozenset({b"x-shardgate-debug", b"x-shardgate-connection"})
+ROUTER_READS: Final = frozenset({b"x-shardgate-debug", b"x-shardgate-connection"})
 # Trace context: the router forwards its own (the client's when valid, else a fresh one).
-TRACE_CONTEXT = frozenset({b"traceparent", b"tracestate"})
+TRACE_CONTEXT: Final = frozenset({b"traceparent", b"tracestate"})
 # Request fields kept aside while the head is read, handled when the request is complete.
-ROUTER_NOTES = ROUTER_READS | TRACE_CONTEXT | {b"x-forwarded-for", b"x-request-id"}
-SPECIAL_REQUEST_HEADERS = REQUEST_DROP | ROUTER_READS | TRACE_CONTEXT
-NO_TOKENS: frozenset[bytes] = frozenset()
+ROUTER_NOTES: Final = ROUTER_READS | TRACE_CONTEXT | {b"x-forwarded-for", b"x-request-id"}
+SPECIAL_REQUEST_HEADERS: Final = REQUEST_DROP | ROUTER_READS | TRACE_CONTEXT
+NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+
+
+_NAMES: Final[dict[bytes, bytes]] = {}  # field name as sent -> lowercased (field_name)
+_NAMES_MAX: Final = 1024  # past this many distinct spellings, names are lowercased uncached
+
+
+def field_name(name: bytes) -> bytes:
+    """``name`` lowercased (the form every rule here compares)."""
+    low = _NAMES.get(name)
+    if low is None:
+        low = name.lower()
+        if len(_NAMES) < _NAMES_MAX:  # bounded: a client cannot grow it by sending new names
+            _NAMES[name] = low
+    return low
 
 
 def connection_tokens(value: bytes) -> frozenset[bytes]:

@@ -161,7 +161,7 @@ class Exchange(Recovery):
         self.conn = conn
         self._fresh_retry = reused  # a reused socket that fails silently earns one fresh try
         self.phase, self.phase_started = WAIT_HEAD, now
-        conn.send(self, self.request.wire(conn.pool.authority))
+        conn.send(self, self.request.wire(conn.authority))
 
     # -- receiving (called by UpstreamConnection) ---------------------------------------
 
@@ -327,14 +327,14 @@ class Exchange(Recovery):
         conn = self.conn
         # Only a relayed answer waits: a head still awaited keeps being read (it is bounded, and
         # the first-byte timers must measure the worker, not the client).
-        if self.phase == STREAMING and conn is not None and conn.transport is not None:
-            conn.transport.pause_reading()
+        if self.phase == STREAMING and conn is not None:
+            conn.pause_reading()
 
     def resume_upstream(self) -> None:
         if self.paused:
             self.paused = False
             self.last_io = self.proc.loop.time()  # the idle clock restarts: the worker was not silent
         conn = self.conn
-        if conn is not None and conn.transport is not None:
-            conn.transport.resume_reading()
+        if conn is not None:
+            conn.resume_reading()
 

@@ -111,7 +111,7 @@ class PrefillLeg:
     def _send(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         self.sent_at = self.pd.proc.loop.time()
-        conn.send(self, self.request.wire(conn.pool.authority))
+        conn.send(self, self.request.wire(conn.authority))
 
     # The upstream-callback contract (see proxy_workers.http.upstream.UpstreamConnection).
     def on_response_head(self, conn: UpstreamConnectionView, status: int) -> None:

@@ -45,7 +45,13 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from proxy_workers.forwarding.headers import NO_TOKENS, RESPONSE_DROP, connection_tokens, without_fields
+from proxy_workers.forwarding.headers import (
+    NO_TOKENS,
+    RESPONSE_DROP,
+    connection_tokens,
+    field_name,
+    without_fields,
+)
 from proxy_workers.http.framing import MAX_RESPONSE_HEAD, WorkerProtocolError, coding_lines
 
 if TYPE_CHECKING:
@@ -112,11 +118,14 @@ class _Interim:
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a worker."""
 
-    __slots__ = ("chunked", "conn_tokens", "content_type", "exchange", "head_room", "idle_since",
-                 "keep_alive", "length", "lines", "parser", "pool", "received", "transport", "until_eof")
+    __slots__ = ("authority", "chunked", "conn_tokens", "content_type", "exchange", "head_room",
+                 "idle_since", "keep_alive", "length", "lines", "outbox", "parser", "paused", "pool",
+                 "received", "transport", "until_eof")
 
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
+        self.authority = pool.authority  # (the pool's, kept here: read for every request sent)
+        self.outbox = pool.outbox
         self.transport: asyncio.Transport | None = None
         self.exchange: UpstreamOwner = NO_OWNER
         self.parser = httptools.HttpResponseParser(self)
@@ -124,6 +133,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.until_eof = False  # the response body is delimited by the worker closing (RFC 9112 6.3)
         self.idle_since = 0.0
+        self.paused = False  # reading paused by the owner (the client's socket is full)
         self.head_room: int = MAX_RESPONSE_HEAD  # head bytes still allowed; 0 once the head is complete
         self._reset()
 
@@ -233,7 +243,7 @@ class UpstreamConnection(asyncio.Protocol):
         # only noted for framing. A field after the head (head_room 0) is a trailer: dropped.
         if not self.head_room:
             return
-        low = name.lower()
+        low = field_name(name)
         if low not in RESPONSE_DROP:
             self.lines.append(b"%s: %s\r\n" % (low, value))
             if low == b"content-type":
@@ -303,7 +313,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = exchange
         transport = self.transport
         assert transport is not None  # a pooled or new connection is open when it is handed out
-        self.pool.outbox.write(transport, data)  # sent at the end of this loop iteration
+        self.outbox.write(transport, data)  # sent at the end of this loop iteration
 
     def release(self, now: float) -> None:
         """Back to the pool if the response allows it, else closed."""
@@ -311,15 +321,27 @@ class UpstreamConnection(asyncio.Protocol):
         if self.keep_alive and self.transport is not None and not self.transport.is_closing():
             # A slow client may have paused reading (backpressure) just as the response ended;
             # the exchange that would have resumed it is gone, so a pooled socket must read.
-            self.transport.resume_reading()
+            if self.paused:
+                self.resume_reading()
             self.idle_since = now
             self.pool.put(self)
         else:
             self.close()
 
+    def pause_reading(self) -> None:
+        """Stop reading the worker's answer (back-pressure from the client)."""
+        if self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
     def close(self) -> None:
         if self.transport is not None:
-            self.pool.outbox.flush()  # what was written goes out before the close
+            self.outbox.flush()  # what was written goes out before the close
             self.transport.close()
 
     def abort(self) -> None:

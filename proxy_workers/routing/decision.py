@@ -23,7 +23,7 @@ from proxy_workers.routing.selection import resolve_alias, select_router
 from proxy_workers.routing.table import ModelRoute, PDRoute, RoutingTable
 
 if TYPE_CHECKING:
-    from proxy_workers.contract import ClientRequest
+    from proxy_workers.forwarding.request import Request
     from proxy_workers.process_view import ProcessView
     from shm.schema import Worker
 
@@ -47,7 +47,7 @@ def _too_deep(limit: int) -> BadRequest:
                       reason="json_too_deep")
 
 
-def prepare(proc: ProcessView, request: ClientRequest,
+def prepare(proc: ProcessView, request: Request,
             dry_run: bool = False) -> tuple[ModelRoute | PDRoute, RequestContext]:
     """The route and context for ``request``; raises RouterError (404, 503, 400) with a reason."""
     body = request.body
@@ -87,7 +87,7 @@ def prepare(proc: ProcessView, request: ClientRequest,
     return route, ctx
 
 
-def prepare_any(proc: ProcessView, request: ClientRequest) -> tuple[ModelRoute, RequestContext]:
+def prepare_any(proc: ProcessView, request: Request) -> tuple[ModelRoute, RequestContext]:
     """The default route for a request about a worker, not a model (``ANY_WORKER`` paths,
     :mod:`proxy_workers.routing.paths`): the body is not read for routing."""
     ctx = RequestContext(None, None, request.body, request.headers, request.peer,
@@ -96,7 +96,7 @@ def prepare_any(proc: ProcessView, request: ClientRequest) -> tuple[ModelRoute, 
     return proc.latest_table().any, ctx
 
 
-def _prepare_form(proc: ProcessView, request: ClientRequest,
+def _prepare_form(proc: ProcessView, request: Request,
                   dry_run: bool) -> tuple[ModelRoute, RequestContext]:
     """:func:`prepare` for a multipart/form-data body: the same steps (alias, router, route) by
     its ``model`` form field (:mod:`proxy_workers.routing.multipart`), to a regular HTTP worker
@@ -120,7 +120,7 @@ def _prepare_form(proc: ProcessView, request: ClientRequest,
     return table.route_for(model), ctx
 
 
-def retarget(request: ClientRequest, model: str) -> None:
+def retarget(request: Request, model: str) -> None:
     """Rewrite the body's ``model`` to an alias's target, so the worker is asked for a model it serves.
 
     The worker's Content-Length is computed when the request is sent (``Request.wire``), so

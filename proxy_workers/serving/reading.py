@@ -44,6 +44,7 @@ from proxy_workers.forwarding.headers import (
     ROUTER_READS,
     SPECIAL_REQUEST_HEADERS,
     connection_tokens,
+    field_name,
     without_fields,
 )
 from proxy_workers.forwarding.request import Request
@@ -126,7 +127,7 @@ class RequestReader:
         if self._head_done:  # a trailer field (after a chunked body)
             self._trailer(name, value)
             return
-        low = name.lower()
+        low = field_name(name)
         self._headers.append((low, value))
         # Each field is classified once, here: an ordinary one becomes its line for the worker
         # right away; hop-by-hop and router-read ones are handled by _special_header.

@@ -10,8 +10,9 @@ Invariants:
 - One record per request; the figures come from the exchange's ``figures()`` (status, first
   chunk time, tokens, worker, retries, model, policy), never from the request's body.
 - Metrics cost a few word increments on this proxy's own model block (single writer); buckets
-  are found by ``bisect`` on a small tuple. Nothing here allocates but the exchange's
-  ``figures()`` tuple and, when the access log or the tracer is on, the record.
+  are found by a scan of a small tuple (``forwarding.attempts.bucket``). Nothing here
+  allocates but the exchange's ``figures()`` tuple and, when the access log or the tracer is
+  on, the record.
 - Bounded labels: a model without an index in the snapshot (unknown, absent, or past
   ``max_models``) is written to block 0, ``model="other"``.
 - TTFT: a stream's is the time to its first chunk to the client; a whole (non-streamed) answer's
@@ -21,9 +22,9 @@ Invariants:
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from typing import TYPE_CHECKING
 
+from proxy_workers.forwarding.attempts import bucket
 from shm.histograms import (
     LATENCY_BUCKETS,
     M_DURATION_REST,
@@ -127,13 +128,13 @@ def end_request(proc: ProcessView, request: ClientRequest, exchange: ClientExcha
     if outcome != O_REJECTED:
         floats = proc.floats
         if whole:  # one observation serves the duration and the TTFT histograms (shm.histograms)
-            ints[base + M_WHOLE + bisect_left(LATENCY_BUCKETS, duration)] += 1
+            ints[base + M_WHOLE + bucket(LATENCY_BUCKETS, duration)] += 1
             floats[base + WHOLE_SUM] += duration
         else:
-            ints[base + M_DURATION_REST + bisect_left(LATENCY_BUCKETS, duration)] += 1
+            ints[base + M_DURATION_REST + bucket(LATENCY_BUCKETS, duration)] += 1
             floats[base + REST_SUM] += duration
             if ttft >= 0.0:
-                ints[base + M_TTFT_STREAM + bisect_left(LATENCY_BUCKETS, ttft)] += 1
+                ints[base + M_TTFT_STREAM + bucket(LATENCY_BUCKETS, ttft)] += 1
                 floats[base + TTFT_SUM] += ttft
         if tokens_in:
             ints[base + M_TOKENS_IN] += tokens_in
@@ -141,7 +142,7 @@ def end_request(proc: ProcessView, request: ClientRequest, exchange: ClientExcha
             ints[base + M_TOKENS_OUT] += tokens_out
             if first_at and tokens_out > 1:
                 tpot = (now - first_at) / (tokens_out - 1)
-                ints[base + M_TPOT + bisect_left(TPOT_BUCKETS, tpot)] += 1
+                ints[base + M_TPOT + bucket(TPOT_BUCKETS, tpot)] += 1
                 floats[base + TPOT_SUM] += tpot
     # -- the record's consumers: the access log and the tracer (both off: None) -----------------------
     # The record is made only when one of them is on: with both off (the default) a request pays
