@@ -29,6 +29,15 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mypy_extensions import mypyc_attr
+else:
+    def mypyc_attr(*names: str, **flags: Any) -> Any:
+        """``mypy_extensions.mypyc_attr`` for mypyc, which reads it from the source; at run time
+        a no-op (mypy_extensions is a build requirement, not a dependency)."""
+        return lambda cls: cls
 
 ROOT = Path(__file__).resolve().parent.parent  # the directory holding the proxy_workers package
 STAMP_NAME = "_compiled.stamp"  # in this package: the digest of the sources it was built from

@@ -9,8 +9,6 @@ depend on interfaces instead of on each other's classes:
   that the exchange ended);
 - :class:`ClientExchange`: what an exchange offers the client connection and the periodic sweep
   (start, client gone, back-pressure, deadlines);
-- :class:`UpstreamOwner`: what an HTTP attempt offers the worker connection that carries it (the
-  parsed response, piece by piece);
 - :class:`ClientRequest` and :class:`Refusal`: a parsed request and a router error, as the paths
   see them.
 
@@ -157,22 +155,6 @@ class UpstreamConnectionView(Protocol):
     def release(self, now: float) -> None: ...
 
     def abort(self) -> None: ...
-
-
-class UpstreamOwner(Protocol):
-    """An HTTP attempt (regular exchange, PD decode or prefill leg), as its worker connection sees it."""
-
-    def on_response_head(self, conn: UpstreamConnectionView, status: int) -> None: ...
-
-    def on_response_body(self, body: bytes) -> None: ...
-
-    def on_response_complete(self, conn: UpstreamConnectionView) -> None: ...
-
-    def after_upstream_data(self) -> None:
-        """Called once after each packet from the worker, when its callbacks have run."""
-        ...
-
-    def upstream_failed(self, conn: UpstreamConnectionView, why: str) -> None: ...
 
 
 class RequestGate(Protocol):

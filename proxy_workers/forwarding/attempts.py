@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from proxy_workers.errors import BadGateway, NoHealthyWorker
 from shm.histograms import LATENCY_BUCKETS
@@ -44,20 +44,12 @@ from shm.loadboard import (
 )
 
 if TYPE_CHECKING:
-    from proxy_workers.policies.base import Policy
     from proxy_workers.process_view import ProcessView
     from proxy_workers.routing.context import RequestContext
+    from proxy_workers.routing.table import ModelRoute
     from shm.schema import Worker
 
 CLOSED = -1  # a settled attempt's cell
-
-
-class Pickable(Protocol):
-    """A route a worker can be picked from (:class:`proxy_workers.routing.table.ModelRoute`)."""
-
-    policy: Policy
-
-    def pick(self, ctx: RequestContext, exclude: Sequence[int] = ()) -> Worker: ...
 
 
 def bucket(bounds: tuple[float, ...], value: float) -> int:
@@ -72,7 +64,7 @@ def bucket(bounds: tuple[float, ...], value: float) -> int:
     return index
 
 
-def pick_worker(proc: ProcessView, route: Pickable, ctx: RequestContext, exclude: Sequence[int],
+def pick_worker(proc: ProcessView, route: ModelRoute, ctx: RequestContext, exclude: Sequence[int],
                 last_failure: str = "") -> Worker:
     """A worker for the next attempt, not one in ``exclude``; the decision is counted.
 

@@ -3,7 +3,7 @@
 Role: the per-request state machine between a client connection
 (:class:`proxy_workers.contract.ClientSink`) and an :class:`proxy_workers.http.upstream.UpstreamConnection`;
 it is a :class:`proxy_workers.contract.ClientExchange` towards the client and an
-:class:`proxy_workers.contract.UpstreamOwner` towards the worker. It also carries the decode leg of
+:class:`proxy_workers.http.upstream.UpstreamOwner` towards the worker. It also carries the decode leg of
 an HTTP PD request, reporting to its :class:`PairOwner` instead of the client. Callback driven (no
 task per request) because a task costs more than the whole routing decision.
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from proxy_workers.http.upstream import UpstreamOwner
+
 if TYPE_CHECKING:
     from proxy_workers.contract import UpstreamConnectionView
 
@@ -35,9 +37,9 @@ class AnswerRetrier(Protocol):
     def answer_dropped(self, why: str, delay: float, reusable: bool) -> None: ...
 
 
-class DroppedAnswer:
+class DroppedAnswer(UpstreamOwner):
     """Owns a worker connection while a retried answer's body is read and dropped (the
-    :class:`proxy_workers.contract.UpstreamOwner` of that connection, in the exchange's place):
+    :class:`proxy_workers.http.upstream.UpstreamOwner` of that connection, in the exchange's place):
     nothing of it reaches the client, and a complete answer leaves the connection reusable."""
 
     __slots__ = ("delay", "exchange", "why")

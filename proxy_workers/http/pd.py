@@ -51,6 +51,7 @@ from proxy_workers.forwarding.handoff import (
 from proxy_workers.forwarding.retry import refused_by_worker, retry_or_give_up
 from proxy_workers.http.exchange import Exchange
 from proxy_workers.http.pools import pool_for
+from proxy_workers.http.upstream import UpstreamOwner
 
 if TYPE_CHECKING:
     import asyncio
@@ -67,7 +68,7 @@ _decode_json = msgspec.json.decode
 _encode_json = msgspec.json.encode
 
 
-class PrefillLeg:
+class PrefillLeg(UpstreamOwner):
     """One request to a prefill worker; its answer is small and buffered (never streamed)."""
 
     __slots__ = ("answer", "cell", "conn", "connecting", "content_type", "done", "kept", "pd", "request",

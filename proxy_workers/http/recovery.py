@@ -27,6 +27,7 @@ from proxy_workers.errors import RouterError, UpstreamTimeout
 from proxy_workers.forwarding.attempts import settle
 from proxy_workers.forwarding.retry import answer_retry_delay, retry_after, retry_or_give_up, stalled
 from proxy_workers.http.owners import DroppedAnswer
+from proxy_workers.http.upstream import UpstreamOwner
 
 if TYPE_CHECKING:
     import asyncio
@@ -50,7 +51,7 @@ HANDED_OFF: Final = 6
 # HANDED_OFF: a PD decode leg whose pair is being replaced; the PD exchange carries on without it.
 
 
-class Recovery:
+class Recovery(UpstreamOwner):
     """Failures and deadlines of an :class:`proxy_workers.http.exchange.Exchange` (module docstring)."""
 
     # The attempt's state this class changes; Exchange.__init__ sets it, Exchange's slots hold the rest.

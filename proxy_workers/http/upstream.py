@@ -1,7 +1,7 @@
 """Connections to workers: an asyncio Protocol parsing responses with httptools.
 
 Role: carry one request at a time to a worker and feed the parsed response back to the attempt
-that owns the connection (a :class:`proxy_workers.contract.UpstreamOwner`: an HTTP exchange, a PD
+that owns the connection (an :class:`UpstreamOwner`: an HTTP exchange, a PD
 decode leg or a PD prefill leg). The keep-alive pools that open and keep these connections are
 :mod:`proxy_workers.http.pools`'.
 
@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
+from proxy_workers.compiled import mypyc_attr
 from proxy_workers.forwarding.headers import (
     NO_TOKENS,
     RESPONSE_DROP,
@@ -55,7 +56,7 @@ from proxy_workers.forwarding.headers import (
 from proxy_workers.http.framing import MAX_RESPONSE_HEAD, WorkerProtocolError, coding_lines
 
 if TYPE_CHECKING:
-    from proxy_workers.contract import UpstreamConnectionView, UpstreamOwner
+    from proxy_workers.contract import UpstreamConnectionView
     from proxy_workers.outbox import Outbox
 
 
@@ -73,9 +74,39 @@ class ConnectionPool(Protocol):
     def forget(self, conn: UpstreamConnection) -> None: ...
 
 
-class _NoOwner:
+@mypyc_attr(allow_interpreted_subclasses=True)
+class UpstreamOwner:
+    """An HTTP attempt (regular exchange, PD decode or prefill leg, a dropped answer), as the
+    worker connection that carries it sees it: the parsed response, piece by piece.
+
+    A base class, not a Protocol: compiled, the connection calls these through a vtable instead
+    of looking them up by name, four times a request. Owners that run interpreted (PD prefill
+    legs, dropped answers) subclass it too (``allow_interpreted_subclasses``)."""
+
+    __slots__ = ()
+
+    def on_response_head(self, conn: UpstreamConnectionView, status: int) -> None:
+        raise NotImplementedError
+
+    def on_response_body(self, body: bytes) -> None:
+        raise NotImplementedError
+
+    def on_response_complete(self, conn: UpstreamConnectionView) -> None:
+        raise NotImplementedError
+
+    def after_upstream_data(self) -> None:
+        """Called once after each packet from the worker, when its callbacks have run."""
+        raise NotImplementedError
+
+    def upstream_failed(self, conn: UpstreamConnectionView, why: str) -> None:
+        raise NotImplementedError
+
+
+class _NoOwner(UpstreamOwner):
     """The owner of an idle connection, or of one whose final response has been read: a response
     arriving for nobody is a protocol error (the connection is dropped)."""
+
+    __slots__ = ()
 
     def on_response_head(self, conn: UpstreamConnectionView, status: int) -> None:
         raise WorkerProtocolError("worker sent a second response to one request")
@@ -92,7 +123,7 @@ class _NoOwner:
 NO_OWNER: UpstreamOwner = _NoOwner()
 
 
-class _Interim:
+class _Interim(UpstreamOwner):
     """Owns the connection while an interim (1xx) response is read: nothing of it reaches the
     owner, and its end hands the connection back for the final response."""
 
