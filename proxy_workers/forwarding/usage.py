@@ -18,7 +18,7 @@ from typing import Final
 import msgspec
 
 TAIL: Final = 4096
-_USAGE = b'"usage":'
+_USAGE: Final = b'"usage":'
 
 
 class _Usage(msgspec.Struct):
@@ -26,7 +26,7 @@ class _Usage(msgspec.Struct):
     completion_tokens: int = 0
 
 
-_decode = msgspec.json.Decoder(_Usage).decode
+_decode: Final = msgspec.json.Decoder(_Usage).decode
 
 
 def usage_tokens(last: bytes, before: bytes = b"") -> tuple[int, int] | None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
 
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     from proxy_workers.serving.state import ProxyProcess
 
 log = logging.getLogger("shardgate.proxy")
-REFUSED_METHODS = frozenset({b"HEAD", b"CONNECT", b"TRACE"})
+REFUSED_METHODS: Final = frozenset({b"HEAD", b"CONNECT", b"TRACE"})
 # FEED_SLICE (reading): a read larger than this is parsed a slice at a time, so that parsing can
 # stop between slices when the pipelining cap is reached: what one read adds past it stays small.
 

@@ -22,7 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy_workers.forwarding.attempts import bucket
 from shm.histograms import (
@@ -53,7 +53,8 @@ if TYPE_CHECKING:
     from proxy_workers.contract import ClientExchange, ClientRequest
     from proxy_workers.process_view import ProcessView
 
-_N_OUT = len(OUTCOMES)
+_N_OUT: Final = 4  # len(OUTCOMES)
+assert len(OUTCOMES) == _N_OUT
 
 
 class RequestRecord:
