@@ -14,7 +14,9 @@ depend on interfaces instead of on each other's classes:
 
 What every path reads of its proxy process is state, not behaviour: a class,
 :class:`proxy_workers.process_view.ProcessView` (compiled code reads a class's attributes at fixed
-offsets).
+offsets). How an HTTP attempt hears its worker's answer stays inside the HTTP layer: the base
+class :class:`proxy_workers.http.upstream.UpstreamOwner` (called through a vtable, four times a
+request).
 
 Invariants:
 - This module imports nothing from ``proxy_workers``; it is at the bottom of the package's import
