@@ -49,6 +49,7 @@ MODULES: tuple[str, ...] = (
     "proxy_workers.outbox",
     "proxy_workers.process_view",
     "proxy_workers.forwarding.attempts",
+    "proxy_workers.forwarding.chunks",
     "proxy_workers.forwarding.headers",
     "proxy_workers.forwarding.request",
     "proxy_workers.forwarding.usage",

@@ -36,6 +36,7 @@ import grpc
 
 from proxy_workers.errors import InternalError, RouterError
 from proxy_workers.forwarding.attempts import pick_worker
+from proxy_workers.forwarding.chunks import LAST_CHUNK, chunk
 from proxy_workers.forwarding.headers import call_metadata, relayed_metadata
 from proxy_workers.grpc.failures import Failed, classify
 from proxy_workers.grpc.legs import Leg
@@ -342,7 +343,7 @@ class GrpcExchange(GrpcRecovery):
 
     def _out(self, data: bytes, last: bool = False) -> None:
         if self.request.http11:
-            data = b"%x\r\n%s\r\n" % (len(data), data) + (b"0\r\n\r\n" if last else b"")
+            data = chunk(data) + (LAST_CHUNK if last else b"")
         self.client.write(data)
 
     # -- endings -----------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from proxy_workers.errors import BadGateway, RouterError, error_body, reason
 from proxy_workers.forwarding.attempts import CLOSED, first_byte, open_cell, pick_worker, settle
+from proxy_workers.forwarding.chunks import LAST_CHUNK, chunk
 from proxy_workers.forwarding.retry import stalled
 from proxy_workers.forwarding.usage import stream_tokens, usage_tokens
 from proxy_workers.http.framing import WorkerProtocolError
@@ -218,13 +219,13 @@ class Exchange(Recovery):
             if not self.first_at:
                 self.first_at = self.proc.loop.time()
         if self.chunked:
-            self.out.append(b"%x\r\n%s\r\n" % (len(body), body))
+            self.out.append(chunk(body))
         else:
             self.out.append(body)
 
     def on_response_complete(self, conn: UpstreamConnectionView) -> None:
         if self.chunked:
-            self.out.append(b"0\r\n\r\n")
+            self.out.append(LAST_CHUNK)
         self.phase = DONE
 
     def after_upstream_data(self) -> None:
@@ -263,7 +264,7 @@ class Exchange(Recovery):
         self.phase = DONE
         if self.sse:
             event = b"event: error\ndata: %s\n\n" % error_body(BadGateway(f"stream interrupted: {why}"))
-            self.out.append(b"%x\r\n%s\r\n" % (len(event), event) if self.chunked else event)
+            self.out.append(chunk(event) if self.chunked else event)
         self._flush()
         self.cell = settle(self.proc, self.cell, ok=False)
         self.request.keep_alive = False
