@@ -47,6 +47,14 @@ if TYPE_CHECKING:
 class ProcessView:
     """A proxy process's shared state, as the request path reads it (see the module docstring)."""
 
+    # Slots: interpreted (SHARDGATE_PURE=1), an instance dict of this many attributes stops
+    # sharing its keys and CPython's attribute caches miss; compiled, they are the struct's fields.
+    __slots__ = ("access_log", "active", "cell0", "connection_preference", "decision0", "draining",
+                 "floats", "grpc_channels", "hash_fallback", "hash_headers", "index", "ints", "loop",
+                 "max_body_size", "max_head_size", "max_header_count", "max_json_depth", "model_blocks",
+                 "other_block", "pools", "retry_statuses", "retrying", "rid_counter", "rid_prefix", "rng",
+                 "row", "settings", "tracer")
+
     # Set by the process (serving.state.ProxyProcess); the simulator sets none of them.
     loop: asyncio.AbstractEventLoop
     settings: Settings  # and the ones every request reads, as fields (use_settings)

@@ -16,7 +16,7 @@ import pytest
 from protocol_harness import Harness, chat_body, chunked, harness, request, worker_response
 
 from proxy_workers.errors import ECHO_LIMIT
-from proxy_workers.routing.context import json_too_deep
+from proxy_workers.routing.context import COUNT_BELOW, brackets_over, json_too_deep
 from proxy_workers.serving import refusals
 from proxy_workers.serving.protocol import FEED_SLICE
 
@@ -238,6 +238,19 @@ def test_refusals_are_logged_once_per_reason_per_interval(h: Harness, caplog: py
 ])
 def test_json_too_deep_counts_brackets_outside_strings(body: bytes, deep: bool) -> None:
     assert json_too_deep(body, 8) is deep
+
+
+PROSE = b"x" * 3000  # past COUNT_BELOW: the brackets are found one at a time, not counted
+
+
+@pytest.mark.parametrize("body,limit", [
+    (b'{"a":"' + b"[" * 9 + b'"}', 8), (b'{"a":"' + b"[" * 8 + b'"}', 8),  # counted
+    (PROSE + b"[" * 5 + b"{" * 4, 8), (PROSE + b"[" * 4 + b"{" * 4, 8),  # found, both kinds
+    (b"{" * 9 + PROSE, 8), (PROSE, 0), (b"[" + PROSE, 0),
+])
+def test_brackets_over_counts_opening_brackets_in_short_and_long_bodies(body: bytes, limit: int) -> None:
+    assert len(body) <= COUNT_BELOW or b"x" * 2049 in body
+    assert brackets_over(body, limit) is (body.count(b"[") + body.count(b"{") > limit)
 
 
 # -- found by the fuzz target (tests/test_fuzz_requests.py) ---------------------------------------------

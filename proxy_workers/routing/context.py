@@ -20,7 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -38,16 +38,37 @@ CHARS_PER_TOKEN = 4
 # JSON strings (brackets inside them do not nest), and every byte that is not a bracket.
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+COUNT_BELOW: Final = 2048  # bodies up to this many bytes have their brackets counted (brackets_over)
+
+
+def brackets_over(body: bytes, limit: int) -> bool:
+    """Whether ``body`` holds more than ``limit`` opening brackets (``[`` and ``{``).
+
+    A short body is counted (``bytes.count``: ~0.6 ns a byte, once per bracket kind, after a call
+    of ~1,000 instructions). In a longer one they are found one at a time (``find`` is memchr, a
+    fraction of a nanosecond a byte), stopping at ``limit + 1``: a chat body has a few dozen
+    brackets in kilobytes of text, where counting took ~10 us on 8 KB."""
+    if len(body) <= COUNT_BELOW:
+        return body.count(91) + body.count(123) > limit  # [ {
+    seen = 0
+    for bracket in (b"[", b"{"):
+        at = body.find(bracket)
+        while at >= 0:
+            seen += 1
+            if seen > limit:
+                return True
+            at = body.find(bracket, at + 1)
+    return False
 
 
 def json_too_deep(body: bytes, limit: int) -> bool:
     """Whether JSON ``body`` nests arrays and objects more than ``limit`` deep.
 
     Depth never exceeds the count of opening brackets, so a body with at most ``limit`` of them
-    is cleared by two C-speed counts (nearly every request). Otherwise the depth is measured on
-    the body's brackets outside strings: linear in the body, and run only for bodies with more
+    is cleared by :func:`brackets_over` (nearly every request). Otherwise the depth is measured
+    on the body's brackets outside strings: linear in the body, and run only for bodies with more
     than ``limit`` brackets."""
-    if body.count(b"[") + body.count(b"{") <= limit:
+    if not brackets_over(body, limit):
         return False
     if b'\\"' in body:
         skeleton = _JSON_STRING.sub(b"", body)  # escaped quotes: strings need the full pattern

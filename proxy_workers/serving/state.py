@@ -66,7 +66,7 @@ class ProxyProcess(ProcessView):
     """State shared by every connection of one proxy process (what the request path reads of it:
     its base, :class:`proxy_workers.process_view.ProcessView`)."""
 
-    # Slots: interpreted (SHARDGATE_PURE=1), past 30 attributes an instance dict stops sharing its
+    # Slots (as its base's): interpreted, past 30 attributes an instance dict stops sharing its
     # keys and CPython's attribute caches miss (measured: +1.3k instructions/request).
     __slots__ = ("_table", "_taking", "admission", "admitted", "board", "cell_owner", "connections", "env",
                  "gate", "limits_on", "model_owner", "orphan_logged", "orphaned_since", "outbox", "reader",
