@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Final
 if TYPE_CHECKING:
     from proxy_workers.contract import ClientRequest
 
+# (Final: compiled code reads these sets directly, not by name.)
 HOP_BY_HOP: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                                b"transfer-encoding", b"upgrade"})
-# (Final: compiled code reads these sets directly, not by name.)
 # Client fields never forwarded as they are: hop-by-hop, per-hop credentials, framing (the
 # router re-frames the body), Host (the worker's), Expect (answered here), and the router's own.
 REQUEST_DROP: Final = HOP_BY_HOP | {b"proxy-authorization", b"host", b"content-length", b"expect",

@@ -1,9 +1,9 @@
 """Connections to workers: an asyncio Protocol parsing responses with httptools.
 
 Role: carry one request at a time to a worker and feed the parsed response back to the attempt
-that owns the connection (an :class:`UpstreamOwner`: an HTTP exchange, a PD
-decode leg or a PD prefill leg). The keep-alive pools that open and keep these connections are
-:mod:`proxy_workers.http.pools`'.
+that owns the connection (an :class:`UpstreamOwner`: an HTTP exchange, a PD decode leg, a PD
+prefill leg, or an answer being dropped for a retry). The keep-alive pools that open and keep
+these connections are :mod:`proxy_workers.http.pools`'.
 
 Invariants:
 - A connection belongs to at most one exchange; it returns to its pool only after a complete
