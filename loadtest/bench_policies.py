@@ -60,6 +60,7 @@ from proxy_workers.forwarding.request import Request
 from proxy_workers.policies.affinity import prefix_keys
 from proxy_workers.policies.base import PolicyEnv
 from proxy_workers.policies.registry import POLICIES, POLICY_INDEX
+from proxy_workers.process_view import ProcessView
 from proxy_workers.routing.context import ROUTING_DECODER, RequestContext, RoutingFields, parse_hash_headers
 from proxy_workers.routing.decision import prepare
 from proxy_workers.routing.table import ModelRoute, RoutingTable
@@ -309,29 +310,22 @@ def loop_overhead(args: argparse.Namespace, contexts: Contexts) -> float:
 # the full routing path
 
 
-class BenchProxy:
-    """What ``decision.prepare`` reads of a ``ProxyProcess``: the table, settings, hash headers, rng.
-
-    ``latest_table()`` returns the table directly; the real one first compares the snapshot
-    generation (tens of ns, measured by bench_snapshot.py).
-    """
-
-    __slots__ = ("_table", "hash_headers", "rng", "settings")
-
-    def __init__(self, table: RoutingTable, settings: Settings) -> None:
-        self._table = table
-        self.settings = settings
-        self.hash_headers = parse_hash_headers(settings.hash_headers)
-        self.rng = random.Random(7)
-
-    def latest_table(self) -> RoutingTable:
-        return self._table
+def bench_process(table: RoutingTable, settings: Settings, board: LoadBoard) -> ProcessView:
+    """What ``decision.prepare`` reads of a ``ProxyProcess``: a bare ``ProcessView`` holding the
+    table, settings, hash headers and rng. Its ``latest_table()`` returns the table directly; a
+    ``ProxyProcess`` first compares the snapshot generation (tens of ns, bench_snapshot.py)."""
+    proc = ProcessView(board, PROXY)
+    proc._table = table
+    proc.use_settings(settings)
+    proc.hash_headers = parse_hash_headers(settings.hash_headers)
+    proc.rng = random.Random(7)
+    return proc
 
 
 def measure_full_path(table: RoutingTable, settings: Settings, board: LoadBoard, inputs: Inputs,
                       args: argparse.Namespace) -> dict[str, Any]:
     """decision.prepare + route.pick + the decision counter, and the parts on their own."""
-    proc = BenchProxy(table, settings)
+    proc = bench_process(table, settings, board)
     requests, n = inputs.requests, len(inputs)
     ints, decision0 = board.ints, board.decision_word(PROXY, 0)
     state = {"next": 0}

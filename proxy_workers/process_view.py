@@ -49,13 +49,14 @@ class ProcessView:
 
     # Slots: interpreted (SHARDGATE_PURE=1), an instance dict of this many attributes stops
     # sharing its keys and CPython's attribute caches miss; compiled, they are the struct's fields.
-    __slots__ = ("access_log", "active", "cell0", "connection_preference", "decision0", "draining",
+    __slots__ = ("_table", "access_log", "active", "cell0", "connection_preference", "decision0", "draining",
                  "floats", "grpc_channels", "hash_fallback", "hash_headers", "index", "ints", "loop",
                  "max_body_size", "max_head_size", "max_header_count", "max_json_depth", "model_blocks",
                  "other_block", "pools", "retry_statuses", "retrying", "rid_counter", "rid_prefix", "rng",
                  "row", "settings", "tracer")
 
     # Set by the process (serving.state.ProxyProcess); the simulator sets none of them.
+    _table: RoutingTable  # the routing table in use (latest_table)
     loop: asyncio.AbstractEventLoop
     settings: Settings  # and the ones every request reads, as fields (use_settings)
     max_head_size: int
@@ -104,8 +105,9 @@ class ProcessView:
         self.connection_preference = settings.connection_preference
 
     def latest_table(self) -> RoutingTable:
-        """The routing table, after taking the newest snapshot if one was published."""
-        raise NotImplementedError
+        """The routing table to route by: the one held here (a process that takes snapshots,
+        ``ProxyProcess``, first takes the newest one published)."""
+        return self._table
 
     def next_request_id(self) -> bytes:
         """A request id unique across the fleet's proxies: this process's random prefix and a

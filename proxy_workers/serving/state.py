@@ -68,7 +68,7 @@ class ProxyProcess(ProcessView):
 
     # Slots (as its base's): interpreted, past 30 attributes an instance dict stops sharing its
     # keys and CPython's attribute caches miss (measured: +1.3k instructions/request).
-    __slots__ = ("_table", "_taking", "admission", "admitted", "board", "cell_owner", "connections", "env",
+    __slots__ = ("_taking", "admission", "admitted", "board", "cell_owner", "connections", "env",
                  "gate", "limits_on", "model_owner", "orphan_logged", "orphaned_since", "outbox", "reader",
                  "upstream_keys")
 
