@@ -1,6 +1,7 @@
 """Build: the project's metadata is in pyproject.toml; this adds the compiled request path.
 
 The modules listed in proxy_workers/compiled.py are compiled with mypyc (docs/compiled-hot-path.md),
+and the policies' load-board scan (proxy_workers/policies/_boardscan.c) with the C compiler,
 unless SHARDGATE_PURE=1 is set. A build that cannot compile them (no C compiler, a mypyc error)
 installs the same sources interpreted, with a warning: compiling is an optimisation, not a
 requirement.
@@ -13,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
@@ -48,9 +49,18 @@ class OptionalBuildExt(build_ext):
         (HERE / "proxy_workers" / _compiled_module().STAMP_NAME).unlink(missing_ok=True)
 
 
+# The load-board scan of the scanning policies (proxy_workers/policies/scan.py has its Python twin).
+BOARDSCAN = Extension("proxy_workers.policies._boardscan", ["proxy_workers/policies/_boardscan.c"],
+                      extra_compile_args=["-O3"])
+
+
 def _ext_modules() -> list:
     if os.environ.get("SHARDGATE_PURE") == "1":
         return []
+    return [BOARDSCAN, *_request_path()]
+
+
+def _request_path() -> list:
     compiled = _compiled_module()
     try:
         from mypyc.build import mypycify

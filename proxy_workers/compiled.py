@@ -75,15 +75,22 @@ MODULES: tuple[str, ...] = (
 )
 
 
+# C sources built with them (setup.py), used exactly when they run compiled: part of the digest.
+C_SOURCES: tuple[str, ...] = ("proxy_workers/policies/_boardscan.c",)
+
+
 def source_path(module: str, root: Path = ROOT) -> Path:
     return root.joinpath(*module.split(".")).with_suffix(".py")
 
 
 def sources_digest(root: Path = ROOT) -> str:
-    """One digest of the compiled modules' sources (their bytes, in :data:`MODULES` order)."""
+    """One digest of the compiled modules' sources (their bytes, in :data:`MODULES` order), then
+    of :data:`C_SOURCES`."""
     digest = hashlib.sha256()
     for module in MODULES:
         digest.update(module.encode() + b"\0" + source_path(module, root).read_bytes() + b"\0")
+    for path in C_SOURCES:
+        digest.update(path.encode() + b"\0" + root.joinpath(path).read_bytes() + b"\0")
     return digest.hexdigest()
 
 

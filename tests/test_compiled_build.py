@@ -18,6 +18,7 @@ import pytest
 
 import proxy_workers
 from proxy_workers import compiled
+from proxy_workers.policies import scan
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE = (
@@ -59,6 +60,7 @@ def test_ci_runs_the_compiled_build() -> None:
         pytest.skip("only where the install is expected to compile (.ci/run sets SHARDGATE_EXPECT_COMPILED)")
     assert proxy_workers.BUILD == "compiled"
     assert len(compiled.compiled_files()) == len(compiled.MODULES)
+    assert scan.C_FIGURE is not None  # the policies' C scan is built with them
 
 
 @pytest.mark.skipif(proxy_workers.BUILD != "compiled", reason="this install does not run compiled")
@@ -96,6 +98,8 @@ def test_a_build_without_a_stamp_is_not_trusted(tmp_path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
         path.with_suffix(importlib.machinery.EXTENSION_SUFFIXES[0]).write_bytes(b"")
+    for c_source in compiled.C_SOURCES:
+        (root / c_source).write_text("")
     assert compiled.state(root, {}) == "stale"
     (root / "proxy_workers" / compiled.STAMP_NAME).write_text(compiled.sources_digest(root))
     assert compiled.state(root, {}) == "compiled"

@@ -54,7 +54,7 @@ class Board:
 def shared() -> Iterator[Board]:
     b = Board()
     yield b
-    b.board.close()  # the policies' numpy views do not hold the board's memoryviews
+    b.board.close()  # the policies' C figures hold the mapping, not the board's memoryviews
     b.segment.close()
     b.segment.unlink()
 
@@ -144,3 +144,69 @@ def test_cache_aware_on_a_sampled_fleet_counts_the_worker_holding_the_prefix(sha
     finally:
         seg.close()
         seg.unlink()
+
+
+needs_c_scan = pytest.mark.skipif(scan.C_FIGURE is None, reason="the C scan is not built (pure install)")
+
+
+def figure_pair(b: Board, rows: list[list[int]], floats: bool,
+                weights: list[int] | None) -> tuple[scan.Figure, scan.Figure]:
+    """The same figure in C and in Python."""
+    from array import array
+    weighing = None if weights is None else scan.weighing(weights)
+    index = array("q", [w for row in rows for w in row])
+    scale, divide, unit = weighing or (None, False, 1.0)
+    return (scan.C_FIGURE(b.board.ints.obj, index, len(rows[0]), floats, scale, divide, unit),
+            scan.PyFigure(b.board, index, len(rows[0]), floats, scale, divide, unit))
+
+
+@needs_c_scan
+@pytest.mark.parametrize("weights", ["equal", "small lcm", "large lcm"])
+def test_the_c_scan_answers_as_its_python_twin(shared: Board, weights: str) -> None:
+    rng = random.Random(7)
+    n = 300
+    for slot in range(n):  # many ties: loads 0..3 over two proxies
+        for proxy in (0, 1):
+            shared.set(proxy, slot, W_IN_FLIGHT, rng.randrange(2))
+            shared.set(proxy, slot, W_TTFB_EWMA, rng.choice([0.0, 0.25, 0.5]))
+    ws = {"equal": [2] * n, "small lcm": [rng.choice([1, 2, 3]) for _ in range(n)],
+          "large lcm": [rng.choice([1_000_003, 999_983, 7]) for _ in range(n)]}[weights]
+    board = shared.board
+    cells = [[board.cell_word(p, slot) for p in (0, 1)] for slot in range(n)]
+    flight = figure_pair(shared, [[c + W_IN_FLIGHT for c in row] for row in cells], False, ws)
+    ttfb = figure_pair(shared, [[c + W_TTFB_EWMA for c in row] for row in cells], True, None)
+    for c_fig, py_fig in (flight, ttfb):
+        assert c_fig.positions == py_fig.positions == n
+        memory: tuple[int, ...] = ()
+        for _ in range(200):
+            start = rng.randrange(n - 1)
+            count = rng.randrange(1, n - start + 1)
+            weighted = rng.random() < 0.7
+            want_k, want_score = py_fig.lowest(start, count, weighted)
+            got_k, got_score = c_fig.lowest(start, count, weighted)
+            assert got_k == want_k and got_score == pytest.approx(want_score)
+            assert c_fig.extent(start, count) == py_fig.extent(start, count)
+            assert c_fig.total(start, count) == py_fig.total(start, count)
+            window = min(count, 64)
+            got = c_fig.sample(start, window, memory, scan.MEMORY, weighted)
+            want = py_fig.sample(start, window, memory, scan.MEMORY, weighted)
+            assert got[0] == want[0] and got[2] == want[2] and got[1] == pytest.approx(want[1])
+            memory = got[2]
+
+
+@needs_c_scan
+def test_the_c_scan_never_reads_outside_the_board(shared: Board) -> None:
+    from array import array
+    mapping, words = shared.board.ints.obj, len(shared.board.ints)
+    with pytest.raises(ValueError, match="outside the board"):
+        scan.C_FIGURE(mapping, array("q", [0, words]), 1, False)
+    with pytest.raises(ValueError, match="outside the board"):
+        scan.C_FIGURE(mapping, array("q", [-1]), 1, False)
+    fig = scan.C_FIGURE(mapping, array("q", [1, 2, 3, 4]), 2, False)
+    for bad in ((0, 3), (-1, 1), (2, 1), (0, 0)):
+        with pytest.raises(IndexError):
+            fig.lowest(*bad, True)
+    with pytest.raises(IndexError):
+        fig.sample(0, 1, (2,), 1, True)  # a remembered position beyond the list
+    with pytest.raises(ValueError):
+        scan.C_FIGURE(mapping, array("q", [1, 2, 3]), 2, False)  # not positions x rows

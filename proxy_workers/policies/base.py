@@ -30,7 +30,7 @@ from itertools import accumulate
 from math import gcd
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from proxy_workers.policies.scan import BoardArrays, Columns, columns_for, load_numpy
+from proxy_workers.policies.scan import Columns, columns_for
 from shm.loadboard import W_IN_FLIGHT, WORKER_FIELDS, LoadBoard
 from shm.settings import Settings
 
@@ -90,7 +90,7 @@ class LoadView:
 class PolicyEnv:
     """What every policy of one proxy process shares; refreshed on each snapshot."""
 
-    __slots__ = ("_arrays", "_columns", "affinity", "board", "load", "proxies", "proxy", "settings")
+    __slots__ = ("_columns", "affinity", "board", "load", "proxies", "proxy", "settings")
 
     def __init__(self, board: LoadBoard, proxy: int, proxies: int, settings: Settings,
                  affinity: AffinityTable | None = None) -> None:
@@ -101,13 +101,6 @@ class PolicyEnv:
         self.affinity = affinity
         self.load = LoadView(board, proxies)
         self._columns: dict[int, Columns] = {}
-        self._arrays: BoardArrays | None = None
-
-    def arrays(self) -> BoardArrays:
-        """numpy views of the board's columns, made on first use (only scanning policies ask)."""
-        if self._arrays is None:
-            self._arrays = BoardArrays(self.board)
-        return self._arrays
 
     def update(self, proxies: int, settings: Settings) -> None:
         self.proxies = max(1, proxies)
@@ -148,8 +141,6 @@ class Policy:
     def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
         self.env = env
         self.rng = rng or random.Random()
-        if self.scans:
-            load_numpy()
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         raise NotImplementedError
@@ -166,8 +157,8 @@ class Policy:
         A tie goes to the first from a random starting point: new sessions and cold prompts on
         an idle fleet then spread instead of all landing on the first worker.
         """
-        best, _ = self.columns(route, candidates).argmin(Columns.weighted_loads, self.rng)
-        return candidates[best]
+        cols = self.columns(route, candidates)
+        return candidates[cols.argmin(cols.flight, self.rng)[0]]
 
 
 class RoundRobin(Policy):
@@ -291,7 +282,8 @@ class LeastConnections(Policy):
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         self._start += 1
-        best, _ = self.columns(route, candidates).argmin(Columns.weighted_loads, self.rng, self._start)
+        cols = self.columns(route, candidates)
+        best, _ = cols.argmin(cols.flight, self.rng, self._start)
         if ctx.scores is not None:
             ctx.scores["in_flight"] = {w.url: self.env.load.in_flight(w.slot) for w in candidates[:64]}
         ctx.reason = "fewest in-flight requests across all proxies"

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 from proxy_workers.errors import QuotaExceeded
 from proxy_workers.policies.base import Policy, PolicyEnv
 from proxy_workers.policies.quota import retry_after, seconds_until_within, used, window_at
-from proxy_workers.policies.scan import Columns
 from proxy_workers.routing.context import RequestContext
 from shm.loadboard import (
     E_SCRAPED_AT,
@@ -53,7 +52,8 @@ class LeastLatency(Policy):
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         # A worker nobody has measured yet scores 0: it gets tried, and so measured.
-        best, ttfb = self.columns(route, candidates).argmin(Columns.ttfb_sums, self.rng)
+        cols = self.columns(route, candidates)
+        best, ttfb = cols.argmin(cols.ttfb, self.rng)
         ctx.note("lowest time to first byte (EWMA)", ttfb_seconds=round(ttfb, 6))
         return candidates[best]
 
@@ -70,7 +70,8 @@ class LeastLoaded(Policy):
         if scraped < time.time() - STALE_INTERVALS * env.settings.metrics_interval:
             ctx.note("no fresh engine metrics: least in-flight", fallback=True)
             return self.least_loaded(route, candidates)
-        best, score = self.columns(route, candidates).argmin(Columns.weighted_engine_queue, self.rng)
+        cols = self.columns(route, candidates)
+        best, score = cols.argmin(cols.queue, self.rng)
         ctx.note("fewest running + waiting requests (engine metrics)",
                  queue=round(score * candidates[best].weight))
         return candidates[best]

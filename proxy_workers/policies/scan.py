@@ -1,72 +1,68 @@
 """Load figures over a candidate list, for the policies that compare workers: exact scans of
-lists up to ``EXACT_LIMIT``, samples of longer ones, both in numpy over the shared-memory board.
+lists up to ``EXACT_LIMIT``, samples of longer ones, read straight from the shared-memory board.
 
 Role: ``least_connections``, ``least_latency``, ``least_loaded``, new assignments of
 ``session_affinity`` and ``cache_aware``, cache_aware's balance check and
 ``consistent_hash_bounded``'s load bound all ask "which candidate scores lowest" (or the total).
-:class:`Columns` answers with numpy over the board's words: index arrays built once per list
-(per snapshot for a route's), then per decision one gather, a sum over the proxies' columns, a
-multiplication by the weights' integer factors and an argmin: a handful of numpy calls whatever
-the list's length up to ``EXACT_LIMIT``, each ~0.5-1 us on 100 values on a shared 2-core machine
-(the whole pick: 7-9 us there, README "Performance"). In Python the reads alone cost ~25 ns per
-worker and proxy (a memoryview item each).
+:class:`Columns` answers through one :class:`Figure` per figure (in-flight, TTFB, engine queue):
+built once per candidate list (per snapshot for a route's), it holds for each scan position the
+board words to sum (each proxy's cell, and the engine row) and the candidate's weight factor, so
+a decision is one call over the board's words. The C build (``_boardscan.c``, compiled at
+install with the request path) makes that call ~0.1 us per 100 candidates (README
+"Performance"); :class:`PyFigure`, its pure-Python twin, answers the same where the request path
+runs interpreted (no compiler at install, a stale build, ``SHARDGATE_PURE=1``), at ~40 ns per
+word read.
 
 Invariants:
 - Every figure is global: in-flight counts and TTFB EWMAs are summed over all proxies' cells of
-  the load board when read; engine figures are the coordinator's single copy. Nothing but slot
-  indexes (as board word indexes) is kept between decisions, so every proxy reads the same numbers.
+  the load board when read; engine figures are the coordinator's single copy. Nothing but board
+  word indexes is kept between decisions, so every proxy reads the same numbers.
 - Up to ``EXACT_LIMIT`` candidates the answer is the exact argmin; ties go to the first from a
-  caller-chosen start (the list is stored twice over, so the scan from any start is one slice
-  and argmin's first lowest is the first from there), so an idle fleet is spread over rather
-  than piled onto the first worker. Weighted scores are integers (load x lcm / weight) while the
-  weights' least common multiple is small, so equal ratios tie exactly.
+  caller-chosen start (the list is stored twice over, so the scan from any start is one range),
+  so an idle fleet is spread over rather than piled onto the first worker. Weighted scores are
+  integers (load x lcm / weight) while the weights' least common multiple is small, so equal
+  ratios tie exactly.
 - A longer list is put once (per list: per snapshot for a route's) in a shuffled order, which
   decisions sweep ``SAMPLE`` candidates at a time; each decision reads the next window and the
   ``MEMORY`` runners-up of the previous decision (re-read, so never stale) and takes the lowest:
   best of d choices with memory, which finds a worker that just freed up within n / SAMPLE
-  decisions and keeps it until used. Reading a whole 10,000-worker column costs ~0.7 ms in
-  Python and ~35-110 us in numpy (each worker's cell is its own cache line), 2-5x the whole
-  decision budget. ``loadtest/policy_sampling.py`` measures the cost in load terms.
+  decisions and keeps it until used. Reading a whole 10,000-worker column would cost ~20 us in C
+  (each worker's cell is its own cache line) and ~1 ms in Python, more than the decision budget.
+  ``loadtest/policy_sampling.py`` measures the cost in load terms.
 - Lists that live for one request (a retry's, without the workers already tried) are not put in
   order: a long one is sampled directly (``SAMPLE`` random candidates, scanned exactly).
-- numpy is imported only by processes that make a scanning policy (:func:`load_numpy`).
-- The numpy views export the board's mapping itself, not ``LoadBoard.ints``, so closing the
-  board still works; the mapping is unmapped when the last view goes.
+- A C Figure holds the board's mapping (a buffer export) for its life: closing the board still
+  works, and the mapping is unmapped when the last Figure goes.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from functools import lru_cache
+from array import array
+from collections.abc import Sequence
 from math import lcm
 from typing import TYPE_CHECKING, Any, Protocol
 
+import proxy_workers
 from shm.loadboard import (
     E_RUNNING,
     E_WAITING,
-    ENGINE_FIELDS,
     W_IN_FLIGHT,
     W_TTFB_EWMA,
-    WORKER_FIELDS,
     LoadBoard,
 )
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from shm.schema import Worker
-else:
-    np = None  # imported by load_numpy()
+
 
 class ScanEnv(Protocol):
     """What a scan needs of its policy environment (``policies.base.PolicyEnv``, which imports
     this module: a Protocol keeps the import graph acyclic)."""
 
+    board: LoadBoard
     proxies: int
     proxy: int
-
-    def arrays(self) -> BoardArrays: ...
 
     def columns(self, candidates: Sequence[Worker]) -> Columns: ...
 
@@ -75,71 +71,144 @@ EXACT_LIMIT = 1024
 SAMPLE = 64
 MEMORY = 8  # sampled scans remember this many runners-up (Mitzenmacher, Prabhakar, Shah 2002)
 _SHUFFLE_SEED = 0x5EED  # the same order in every proxy (tidy, not needed for correctness)
-
-
-def load_numpy() -> None:
-    """Import numpy (~0.1 s and ~10 MB per process): called when a policy that scans is made
-    (``Policy.scans``), so a proxy whose policies never scan (the default) does not pay for it."""
-    global np
-    if np is None:
-        import numpy
-        np = numpy
-
-
-class BoardArrays:
-    """numpy views of the whole board mapping, as int64 words and as float64 words, and where
-    a worker's cell and engine row start in them (``LoadBoard``'s layout)."""
-
-    __slots__ = ("cell_base", "engine_base", "floats", "stride", "words")
-
-    def __init__(self, board: LoadBoard) -> None:
-        mapping: Any = board.ints.obj  # the mmap (see the module's last invariant)
-        self.words = np.frombuffer(mapping, dtype=np.int64, count=len(board.ints))
-        self.floats = self.words.view(np.float64)
-        self.cell_base = board.cell_word(0, 0)
-        self.stride = board.worker_stride()  # proxy p's cell of a slot: + p * stride
-        self.engine_base = board.engine_word(0)
-
-    def cell_words(self, slots: np.ndarray, proxies: int, field: int) -> list[np.ndarray]:
-        """Word indexes of ``field`` in each proxy's cells of ``slots``: one array per proxy."""
-        first = self.cell_base + slots * WORKER_FIELDS + field
-        return [first + p * self.stride for p in range(proxies)]
-
-    def engine_words(self, slots: np.ndarray, fields: Sequence[int]) -> list[np.ndarray]:
-        """Word indexes of engine ``fields`` of ``slots``: one array per field."""
-        first = self.engine_base + slots * ENGINE_FIELDS
-        return [first + f for f in fields]
-
-
-def _by_candidate(rows: list[np.ndarray]) -> np.ndarray:
-    """Index rows (one per figure summed) as one array of shape (positions, rows): the words of
-    a slice of positions are then contiguous, and one gather reads them all."""
-    return np.ascontiguousarray(np.stack(rows, axis=1))
-
-
-Score = Callable[["Columns", Any], "tuple[np.ndarray, float]"]  # (scores, unit) at scan positions
 MULTIPLIER_LIMIT = 1 << 20  # weights whose least common multiple is above this are divided by
 
 
+class Figure(Protocol):
+    """One figure of one candidate list, by scan position (``_boardscan.Figure`` or
+    :class:`PyFigure`). Scores are the sum of a position's words, times its integer weight
+    factor and the figure's unit (or ÷ its weight) when ``weighted``; ties go to the first read."""
+
+    @property
+    def positions(self) -> int: ...
+
+    def lowest(self, start: int, count: int, weighted: bool) -> tuple[int, float]:
+        """(k, score) of the first lowest of positions ``start .. start+count-1``, k from start."""
+
+    def sample(self, start: int, count: int, memory: tuple[int, ...], keep: int,
+               weighted: bool) -> tuple[int, float, tuple[int, ...]]:
+        """(position, score, next ``keep`` lowest positions) over positions ``start ..
+        start+count-1`` then ``memory``, in that read order."""
+
+    def extent(self, start: int, count: int) -> tuple[int, float, float]:
+        """(k of the first lowest, lowest, highest), unweighted."""
+
+    def total(self, start: int, count: int) -> float:
+        """The unweighted sum."""
+
+
+class PyFigure:
+    """:class:`Figure` in Python, for installs without the C build: the same answers as
+    ``_boardscan.Figure`` (tests/test_policy_scale.py compares them), slower."""
+
+    __slots__ = ("_divide", "_index", "_rows", "_scale", "_unit", "_words", "positions")
+
+    def __init__(self, board: LoadBoard, index: array[int], rows: int, floats: bool,
+                 scale: array[float] | None = None, divide: bool = False, unit: float = 1.0) -> None:
+        words = board.floats if floats else board.ints
+        self._words, self._rows, self._unit, self._divide = words, rows, unit, divide
+        self._index = [tuple(index[i:i + rows]) for i in range(0, len(index), rows)]
+        self._scale = None if scale is None else list(scale)
+        self.positions = len(self._index)
+
+    def _raw(self, pos: int) -> float:
+        words = self._words
+        total: float = 0
+        for word in self._index[pos]:
+            total += words[word]
+        return float(total)
+
+    def _score(self, pos: int, weighted: bool) -> float:
+        raw = self._raw(pos)
+        if not weighted or self._scale is None:
+            return raw
+        return raw / self._scale[pos] if self._divide else raw * self._scale[pos]
+
+    def _unit_of(self, weighted: bool) -> float:
+        return self._unit if weighted and self._scale is not None and not self._divide else 1.0
+
+    def lowest(self, start: int, count: int, weighted: bool) -> tuple[int, float]:
+        best, low = 0, self._score(start, weighted)
+        for k in range(1, count):
+            s = self._score(start + k, weighted)
+            if s < low:
+                best, low = k, s
+        return best, low * self._unit_of(weighted)
+
+    def sample(self, start: int, count: int, memory: tuple[int, ...], keep: int,
+               weighted: bool) -> tuple[int, float, tuple[int, ...]]:
+        reads = [*range(start, start + count), *memory]
+        scored = sorted(((self._score(p, weighted), i, p) for i, p in enumerate(reads)))
+        runners = tuple(p for _, _, p in scored[1:keep + 1])
+        return scored[0][2], scored[0][0] * self._unit_of(weighted), runners
+
+    def extent(self, start: int, count: int) -> tuple[int, float, float]:
+        raws = [self._raw(start + k) for k in range(count)]
+        low = min(raws)
+        return raws.index(low), low, max(raws)
+
+    def total(self, start: int, count: int) -> float:
+        return sum(self._raw(start + k) for k in range(count))
+
+
+def _c_figure() -> Any:
+    """The C Figure type when the request path runs compiled (it is built and stamped with it:
+    ``proxy_workers.compiled``), else None (a pure install, a stale build, SHARDGATE_PURE=1)."""
+    if proxy_workers.BUILD != "compiled":
+        return None
+    try:
+        from proxy_workers.policies import _boardscan
+    except ImportError:  # a build whose compiler made the mypyc modules only
+        return None
+    return _boardscan.Figure
+
+
+C_FIGURE = _c_figure()
+BUILD = "c" if C_FIGURE is not None else "python"
+
+
+Weighing = tuple["array[float] | None", bool, float]  # (per-position scale, divide by it, unit)
+
+
+def make_figure(board: LoadBoard, rows: list[list[int]], floats: bool,
+                weighing: Weighing | None = None) -> Figure:
+    """A Figure over ``rows`` (per scan position, the board words to sum), weighted by
+    ``weighing`` (None: never weighted)."""
+    index = array("q", [word for row in rows for word in row])
+    scale, divide, unit = (None, False, 1.0) if weighing is None else weighing
+    if C_FIGURE is not None:
+        return C_FIGURE(board.ints.obj, index, len(rows[0]), floats, scale, divide, unit)
+    return PyFigure(board, index, len(rows[0]), floats, scale, divide, unit)
+
+
+def weighing(weights: list[int]) -> Weighing:
+    """How scores are weighted: nothing when all weights are equal; integer factors lcm ÷ weight
+    (multiply, then times the unit 1 ÷ lcm) while the least common multiple is at most
+    ``MULTIPLIER_LIMIT``, so equal ratios tie exactly; else divide by the weight."""
+    if all(w == weights[0] for w in weights):
+        return None, False, 1.0
+    multiple = 1
+    for w in set(weights):
+        multiple = lcm(multiple, max(w, 1))
+        if multiple > MULTIPLIER_LIMIT:
+            return array("d", [float(max(w, 1)) for w in weights]), True, 1.0
+    return array("d", [float(multiple // max(w, 1)) for w in weights]), False, 1.0 / multiple
+
+
 class Columns:
-    """One candidate list in scan order: for each scan position, the board words to read
-    (every proxy's in-flight and TTFB cells, the engine row) and the candidate's weight.
+    """One candidate list in scan order, with a :class:`Figure` per figure a policy compares.
 
     Exact lists are stored twice over (positions ``m..2m-1`` repeat ``0..m-1``), so a scan that
-    starts at any position is one contiguous slice; sampled lists repeat their first ``SAMPLE``
-    positions for the same reason. A decision is then a few numpy calls on ~100 values: a
-    gather per proxy, in-place adds, a multiplication by the weights' integer factors, an
-    argmin. Index arrays, weights and factors are built here, once per candidate list.
+    starts at any position is one range; sampled lists repeat their first ``SAMPLE`` positions
+    for the same reason.
     """
 
-    __slots__ = ("_factors", "_flight", "_floats", "_memory", "_next", "_pos", "_positions", "_queue",
-                 "_ttfb", "_unit", "_weights", "_words", "candidates", "exact", "size")
+    __slots__ = ("_memory", "_next", "_pos", "candidates", "exact", "flight", "queue", "size", "ttfb")
 
     def __init__(self, env: ScanEnv, candidates: Sequence[Worker],
                  positions: list[int] | None = None) -> None:
         """``positions``: scan only these candidates, exactly (a one-off sample of a retry's list)."""
-        arrays = env.arrays()
-        self._words, self._floats = arrays.words, arrays.floats
+        board = env.board
         self.candidates = candidates
         n = len(candidates)
         self.exact = positions is not None or n <= EXACT_LIMIT
@@ -150,130 +219,72 @@ class Columns:
             if not self.exact:
                 random.Random(_SHUFFLE_SEED).shuffle(order)
         self.size = len(order)
-        order += order if self.exact else order[:SAMPLE]  # any window is one slice
+        order += order if self.exact else order[:SAMPLE]  # any window is one range
         self._pos = order
-        slots = np.array([candidates[i].slot for i in order], dtype=np.intp)
-        flight = arrays.cell_words(slots, env.proxies, W_IN_FLIGHT)
-        self._flight = _by_candidate(flight)
-        self._ttfb = _by_candidate(arrays.cell_words(slots, env.proxies, W_TTFB_EWMA))
-        engine = arrays.engine_words(slots, (E_RUNNING, E_WAITING))
-        self._queue = _by_candidate([*flight, *engine])  # engine queue + in flight
-        self._weights, self._factors, self._unit = _weighing([candidates[i].weight for i in order])
-        self._positions = np.arange(len(order), dtype=np.intp)  # scan positions, for sampled reads
-        self._memory = np.empty(0, dtype=np.intp)
+        stride, proxies = board.worker_stride(), range(env.proxies)
+        cells = [board.cell_word(0, candidates[i].slot) for i in order]
+        engines = [board.engine_word(candidates[i].slot) for i in order]
+        flight = [[c + W_IN_FLIGHT + p * stride for p in proxies] for c in cells]
+        weighed = weighing([candidates[i].weight for i in order])
+        self.flight = make_figure(board, flight, False, weighed)
+        self.ttfb = make_figure(board, [[c + W_TTFB_EWMA + p * stride for p in proxies] for c in cells], True)
+        queue = [[*f, e + E_RUNNING, e + E_WAITING] for f, e in zip(flight, engines, strict=True)]
+        self.queue = make_figure(board, queue, False, weighed)  # engine queue + in flight
+        self._memory: tuple[int, ...] = ()
         self._next = env.proxy * SAMPLE % self.size  # proxies sweep from different places
 
-    # -- figures and scores at scan positions (a slice or an index array) -----------------
-
-    def loads(self, at: Any) -> np.ndarray:
-        """Global in-flight (summed over proxies) of the candidates at ``at``."""
-        return _gather_sum(self._words, self._flight, at)
-
-    def in_flight(self, at: Any) -> tuple[np.ndarray, float]:
-        """Score: global in-flight, not weighted (cache_aware's balance rule)."""
-        return _gather_sum(self._words, self._flight, at), 1.0
-
-    def weighted_loads(self, at: Any) -> tuple[np.ndarray, float]:
-        """Score: global in-flight ÷ weight."""
-        return self._weighed(_gather_sum(self._words, self._flight, at), at)
-
-    def ttfb_sums(self, at: Any) -> tuple[np.ndarray, float]:
-        """Score: time-to-first-byte EWMAs summed over proxies (0.0 where nobody measured yet).
-
-        Summing instead of averaging keeps this to one read per proxy; once every proxy has
-        measured every worker the order is the same as the mean's.
-        """
-        return _gather_sum(self._floats, self._ttfb, at), 1.0
-
-    def weighted_engine_queue(self, at: Any) -> tuple[np.ndarray, float]:
-        """Score: (engine running + waiting + router in-flight) ÷ weight; the in-flight count
-        corrects for requests sent since the last scrape."""
-        return self._weighed(_gather_sum(self._words, self._queue, at), at)
-
-    def _weighed(self, totals: np.ndarray, at: Any) -> tuple[np.ndarray, float]:
-        """``totals`` ÷ weight, as integers times the weights' common multiple where it is
-        small (exact: equal ratios tie), else as floats; and the unit that turns one back."""
-        if self._factors is not None:
-            totals *= self._factors[at] if type(at) is slice else self._factors.take(at)
-            return totals, self._unit
-        if self._weights is not None:
-            return totals / self._weights[at], 1.0
-        return totals, 1.0
-
-    # -- decisions -----------------------------------------------------------------------
-
-    def _window(self) -> slice:
-        """What a read covers: every candidate, or the sweep's next ``SAMPLE``."""
-        if self.exact:
-            return slice(0, self.size)
+    def _window(self) -> tuple[int, int]:
+        """(start, count) of what a sampled read covers: the sweep's next ``SAMPLE``."""
         start = self._next
         self._next = (start + SAMPLE) % self.size
-        return slice(start, start + SAMPLE)
+        return start, SAMPLE
 
-    def argmin(self, score: Score, rng: random.Random, tie: int | None = None) -> tuple[int, float]:
-        """(position in the candidate list, score) of the lowest-scoring scanned candidate.
+    def _start(self, rng: random.Random, tie: int | None) -> int:
+        return int(rng.random() * self.size) if tie is None else tie % self.size
+
+    def argmin(self, figure: Figure, rng: random.Random, tie: int | None = None) -> tuple[int, float]:
+        """(position in the candidate list, weighted score) of the lowest-scoring candidate.
 
         On an exact scan a tie goes to the first from position ``tie`` (wrapping; random when
-        None): the scan reads the rotation that starts there, and argmin takes the first
-        lowest. A sampled scan reads the sweep's next window and the remembered candidates,
+        None). A sampled scan reads the sweep's next window and the remembered candidates,
         takes the lowest, and remembers the ``MEMORY`` next lowest for the next decision.
         """
         if self.exact:
-            m = self.size
-            start = int(rng.random() * m) if tie is None else tie % m
-            scores, unit = score(self, slice(start, start + m))
-            k = int(scores.argmin())
-            return self._pos[start + k], float(scores[k]) * unit
-        window = self._window()
-        read = self._positions[window]
-        if len(self._memory):
-            read = np.concatenate((read, self._memory))
-        scores, unit = score(self, read)
-        ranked = scores.argsort(kind="stable")
-        k = int(ranked[0])
-        self._memory = read[ranked[1:MEMORY + 1]]
-        return self._pos[int(read[k])], float(scores[k]) * unit
+            start = self._start(rng, tie)
+            k, score = figure.lowest(start, self.size, True)
+            return self._pos[start + k], score
+        start, count = self._window()
+        best, score, self._memory = figure.sample(start, count, self._memory, MEMORY, True)
+        return self._pos[best], score
 
     def read_loads(self, rng: random.Random) -> LoadRead:
-        """Global in-flight over what a decision scans, read once (cache_aware's balance rule
-        and its least-loaded choice both use it)."""
-        if self.exact:
-            start = int(rng.random() * self.size)
-            at = slice(start, start + self.size)
-        else:
-            at = self._window()
-        return LoadRead(self, at, self.loads(at))
-
-    def lowest(self, at: slice, scores: np.ndarray) -> int:
-        """Position in the candidate list of the first lowest of ``scores`` (read at ``at``)."""
-        return self._pos[at.start + int(scores.argmin())]
+        """Global in-flight over what a decision scans, read once for cache_aware's balance rule
+        and its unweighted least-loaded choice."""
+        start, count = (self._start(rng, None), self.size) if self.exact else self._window()
+        return LoadRead(self, start, count)
 
     def total_load(self, rng: random.Random) -> float:
         """Global in-flight summed over the candidates: exact, or scaled up from a sample."""
-        window = self._window()
-        total = int(self.loads(window).sum())
-        if self.exact and self.size == len(self.candidates):
-            return total
-        return total * len(self.candidates) / (window.stop - window.start)
+        if self.exact:
+            total = self.flight.total(0, self.size)
+            whole = self.size == len(self.candidates)
+            return int(total) if whole else total * len(self.candidates) / self.size
+        start, count = self._window()
+        return self.flight.total(start, count) * len(self.candidates) / count
 
 
 class LoadRead:
     """One read of global in-flight (``Columns.read_loads``): its lowest and highest figure,
-    then the least loaded candidate, unweighted or per unit of weight.
+    then the least loaded candidate, unweighted (from the same read) or per unit of weight
+    (``Columns.argmin`` over the in-flight figure: the same range again on an exact list, the
+    next window and the remembered runners-up on a sampled one)."""
 
-    On an exact list the read covers every candidate from a random start, so the least loaded
-    comes from the same read (ties to the first from that start, as ``Columns.argmin``). On a
-    sampled list the read is the sweep's window: the unweighted least loaded is the candidate
-    whose load is ``low``; the weighted one is ``Columns.argmin``'s (the next window and the
-    remembered runners-up).
-    """
+    __slots__ = ("_cols", "_count", "_lowest", "_start", "high", "low")
 
-    __slots__ = ("_at", "_cols", "_loads", "high", "low")
-
-    def __init__(self, cols: Columns, at: slice, loads: np.ndarray) -> None:
-        self._cols, self._at, self._loads = cols, at, loads
-        self.low = int(loads[loads.argmin()])  # argmin and an item: cheaper than min() here
-        self.high = int(loads[loads.argmax()])
+    def __init__(self, cols: Columns, start: int, count: int) -> None:
+        self._cols, self._start, self._count = cols, start, count
+        k, low, high = cols.flight.extent(start, count)
+        self._lowest, self.low, self.high = k, int(low), int(high)
 
     @property
     def sampled(self) -> bool:
@@ -284,43 +295,11 @@ class LoadRead:
         """Position in the candidate list of the least loaded candidate (÷ weight if ``weighted``)."""
         cols = self._cols
         if not weighted:
-            return cols.lowest(self._at, self._loads)  # the candidate ``low`` was read from
+            return cols._pos[self._start + self._lowest]  # the candidate ``low`` was read from
         if not cols.exact:
-            return cols.argmin(Columns.weighted_loads, rng)[0]
-        scores, _ = cols._weighed(self._loads.copy(), self._at)
-        return cols.lowest(self._at, scores)
-
-
-def _weighing(weights: list[int]) -> tuple[np.ndarray | None, np.ndarray | None, float]:
-    """(float weights or None, integer factors or None, unit) for ``Columns._weighed``: None
-    and None when all weights are equal (no weighing), factors = lcm ÷ weight when the least
-    common multiple is at most ``MULTIPLIER_LIMIT``, unit = 1 ÷ lcm."""
-    if all(w == weights[0] for w in weights):
-        return None, None, 1.0
-    multiple = 1
-    for w in set(weights):
-        multiple = lcm(multiple, max(w, 1))
-        if multiple > MULTIPLIER_LIMIT:
-            return np.array(weights, dtype=np.float64), None, 1.0
-    return None, np.array([multiple // max(w, 1) for w in weights], dtype=np.int64), 1.0 / multiple
-
-
-def _gather_sum(words: np.ndarray, index: np.ndarray, at: Any) -> np.ndarray:
-    """The words at ``index[at]`` (shape (positions, rows)) summed over the rows: one gather,
-    then one add for two rows, else a product with a vector of ones (one call, cheaper here
-    than ``sum(axis=1)`` or an add per row)."""
-    read = words.take(index[at] if type(at) is slice else index.take(at, axis=0))  # 5x fancy's speed
-    rows = read.shape[1]
-    if rows == 1:
-        return read[:, 0]
-    if rows == 2:
-        return read[:, 0] + read[:, 1]
-    return read @ _ones(rows, read.dtype.char)
-
-
-@lru_cache(maxsize=64)
-def _ones(rows: int, dtype: str) -> np.ndarray:
-    return np.ones(rows, dtype=dtype)
+            return cols.argmin(cols.flight, rng)[0]
+        k, _ = cols.flight.lowest(self._start, self._count, True)
+        return cols._pos[self._start + k]
 
 
 def columns_for(env: ScanEnv, candidates: Sequence[Worker], stable: bool,
