@@ -1,7 +1,7 @@
 """Build: the project's metadata is in pyproject.toml; this adds the compiled request path.
 
 The modules listed in proxy_workers/compiled.py are compiled with mypyc (docs/compiled-hot-path.md),
-and the policies' load-board scan (proxy_workers/policies/_boardscan.c) with the C compiler,
+and the policies' C helpers (proxy_workers/policies/_boardscan.c, _affinity.c) with the C compiler,
 unless SHARDGATE_PURE=1 is set. A build that cannot compile them (no C compiler, a mypyc error)
 installs the same sources interpreted, with a warning: compiling is an optimisation, not a
 requirement.
@@ -49,15 +49,16 @@ class OptionalBuildExt(build_ext):
         (HERE / "proxy_workers" / _compiled_module().STAMP_NAME).unlink(missing_ok=True)
 
 
-# The load-board scan of the scanning policies (proxy_workers/policies/scan.py has its Python twin).
-BOARDSCAN = Extension("proxy_workers.policies._boardscan", ["proxy_workers/policies/_boardscan.c"],
-                      extra_compile_args=["-O3"])
+# The policies' C helpers (proxy_workers/policies/native.py): the load-board scan and the affinity
+# table's per-request operations; their Python twins run wherever these are not built.
+NATIVE = [Extension(f"proxy_workers.policies.{name}", [f"proxy_workers/policies/{name}.c"],
+                    extra_compile_args=["-O3"]) for name in ("_boardscan", "_affinity")]
 
 
 def _ext_modules() -> list:
     if os.environ.get("SHARDGATE_PURE") == "1":
         return []
-    return [BOARDSCAN, *_request_path()]
+    return [*NATIVE, *_request_path()]
 
 
 def _request_path() -> list:

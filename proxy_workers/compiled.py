@@ -76,7 +76,7 @@ MODULES: tuple[str, ...] = (
 
 
 # C sources built with them (setup.py), used exactly when they run compiled: part of the digest.
-C_SOURCES: tuple[str, ...] = ("proxy_workers/policies/_boardscan.c",)
+C_SOURCES: tuple[str, ...] = ("proxy_workers/policies/_boardscan.c", "proxy_workers/policies/_affinity.c")
 
 
 def source_path(module: str, root: Path = ROOT) -> Path:

@@ -10,6 +10,7 @@ module of one package.
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import json
 import subprocess
 import sys
@@ -38,14 +39,18 @@ print(json.dumps({"imported": names, "loaded": sorted(sys.modules)}))
 """
 
 
-def modules_of(package: str) -> list[str]:
-    """Every module of ``package``, subpackages included (walked on disk, not imported)."""
-    found = []
+def modules_of(package: str, extensions: bool = True) -> list[str]:
+    """Every module of ``package``, subpackages included (walked on disk, not imported); with
+    ``extensions``, also the C extension modules built without a ``.py`` of their own."""
+    found = set()
     for path in sorted((ROOT / package).rglob("*.py")):
         parts = path.relative_to(ROOT).with_suffix("").parts
         if parts[-1] == "__main__" or (parts[-1] == "__init__" and len(parts) == 2):
             continue
-        found.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+        found.add(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES if extensions else ():
+        for path in (ROOT / package).rglob("*" + suffix):
+            found.add(".".join((*path.relative_to(ROOT).parts[:-1], path.name.split(".")[0])))
     return sorted(found)
 
 
@@ -75,7 +80,8 @@ def test_shm_loads_no_shardgate_cli_either() -> None:
 def import_graph(package: str) -> dict[str, set[str]]:
     """Module -> modules of ``package`` it imports, read from the source (type-only imports and
     imports inside functions included: a cycle through them still ties the modules together)."""
-    modules = {name: ROOT / (name.replace(".", "/") + ".py") for name in modules_of(package)}
+    names = modules_of(package, extensions=False)
+    modules = {name: ROOT / (name.replace(".", "/") + ".py") for name in names}
     for name in list(modules):
         if not modules[name].exists():  # a subpackage: its __init__
             modules[name] = ROOT / name.replace(".", "/") / "__init__.py"

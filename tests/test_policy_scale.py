@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy_workers.policies import scan
+from proxy_workers.policies import native, scan
 from proxy_workers.policies.base import PolicyEnv
 from proxy_workers.routing.table import ModelRoute
 from shm.affinity import AffinityTable, table_size
@@ -210,3 +210,48 @@ def test_the_c_scan_never_reads_outside_the_board(shared: Board) -> None:
         fig.sample(0, 1, (2,), 1, True)  # a remembered position beyond the list
     with pytest.raises(ValueError):
         scan.C_FIGURE(mapping, array("q", [1, 2, 3]), 2, False)  # not positions x rows
+
+
+@pytest.mark.skipif(native.C_AFFINITY is None, reason="the C affinity operations are not built")
+def test_the_c_affinity_operations_leave_the_table_as_python_does() -> None:
+    """The same random lookups and records on two tables, one through shm.affinity in Python and
+    one through _affinity.c: the same answers and, after every step, the same bytes."""
+    proxies, capacity = 3, 64  # small: windows fill, entries are evicted, keys collide
+    segs = [Segment.create(segment_name(new_instance_id(), "affinity"), table_size(proxies, capacity))
+            for _ in range(2)]
+    try:
+        py_table, c_table = (AffinityTable.create(seg, proxies, capacity) for seg in segs)
+        c_ops = native.affinity_ops(c_table)
+        assert c_ops is not c_table
+        rng = random.Random(11)
+        keys = [rng.getrandbits(64) for _ in range(120)] + [0, 1, 64, 128]
+        now = 1000.0
+        for step in range(4000):
+            now += rng.random()
+            key, proxy, slot = rng.choice(keys), rng.randrange(proxies), rng.randrange(8)
+            op = rng.randrange(4)
+            if op == 0:
+                usable = None if rng.random() < 0.5 else (lambda s: s % 3 != 0)
+                latest = rng.random() < 0.5
+                ttl = rng.choice([5.0, 60.0])
+                assert c_ops.lookup(key, proxies, now, ttl, usable, latest=latest) == \
+                    py_table.lookup(key, proxies, now, ttl, usable, latest=latest), step
+            elif op == 1:
+                created = None if rng.random() < 0.7 else now - rng.random()
+                py_table.record(proxy, key, slot, now, created)
+                c_ops.record(proxy, key, slot, now, created)
+            elif op == 2:
+                many = rng.sample(keys, 5)
+                py_table.record_many(proxy, many, slot, now)
+                c_ops.record_many(proxy, many, slot, now)
+            else:
+                py_table.forget(proxy, key)
+                c_table.forget(proxy, key)
+            assert bytes(segs[0].buf) == bytes(segs[1].buf), step
+        del c_ops
+        py_table.close()
+        c_table.close()
+    finally:
+        for seg in segs:
+            seg.close()
+            seg.unlink()

@@ -79,18 +79,36 @@ def prefix_keys(model: str, text: str, block: int,
         return []
     offsets: Sequence[int] = _checkpoint_offsets((limit + block - 1) // block, block)
     if ends:
-        extra = [e for e, _ in ends[-MAX_ENDS:] if e < limit]
-        if extra:
-            offsets = sorted(set(offsets).union(extra))
+        offsets = _with_ends(offsets, ends, limit)
     crc = _MODEL_SEEDS.get(model)
     if crc is None:
         crc = _MODEL_SEEDS[model] = zlib.crc32(model.encode())
-    view, at, out = memoryview(data), 0, []
-    for offset in (*offsets, limit):
-        crc = zlib.crc32(view[at:offset], crc)
+    at, out = 0, []
+    for offset in offsets:
+        crc = zlib.crc32(data[at:offset], crc)
         out.append((offset, (offset << 32) | crc))
         at = offset
+    crc = zlib.crc32(data[at:limit], crc)
+    out.append((limit, (limit << 32) | crc))
     return out
+
+
+def _with_ends(offsets: Sequence[int], ends: Sequence[tuple[int, str]], limit: int) -> list[int]:
+    """The checkpoint ``offsets`` and the last ``MAX_ENDS`` message ends below ``limit``, merged
+    in order without repeats (both are ascending)."""
+    merged: list[int] = []
+    i, n = 0, len(offsets)
+    for end, _ in ends[-MAX_ENDS:] if len(ends) > MAX_ENDS else ends:
+        if end >= limit:
+            break
+        while i < n and offsets[i] < end:
+            merged.append(offsets[i])
+            i += 1
+        if (i < n and offsets[i] == end) or (merged and merged[-1] == end):
+            continue
+        merged.append(end)
+    merged.extend(offsets[i:])
+    return merged
 
 
 def covered(offset: int, ends: Sequence[tuple[int, str]], total: int) -> int:

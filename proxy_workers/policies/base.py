@@ -30,6 +30,7 @@ from itertools import accumulate
 from math import gcd
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
+from proxy_workers.policies.native import affinity_ops
 from proxy_workers.policies.scan import Columns, columns_for
 from shm.loadboard import W_IN_FLIGHT, WORKER_FIELDS, LoadBoard
 from shm.settings import Settings
@@ -98,7 +99,7 @@ class PolicyEnv:
         self.proxy = proxy
         self.proxies = max(1, proxies)
         self.settings = settings
-        self.affinity = affinity
+        self.affinity = affinity_ops(affinity)
         self.load = LoadView(board, proxies)
         self._columns: dict[int, Columns] = {}
 

@@ -7,8 +7,8 @@ Role: ``least_connections``, ``least_latency``, ``least_loaded``, new assignment
 :class:`Columns` answers through one :class:`Figure` per figure (in-flight, TTFB, engine queue):
 built once per candidate list (per snapshot for a route's), it holds for each scan position the
 board words to sum (each proxy's cell, and the engine row) and the candidate's weight factor, so
-a decision is one call over the board's words. The C build (``_boardscan.c``, compiled at
-install with the request path) makes that call ~0.1 us per 100 candidates (README
+a decision is one call over the board's words. In C (``_boardscan.c``, built with the request
+path; ``native`` says when it is used) that call costs ~0.1 us per 100 candidates (README
 "Performance"); :class:`PyFigure`, its pure-Python twin, answers the same where the request path
 runs interpreted (no compiler at install, a stale build, ``SHARDGATE_PURE=1``), at ~40 ns per
 word read.
@@ -41,9 +41,9 @@ import random
 from array import array
 from collections.abc import Sequence
 from math import lcm
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import proxy_workers
+from proxy_workers.policies.native import C_FIGURE
 from shm.loadboard import (
     E_RUNNING,
     E_WAITING,
@@ -149,22 +149,6 @@ class PyFigure:
 
     def total(self, start: int, count: int) -> float:
         return sum(self._raw(start + k) for k in range(count))
-
-
-def _c_figure() -> Any:
-    """The C Figure type when the request path runs compiled (it is built and stamped with it:
-    ``proxy_workers.compiled``), else None (a pure install, a stale build, SHARDGATE_PURE=1)."""
-    if proxy_workers.BUILD != "compiled":
-        return None
-    try:
-        from proxy_workers.policies import _boardscan
-    except ImportError:  # a build whose compiler made the mypyc modules only
-        return None
-    return _boardscan.Figure
-
-
-C_FIGURE = _c_figure()
-BUILD = "c" if C_FIGURE is not None else "python"
 
 
 Weighing = tuple["array[float] | None", bool, float]  # (per-position scale, divide by it, unit)
