@@ -72,6 +72,8 @@ MODULES: tuple[str, ...] = (
     "proxy_workers.policies.load",
     "proxy_workers.policies.quota",
     "proxy_workers.policies.registry",
+    "proxy_workers.policies.native",
+    "proxy_workers.policies.scan",
 )
 
 

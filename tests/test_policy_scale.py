@@ -255,3 +255,25 @@ def test_the_c_affinity_operations_leave_the_table_as_python_does() -> None:
         for seg in segs:
             seg.close()
             seg.unlink()
+
+
+@pytest.mark.skipif(native.C_KEYS is None, reason="the C prefix CRCs are not built")
+def test_the_c_prefix_keys_are_zlibs_crc32_chained() -> None:
+    import zlib
+    rng = random.Random(5)
+    for n in (0, 1, 7, 8, 9, 63, 64, 65, 1000, 40_000):
+        data = rng.randbytes(n)
+        offsets = sorted({rng.randrange(n + 1) for _ in range(rng.randrange(6))}) if n else []
+        seed = rng.getrandbits(32)
+        want, crc, at = [], seed, 0
+        for offset in (*offsets, n):
+            crc = zlib.crc32(data[at:offset], crc)
+            want.append((offset, (offset << 32) | crc))
+            at = offset
+        assert native.C_KEYS(data, offsets, n, seed) == want
+        assert native.C_KEYS(memoryview(data)[1:], [], max(n - 1, 0), seed)[-1][1] & 0xFFFFFFFF == \
+            zlib.crc32(data[1:], seed)  # unaligned starts
+    with pytest.raises(ValueError, match="outside"):
+        native.C_KEYS(b"abc", [2, 1], 3, 0)  # offsets must ascend
+    with pytest.raises(ValueError, match="outside"):
+        native.C_KEYS(b"abc", [], 4, 0)  # and stay within the data

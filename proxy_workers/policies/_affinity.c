@@ -1,4 +1,5 @@
-/* The affinity table's per-request operations (lookup, record, record_many) in C.
+/* The affinity table's per-request operations (lookup, record, record_many) in C, and the
+chained CRC-32 of cache_aware's prefix keys.
 
 Role: the C twin of shm/affinity.py's AffinityTable methods of the same names, which hold the
 rules (layout, probing, eviction, precedence) and stay the implementation everywhere this is
@@ -16,6 +17,7 @@ Invariants (shm/affinity.py's, restated where C must keep them):
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 enum { A_KEY = 0, A_SLOT = 1, A_CREATED = 2, A_SEEN = 3, ENTRY_WORDS = 4 };
 
@@ -198,6 +200,89 @@ static PyObject *Table_record_many(Table *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* CRC-32 (IEEE 802.3, zlib's): slicing by 8, tables made at import. */
+static uint32_t crc_table[8][256];
+
+static void crc_init(void) {
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[0][n] = c;
+    }
+    for (uint32_t n = 0; n < 256; n++)
+        for (int t = 1; t < 8; t++)
+            crc_table[t][n] = (crc_table[t - 1][n] >> 8) ^ crc_table[0][crc_table[t - 1][n] & 0xFF];
+}
+
+static uint32_t crc32_update(uint32_t crc, const unsigned char *p, Py_ssize_t n) {
+    crc = ~crc;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    while (n && ((uintptr_t)p & 7)) { crc = crc_table[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8); n--; }
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        w ^= crc;  /* little-endian: the low 4 bytes take the running CRC */
+        crc = crc_table[7][w & 0xFF] ^ crc_table[6][(w >> 8) & 0xFF] ^ crc_table[5][(w >> 16) & 0xFF] ^
+              crc_table[4][(w >> 24) & 0xFF] ^ crc_table[3][(w >> 32) & 0xFF] ^
+              crc_table[2][(w >> 40) & 0xFF] ^ crc_table[1][(w >> 48) & 0xFF] ^ crc_table[0][w >> 56];
+        p += 8;
+        n -= 8;
+    }
+#endif
+    while (n--) crc = crc_table[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    return ~crc;
+}
+
+/* chained_keys(data, offsets, limit, seed) -> [(offset, offset << 32 | crc), ...]: for each
+   of the (ascending) ``offsets`` and then ``limit``, the CRC-32 of data[:offset] chained from
+   ``seed`` (policies.affinity.prefix_keys, whose loop over zlib.crc32 is the twin). */
+static PyObject *chained_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) { PyErr_SetString(PyExc_TypeError, "chained_keys(data, offsets, limit, seed)"); return NULL; }
+    Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
+    unsigned long long seed = PyLong_AsUnsignedLongLongMask(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    Py_buffer data;
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *seq = PySequence_Fast(args[1], "offsets must be a sequence");
+    PyObject *out = NULL;
+    if (seq == NULL) goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), at = 0;
+    out = PyList_New(n + 1);
+    if (out == NULL) goto done;
+    uint32_t crc = (uint32_t)seed;
+    for (Py_ssize_t i = 0; i <= n; i++) {
+        Py_ssize_t offset = i < n ? PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, i)) : limit;
+        if (offset == -1 && PyErr_Occurred()) goto fail;
+        if (offset < at || offset > data.len) {
+            PyErr_Format(PyExc_ValueError, "offset %zd outside %zd..%zd", offset, at, data.len);
+            goto fail;
+        }
+        crc = crc32_update(crc, (const unsigned char *)data.buf + at, offset - at);
+        at = offset;
+        PyObject *item = PyTuple_New(2);
+        if (item == NULL) goto fail;
+        PyList_SET_ITEM(out, i, item);
+        PyObject *covered = PyLong_FromSsize_t(offset);
+        if (covered == NULL) goto fail;
+        PyTuple_SET_ITEM(item, 0, covered);
+        PyObject *key = PyLong_FromUnsignedLongLong(((unsigned long long)offset << 32) | crc);
+        if (key == NULL) goto fail;
+        PyTuple_SET_ITEM(item, 1, key);
+    }
+    goto done;
+fail:
+    Py_CLEAR(out);
+done:
+    Py_XDECREF(seq);
+    PyBuffer_Release(&data);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"chained_keys", (PyCFunction)(void (*)(void))chained_keys, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyMethodDef Table_methods[] = {
     {"lookup", (PyCFunction)(void (*)(void))Table_lookup, METH_VARARGS | METH_KEYWORDS, NULL},
     {"record", (PyCFunction)Table_record, METH_VARARGS, NULL},
@@ -218,10 +303,12 @@ static PyTypeObject TableType = {
 };
 
 static struct PyModuleDef affinity_module = {
-    PyModuleDef_HEAD_INIT, "_affinity", "The affinity table's per-request operations (see shm/affinity.py).", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_affinity", "The affinity table's per-request operations (see shm/affinity.py).", -1,
+    module_methods,
 };
 
 PyMODINIT_FUNC PyInit__affinity(void) {
+    crc_init();
     if (PyType_Ready(&TableType) < 0) return NULL;
     PyObject *m = PyModule_Create(&affinity_module);
     if (m == NULL) return NULL;

@@ -35,6 +35,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from proxy_workers.policies.base import Policy, PolicyEnv
+from proxy_workers.policies.native import C_AFFINITY, C_KEYS
 from proxy_workers.routing.context import RequestContext
 from shm.schema import Worker
 
@@ -60,10 +61,20 @@ def checkpoints(n_blocks: int) -> tuple[int, ...]:
     return tuple(sorted(set(points)))
 
 
-@lru_cache(maxsize=4 * MAX_BLOCKS)
+_OFFSETS: dict[int, dict[int, tuple[int, ...]]] = {}  # block size -> n_blocks -> offsets
+
+
 def _checkpoint_offsets(n_blocks: int, block: int) -> tuple[int, ...]:
-    """Byte offsets of the checkpoints before the last (which is the prompt's end)."""
-    return tuple(c * block for c in checkpoints(n_blocks)[:-1])
+    """Byte offsets of the checkpoints before the last (which is the prompt's end), memoised
+    (two dict lookups: cheaper than ``lru_cache``'s argument tuple; at most ``MAX_BLOCKS`` per
+    block size, of which a process has one or two)."""
+    by_count = _OFFSETS.get(block)
+    if by_count is None:
+        by_count = _OFFSETS[block] = {}
+    offsets = by_count.get(n_blocks)
+    if offsets is None:
+        offsets = by_count[n_blocks] = tuple(c * block for c in checkpoints(n_blocks)[:-1])
+    return offsets
 
 
 def prefix_keys(model: str, text: str, block: int,
@@ -72,7 +83,8 @@ def prefix_keys(model: str, text: str, block: int,
     blocks, message ends (byte offsets, from ``RequestContext.prompt_ends``) and the whole text,
     within the first ``MAX_BLOCKS`` blocks. A key depends only on the model and the prefix's
     bytes: the prefix's length (high 32 bits) and a CRC-32 chained over its pieces from a
-    per-model seed (low 32 bits; one C call per keyed prefix)."""
+    per-model seed (low 32 bits: one C call for the whole chain where ``native`` has it, else a
+    ``zlib.crc32`` call per prefix)."""
     data = text.encode()
     limit = min(len(data), MAX_BLOCKS * block)
     if limit == 0:
@@ -83,6 +95,8 @@ def prefix_keys(model: str, text: str, block: int,
     crc = _MODEL_SEEDS.get(model)
     if crc is None:
         crc = _MODEL_SEEDS[model] = zlib.crc32(model.encode())
+    if C_KEYS is not None:
+        return C_KEYS(data, offsets, limit, crc)
     at, out = 0, []
     for offset in offsets:
         crc = zlib.crc32(data[at:offset], crc)
@@ -167,10 +181,11 @@ class SessionAffinity(Policy):
 class CacheAware(Policy):
     """Longest recorded prefix's worker, when it holds enough of the prompt; else least loaded.
 
-    Recording is coalesced per process: a key this proxy wrote for the same worker less than
-    ``session_ttl / REFRESH_SHARE`` ago is not written again (its entry stays live at least
-    that much less than the TTL), so a prompt seen often costs dictionary lookups, not probes
-    of the shared table.
+    Recording: with the C table operations (``native``) every decision refreshes its keys (a
+    probe and a store each). In Python it is coalesced per process: a key this proxy wrote for
+    the same worker less than ``session_ttl / REFRESH_SHARE`` ago is not written again (its
+    entry stays live at least that much less than the TTL), so a prompt seen often costs
+    dictionary lookups, not probes of the shared table.
     """
 
     name = "cache_aware"
@@ -215,6 +230,9 @@ class CacheAware(Policy):
     def _remember(self, keys: list[tuple[int, int]], slot: int) -> None:
         env, written = self.env, self._written
         now = time.time()
+        if C_AFFINITY is not None:  # in C a refresh is one probe and a store: cheaper than the memo
+            env.affinity.record_many(env.proxy, [key for _, key in keys], slot, now)  # type: ignore[union-attr]
+            return
         stale = now - env.settings.session_ttl / self.REFRESH_SHARE
         due = []
         for _, key in keys:

@@ -113,7 +113,7 @@ class PyFigure:
 
     def _raw(self, pos: int) -> float:
         words = self._words
-        total: float = 0
+        total: float = 0.0
         for word in self._index[pos]:
             total += words[word]
         return float(total)
