@@ -144,7 +144,6 @@ def _usable(route: RouteView, candidates: Sequence[Worker]) -> dict[int, Worker]
 
 class SessionAffinity(Policy):
     name = "session_affinity"
-    scans = True
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         h = ctx.key_hash()
@@ -189,7 +188,6 @@ class CacheAware(Policy):
     """
 
     name = "cache_aware"
-    scans = True
     REFRESH_SHARE = 10
     MEMO_SIZE = 1 << 16
 

@@ -136,7 +136,6 @@ class Policy:
     # ClassVar: read on the classes themselves (policies.registry); compiled, a plain class-body
     # value would be an instance attribute's default instead.
     name: ClassVar[str] = ""
-    scans: ClassVar[bool] = False  # compares workers' load figures (through ``scan``, which needs numpy)
     index = 0  # column of the decision counters (policy_registry.POLICY_INDEX)
 
     def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
@@ -275,7 +274,6 @@ class LeastConnections(Policy):
     ``scan.EXACT_LIMIT`` candidates, the best of ``scan.SAMPLE`` random ones beyond."""
 
     name = "least_connections"
-    scans = True
 
     def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
         super().__init__(env, rng)

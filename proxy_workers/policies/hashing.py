@@ -114,7 +114,6 @@ class ConsistentHashBounded(Policy):
     """
 
     name = "consistent_hash_bounded"
-    scans = True
 
     def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
         super().__init__(env, rng)

@@ -48,7 +48,6 @@ STALE_INTERVALS = 3
 
 class LeastLatency(Policy):
     name = "least_latency"
-    scans = True
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         # A worker nobody has measured yet scores 0: it gets tried, and so measured.
@@ -60,7 +59,6 @@ class LeastLatency(Policy):
 
 class LeastLoaded(Policy):
     name = "least_loaded"
-    scans = True
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         env = self.env
