@@ -16,7 +16,7 @@ memory (2 proxies, weights 1 and 2 mixed as in ``bench_policies.py``), with the 
 - the same seed runs once with the sample and once with ``EXACT_LIMIT`` raised above the fleet.
 
 Latency, queueing and cache effects need a model of the workers: that is ``shardgate simulate``.
-Usage::
+Needs numpy (the ``test`` or ``load`` extra). Usage::
 
     PYTHONPATH=. python3 loadtest/policy_sampling.py --workers 10000 --load 4
 """

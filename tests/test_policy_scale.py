@@ -192,6 +192,8 @@ def test_the_c_scan_answers_as_its_python_twin(shared: Board, weights: str) -> N
             want = py_fig.sample(start, window, memory, scan.MEMORY, weighted)
             assert got[0] == want[0] and got[2] == want[2] and got[1] == pytest.approx(want[1])
             memory = got[2]
+            i, j = rng.randrange(n), rng.randrange(n)
+            assert c_fig.lower(i, j) == py_fig.lower(i, j)
 
 
 @needs_c_scan

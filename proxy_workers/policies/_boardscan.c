@@ -229,6 +229,16 @@ static PyObject *Figure_total(Figure *self, PyObject *const *args, Py_ssize_t na
     return PyFloat_FromDouble(total);
 }
 
+/* lower(i, j) -> i or j: the position with the lower weighted score, i on a tie. */
+static PyObject *Figure_lower(Figure *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) { PyErr_SetString(PyExc_TypeError, "lower(i, j)"); return NULL; }
+    Py_ssize_t i = PyLong_AsSsize_t(args[0]), j = PyLong_AsSsize_t(args[1]);
+    if (PyErr_Occurred() || check_range(self, i, 1) < 0 || check_range(self, j, 1) < 0) return NULL;
+    PyObject *winner = score_at(self, i, 1) <= score_at(self, j, 1) ? args[0] : args[1];
+    Py_INCREF(winner);
+    return winner;
+}
+
 static PyObject *Figure_positions(Figure *self, void *closure) {
     return PyLong_FromSsize_t(self->positions);
 }
@@ -238,6 +248,7 @@ static PyMethodDef Figure_methods[] = {
     {"sample", (PyCFunction)(void (*)(void))Figure_sample, METH_FASTCALL, NULL},
     {"extent", (PyCFunction)(void (*)(void))Figure_extent, METH_FASTCALL, NULL},
     {"total", (PyCFunction)(void (*)(void))Figure_total, METH_FASTCALL, NULL},
+    {"lower", (PyCFunction)(void (*)(void))Figure_lower, METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 

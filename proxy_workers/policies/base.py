@@ -23,7 +23,6 @@ Invariants:
 from __future__ import annotations
 
 import random
-from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import accumulate
@@ -31,7 +30,7 @@ from math import gcd
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from proxy_workers.policies.native import affinity_ops
-from proxy_workers.policies.scan import Columns, columns_for
+from proxy_workers.policies.scan import Columns, Figure, columns_for, in_flight_figure
 from shm.loadboard import W_IN_FLIGHT, WORKER_FIELDS, LoadBoard
 from shm.settings import Settings
 
@@ -61,18 +60,10 @@ class LoadView:
     def set_proxies(self, proxies: int) -> None:
         self._offsets = tuple(p * self._stride for p in range(1, max(1, proxies)))
 
-    def word(self, slot: int) -> int:
-        """Where proxy 0's in-flight count of ``slot`` is (``pair_at`` reads from there)."""
-        return self._word0 + slot * WORKER_FIELDS
-
     def pair(self, a: int, b: int) -> tuple[int, int]:
         """Global in-flight of two slots in one call."""
-        return self.pair_at(self._word0 + a * WORKER_FIELDS, self._word0 + b * WORKER_FIELDS)
-
-    def pair_at(self, wa: int, wb: int) -> tuple[int, int]:
-        """Global in-flight of the slots whose ``word`` is ``wa`` and ``wb`` (power_of_two's whole
-        read)."""
         ints = self._ints
+        wa, wb = self._word0 + a * WORKER_FIELDS, self._word0 + b * WORKER_FIELDS
         la, lb = ints[wa], ints[wb]
         for off in self._offsets:
             la += ints[wa + off]
@@ -292,11 +283,12 @@ class LeastConnections(Policy):
 class PowerOfTwo(Policy):
     """Two distinct random candidates; the one with fewer in-flight requests (÷ weight) wins.
 
-    The route's candidates' board words and weights are kept in two packed arrays (rebuilt when
-    the snapshot changes the list), so a pick touches two array items and four board words, not
-    two ``Worker`` objects scattered over the heap (at 10,000 workers those misses cost more than
-    the rest of the pick). A shard's or a retry's list is read through its workers: indexing
-    those would rebuild the arrays whenever consecutive requests go to different shards.
+    For the route's candidates the pair is compared by one call on an in-flight figure of the
+    list (``scan.in_flight_figure``, rebuilt when the snapshot changes the list): four board
+    words and two weight factors, no ``Worker`` objects scattered over the heap (at 10,000
+    workers those misses cost more than the rest of the pick). A shard's or a retry's list, and
+    an explained pick (which shows both loads), are read through their workers: indexing shard
+    lists would rebuild the figure whenever consecutive requests go to different shards.
     """
 
     name = "power_of_two"
@@ -304,8 +296,7 @@ class PowerOfTwo(Policy):
     def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
         super().__init__(env, rng)
         self._list: Sequence[Worker] | None = None
-        self._words = array("q")
-        self._weights = array("q")
+        self._figure: Figure | None = None
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         n = len(candidates)
@@ -316,24 +307,16 @@ class PowerOfTwo(Policy):
         i = int(rand() * n)
         # The second draw skips the first: two equal draws would send to a busy worker unopposed.
         j = (i + 1 + int(rand() * (n - 1))) % n
-        if candidates is not self._list:
-            if candidates is not route.candidates:  # a shard's or a retry's: read through the workers
-                return self._less_loaded(candidates[i], candidates[j], ctx)
-            self._index(candidates)
-        la, lb = self.env.load.pair_at(self._words[i], self._words[j])
-        if ctx.scores is not None:
-            ctx.scores["in_flight"] = {candidates[i].url: la, candidates[j].url: lb}
-        weights = self._weights
-        return candidates[i] if la * weights[j] <= lb * weights[i] else candidates[j]
+        if candidates is not route.candidates or ctx.scores is not None:
+            return self._less_loaded(candidates[i], candidates[j], ctx)
+        figure = self._figure
+        if candidates is not self._list or figure is None:
+            figure = self._figure = in_flight_figure(self.env, candidates)
+            self._list = candidates
+        return candidates[figure.lower(i, j)]
 
     def _less_loaded(self, a: Worker, b: Worker, ctx: RequestContext) -> Worker:
         la, lb = self.env.load.pair(a.slot, b.slot)
         if ctx.scores is not None:
             ctx.scores["in_flight"] = {a.url: la, b.url: lb}
         return a if la * b.weight <= lb * a.weight else b
-
-    def _index(self, candidates: Sequence[Worker]) -> None:
-        word = self.env.load.word
-        self._words = array("q", [word(w.slot) for w in candidates])
-        self._weights = array("q", [w.weight for w in candidates])
-        self._list = candidates

@@ -96,6 +96,9 @@ class Figure(Protocol):
     def total(self, start: int, count: int) -> float:
         """The unweighted sum."""
 
+    def lower(self, i: int, j: int) -> int:
+        """``i`` or ``j``: the position with the lower weighted score (``i`` on a tie)."""
+
 
 class PyFigure:
     """:class:`Figure` in Python, for installs without the C build: the same answers as
@@ -150,6 +153,9 @@ class PyFigure:
     def total(self, start: int, count: int) -> float:
         return sum(self._raw(start + k) for k in range(count))
 
+    def lower(self, i: int, j: int) -> int:
+        return i if self._score(i, True) <= self._score(j, True) else j
+
 
 Weighing = tuple["array[float] | None", bool, float]  # (per-position scale, divide by it, unit)
 
@@ -179,6 +185,19 @@ def weighing(weights: list[int]) -> Weighing:
     return array("d", [float(multiple // max(w, 1)) for w in weights]), False, 1.0 / multiple
 
 
+def _cell_rows(board: LoadBoard, proxies: int, cells: list[int], field: int) -> list[list[int]]:
+    """For each proxy-0 cell word in ``cells``, the words of ``field`` in every proxy's cell."""
+    stride = board.worker_stride()
+    return [[c + field + p * stride for p in range(proxies)] for c in cells]
+
+
+def in_flight_figure(env: ScanEnv, workers: Sequence[Worker]) -> Figure:
+    """Global in-flight ÷ weight of ``workers``, positions in their order (power_of_two's pair)."""
+    board = env.board
+    rows = _cell_rows(board, env.proxies, [board.cell_word(0, w.slot) for w in workers], W_IN_FLIGHT)
+    return make_figure(board, rows, False, weighing([w.weight for w in workers]))
+
+
 class Columns:
     """One candidate list in scan order, with a :class:`Figure` per figure a policy compares.
 
@@ -205,13 +224,13 @@ class Columns:
         self.size = len(order)
         order += order if self.exact else order[:SAMPLE]  # any window is one range
         self._pos = order
-        stride, proxies = board.worker_stride(), range(env.proxies)
-        cells = [board.cell_word(0, candidates[i].slot) for i in order]
-        engines = [board.engine_word(candidates[i].slot) for i in order]
-        flight = [[c + W_IN_FLIGHT + p * stride for p in proxies] for c in cells]
-        weighed = weighing([candidates[i].weight for i in order])
+        workers = [candidates[i] for i in order]
+        cells = [board.cell_word(0, w.slot) for w in workers]
+        engines = [board.engine_word(w.slot) for w in workers]
+        flight = _cell_rows(board, env.proxies, cells, W_IN_FLIGHT)
+        weighed = weighing([w.weight for w in workers])
         self.flight = make_figure(board, flight, False, weighed)
-        self.ttfb = make_figure(board, [[c + W_TTFB_EWMA + p * stride for p in proxies] for c in cells], True)
+        self.ttfb = make_figure(board, _cell_rows(board, env.proxies, cells, W_TTFB_EWMA), True)
         queue = [[*f, e + E_RUNNING, e + E_WAITING] for f, e in zip(flight, engines, strict=True)]
         self.queue = make_figure(board, queue, False, weighed)  # engine queue + in flight
         self._memory: tuple[int, ...] = ()
