@@ -279,3 +279,21 @@ def test_the_c_prefix_keys_are_zlibs_crc32_chained() -> None:
         native.C_KEYS(b"abc", [2, 1], 3, 0)  # offsets must ascend
     with pytest.raises(ValueError, match="outside"):
         native.C_KEYS(b"abc", [], 4, 0)  # and stay within the data
+
+
+@needs_c_scan
+def test_the_c_quota_counts_follow_the_sliding_window_rule(shared: Board) -> None:
+    from shm.loadboard import W_Q_MINUTE, W_Q_PREV_REQUESTS, W_Q_PREV_TOKENS, W_Q_REQUESTS, W_Q_TOKENS
+    minute, slot = 29_000_000, 5
+    cells = {0: (minute, 3, 300, 7, 700), 1: (minute - 1, 2, 200, 9, 900), 2: (minute - 5, 4, 400, 1, 100)}
+    for proxy, (at, req, tok, prev_req, prev_tok) in cells.items():
+        for field, value in ((W_Q_MINUTE, at), (W_Q_REQUESTS, req), (W_Q_TOKENS, tok),
+                             (W_Q_PREV_REQUESTS, prev_req), (W_Q_PREV_TOKENS, prev_tok)):
+            shared.set(proxy, slot, field, value)
+    board = shared.board
+    counts = native.C_QUOTA_COUNTS(board.ints.obj, board.cell_word(0, slot, W_Q_MINUTE),
+                                   board.worker_stride(), 3, minute)
+    # this minute: proxy 0's; previous minute: proxy 0's previous and proxy 1's current; proxy 2: stale
+    assert counts == (3, 7 + 2, 300, 700 + 200)
+    with pytest.raises(IndexError):
+        native.C_QUOTA_COUNTS(board.ints.obj, len(board.ints) - 2, 0, 1, minute)

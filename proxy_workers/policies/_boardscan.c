@@ -270,8 +270,46 @@ static PyTypeObject FigureType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* quota_counts(board, word, stride, proxies, minute) -> (requests, previous requests, tokens,
+   previous tokens): a worker's per-minute quota words summed over ``proxies`` cells ``stride``
+   words apart from ``word`` (its proxy-0 W_Q_MINUTE word; the four counts follow it). The
+   twin, and the rule: policies.load.QuotaAware._counts. */
+static PyObject *quota_counts(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) { PyErr_SetString(PyExc_TypeError, "quota_counts(board, word, stride, proxies, minute)"); return NULL; }
+    Py_ssize_t word = PyLong_AsSsize_t(args[1]), stride = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t proxies = PyLong_AsSsize_t(args[3]);
+    long long minute = PyLong_AsLongLong(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    Py_buffer board;
+    if (PyObject_GetBuffer(args[0], &board, PyBUF_SIMPLE) < 0) return NULL;
+    Py_ssize_t words = board.len / (Py_ssize_t)sizeof(int64_t);
+    if (word < 0 || stride < 0 || proxies < 1 || word + (proxies - 1) * stride + 4 >= words) {
+        PyBuffer_Release(&board);
+        PyErr_SetString(PyExc_IndexError, "quota words outside the board");
+        return NULL;
+    }
+    const int64_t *w = (const int64_t *)board.buf;
+    long long req = 0, prev_req = 0, tok = 0, prev_tok = 0;
+    for (Py_ssize_t p = 0; p < proxies; p++, word += stride) {
+        long long at = w[word];
+        if (at == minute) {
+            req += w[word + 1], tok += w[word + 2], prev_req += w[word + 3], prev_tok += w[word + 4];
+        } else if (at == minute - 1) {
+            prev_req += w[word + 1], prev_tok += w[word + 2];
+        }
+    }
+    PyBuffer_Release(&board);
+    return Py_BuildValue("(LLLL)", req, prev_req, tok, prev_tok);
+}
+
+static PyMethodDef module_methods[] = {
+    {"quota_counts", (PyCFunction)(void (*)(void))quota_counts, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef boardscan_module = {
-    PyModuleDef_HEAD_INIT, "_boardscan", "Load-figure scans over the load board (see scan.py).", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_boardscan", "Load-figure scans over the load board (see scan.py).", -1,
+    module_methods,
 };
 
 PyMODINIT_FUNC PyInit__boardscan(void) {

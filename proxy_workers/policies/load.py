@@ -20,6 +20,7 @@ Invariants:
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from proxy_workers.errors import QuotaExceeded
 from proxy_workers.policies.base import Policy, PolicyEnv
+from proxy_workers.policies.native import C_QUOTA_COUNTS
 from proxy_workers.policies.quota import retry_after, seconds_until_within, used, window_at
 from proxy_workers.routing.context import RequestContext
 from shm.loadboard import (
@@ -44,6 +46,9 @@ if TYPE_CHECKING:
     from proxy_workers.policies.base import RouteView
 
 STALE_INTERVALS = 3
+# _boardscan.quota_counts reads a cell's quota words as minute, then the four counts after it.
+assert (W_Q_REQUESTS, W_Q_TOKENS, W_Q_PREV_REQUESTS, W_Q_PREV_TOKENS) == \
+    tuple(W_Q_MINUTE + k for k in range(1, 5)), "the quota words must be adjacent, in this order"
 
 
 class LeastLatency(Policy):
@@ -118,7 +123,7 @@ class QuotaAware(Policy):
         flight, read only then), among those within ``headroom``."""
         in_flight = self.env.load.in_flight
         best: Worker | None = None
-        best_ratio, best_load = float("inf"), -1
+        best_ratio, best_load = math.inf, -1
         for w in workers:
             ratio = self._ratio(w, minute, weight, tokens)
             if ratio > headroom or ratio > best_ratio:
@@ -167,6 +172,8 @@ class QuotaAware(Policy):
         previous minute; older cells hold nothing that still counts)."""
         ints, stride = self._ints, self._stride
         cell = self._cell0 + slot * WORKER_FIELDS
+        if C_QUOTA_COUNTS is not None:
+            return C_QUOTA_COUNTS(ints.obj, cell + W_Q_MINUTE, stride, self.env.proxies, minute)
         req = prev_req = tok = prev_tok = 0
         for _ in range(self.env.proxies):
             at = ints[cell + W_Q_MINUTE]

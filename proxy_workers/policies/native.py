@@ -1,5 +1,5 @@
-"""Which C helpers the policies use in this process: the load-board scan, the affinity table's
-per-request operations and cache_aware's prefix CRCs, or their Python twins.
+"""Which C helpers the policies use in this process: the load-board scan and quota counts, the
+affinity table's per-request operations and cache_aware's prefix CRCs, or their Python twins.
 
 Role: one rule for both C modules (``_boardscan.c``, ``_affinity.c``): they are built and stamped
 with the compiled request path (``proxy_workers.compiled.C_SOURCES``), so they are used exactly
@@ -28,19 +28,20 @@ class AffinityOps(Protocol):
     def record_many(self, proxy: int, keys: list[int], slot: int, now: float) -> None: ...
 
 
-def _load() -> tuple[Any, Any, Any]:
+def _load() -> tuple[Any, Any, Any, Any]:
     if proxy_workers.BUILD != "compiled":
-        return None, None, None
+        return None, None, None, None
     try:
         from proxy_workers.policies import _affinity, _boardscan
     except ImportError:  # a build that compiled the mypyc modules only
-        return None, None, None
-    return _boardscan.Figure, _affinity.Table, _affinity.chained_keys
+        return None, None, None, None
+    return _boardscan.Figure, _boardscan.quota_counts, _affinity.Table, _affinity.chained_keys
 
 
-# The C load-board Figure (twin: scan.PyFigure), affinity Table (twin: shm.affinity.AffinityTable)
-# and chained prefix CRCs (twin: the zlib loop of affinity.prefix_keys); all None, or none.
-C_FIGURE, C_AFFINITY, C_KEYS = _load()
+# The C load-board Figure (twin: scan.PyFigure), quota counts (twin: load.QuotaAware._counts),
+# affinity Table (twin: shm.affinity.AffinityTable) and chained prefix CRCs (twin: the zlib loop
+# of affinity.prefix_keys); all None, or none.
+C_FIGURE, C_QUOTA_COUNTS, C_AFFINITY, C_KEYS = _load()
 
 
 def affinity_ops(table: AffinityTable | None) -> AffinityOps | None:
