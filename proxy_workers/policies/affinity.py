@@ -27,15 +27,14 @@ Invariants:
 
 from __future__ import annotations
 
-import random
 import time
 import zlib
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from proxy_workers.policies.base import Policy, PolicyEnv
-from proxy_workers.policies.native import C_AFFINITY, C_KEYS
+from proxy_workers.policies.base import Policy
+from proxy_workers.policies.native import C_KEYS
 from proxy_workers.routing.context import RequestContext
 from shm.schema import Worker
 
@@ -180,20 +179,13 @@ class SessionAffinity(Policy):
 class CacheAware(Policy):
     """Longest recorded prefix's worker, when it holds enough of the prompt; else least loaded.
 
-    Recording: with the C table operations (``native``) every decision refreshes its keys (a
-    probe and a store each). In Python it is coalesced per process: a key this proxy wrote for
-    the same worker less than ``session_ttl / REFRESH_SHARE`` ago is not written again (its
-    entry stays live at least that much less than the TTL), so a prompt seen often costs
-    dictionary lookups, not probes of the shared table.
+    Every decision records its prefix keys for the chosen worker (one probe and a store each;
+    an entry already there is only marked seen), so the table's least-recently-seen eviction
+    follows real use. The same in C and in Python (``native``): a simulation gives the same
+    figures on either build.
     """
 
     name = "cache_aware"
-    REFRESH_SHARE = 10
-    MEMO_SIZE = 1 << 16
-
-    def __init__(self, env: PolicyEnv, rng: random.Random | None = None) -> None:
-        super().__init__(env, rng)
-        self._written: dict[int, tuple[int, float]] = {}  # key -> (slot, when this proxy wrote it)
 
     def pick(self, route: RouteView, candidates: Sequence[Worker], ctx: RequestContext) -> Worker:
         env, settings = self.env, self.env.settings
@@ -226,25 +218,8 @@ class CacheAware(Policy):
         return high - low > settings.balance_abs_threshold and high > low * settings.balance_rel_threshold
 
     def _remember(self, keys: list[tuple[int, int]], slot: int) -> None:
-        env, written = self.env, self._written
-        now = time.time()
-        if C_AFFINITY is not None:  # in C a refresh is one probe and a store: cheaper than the memo
-            env.affinity.record_many(env.proxy, [key for _, key in keys], slot, now)  # type: ignore[union-attr]
-            return
-        stale = now - env.settings.session_ttl / self.REFRESH_SHARE
-        due = []
-        for _, key in keys:
-            last = written.get(key)
-            if last is None or last[0] != slot or last[1] < stale:
-                due.append(key)
-        if not due:
-            return
-        if len(written) + len(due) > self.MEMO_SIZE:
-            written.clear()
-        mark = (slot, now)
-        for key in due:
-            written[key] = mark
-        env.affinity.record_many(env.proxy, due, slot, now)  # type: ignore[union-attr]
+        env = self.env
+        env.affinity.record_many(env.proxy, [key for _, key in keys], slot, time.time())  # type: ignore[union-attr]
 
     def _match(self, route: RouteView, candidates: Sequence[Worker], keys: list[tuple[int, int]],
                ends: Sequence[tuple[int, str]]) -> tuple[Worker | None, float]:
