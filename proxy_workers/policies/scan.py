@@ -199,7 +199,14 @@ def in_flight_figure(env: ScanEnv, workers: Sequence[Worker]) -> Figure:
 
 
 class Columns:
-    """One candidate list in scan order, with a :class:`Figure` per figure a policy compares.
+    """One candidate list in scan order, with a :class:`Figure` per figure a policy compares:
+
+    - ``flight``: global in-flight ÷ weight (least_connections, new sessions, cache_aware);
+    - ``ttfb``: time-to-first-byte EWMAs summed over proxies, 0.0 where nobody measured yet
+      (least_latency): a sum is one read per proxy, and once every proxy has measured every
+      worker it orders workers as the mean does;
+    - ``queue``: (engine running + waiting + router in-flight) ÷ weight (least_loaded): the
+      in-flight count corrects for requests sent since the last scrape.
 
     Exact lists are stored twice over (positions ``m..2m-1`` repeat ``0..m-1``), so a scan that
     starts at any position is one range; sampled lists repeat their first ``SAMPLE`` positions
