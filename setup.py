@@ -49,16 +49,17 @@ class OptionalBuildExt(build_ext):
         (HERE / "proxy_workers" / _compiled_module().STAMP_NAME).unlink(missing_ok=True)
 
 
-# The policies' C helpers (proxy_workers/policies/native.py): the load-board scan and the affinity
-# table's per-request operations; their Python twins run wherever these are not built.
-NATIVE = [Extension(f"proxy_workers.policies.{name}", [f"proxy_workers/policies/{name}.c"],
-                    extra_compile_args=["-O3"]) for name in ("_boardscan", "_affinity")]
+def _native() -> list:
+    """The policies' C helpers (proxy_workers/policies/native.py), one extension per source listed
+    in compiled.C_SOURCES; their Python twins run wherever these are not built."""
+    return [Extension(path[:-2].replace("/", "."), [path], extra_compile_args=["-O3"])
+            for path in _compiled_module().C_SOURCES]
 
 
 def _ext_modules() -> list:
     if os.environ.get("SHARDGATE_PURE") == "1":
         return []
-    return [*NATIVE, *_request_path()]
+    return [*_native(), *_request_path()]
 
 
 def _request_path() -> list:

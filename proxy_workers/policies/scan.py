@@ -47,8 +47,10 @@ from proxy_workers.policies.native import C_FIGURE
 from shm.loadboard import (
     E_RUNNING,
     E_WAITING,
+    ENGINE_FIELDS,
     W_IN_FLIGHT,
     W_TTFB_EWMA,
+    WORKER_FIELDS,
     LoadBoard,
 )
 
@@ -160,15 +162,14 @@ class PyFigure:
 Weighing = tuple["array[float] | None", bool, float]  # (per-position scale, divide by it, unit)
 
 
-def make_figure(board: LoadBoard, rows: list[list[int]], floats: bool,
+def make_figure(board: LoadBoard, index: array[int], rows: int, floats: bool,
                 weighing: Weighing | None = None) -> Figure:
-    """A Figure over ``rows`` (per scan position, the board words to sum), weighted by
+    """A Figure over ``index`` (per scan position, ``rows`` board words to sum), weighted by
     ``weighing`` (None: never weighted)."""
-    index = array("q", [word for row in rows for word in row])
     scale, divide, unit = (None, False, 1.0) if weighing is None else weighing
     if C_FIGURE is not None:
-        return C_FIGURE(board.ints.obj, index, len(rows[0]), floats, scale, divide, unit)
-    return PyFigure(board, index, len(rows[0]), floats, scale, divide, unit)
+        return C_FIGURE(board.ints.obj, index, rows, floats, scale, divide, unit)
+    return PyFigure(board, index, rows, floats, scale, divide, unit)
 
 
 def weighing(weights: list[int]) -> Weighing:
@@ -185,17 +186,30 @@ def weighing(weights: list[int]) -> Weighing:
     return array("d", [float(multiple // max(w, 1)) for w in weights]), False, 1.0 / multiple
 
 
-def _cell_rows(board: LoadBoard, proxies: int, cells: list[int], field: int) -> list[list[int]]:
-    """For each proxy-0 cell word in ``cells``, the words of ``field`` in every proxy's cell."""
-    stride = board.worker_stride()
-    return [[c + field + p * stride for p in range(proxies)] for c in cells]
+def figure_of(env: ScanEnv, workers: Sequence[Worker], field: int, floats: bool,
+              weighed: Weighing | None = None, engine: bool = False) -> Figure:
+    """``field`` summed over every proxy's cell of each of ``workers`` (positions in their order),
+    plus its engine row's running and waiting counts with ``engine``. The index is built flat, in
+    one pass: a 10,000-worker list is built on the first request after a snapshot."""
+    board, proxies = env.board, env.proxies
+    stride, first = board.worker_stride(), board.cell_word(0, 0, field)
+    offsets = [p * stride for p in range(proxies)]
+    if not engine:
+        index = array("q", [first + w.slot * WORKER_FIELDS + o for w in workers for o in offsets])
+        return make_figure(board, index, proxies, floats, weighed)
+    index = array("q")
+    running, waiting = board.engine_word(0, E_RUNNING), board.engine_word(0, E_WAITING)
+    for w in workers:
+        cell, row = first + w.slot * WORKER_FIELDS, w.slot * ENGINE_FIELDS
+        index.extend([cell + o for o in offsets])
+        index.append(running + row)
+        index.append(waiting + row)
+    return make_figure(board, index, proxies + 2, floats, weighed)
 
 
 def in_flight_figure(env: ScanEnv, workers: Sequence[Worker]) -> Figure:
     """Global in-flight ÷ weight of ``workers``, positions in their order (power_of_two's pair)."""
-    board = env.board
-    rows = _cell_rows(board, env.proxies, [board.cell_word(0, w.slot) for w in workers], W_IN_FLIGHT)
-    return make_figure(board, rows, False, weighing([w.weight for w in workers]))
+    return figure_of(env, workers, W_IN_FLIGHT, False, weighing([w.weight for w in workers]))
 
 
 class Columns:
@@ -210,15 +224,16 @@ class Columns:
 
     Exact lists are stored twice over (positions ``m..2m-1`` repeat ``0..m-1``), so a scan that
     starts at any position is one range; sampled lists repeat their first ``SAMPLE`` positions
-    for the same reason.
+    for the same reason. Each figure is built on first use: a policy reads one or two of them.
     """
 
-    __slots__ = ("_memory", "_next", "_pos", "candidates", "exact", "flight", "queue", "size", "ttfb")
+    __slots__ = ("_env", "_flight", "_memory", "_next", "_pos", "_queue", "_ttfb", "_weighed",
+                 "_workers", "candidates", "exact", "size")
 
     def __init__(self, env: ScanEnv, candidates: Sequence[Worker],
                  positions: list[int] | None = None) -> None:
         """``positions``: scan only these candidates, exactly (a one-off sample of a retry's list)."""
-        board = env.board
+        self._env = env
         self.candidates = candidates
         n = len(candidates)
         self.exact = positions is not None or n <= EXACT_LIMIT
@@ -231,17 +246,37 @@ class Columns:
         self.size = len(order)
         order += order if self.exact else order[:SAMPLE]  # any window is one range
         self._pos = order
-        workers = [candidates[i] for i in order]
-        cells = [board.cell_word(0, w.slot) for w in workers]
-        engines = [board.engine_word(w.slot) for w in workers]
-        flight = _cell_rows(board, env.proxies, cells, W_IN_FLIGHT)
-        weighed = weighing([w.weight for w in workers])
-        self.flight = make_figure(board, flight, False, weighed)
-        self.ttfb = make_figure(board, _cell_rows(board, env.proxies, cells, W_TTFB_EWMA), True)
-        queue = [[*f, e + E_RUNNING, e + E_WAITING] for f, e in zip(flight, engines, strict=True)]
-        self.queue = make_figure(board, queue, False, weighed)  # engine queue + in flight
+        self._workers = [candidates[i] for i in order]
+        self._weighed: Weighing | None = None
+        self._flight: Figure | None = None
+        self._ttfb: Figure | None = None
+        self._queue: Figure | None = None
         self._memory: tuple[int, ...] = ()
         self._next = env.proxy * SAMPLE % self.size  # proxies sweep from different places
+
+    @property
+    def flight(self) -> Figure:
+        if self._flight is None:
+            self._flight = figure_of(self._env, self._workers, W_IN_FLIGHT, False, self._weighing())
+        return self._flight
+
+    @property
+    def ttfb(self) -> Figure:
+        if self._ttfb is None:
+            self._ttfb = figure_of(self._env, self._workers, W_TTFB_EWMA, True)
+        return self._ttfb
+
+    @property
+    def queue(self) -> Figure:
+        if self._queue is None:
+            self._queue = figure_of(self._env, self._workers, W_IN_FLIGHT, False, self._weighing(),
+                                    engine=True)
+        return self._queue
+
+    def _weighing(self) -> Weighing:
+        if self._weighed is None:
+            self._weighed = weighing([w.weight for w in self._workers])
+        return self._weighed
 
     def _window(self) -> tuple[int, int]:
         """(start, count) of what a sampled read covers: the sweep's next ``SAMPLE``."""
